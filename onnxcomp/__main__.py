@@ -1,0 +1,3 @@
+from onnxcomp.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""The one module that touches onnx-graphsurgeon.
+
+Passes work on ``ir.Graph`` (an onnx-graphsurgeon graph) through the helpers here, which own
+the library's known pitfalls:
+
+* gs export writes tensor names back into the ModelProto it imported from (aliasing), so
+  :func:`import_model` always imports a private copy;
+* gs cannot export sub-byte (INT4/UINT4/FP4) or FP8 constants built from ml_dtypes arrays, so
+  :func:`make_constant` always builds the TensorProto with ``onnx.numpy_helper.from_array`` and
+  wraps it in ``LazyValues``;
+* reading ``Constant.values`` of a sub-byte initializer breaks its later export, so
+  :func:`constant_value` reads the TensorProto without caching the array on the tensor;
+* ``cleanup().toposort()`` is whole-graph: the pass manager calls :func:`finalize` once per
+  modifying pass, passes never call it per match.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+Graph = gs.Graph
+Node = gs.Node
+Tensor = gs.Tensor
+Variable = gs.Variable
+Constant = gs.Constant
+
+__all__ = [
+    "Constant",
+    "Graph",
+    "Node",
+    "Tensor",
+    "Variable",
+    "bypass_node",
+    "constant_value",
+    "consumers",
+    "default_opset",
+    "export_model",
+    "finalize",
+    "import_model",
+    "is_constant",
+    "make_constant",
+    "make_node",
+    "make_variable",
+    "producer",
+    "replace_constant",
+    "set_constant",
+    "unique_name",
+]
+
+# gs logs a warning for every FP8 constant and on many harmless situations; our own logging
+# reports what matters.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+log = logging.getLogger(__name__)
+
+
+def import_model(model: onnx.ModelProto) -> Graph:
+    """Import a private copy of ``model`` (gs export aliases the source's initializers)."""
+    private = onnx.ModelProto()
+    private.CopyFrom(model)
+    return gs.import_onnx(private)
+
+
+def export_model(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``template``'s model-level metadata (producer, ir_version, docs)."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = max(template.ir_version, _min_ir_version(model))
+    model.producer_name = "onnxcomp"
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    model.domain = template.domain
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def _min_ir_version(model: onnx.ModelProto) -> int:
+    opset = default_opset_of(model)
+    for row in onnx.helper.VERSION_TABLE:
+        if row[2] == opset:
+            return int(row[1])
+    return int(onnx.IR_VERSION)
+
+
+def default_opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain (ai.onnx) opset a ModelProto imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def default_opset(graph: Graph) -> int:
+    """The default-domain opset of a graph."""
+    return int(graph.opset)
+
+
+def finalize(graph: Graph) -> None:
+    """Remove dead nodes/tensors and sort topologically (once per modifying pass)."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+# --- constants -----------------------------------------------------------------------------
+
+
+def is_constant(tensor: Tensor) -> bool:
+    """True for an initializer, or the output of a ``Constant`` node with a tensor value."""
+    if isinstance(tensor, Constant):
+        return True
+    node = producer(tensor)
+    return node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), Constant)
+
+
+def constant_value(tensor: Tensor) -> np.ndarray | None:
+    """The value of a constant tensor, or None if it is not constant.
+
+    Sub-byte and FP8 values come back as ml_dtypes arrays. The tensor's lazy storage is left in
+    place (materialising it in gs would break the export of sub-byte types).
+    """
+    if isinstance(tensor, Constant):
+        values = tensor._values  # noqa: SLF001 - reading without caching is the point
+        if isinstance(values, LazyValues):
+            return numpy_helper.to_array(values.tensor)
+        return np.asarray(values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant":
+        value = node.attrs.get("value")
+        if isinstance(value, Constant):
+            return constant_value(value)
+    return None
+
+
+def _lazy(name: str, array: np.ndarray) -> LazyValues:
+    proto = numpy_helper.from_array(np.asarray(array), name=name)
+    return LazyValues(proto)
+
+
+def make_constant(name: str, array: np.ndarray | onnx.TensorProto) -> Constant:
+    """A new constant tensor; any dtype numpy_helper supports (incl. ml_dtypes int4/fp4/fp8)."""
+    if isinstance(array, onnx.TensorProto):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(array)
+        proto.name = name
+        return Constant(name, LazyValues(proto))
+    return Constant(name, _lazy(name, array))
+
+
+def set_constant(tensor: Constant, array: np.ndarray) -> None:
+    """Replace a constant's value in place (keeps its name and consumers)."""
+    tensor.values = _lazy(tensor.name, array)
+
+
+def replace_constant(graph: Graph, node: Node, index: int, array: np.ndarray, suffix: str) -> Constant:
+    """Give ``node`` input ``index`` a fresh constant (others may still use the old one)."""
+    old = node.inputs[index]
+    new = make_constant(unique_name(graph, f"{old.name}{suffix}"), array)
+    node.inputs[index] = new
+    return new
+
+
+def make_variable(graph: Graph, base: str, dtype: np.dtype | None = None, shape: list | None = None) -> Variable:
+    """A new intermediate tensor with a name unique in ``graph``."""
+    return Variable(unique_name(graph, base), dtype=dtype, shape=shape)
+
+
+def make_node(
+    graph: Graph,
+    op: str,
+    inputs: list[Tensor],
+    outputs: list[Tensor],
+    name: str,
+    attrs: dict | None = None,
+    domain: str | None = None,
+) -> Node:
+    """Create a node with a unique name and append it to ``graph`` (finalize sorts it)."""
+    node = Node(op=op, name=unique_name(graph, name), attrs=attrs or {}, inputs=inputs, outputs=outputs, domain=domain)
+    graph.nodes.append(node)
+    _names_cache(graph).add(node.name)
+    return node
+
+
+# --- structure -----------------------------------------------------------------------------
+
+
+def producer(tensor: Tensor) -> Node | None:
+    """The node that produces ``tensor`` (None for graph inputs and initializers)."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: Tensor) -> list[Node]:
+    """Nodes that read ``tensor`` (a node reading it twice appears once)."""
+    seen: dict[int, Node] = {}
+    for node in tensor.outputs:
+        seen.setdefault(id(node), node)
+    return list(seen.values())
+
+
+def is_graph_output(graph: Graph, tensor: Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def only_consumer_is(graph: Graph, tensor: Tensor, node: Node) -> bool:
+    """True when ``node`` is the single reader of ``tensor`` and it is not a graph output."""
+    users = consumers(tensor)
+    return len(users) == 1 and users[0] is node and not is_graph_output(graph, tensor)
+
+
+def bypass_node(graph: Graph, node: Node) -> None:
+    """Remove a single-input pass-through node, rewiring its readers to its input.
+
+    When the node's output is a graph output, the producer side is renamed instead so the graph
+    keeps its output name.
+    """
+    src, dst = node.inputs[0], node.outputs[0]
+    if is_graph_output(graph, dst):
+        src_prod = producer(src)
+        if src_prod is not None and not is_graph_output(graph, src) and not isinstance(src, Constant):
+            # Let the producer write the graph output directly.
+            for user in list(src.outputs):
+                if user is not node:
+                    user.inputs[user.inputs.index(src)] = dst
+            idx = src_prod.outputs.index(src)
+            node.outputs.clear()
+            src_prod.outputs[idx] = dst
+            node.inputs.clear()
+            return
+        # An input or constant feeds the output directly: keep the node (nothing to gain).
+        return
+    for user in list(dst.outputs):
+        for i, t in enumerate(user.inputs):
+            if t is dst:
+                user.inputs[i] = src
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def iter_nodes(graph: Graph, ops: Iterable[str] | None = None) -> Iterator[Node]:
+    """Nodes of the main graph (a snapshot: safe to mutate while iterating), optionally by op."""
+    wanted = set(ops) if ops is not None else None
+    for node in list(graph.nodes):
+        if wanted is None or node.op in wanted:
+            yield node
+
+
+def _names_cache(graph: Graph) -> set[str]:
+    cache = getattr(graph, "_onnxcomp_names", None)
+    if cache is None:
+        cache = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+        graph._onnxcomp_names = cache  # noqa: SLF001
+    return cache
+
+
+def unique_name(graph: Graph, base: str) -> str:
+    """A tensor/node name not used in ``graph`` (deterministic: base, base_1, base_2, ...)."""
+    names = _names_cache(graph)
+    if base not in names:
+        names.add(base)
+        return base
+    for i in itertools.count(1):
+        cand = f"{base}_{i}"
+        if cand not in names:
+            names.add(cand)
+            return cand
+    raise AssertionError("unreachable")

@@ -1,0 +1,122 @@
+"""The pass manager: runs a pipeline on a model, tidies, validates, and names the failing pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import version_converter
+
+from onnxcomp import ir
+from onnxcomp.errors import OnnxCompError, PassError, ValidationError
+from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, validate_model
+from onnxcomp.pipeline import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReport:
+    name: str
+    result: PassResult
+    seconds: float
+
+
+@dataclass
+class RunReport:
+    """The output model and what each pass did."""
+
+    model: onnx.ModelProto
+    steps: list[StepReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def result(self, name: str) -> PassResult:
+        """The result of the first step named ``name``."""
+        for step in self.steps:
+            if step.name == name:
+                return step.result
+        raise KeyError(name)
+
+
+def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelProto:
+    """onnx's version converter with a one-line error naming the reason for the conversion."""
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/IndexError/...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OnnxCompError(
+            f"cannot convert the model from opset {default_opset(model)} to {target} ({why}): {first}; "
+            f"re-export the model at opset {target}"
+        ) from exc
+    return converted
+
+
+class PassManager:
+    """Runs passes in order on a private copy of a model.
+
+    After each pass that modified the graph it removes dead nodes and sorts the graph; with
+    ``validate="each"`` it also checks the model (onnx.checker + onnxruntime session), so a
+    broken rewrite is reported with the pass that made it. The caller's model is never touched.
+    """
+
+    def __init__(self, passes: Sequence[Pass], validate: str = "each") -> None:
+        self.passes = list(passes)
+        self.validate = validate
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
+        ctx = ctx or PassContext()
+        if ctx.source_model is None:
+            ctx.source_model = model
+        report = RunReport(model=model)
+        opset = default_opset(model)
+        if opset > MAX_EMIT_OPSET:
+            model = convert_opset(model, MAX_EMIT_OPSET, f"onnxcomp emits opset <= {MAX_EMIT_OPSET}")
+            report.notes.append(f"converted opset {opset} -> {MAX_EMIT_OPSET} (onnxcomp emits opset <= {MAX_EMIT_OPSET})")
+        graph = ir.import_model(model)
+        template = model
+        done: list[str] = []
+        for index, pass_ in enumerate(self.passes):
+            where = f"pass {pass_.name!r} (step {index + 1} of {len(self.passes)})"
+            need = pass_.min_opset()
+            if need is not None and need > ir.default_opset(graph):
+                if need > MAX_EMIT_OPSET:
+                    raise PassError(f"{where}: needs opset {need}, above the {MAX_EMIT_OPSET} onnxcomp emits")
+                current = ir.export_model(graph, template)
+                before = default_opset(current)
+                upgraded = convert_opset(current, need, f"{pass_.name} needs opset {need}")
+                graph = ir.import_model(upgraded)
+                report.notes.append(f"converted opset {before} -> {need} for {pass_.name}")
+                log.info("converted opset %d -> %d for %s", before, need, pass_.name)
+            start = time.perf_counter()
+            try:
+                result = pass_.run(graph, ctx)
+            except OnnxCompError as exc:
+                raise PassError(f"{where} failed: {exc}") from exc
+            except Exception as exc:
+                raise PassError(
+                    f"{where} failed with {type(exc).__name__}: {exc}; rerun with --debug for a traceback"
+                ) from exc
+            if result.modified:
+                ir.finalize(graph)
+                if self.validate == "each":
+                    self._validate(ir.export_model(graph, template), where, done)
+            seconds = time.perf_counter() - start
+            report.steps.append(StepReport(pass_.name, result, seconds))
+            done.append(pass_.name)
+            log.info("%s: %s (%.2fs)", pass_.name, result.summary(), seconds)
+        out = ir.export_model(graph, template)
+        if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
+            self._validate(out, "the pipeline", done)
+        report.model = out
+        return report
+
+    @staticmethod
+    def _validate(model: onnx.ModelProto, where: str, done: list[str]) -> None:
+        try:
+            validate_model(model)
+        except ValidationError as exc:
+            after = f" (after {', '.join(done)})" if done else ""
+            raise PassError(f"{where} produced an invalid model{after}: {exc}") from exc

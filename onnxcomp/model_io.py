@@ -1,0 +1,229 @@
+"""Loading, validating and saving ONNX models.
+
+Rules: the input file is never modified; outputs are written atomically (temporary files in the
+destination directory, then ``os.replace``); models of 2 GB and more are saved with external data;
+every failure is a one-line :class:`ModelLoadError` / :class:`ValidationError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
+
+#: onnxcomp never emits a model with a default-domain opset above this (ORT has no Q/DQ kernels
+#: above it; ../shared/spec/ort.md).
+MAX_EMIT_OPSET = 25
+#: protobuf cannot serialise a message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@functools.cache
+def ort_max_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime loads (probed once)."""
+    import onnxruntime as ort
+
+    from onnx import TensorProto, helper
+
+    best = MAX_EMIT_OPSET
+    for opset in range(MAX_EMIT_OPSET, MAX_EMIT_OPSET + 10):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - any failure means "not supported"
+            break
+        best = opset
+    return best
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
+    """Read an .onnx file (external data included) and check it; one-line errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty; expected an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)}); the file may be truncated"
+        ) from exc
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind")
+    if _uses_external(model):
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # noqa: BLE001 - onnx raises OSError, ValueError or ValidationError
+            raise ModelLoadError(
+                f"{path}: external data could not be read ({_first_line(exc)}); keep the .data file beside the model"
+            ) from exc
+    opset = default_opset(model)
+    limit = ort_max_opset()
+    if opset > limit:
+        import onnxruntime
+
+        raise ModelLoadError(
+            f"{path}: opset {opset} is newer than onnxruntime {onnxruntime.__version__} supports "
+            f"(max {limit}); re-export the model with opset <= {MAX_EMIT_OPSET}"
+        )
+    if check:
+        try:
+            check_model(model)
+        except ValidationError as exc:
+            raise ModelLoadError(f"{path}: fails onnx.checker: {exc}; fix or re-export the model") from exc
+    return model
+
+
+def _uses_external(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker (with full_check); large models are checked through a temporary file."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
+                p = Path(tmp) / "model.onnx"
+                _write(model, p, external=True)
+                onnx.checker.check_model(str(p), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValidationError(_first_line(exc)) from exc
+
+
+def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1):  # -> ort.InferenceSession
+    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
+    try:
+        p = Path(tmp) / "model.onnx"
+        _write(model, p, external=True)
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def validate_model(model: onnx.ModelProto) -> None:
+    """onnx.checker plus onnxruntime session creation; one-line ValidationError on failure."""
+    check_model(model)
+    try:
+        ort_session(model, level="all")
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+        raise ValidationError(f"onnxruntime cannot load it: {_first_line(exc)}") from exc
+
+
+def _write(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,  # every initializer: the .data file always exists
+        )
+    else:
+        with open(path, "wb") as fh:
+            fh.write(model.SerializeToString(deterministic=True))
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    external_data: bool | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``model`` atomically; returns the files written (model first).
+
+    ``external_data=None`` chooses external data only when the model would not fit in one
+    protobuf (>= 2 GB). Existing files are replaced only with ``overwrite=True``.
+    """
+    path = Path(path)
+    external = external_data if external_data is not None else model.ByteSize() >= PROTOBUF_LIMIT
+    targets = [path, path.with_name(path.name + ".data")] if external else [path]
+    if not overwrite:
+        for target in targets:
+            if target.exists():
+                raise OnnxCompError(f"{target}: already exists; choose another output path or pass --force")
+    if not path.parent.exists():
+        raise OnnxCompError(f"{path.parent}: output directory does not exist; create it first")
+    # save_model with external data mutates the proto (moves raw data out): work on a copy.
+    if external:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=path.parent))
+    try:
+        staged = tmpdir / path.name
+        _write(model, staged, external)
+        written = []
+        # Data before model: a reader never sees a model whose data file is missing.
+        for target in reversed(targets):
+            os.replace(tmpdir / target.name, target)
+            written.append(target)
+        return list(reversed(written))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a small text artefact (recipe, record, report) atomically, replacing any old one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".onnxcomp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path

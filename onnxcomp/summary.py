@@ -1,0 +1,153 @@
+"""``onnxcomp inspect``: what is in a model (opset, ops, parameters by dtype, MACs, I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from onnxcomp.macs import model_macs
+from onnxcomp.model_io import default_opset
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class ModelSummary:
+    opset: int
+    ir_version: int
+    producer: str
+    file_bytes: int | None
+    ops: dict[str, int]
+    params_by_dtype: dict[str, dict[str, int]]  # dtype -> {"count", "bytes"}
+    macs_by_op: dict[str, int]
+    macs_total: int | None
+    macs_unknown: list[str]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def param_count(self) -> int:
+        return sum(v["count"] for v in self.params_by_dtype.values())
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(v["bytes"] for v in self.params_by_dtype.values())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["param_count"] = self.param_count
+        data["param_bytes"] = self.param_bytes
+        return data
+
+
+_BITS = {
+    onnx.TensorProto.INT4: 4,
+    onnx.TensorProto.UINT4: 4,
+    onnx.TensorProto.FLOAT4E2M1: 4,
+}
+
+
+def tensor_bits(data_type: int) -> int:
+    """Storage bits per element of an ONNX tensor type."""
+    if data_type in _BITS:
+        return _BITS[data_type]
+    return helper.tensor_dtype_to_np_dtype(data_type).itemsize * 8
+
+
+def _dtype_name(data_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(data_type).lower()
+
+
+def _value_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    t = value.type.tensor_type
+    shape: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    return TensorInfo(value.name, _dtype_name(t.elem_type) if t.elem_type else "?", shape)
+
+
+def constant_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers plus the tensor values of Constant nodes (the model's parameters)."""
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors.extend(a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+    return tensors
+
+
+def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSummary:
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    params: dict[str, dict[str, int]] = {}
+    for tensor in constant_tensors(model):
+        count = math.prod(tensor.dims)
+        entry = params.setdefault(_dtype_name(tensor.data_type), {"count": 0, "bytes": 0})
+        entry["count"] += count
+        entry["bytes"] += (count * tensor_bits(tensor.data_type) + 7) // 8
+    macs_by_op: dict[str, int] = {}
+    unknown = []
+    for m in model_macs(model):
+        if m.macs is None:
+            unknown.append(m.name)
+        else:
+            macs_by_op[m.op] = macs_by_op.get(m.op, 0) + m.macs
+    inits = {t.name for t in model.graph.initializer}
+    return ModelSummary(
+        opset=default_opset(model),
+        ir_version=model.ir_version,
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        file_bytes=file_bytes,
+        ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        params_by_dtype=dict(sorted(params.items())),
+        macs_by_op=macs_by_op,
+        macs_total=sum(macs_by_op.values()) if macs_by_op or not unknown else None,
+        macs_unknown=unknown,
+        inputs=[_value_info(v) for v in model.graph.input if v.name not in inits],
+        outputs=[_value_info(v) for v in model.graph.output],
+    )
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_summary(s: ModelSummary, path: str = "") -> str:
+    lines = []
+    head = f"{path}: " if path else ""
+    size = f", file {human_bytes(s.file_bytes)}" if s.file_bytes is not None else ""
+    lines.append(f"{head}opset {s.opset}, ir_version {s.ir_version}{size}, producer {s.producer or '?'}")
+    lines.append(f"parameters: {human_count(s.param_count)} ({human_bytes(s.param_bytes)})")
+    for dtype, v in s.params_by_dtype.items():
+        lines.append(f"  {dtype:<12} {v['count']:>12,} values  {human_bytes(v['bytes']):>12}")
+    for key, rows in s.extra.items():
+        lines.append(f"{key}:")
+        lines.extend(f"  {row}" for row in rows)
+    if s.macs_total is not None:
+        lines.append(f"MACs (batch 1): {human_count(s.macs_total)}")
+        for op, n in sorted(s.macs_by_op.items()):
+            lines.append(f"  {op:<14} {human_count(n):>10}")
+    if s.macs_unknown:
+        lines.append(f"MACs unknown for {len(s.macs_unknown)} node(s) (shapes not inferable): {', '.join(s.macs_unknown[:5])}")
+    lines.append(f"ops ({sum(s.ops.values())} nodes): " + ", ".join(f"{k} {v}" for k, v in s.ops.items()))
+    for label, items in (("inputs", s.inputs), ("outputs", s.outputs)):
+        lines.append(f"{label}:")
+        lines.extend(f"  {t.name}: {t.dtype} {t.shape}" for t in items)
+    return "\n".join(lines)
