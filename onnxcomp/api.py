@@ -66,6 +66,8 @@ def compress(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
 ) -> RunReport:
     """Run a recipe (or a list of passes) on a model; save it and its resolved recipe if ``output``.
 
@@ -83,7 +85,9 @@ def compress(
     if calibration is not None:
         from onnxcomp.calibration_data import calibration_source
 
-        ctx.calibration, ctx.calibration_name = calibration_source(calibration, proto)
+        ctx.calibration, ctx.calibration_name = calibration_source(
+            calibration, proto, batch_size=batch_size, max_samples=calib_samples
+        )
     report = PassManager(plan.passes, validate=plan.validate).run(proto, ctx)
     if out_path is not None:
         save_model(report.model, out_path, external_data=external_data, overwrite=force)
@@ -119,3 +123,99 @@ def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+def quantize_options(
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    weights: str | None = None,
+    activations: str | None = None,
+    granularity: str | None = None,
+    observer: str | None = None,
+    weight_observer: str | None = None,
+    dynamic: bool = False,
+    symmetric_activations: bool | None = None,
+    skip: Sequence[str] = (),
+    emit: str | None = None,
+) -> dict[str, Any]:
+    """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
+    import tomllib
+
+    if config is None:
+        data: dict[str, Any] = {}
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise OnnxCompError(f"{path}: no such config file")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise OnnxCompError(f"{path}: not valid TOML: {exc}") from exc
+        data.pop("pass", None)
+
+    def role(key: str, fmt: str | None, extra: dict[str, Any]) -> None:
+        if fmt is None and not extra:
+            return
+        current = data.get(key, "int8")
+        table = {"dtype": current} if isinstance(current, str) else dict(current)
+        if fmt is not None:
+            table = {"dtype": fmt} if fmt.lower() == "none" else {**table, "dtype": fmt}
+        if str(table.get("dtype", "")).lower() != "none":
+            table.update(extra)
+        data[key] = table
+
+    w_extra: dict[str, Any] = {}
+    if granularity is not None:
+        w_extra["granularity"] = granularity
+    if weight_observer is not None:
+        w_extra["observer"] = weight_observer
+    role("weights", weights, w_extra)
+    a_extra: dict[str, Any] = {}
+    if dynamic:
+        a_extra["granularity"] = "token"
+        a_extra["symmetric"] = True
+    if observer is not None:
+        a_extra["observer"] = observer
+    if symmetric_activations is not None:
+        a_extra["symmetric"] = symmetric_activations
+    role("activations", activations, a_extra)
+    if skip:
+        data["skip"] = [*data.get("skip", []), *skip]
+    if emit is not None:
+        data["emit"] = emit
+    return data
+
+
+def quantize(
+    model: ModelLike,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    calibration: CalibrationLike = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    fuse: bool = True,
+    simulation_output: str | os.PathLike[str] | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+    progress: bool = False,
+    external_data: bool | None = None,
+    **flags: Any,
+) -> RunReport:
+    """Post-training quantization: fusions (unless ``fuse=False``) then the ``quantize`` pass.
+
+    ``flags`` are :func:`quantize_options` keywords (weights, activations, granularity, ...).
+    With ``simulation_output``, the fake-quant simulation model is written there too.
+    """
+    from onnxcomp.passes import FUSE_PIPELINE
+
+    options = quantize_options(config, **flags)
+    passes: list[Pass | str] = [*(FUSE_PIPELINE if fuse else ()), make_pass("quantize", options)]
+    kwargs = dict(calibration=calibration, force=force, progress=progress, external_data=external_data,
+                  calib_samples=calib_samples, batch_size=batch_size)
+    report = compress(model, passes, output, **kwargs)
+    if simulation_output is not None:
+        sim = make_pass("quantize", {**options, "emit": "simulate", "report_batches": 0})
+        compress(model, [*(FUSE_PIPELINE if fuse else ()), sim], simulation_output, **kwargs)
+    return report

@@ -250,7 +250,7 @@ def iter_nodes(graph: Graph, ops: Iterable[str] | None = None) -> Iterator[Node]
 
 
 def _names_cache(graph: Graph) -> set[str]:
-    cache = getattr(graph, "_onnxcomp_names", None)
+    cache = graph.__dict__.get("_onnxcomp_names")  # not getattr: gs routes misses to its function registry
     if cache is None:
         cache = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
         graph._onnxcomp_names = cache  # noqa: SLF001
@@ -269,3 +269,38 @@ def unique_name(graph: Graph, base: str) -> str:
             names.add(cand)
             return cand
     raise AssertionError("unreachable")
+
+
+# --- shape information ---------------------------------------------------------------------
+
+__all__.append("infer_shapes")  # appended here to keep additions in one place
+
+
+def infer_shapes(graph: Graph) -> None:
+    """Fill in unknown dtypes/shapes of ``graph``'s Variables with onnx shape inference.
+
+    Exports a tidied copy of the graph (the graph itself is not cleaned or sorted), runs
+    ``onnx.shape_inference.infer_shapes`` (non-strict) and copies the results back by tensor
+    name onto Variables whose dtype or shape is unknown; known information is never
+    overwritten. Graphs too large to serialise, or that inference rejects, are left as they are.
+    """
+    tidy = graph.copy()
+    tidy.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(tidy, do_type_check=False)
+    if model.ByteSize() >= 2**31 - 1:
+        log.debug("infer_shapes: model too large to serialise; shapes left unknown")
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
+        log.debug("infer_shapes: inference failed (%s); shapes left unknown", exc)
+        return
+    found = {name: t for name, t in gs.import_onnx(inferred).tensors().items() if isinstance(t, Variable)}
+    for name, tensor in graph.tensors().items():
+        info = found.get(name)
+        if info is None or not isinstance(tensor, Variable):
+            continue
+        if tensor.dtype is None and info.dtype is not None:
+            tensor.dtype = info.dtype
+        if tensor.shape is None and info.shape is not None:
+            tensor.shape = info.shape

@@ -1,0 +1,140 @@
+"""quantize: post-training quantization of Conv, ConvTranspose, Gemm and MatMul.
+
+Weights are quantized offline from their values; static activations get per-tensor ranges from
+calibration data streamed through one onnxruntime session; dynamic (per-token) activations get a
+run-time subgraph. The graph is written the way onnxruntime fuses it (``../shared/spec/ort.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from onnxcomp import ir
+from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
+from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.quant.plan import NodePlan, plan_nodes
+from onnxcomp.quant.spec import QUANTIZABLE_OPS, QuantConfig, TensorSpec, parse_config
+from onnxcomp.quant.weights import min_opset_for
+
+#: Activation ops whose input and output may share one Q/DQ (ORT removes Relu before a Q whose
+#: zero point is the grid's minimum, then fuses Conv+Q into QLinearConv).
+FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@register_pass
+class Quantize(Pass):
+    """Post-training quantization (weights offline, activations calibrated or dynamic).
+
+    Rewrites each Conv/ConvTranspose/Gemm/MatMul with a constant float32 weight chosen by the
+    config: weight -> quantized initializer + DequantizeLinear; static activations -> a
+    QuantizeLinear/DequantizeLinear pair on the input (and, with ``output_quant``, on the output
+    after a following Relu/Clip, so ORT fuses QLinearConv / QLinearMatMul); int32 bias for fully
+    INT8 Conv/Gemm. ``emit = "simulate"`` writes fake-quantized float weights instead of DQ.
+    Declines (with a reason) nodes whose weight is not a constant float32 tensor, is a 1-D
+    MatMul operand, or is too short for its group size. Static activations need calibration data.
+    """
+
+    name = "quantize"
+
+    @dataclass(frozen=True)
+    class Options:
+        weights: str | dict[str, Any] = "int8"
+        activations: str | dict[str, Any] = "int8"
+        ops: tuple[str, ...] = QUANTIZABLE_OPS
+        skip: tuple[str, ...] = ()
+        op_types: dict[str, Any] = field(default_factory=dict)
+        nodes: dict[str, Any] = field(default_factory=dict)
+        emit: Literal["qdq", "simulate"] = "qdq"
+        output_quant: bool = True
+        bias_int32: bool = True
+        batch_num: int | None = None
+        report_batches: int = 4
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        try:
+            self.config: QuantConfig = parse_config(self._config_data())
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from exc
+
+    def _config_data(self) -> dict[str, Any]:
+        o = self.options
+        return {"weights": o.weights, "activations": o.activations, "ops": list(o.ops), "skip": list(o.skip),
+                "op_types": o.op_types, "nodes": o.nodes}
+
+    def _specs(self) -> list[TensorSpec]:
+        c = self.config
+        specs = [c.weights, c.activations]
+        for w, a in [*c.by_op.values(), *c.by_name.values()]:
+            specs += [w, a]
+        return [s for s in specs if isinstance(s, TensorSpec)]
+
+    def min_opset(self) -> int | None:
+        need = 13
+        for spec in self._specs():
+            need = max(need, min_opset_for(spec))
+        return need
+
+    def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        from onnxcomp.quant.apply import apply_plans, calibrate_activations
+
+        result = PassResult(modified=False)
+        plans, declined = plan_nodes(graph, self.config, self.options.output_quant)
+        result.declined.extend(declined)
+        if not plans:
+            result.notes.append("no node to quantize")
+            return result
+        float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
+        static = _static_tensors(plans)
+        ranges: dict[str, tuple[float, float]] = {}
+        if static:
+            if ctx.calibration is None:
+                raise CalibrationError(
+                    f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
+                    "(an .npz named by model input), or --activations none for weight-only quantization"
+                )
+            ranges = calibrate_activations(float_model, static, ctx, self.options.batch_num)
+        record = apply_plans(graph, plans, ranges, self.options, ctx)
+        result.modified = True
+        result.stats = _stats(plans)
+        result.changed = [p.node.name for p in plans]
+        result.data["record"] = record
+        ctx.artifacts["quant_record"] = record
+        if self.options.report_batches > 0 and ctx.calibration is not None and float_model is not None:
+            from onnxcomp.quant.report import quantization_report
+
+            ir.finalize(graph)  # the report runs the rewritten graph: it must be sorted
+            outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}
+            report = quantization_report(
+                float_model, ir.export_model(graph, float_model), outputs, ctx.calibration(), self.options.report_batches
+            )
+            result.data["report"] = report
+            ctx.artifacts["quant_report"] = report
+        return result
+
+
+def _static_tensors(plans: list[NodePlan]) -> dict[str, TensorSpec]:
+    """Activation tensors needing calibrated ranges (name -> spec), in plan order."""
+    tensors: dict[str, TensorSpec] = {}
+    for plan in plans:
+        spec = plan.spec.activations
+        if spec is None or spec.granularity.kind != "tensor":
+            continue
+        for t in plan.activation_inputs + plan.activation_outputs:
+            tensors.setdefault(t.name, spec)
+    return tensors
+
+
+def _stats(plans: list[NodePlan]) -> dict[str, int]:
+    stats: dict[str, int] = {}
+    for plan in plans:
+        key = plan.node.op
+        stats[key] = stats.get(key, 0) + 1
+    stats["nodes"] = len(plans)
+    return stats
+
+
+_ = np

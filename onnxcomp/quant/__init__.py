@@ -1,0 +1,1 @@
+"""Post-training quantization: specs, observers, calibration, weight quantization, emission."""

@@ -1,0 +1,151 @@
+"""Carrying out quantization plans: calibrate static activations, emit, and record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcomp import ir
+from onnxcomp.formats import get_format
+from onnxcomp.pipeline import PassContext
+from onnxcomp.quant.emit import (
+    activation_qparams,
+    emit_activation_qdq,
+    emit_bias_int32,
+    emit_dynamic_per_token,
+    emit_weight_dq,
+)
+from onnxcomp.quant.plan import NodePlan
+from onnxcomp.quant.qparams import range_qdq
+from onnxcomp.quant.spec import TensorSpec
+from onnxcomp.quant.weights import QuantizedWeight, quantize_weight
+
+#: Observer options that configure the statistics (the rest configure the range policy).
+_STAT_OPTIONS = ("num_bins",)
+
+
+def calibrate_activations(
+    float_model: onnx.ModelProto, static: dict[str, TensorSpec], ctx: PassContext, batch_num: int | None
+) -> dict[str, tuple[float, float]]:
+    """Stream the calibration batches through one session; a range per activation tensor."""
+    from functools import partial
+
+    from onnxcomp.quant.calibrator import Calibrator
+    from onnxcomp.quant.observers import compute_range, make_observer
+
+    factories = {}
+    for name, spec in static.items():
+        stat_opts = {k: v for k, v in spec.options().items() if k in _STAT_OPTIONS}
+        factories[name] = partial(make_observer, spec.observer, **stat_opts)
+    assert ctx.calibration is not None
+    observers = Calibrator(float_model, factories).run(
+        ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled
+    )
+    ranges = {}
+    for name, obs in observers.items():
+        spec = static[name]
+        policy_opts = {k: v for k, v in spec.options().items() if k not in _STAT_OPTIONS}
+        r = compute_range(spec.observer, obs, range_qdq(spec.dtype, spec.symmetric), spec.symmetric, **policy_opts)
+        ranges[name] = (float(r.lo), float(r.hi))
+    return ranges
+
+
+def _tolist(a: np.ndarray) -> Any:
+    return np.asarray(a, dtype=np.float64).tolist() if np.asarray(a).dtype.kind == "f" else np.asarray(a).astype(np.int64).tolist()
+
+
+def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
+    spec = qw.spec
+    zp = qw.zero_point
+    zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
+    return {
+        "tensor": name, "dtype": spec.dtype, "granularity": str(spec.granularity), "symmetric": spec.symmetric,
+        "observer": spec.observer, "axis": qw.axis, "block_size": qw.block_size, "stored_as": stored_as,
+        "shape": list(qw.dequantized.shape), "scale": _tolist(qw.scale), "zero_point": _tolist(zp_values),
+    }
+
+
+def _int8_pair(plan: NodePlan) -> bool:
+    w, a = plan.spec.weights, plan.spec.activations
+    return (
+        w is not None and a is not None and w.dtype in ("int8", "uint8") and a.dtype in ("int8", "uint8")
+        and w.granularity.kind in ("tensor", "channel") and a.granularity.kind == "tensor"
+    )
+
+
+def apply_plans(
+    graph: ir.Graph,
+    plans: list[NodePlan],
+    ranges: dict[str, tuple[float, float]],
+    options: Any,
+    ctx: PassContext,
+) -> list[dict[str, Any]]:
+    """Emit every plan into ``graph``; returns the record (one entry per quantized node)."""
+    weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor]] = {}
+    acts: dict[str, dict[str, Any]] = {}
+    record = []
+    with ctx.progress(len(plans), "quantizing") as bar:
+        for plan in plans:
+            record.append(_apply_one(graph, plan, ranges, options, weights, acts))
+            bar.update(1)
+    return record
+
+
+def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  # noqa: ANN001
+    node, spec = plan.node, plan.spec
+    entry: dict[str, Any] = {"node": node.name, "op": node.op}
+    qw = None
+    if spec.weights is not None and plan.weight_index is not None:
+        w = node.inputs[plan.weight_index]
+        key = (w.name, spec.weights, plan.layout)
+        if key not in weights:
+            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name)
+            if options.emit == "qdq":
+                out = emit_weight_dq(graph, w, qw)
+                stored = onnx.TensorProto.DataType.Name(get_format(spec.weights.dtype).onnx_dtype).lower()
+            else:
+                out = ir.make_constant(ir.unique_name(graph, f"{w.name}_fakequant"), qw.dequantized)
+                stored = "float (simulation)"
+            weights[key] = (qw, out, stored)
+        qw, out, stored = weights[key]
+        node.inputs[plan.weight_index] = out
+        entry["weights"] = _weight_record(key[0], qw, stored)
+    a = spec.activations
+    if a is not None:
+        if a.granularity.kind == "token":
+            emit_dynamic_per_token(graph, node, 0, a.dtype)
+            entry["activations"] = {"tensor": plan.activation_inputs[0].name if plan.activation_inputs else None,
+                                    "dtype": a.dtype, "granularity": "token", "symmetric": True, "dynamic": True}
+        else:
+            entry["activations"] = [
+                _quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_inputs
+            ]
+            entry["outputs"] = [_quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_outputs]
+    if (
+        options.emit == "qdq" and options.bias_int32 and plan.bias_index is not None and qw is not None
+        and node.op in ("Conv", "Gemm") and _int8_pair(plan) and plan.activation_inputs
+        and float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0
+    ):
+        x_scale = acts[plan.activation_inputs[0].name]["scale"]
+        bias = ir.constant_value(node.inputs[plan.bias_index]).astype(np.float32)
+        if bias.ndim == 1:
+            emit_bias_int32(graph, node, plan.bias_index, bias, x_scale, qw.scale)
+            entry["bias"] = "int32"
+    return entry
+
+
+def _quantize_activation(graph, tensor, spec: TensorSpec, ranges, acts) -> dict[str, Any]:  # noqa: ANN001
+    name = tensor.name
+    if name not in acts:
+        lo, hi = ranges[name]
+        scale, zp = activation_qparams(spec.dtype, lo, hi, spec.symmetric)
+        emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
+        zp_value = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
+        acts[name] = {
+            "tensor": name, "dtype": spec.dtype, "granularity": "tensor", "symmetric": spec.symmetric,
+            "observer": spec.observer, "range": [lo, hi], "scale": float(np.asarray(scale).reshape(-1)[0]),
+            "zero_point": float(np.asarray(zp_value).reshape(-1)[0]),
+        }
+    return acts[name]

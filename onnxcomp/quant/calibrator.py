@@ -1,0 +1,138 @@
+"""Streaming activation calibration: one onnxruntime session, one observer per tensor.
+
+The model copy gets every requested intermediate tensor as an extra graph output (untyped
+``make_empty_tensor_value_info``: onnxruntime accepts it, so no shape inference is needed) and
+runs with ``ORT_DISABLE_ALL`` so intermediate names survive. Each batch's outputs are fed to their
+observers and dropped at once, so memory is one batch's activations plus the observers' fixed
+state, whatever the number of batches. This is the fix for onnxruntime's calibrators, which keep
+every intermediate output of every batch (microsoft/onnxruntime#10503, #11020, #21979).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sized
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxcomp.errors import CalibrationError, ConfigError
+from onnxcomp.model_io import ort_session
+from onnxcomp.progress import progress_bar
+from onnxcomp.quant.observers import Observer
+
+ObserverFactory = Callable[[], Observer]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+class Calibrator:
+    """Collect activation statistics of ``tensors`` over a stream of calibration batches.
+
+    ``tensors`` maps a tensor name (a graph input or any node output of the main graph) to an
+    observer factory; each :meth:`run` makes fresh observers. Graph inputs are observed from the
+    feeds directly. Unknown names, and initializers (weights are observed from the constants, not
+    here), raise :class:`CalibrationError`.
+    """
+
+    def __init__(self, model: onnx.ModelProto, tensors: Mapping[str, ObserverFactory]) -> None:
+        graph = model.graph
+        constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+        inputs = [i.name for i in graph.input if i.name not in constants]
+        outputs = [o.name for o in graph.output]
+        produced = {name for node in graph.node for name in node.output if name}
+        known = set(inputs) | produced | set(outputs)
+        for name in tensors:
+            if name in constants:
+                raise CalibrationError(f"tensor {name!r} is an initializer (a constant); it has no activation range to calibrate")
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise CalibrationError(f"tensor {name!r} is not a graph input or a node output of the model{hint}")
+        self.tensors: tuple[str, ...] = tuple(tensors)
+        self._factories: dict[str, ObserverFactory] = dict(tensors)
+        self._inputs: tuple[str, ...] = tuple(n for n in self.tensors if n in inputs)
+        self._required: tuple[str, ...] = tuple(inputs)
+        self._fetch: list[str] = [n for n in self.tensors if n not in self._inputs]
+        #: number of batches consumed by the last :meth:`run`
+        self.batches_seen = 0
+        self._session = None
+        self._feed_names: tuple[str, ...] = tuple(inputs)
+        if self._fetch:
+            augmented = onnx.ModelProto()
+            augmented.CopyFrom(model)
+            existing = set(outputs)
+            augmented.graph.output.extend(
+                helper.make_empty_tensor_value_info(n) for n in self._fetch if n not in existing
+            )
+            try:
+                self._session = ort_session(augmented, level="disable")
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+                raise CalibrationError(f"onnxruntime cannot load the calibration model: {_first_line(exc)}") from exc
+            del augmented  # only the session is kept (a >= 2 GB model is not held twice)
+            self._feed_names = tuple(i.name for i in self._session.get_inputs())
+
+    def run(
+        self,
+        batches: Iterable[Mapping[str, np.ndarray]],
+        max_batches: int | None = None,
+        progress: bool = False,
+        total: int | None = None,
+    ) -> dict[str, Observer]:
+        """Stream ``batches`` (at most ``max_batches``) through the session; the filled observers.
+
+        A batch maps input names to arrays; keys that are not model inputs are ignored (labels,
+        ids). Raises CalibrationError on empty data, a missing input, an onnxruntime failure, or a
+        non-finite observed value (naming the tensor and the 0-based batch index).
+        """
+        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+            raise ConfigError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        if total is None:
+            total = len(batches) if isinstance(batches, Sized) else None
+            if max_batches is not None:
+                total = max_batches if total is None else min(total, max_batches)
+        observers = {name: factory() for name, factory in self._factories.items()}
+        stream = iter(batches) if max_batches is None else itertools.islice(batches, max_batches)
+        self.batches_seen = 0
+        with progress_bar(total, "calibrating", enabled=progress) as bar:
+            for index, batch in enumerate(stream):
+                self._observe(index, batch, observers)
+                self.batches_seen += 1
+                bar.update(1)
+        if self.batches_seen == 0:
+            raise CalibrationError("calibration data is empty")
+        return observers
+
+    def _observe(self, index: int, batch: Mapping[str, np.ndarray], observers: dict[str, Observer]) -> None:
+        if not isinstance(batch, Mapping):
+            raise CalibrationError(
+                f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
+            )
+        missing = [n for n in self._required if n not in batch]
+        if missing:
+            raise CalibrationError(
+                f"calibration batch {index}: missing model input(s) {', '.join(missing)} (batch has {', '.join(sorted(map(str, batch)))})"
+            )
+        for name in self._inputs:
+            self._update(observers[name], name, batch[name], index)
+        if self._session is None:
+            return
+        feeds = {n: batch[n] for n in self._feed_names if n in batch}
+        try:
+            values = self._session.run(self._fetch, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {_first_line(exc)}") from exc
+        for name, value in zip(self._fetch, values, strict=True):
+            self._update(observers[name], name, value, index)
+
+    @staticmethod
+    def _update(observer: Observer, name: str, value: np.ndarray, index: int) -> None:
+        try:
+            observer.update(np.asarray(value))
+        except CalibrationError as exc:
+            raise CalibrationError(f"calibration batch {index}: tensor {name!r}: {exc}") from exc

@@ -1,0 +1,131 @@
+"""Writing quantization into the graph (rules from ``../shared/spec/ort.md``).
+
+* weights: quantized initializer + explicit zero point + DequantizeLinear (never a Q on a
+  constant); a weight shared by several nodes is written once;
+* static activations: one QuantizeLinear/DequantizeLinear pair per tensor, read by every
+  consumer (ORT duplicates DQs per node unit when it fuses);
+* int32 bias when a Conv/Gemm is fully INT8 (scale = s_x * s_w, zero point 0);
+* dynamic per-token activations: ReduceMax(|x|) over the last axis -> scale -> fake-quant in
+  plain ops (runs everywhere; ORT does not fuse it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcomp import ir
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.quant.qparams import qparams_for_range
+from onnxcomp.quant.weights import QuantizedWeight, storage_array
+
+
+def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> ir.Tensor:
+    """codes + scale + zero point initializers and a DequantizeLinear; returns its output."""
+    base = weight.name
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
+    scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), qw.scale)
+    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+    attrs: dict[str, int] = {}
+    if qw.axis is not None:
+        attrs["axis"] = qw.axis
+    if qw.block_size:
+        attrs["block_size"] = qw.block_size
+    ir.make_node(graph, "DequantizeLinear", [codes, scale, zero], [out], f"{base}_DequantizeLinear", attrs)
+    return out
+
+
+def emit_activation_qdq(
+    graph: ir.Graph, tensor: ir.Tensor, fmt_name: str, scale: np.ndarray, zero_point: np.ndarray
+) -> ir.Tensor:
+    """QuantizeLinear -> DequantizeLinear on ``tensor``; every consumer is rewired to the DQ.
+
+    A graph output keeps its float value (its readers inside the graph still see the DQ).
+    """
+    fmt = get_format(fmt_name)
+    base = tensor.name
+    readers = [n for n in ir.consumers(tensor)]
+    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
+    z = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), storage_array(np.asarray(zero_point).reshape(()), fmt))
+    q = ir.make_variable(graph, f"{base}_quantized")
+    dq = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
+    ir.make_node(graph, "QuantizeLinear", [tensor, s, z], [q], f"{base}_QuantizeLinear")
+    ir.make_node(graph, "DequantizeLinear", [q, s, z], [dq], f"{base}_DequantizeLinear")
+    for node in readers:
+        for i, t in enumerate(node.inputs):
+            if t is tensor:
+                node.inputs[i] = dq
+    return dq
+
+
+def emit_bias_int32(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray, x_scale: float, w_scale: np.ndarray) -> None:
+    """Replace a float bias by int32 codes (scale s_x * s_w, zero point 0) + DequantizeLinear."""
+    scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
+    per_channel = scale.ndim == 1 and scale.size > 1
+    q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+    q = np.clip(q, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+    base = node.inputs[index].name
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), q)
+    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale if per_channel else scale.reshape(()))
+    z = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), np.zeros(scale.shape if per_channel else (), np.int32))
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(bias.shape))
+    ir.make_node(graph, "DequantizeLinear", [codes, s, z], [out], f"{base}_DequantizeLinear", {"axis": 0} if per_channel else {})
+    node.inputs[index] = out
+
+
+def emit_dynamic_per_token(graph: ir.Graph, node: ir.Node, index: int, fmt_name: str) -> None:
+    """Per-token (one scale per row of the last axis) fake quantization computed at run time.
+
+    int formats (symmetric): s = max(|x|) / qmax, q = Clip(Round(x / s)), x' = q * s.
+    float formats: s = max(|x|) / max_value, x' = Cast(Cast(x / s -> format) -> float) * s
+    (FP8 only; other formats have their own emitters).
+    """
+    fmt = get_format(fmt_name)
+    x = node.inputs[index]
+    base = f"{x.name}_{node.name}_pertoken"
+    opset = ir.default_opset(graph)
+
+    def var(suffix: str) -> ir.Variable:
+        return ir.make_variable(graph, f"{base}_{suffix}")
+
+    def const(suffix: str, value: np.ndarray) -> ir.Constant:
+        return ir.make_constant(ir.unique_name(graph, f"{base}_{suffix}"), value)
+
+    absx, amax, scale, safe = var("abs"), var("amax"), var("scale"), var("safe_scale")
+    ir.make_node(graph, "Abs", [x], [absx], f"{base}_Abs")
+    if opset >= 18:
+        ir.make_node(graph, "ReduceMax", [absx, const("axes", np.array([-1], np.int64))], [amax], f"{base}_ReduceMax", {"keepdims": 1})
+    else:
+        ir.make_node(graph, "ReduceMax", [absx], [amax], f"{base}_ReduceMax", {"axes": [-1], "keepdims": 1})
+    if isinstance(fmt, IntegerFormat):
+        top = float(fmt.qmax)
+    elif isinstance(fmt, ElementFormat):
+        top = float(fmt.max_value)
+    else:
+        raise ValueError(f"per-token emission of {fmt_name} is done by the low-bit emitters")
+    ir.make_node(graph, "Div", [amax, const("qmax", np.array(top, np.float32))], [scale], f"{base}_Div_scale")
+    tiny = np.array(np.finfo(np.float32).tiny, np.float32)
+    ir.make_node(graph, "Max", [scale, const("tiny", tiny)], [safe], f"{base}_Max")
+    scaled, rounded, out = var("scaled"), var("rounded"), var("dequantized")
+    ir.make_node(graph, "Div", [x, safe], [scaled], f"{base}_Div")
+    if isinstance(fmt, IntegerFormat):
+        clipped = var("clipped")
+        ir.make_node(graph, "Round", [scaled], [rounded], f"{base}_Round")
+        lo, hi = const("qmin", np.array(fmt.qmin, np.float32)), const("qmax_clip", np.array(fmt.qmax, np.float32))
+        ir.make_node(graph, "Clip", [rounded, lo, hi], [clipped], f"{base}_Clip")
+        ir.make_node(graph, "Mul", [clipped, safe], [out], f"{base}_Mul")
+    else:
+        import onnx
+
+        code = var("codes")
+        ir.make_node(graph, "Cast", [scaled], [code], f"{base}_Cast_to", {"to": fmt.onnx_dtype, "saturate": 1})
+        ir.make_node(graph, "Cast", [code], [rounded], f"{base}_Cast_back", {"to": onnx.TensorProto.FLOAT})
+        ir.make_node(graph, "Mul", [rounded, safe], [out], f"{base}_Mul")
+    node.inputs[index] = out
+
+
+def activation_qparams(fmt_name: str, lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor activation scale and zero point from a calibrated range."""
+    fmt = get_format(fmt_name)
+    assert isinstance(fmt, (IntegerFormat, ElementFormat))
+    return qparams_for_range(fmt, np.float64(lo), np.float64(hi), symmetric)

@@ -1,0 +1,93 @@
+"""Which nodes get quantized, and which of their tensors: the plan the emitters carry out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxcomp import ir
+from onnxcomp.quant.spec import NodeSpec, QuantConfig
+from onnxcomp.quant.weights import WeightLayout, weight_layout
+
+#: Ops a quantized output is carried through (ORT folds a Relu/Clip into the preceding Q).
+FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass
+class NodePlan:
+    node: ir.Node
+    spec: NodeSpec
+    weight_index: int | None = None
+    layout: WeightLayout | None = None
+    bias_index: int | None = None
+    activation_inputs: list[ir.Tensor] = field(default_factory=list)
+    activation_outputs: list[ir.Tensor] = field(default_factory=list)
+
+
+def _weight_index(node: ir.Node) -> int | None:
+    if node.op in ("Conv", "ConvTranspose", "Gemm"):
+        return 1
+    if node.op == "MatMul":
+        return 1 if ir.is_constant(node.inputs[1]) else None
+    return None
+
+
+def _decline_weight(node: ir.Node, index: int | None, plan_spec: NodeSpec) -> str | None:
+    if index is None or index >= len(node.inputs):
+        return "no constant weight input (activation x activation products are left in float)"
+    value = ir.constant_value(node.inputs[index])
+    if value is None:
+        return f"weight {node.inputs[index].name!r} is not a constant"
+    if value.dtype != np.float32:
+        return f"weight {node.inputs[index].name!r} is {value.dtype}, not float32 (already quantized?)"
+    if node.op == "MatMul" and value.ndim < 2:
+        return "1-D MatMul weight"
+    spec = plan_spec.weights
+    if spec is not None and spec.granularity.kind == "group":
+        layout = weight_layout(node.op, value.ndim, bool(node.attrs.get("transB", 0)))
+        if value.shape[layout.reduction_axis] < spec.granularity.size // 2 and value.shape[layout.reduction_axis] < 8:
+            return f"reduction axis of length {value.shape[layout.reduction_axis]} is too short for group:{spec.granularity.size}"
+    return None
+
+
+def _output_target(graph: ir.Graph, node: ir.Node) -> ir.Tensor | None:
+    """The tensor to quantize after ``node``: its output, or that of a single following Relu/Clip."""
+    out = node.outputs[0]
+    users = ir.consumers(out)
+    if len(users) == 1 and users[0].op in FUSABLE_ACTIVATIONS and not ir.is_graph_output(graph, out):
+        out = users[0].outputs[0]
+        users = ir.consumers(out)
+    return out if users else None
+
+
+def plan_nodes(graph: ir.Graph, config: QuantConfig, output_quant: bool) -> tuple[list[NodePlan], list[tuple[str, str]]]:
+    """Plans for every node the config selects, plus (node, reason) for those declined."""
+    plans: list[NodePlan] = []
+    declined: list[tuple[str, str]] = []
+    for node in ir.iter_nodes(graph, config.ops):
+        spec = config.for_node(node.name, node.op)
+        if spec is None:
+            continue
+        index = _weight_index(node)
+        reason = _decline_weight(node, index, spec)
+        if reason:
+            declined.append((node.name, reason))
+            continue
+        assert index is not None
+        value_shape = ir.constant_value(node.inputs[index]).shape
+        plan = NodePlan(node, spec, index, weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))))
+        bias = 2 if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 else None
+        if bias is not None and node.inputs[2].name and ir.is_constant(node.inputs[2]):
+            plan.bias_index = bias
+        if spec.activations is not None:
+            x = node.inputs[0]
+            if not ir.is_constant(x):
+                plan.activation_inputs.append(x)
+            static = spec.activations.granularity.kind == "tensor"
+            if output_quant and static and node.op in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
+                target = _output_target(graph, node)
+                if target is not None:
+                    plan.activation_outputs.append(target)
+        plans.append(plan)
+    return plans, declined

@@ -1,0 +1,52 @@
+"""Range -> (scale, zero point) -> codes, for any integer or element float format.
+
+The one place where symmetric/affine parameter math meets the codecs, shared by weights,
+activations and the observers' error searches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+def qparams_for_range(
+    fmt: IntegerFormat | ElementFormat, lo: np.ndarray | float, hi: np.ndarray | float, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scale, zero point codes) per unit. Float formats: scale = amax / max_value, zp 0."""
+    if isinstance(fmt, IntegerFormat):
+        return fmt.compute_qparams(lo, hi, symmetric)
+    amax = np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
+    scale = np.where(amax > 0, amax / fmt.max_value, 1.0).astype(np.float32)
+    scale = np.maximum(scale, _TINY)
+    return scale, np.zeros(scale.shape, np.uint8)
+
+
+def quantize(fmt: IntegerFormat | ElementFormat, x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """Codes of ``x`` (ONNX QuantizeLinear arithmetic: x / scale in float32, then the format's rounding)."""
+    if isinstance(fmt, IntegerFormat):
+        return fmt.quantize(x, scale, zp)
+    return fmt.encode(np.divide(np.asarray(x, np.float32), scale))
+
+
+def dequantize(fmt: IntegerFormat | ElementFormat, codes: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """Exactly what DequantizeLinear computes: float32(code - zp) * scale."""
+    if isinstance(fmt, IntegerFormat):
+        return fmt.dequantize(codes, scale, zp)
+    return np.multiply(fmt.decode(codes), scale, dtype=np.float32)
+
+
+def range_qdq(dtype: str, symmetric: bool) -> Callable[[np.ndarray, float, float], np.ndarray]:
+    """A ``qdq(values, lo, hi)`` callable for the observers' error-based range searches."""
+    fmt = get_format(dtype)
+
+    def qdq(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        scale, zp = qparams_for_range(fmt, lo, hi, symmetric)
+        return dequantize(fmt, quantize(fmt, values, scale, zp), scale, zp).astype(np.float64)
+
+    return qdq

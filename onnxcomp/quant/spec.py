@@ -1,0 +1,251 @@
+"""What to quantize and how: per-role specs, granularities, and config with overrides.
+
+A :class:`TensorSpec` says how one tensor role (weights or activations) is quantized: format,
+granularity, symmetry, observer. A :class:`QuantConfig` holds the global defaults, overrides by
+op type and by node-name glob, and a skip list; :meth:`QuantConfig.for_node` resolves the spec of
+one node. Invalid combinations are :class:`ConfigError` saying what is allowed.
+
+Granularity semantics follow ``../shared/spec/formats.md`` (量化粒度): per-tensor (weights and
+static activations), per-channel (weights, one scale per output channel), per-group (weights,
+groups of ``size`` along the reduction axis), per-token (activations, one scale per row computed
+at run time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnxcomp.errors import ConfigError
+
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OBSERVERS = ("minmax", "mse")
+ACTIVATION_OBSERVERS = ("minmax", "percentile", "entropy", "mse", "histogram")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """``kind`` in tensor | channel | group | token; ``size`` is the group size for ``group``."""
+
+    kind: str
+    size: int = 0
+
+    def __str__(self) -> str:
+        return f"group:{self.size}" if self.kind == "group" else self.kind
+
+
+def parse_granularity(text: str, where: str = "granularity") -> Granularity:
+    """``tensor``, ``channel``, ``group:128`` (or ``group`` = 128) or ``token``."""
+    value = text.strip().lower()
+    aliases = {"per-tensor": "tensor", "per_tensor": "tensor", "per-channel": "channel",
+               "per_channel": "channel", "per-token": "token", "per_token": "token"}
+    value = aliases.get(value, value)
+    if value in ("tensor", "channel", "token"):
+        return Granularity(value)
+    if value.startswith(("group", "per-group", "per_group")):
+        _, _, size = value.partition(":")
+        try:
+            n = int(size) if size else 128
+        except ValueError:
+            n = -1
+        if n <= 0 or n % 2:
+            raise ConfigError(f"{where}: bad group size in {text!r}; use group:N with N in {', '.join(map(str, GROUP_SIZES))}")
+        return Granularity("group", n)
+    raise ConfigError(f"{where}: unknown granularity {text!r}; use tensor, channel, group:N or token")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one tensor role is quantized."""
+
+    dtype: str
+    granularity: Granularity = Granularity("tensor")
+    symmetric: bool = True
+    observer: str = "minmax"
+    observer_options: tuple[tuple[str, Any], ...] = ()
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.observer_options)
+
+    def describe(self) -> str:
+        sym = "sym" if self.symmetric else "asym"
+        return f"{self.dtype}/{self.granularity}/{sym}/{self.observer}"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """The resolved plan of one node: weight spec and activation spec (None = not quantized)."""
+
+    weights: TensorSpec | None
+    activations: TensorSpec | None
+
+
+_SPEC_KEYS = ("dtype", "granularity", "symmetric", "observer")
+
+
+def _format_names() -> list[str]:
+    from onnxcomp.formats import available_formats
+
+    return list(available_formats())
+
+
+def _check_dtype(dtype: str, where: str) -> None:
+    names = _format_names()
+    if dtype not in names:
+        raise ConfigError(f"{where}: unknown format {dtype!r}; known formats: {', '.join(names)}")
+
+
+def _format_kind(dtype: str) -> str:
+    from onnxcomp.formats import get_format
+
+    return get_format(dtype).kind
+
+
+def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str) -> TensorSpec | None:
+    """A spec from config data: a format name, "none", or a table of spec keys + observer options.
+
+    Keys not given inherit from ``base`` (the global default for that role).
+    """
+    if data is None:
+        return base
+    if isinstance(data, str):
+        data = {"dtype": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a format name or a table, got {data!r}")
+    if str(data.get("dtype", "")).lower() == "none":
+        return None
+    values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+    if base is not None:
+        values["granularity"] = base.granularity
+        values["observer_options"] = dict(base.observer_options)
+    options = dict(values.get("observer_options", {}))
+    for key, value in data.items():
+        if key == "dtype":
+            values["dtype"] = str(value).lower()
+        elif key == "granularity":
+            values["granularity"] = parse_granularity(str(value), f"{where}.granularity")
+        elif key == "symmetric":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.symmetric: expected true or false, got {value!r}")
+            values["symmetric"] = value
+        elif key == "observer":
+            values["observer"] = str(value)
+        elif key in _OBSERVER_OPTION_KEYS:
+            options[key] = value
+        else:
+            valid = ", ".join((*_SPEC_KEYS, *_OBSERVER_OPTION_KEYS))
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {valid}")
+    if "dtype" not in values:
+        raise ConfigError(f"{where}: no dtype given for {role}")
+    _check_dtype(values["dtype"], f"{where}.dtype")
+    if "symmetric" not in data and _format_kind(values["dtype"]) != "int":
+        values["symmetric"] = True  # float formats are symmetric; don't inherit an int default
+    values["observer_options"] = tuple(sorted(options.items()))
+    values.setdefault("granularity", Granularity("tensor" if role == "activations" else "channel"))
+    values.setdefault("symmetric", True)
+    values.setdefault("observer", "minmax")
+    spec = TensorSpec(**values)
+    validate_spec(spec, role, where)
+    return spec
+
+
+#: Observer options a spec may carry (forwarded to the observer / range policy).
+_OBSERVER_OPTION_KEYS = ("percentile", "num_bins", "num_quant_bins", "steps", "search")
+
+
+def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
+    """Reject the combinations onnxcomp cannot honour, saying what is allowed."""
+    _check_dtype(spec.dtype, where)
+    kind = _format_kind(spec.dtype)
+    g = spec.granularity.kind
+    if role == "weights":
+        if g == "token":
+            raise ConfigError(f"{where}: per-token granularity is for activations; weights take tensor, channel or group:N")
+        if spec.observer not in WEIGHT_OBSERVERS:
+            raise ConfigError(f"{where}: weight observer {spec.observer!r} unknown; use one of {', '.join(WEIGHT_OBSERVERS)}")
+    else:
+        if g in ("channel", "group"):
+            raise ConfigError(f"{where}: {g} granularity is for weights; activations take tensor (static) or token (dynamic)")
+        if spec.observer not in ACTIVATION_OBSERVERS:
+            raise ConfigError(
+                f"{where}: activation observer {spec.observer!r} unknown; use one of {', '.join(ACTIVATION_OBSERVERS)}"
+            )
+    if kind != "int" and not spec.symmetric:
+        raise ConfigError(f"{where}: {spec.dtype} is a float format and is always symmetric; set symmetric = true")
+
+
+@dataclass
+class QuantConfig:
+    """Global defaults plus overrides by op type and node-name glob, and a skip list."""
+
+    weights: TensorSpec | None
+    activations: TensorSpec | None
+    ops: tuple[str, ...] = QUANTIZABLE_OPS
+    skip: tuple[str, ...] = ()
+    by_op: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    by_name: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def for_node(self, name: str, op: str) -> NodeSpec | None:
+        """The resolved spec of a node, or None when it is not quantized (skipped / op not listed)."""
+        if op not in self.ops or any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
+            return None
+        weights, activations = self.weights, self.activations
+        for table, key_matches in ((self.by_op, lambda k: k == op), (self.by_name, lambda k: fnmatch.fnmatchcase(name, k))):
+            for key, (w, a) in table.items():
+                if key_matches(key):
+                    weights = w if w is not _INHERIT else weights
+                    activations = a if a is not _INHERIT else activations
+        if weights is None and activations is None:
+            return None
+        return NodeSpec(weights, activations)
+
+
+_INHERIT: Any = object()
+
+
+def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfig:
+    """Build a :class:`QuantConfig` from the quantize pass's config data.
+
+    Keys: ``weights``, ``activations`` (format name, "none", or a table), ``ops``, ``skip``,
+    ``op_types`` (table: op type -> {weights, activations}) and ``nodes`` (table: node-name glob
+    -> {weights, activations}).
+    """
+    known = ("weights", "activations", "ops", "skip", "op_types", "nodes")
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
+    weights = parse_tensor_spec(data.get("weights", "int8"), "weights", _DEFAULT_WEIGHTS, f"{where}.weights")
+    activations = parse_tensor_spec(
+        data.get("activations", "int8"), "activations", _DEFAULT_ACTIVATIONS, f"{where}.activations"
+    )
+    ops = tuple(data.get("ops", QUANTIZABLE_OPS))
+    bad = [o for o in ops if o not in QUANTIZABLE_OPS]
+    if bad:
+        raise ConfigError(f"{where}.ops: {bad[0]!r} cannot be quantized; quantizable ops: {', '.join(QUANTIZABLE_OPS)}")
+    overrides: dict[str, dict[str, tuple[Any, Any]]] = {"op_types": {}, "nodes": {}}
+    for table in ("op_types", "nodes"):
+        for key, entry in dict(data.get(table, {})).items():
+            w_where = f"{where}.{table}.{key}"
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{w_where}: expected a table with weights and/or activations")
+            extra = [k for k in entry if k not in ("weights", "activations")]
+            if extra:
+                raise ConfigError(f"{w_where}: unknown key {extra[0]!r}; valid keys: weights, activations")
+            if table == "op_types" and key not in QUANTIZABLE_OPS:
+                raise ConfigError(f"{w_where}: {key!r} is not a quantizable op; use one of {', '.join(QUANTIZABLE_OPS)}")
+            w = parse_tensor_spec(entry["weights"], "weights", weights or _DEFAULT_WEIGHTS, f"{w_where}.weights") if "weights" in entry else _INHERIT
+            a = (
+                parse_tensor_spec(entry["activations"], "activations", activations or _DEFAULT_ACTIVATIONS, f"{w_where}.activations")
+                if "activations" in entry
+                else _INHERIT
+            )
+            overrides[table][key] = (w, a)
+    return QuantConfig(weights, activations, ops, tuple(data.get("skip", ())), overrides["op_types"], overrides["nodes"])
+
+
+_DEFAULT_WEIGHTS = TensorSpec("int8", Granularity("channel"), True, "minmax")
+_DEFAULT_ACTIVATIONS = TensorSpec("int8", Granularity("tensor"), False, "minmax")

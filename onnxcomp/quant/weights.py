@@ -1,0 +1,172 @@
+"""Offline weight quantization: layouts, per-tensor / per-channel / per-group scales, codes.
+
+The output of :func:`quantize_weight` is everything an emitter needs to write
+``codes -> DequantizeLinear(scale, zero_point, axis, block_size)`` and everything a simulation
+needs (``dequantized``, bit-identical to what DequantizeLinear computes at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcomp.errors import ConfigError, FormatError
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
+from onnxcomp.quant.spec import TensorSpec
+
+#: Candidate clipping ratios of the weight "mse" observer (1.0 = plain amax).
+MSE_RATIOS = np.linspace(0.5, 1.0, 26)
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where the output channels and the reduction (input) axis of a weight are."""
+
+    channel_axis: int
+    reduction_axis: int
+
+
+def weight_layout(op: str, rank: int, trans_b: bool = False) -> WeightLayout:
+    """Axes of a weight by op (``../shared/spec/formats.md``, 量化粒度: ONNX layouts)."""
+    if op == "Conv":
+        return WeightLayout(0, 1)  # (Cout, Cin/g, k...)
+    if op == "ConvTranspose":
+        return WeightLayout(1, 0)  # (Cin, Cout/g, k...)
+    if op == "Gemm":
+        return WeightLayout(0, 1) if trans_b else WeightLayout(1, 0)
+    if op == "MatMul":
+        return WeightLayout(rank - 1, rank - 2)  # (..., K, N)
+    raise ConfigError(f"no weight layout for op {op!r}")
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight: codes in ONNX storage dtype + DequantizeLinear parameters."""
+
+    codes: np.ndarray  # storage dtype (np.int8/uint8, ml_dtypes int4/uint4/float8)
+    scale: np.ndarray  # float32, shape () | (C,) | blocked shape (same rank as the weight)
+    zero_point: np.ndarray  # storage dtype, shape of scale
+    axis: int | None  # DQ axis (None for per-tensor)
+    block_size: int  # 0 unless per-group
+    dequantized: np.ndarray  # float32: exactly what DQ computes
+    spec: TensorSpec
+
+
+def _unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """``w`` arranged so that reducing over the returned axes gives one value per scaling unit.
+
+    Returns (array, reduce_axes, padded length of the reduction axis or 0).
+    Per-group pads the reduction axis with zeros to a multiple of the group size and splits it
+    into (groups, size): the padding never changes amax and is dropped after quantization.
+    """
+    g = spec.granularity
+    if g.kind == "tensor":
+        return w, tuple(range(w.ndim)), 0
+    if g.kind == "channel":
+        return w, tuple(a for a in range(w.ndim) if a != layout.channel_axis), 0
+    r, size = layout.reduction_axis, g.size
+    length = w.shape[r]
+    padded = -(-length // size) * size
+    if padded != length:
+        pad = [(0, 0)] * w.ndim
+        pad[r] = (0, padded - length)
+        w = np.pad(w, pad)
+    shape = w.shape[:r] + (padded // size, size) + w.shape[r + 1 :]
+    return w.reshape(shape), (r + 1,), padded
+
+
+def _unit_amax(view: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return view.min(axis=axes, keepdims=True), view.max(axis=axes, keepdims=True)
+
+
+def _qdq_units(fmt: IntegerFormat | ElementFormat, view: np.ndarray, lo: np.ndarray, hi: np.ndarray, symmetric: bool):  # noqa: ANN202
+    """(codes, scale, zero_point, dequantized) for ``view`` with per-unit ranges (keepdims)."""
+    scale, zp = qparams_for_range(fmt, lo, hi, symmetric)
+    codes = quantize(fmt, view, scale, zp)
+    return codes, scale, zp, dequantize(fmt, codes, scale, zp)
+
+
+def quantize_weight(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, name: str = "") -> QuantizedWeight:
+    """Quantize a constant float weight per ``spec`` (minmax or MSE-searched clipping)."""
+    fmt = get_format(spec.dtype)
+    if not isinstance(fmt, (IntegerFormat, ElementFormat)):
+        raise ConfigError(f"weight {name!r}: format {spec.dtype!r} is not an integer or element format")
+    w32 = np.asarray(w, dtype=np.float32)
+    if not np.isfinite(w32).all():
+        bad = int(np.count_nonzero(~np.isfinite(w32)))
+        raise FormatError(f"weight {name!r}: {bad} NaN/Inf values; fix the model before quantizing")
+    if spec.granularity.kind == "group" and w32.shape[layout.reduction_axis] < 2:
+        raise ConfigError(f"weight {name!r}: reduction axis too short for per-group quantization")
+    view, axes, padded = _unit_view(w32, spec, layout)
+    lo, hi = _unit_amax(view, axes)
+    codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
+    if spec.observer == "mse":
+        err = ((deq - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
+        for ratio in MSE_RATIOS[:-1]:
+            c2, s2, z2, d2 = _qdq_units(fmt, view, lo * ratio, hi * ratio, spec.symmetric)
+            e2 = ((d2 - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
+            better = e2 < err
+            if better.any():
+                err = np.where(better, e2, err)
+                scale, zp = np.where(better, s2, scale), np.where(better, z2, zp)
+                codes = np.where(better, c2, codes)
+                deq = np.where(better, d2, deq)
+    return _to_onnx_layout(codes, scale, zp, deq, w32.shape, spec, layout, padded, fmt)
+
+
+def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt) -> QuantizedWeight:  # noqa: ANN001
+    g = spec.granularity.kind
+    if g == "group":
+        r = layout.reduction_axis
+        merged = shape[:r] + (padded,) + shape[r + 1 :]
+        take = [slice(None)] * len(shape)
+        take[r] = slice(0, shape[r])
+        codes = codes.reshape(merged)[tuple(take)]
+        deq = deq.reshape(merged)[tuple(take)]
+        scale = np.squeeze(scale, axis=r + 1)
+        zp = np.squeeze(zp, axis=r + 1)
+        axis: int | None = r
+        block = spec.granularity.size
+    elif g == "channel":
+        scale, zp = scale.reshape(-1), zp.reshape(-1)
+        axis, block = layout.channel_axis, 0
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+        axis, block = None, 0
+    storage = storage_array(codes, fmt)
+    zero = storage_array(np.asarray(zp, order="C"), fmt)
+    return QuantizedWeight(storage, np.asarray(scale, dtype=np.float32, order="C"), zero, axis, block,
+                           np.ascontiguousarray(deq, dtype=np.float32), spec)
+
+
+def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.ndarray:
+    """Codes as the numpy/ml_dtypes array numpy_helper writes as ``fmt.onnx_dtype``."""
+    import ml_dtypes
+
+    if fmt.onnx_dtype is None:
+        raise ConfigError(f"format {fmt.name!r} has no ONNX storage type; it is emitted by the low-bit emitters")
+    name = fmt.name
+    if name in ("int8", "uint8"):
+        return codes.astype(fmt.storage_dtype)
+    if name == "int4":
+        return codes.astype(np.int8).astype(ml_dtypes.int4)
+    if name == "uint4":
+        return codes.astype(np.uint8).astype(ml_dtypes.uint4)
+    if name == "fp8_e4m3":
+        return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e4m3fn)
+    if name == "fp8_e5m2":
+        return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e5m2)
+    if name == "fp4_e2m1":  # every code's value is exactly representable: a value cast is exact
+        return fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn)
+    raise ConfigError(f"no ONNX storage for format {name!r}")
+
+
+def min_opset_for(spec: TensorSpec) -> int:
+    """The opset DequantizeLinear needs for this weight spec (../shared/spec/ort.md)."""
+    if spec.dtype in ("int4", "uint4") or spec.granularity.kind == "group":
+        return 21
+    if spec.dtype.startswith("fp8"):
+        return 19
+    return 13

@@ -1,0 +1,376 @@
+"""Observers and range policies against brute-force numpy computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxcomp.errors import CalibrationError, ConfigError
+from onnxcomp.quant.observers import (
+    OBSERVER_POLICIES,
+    HistogramObserver,
+    MinMaxObserver,
+    Range,
+    compute_range,
+    entropy_range,
+    expected_error,
+    hist_error_range,
+    make_observer,
+    minmax_range,
+    mse_range,
+    percentile_range,
+    shrink_candidates,
+    trim_candidates,
+)
+
+
+def qdq_int8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Symmetric int8: scale = max(|lo|, |hi|) / 127, round half to even, clip to [-127, 127]."""
+    scale = max(abs(lo), abs(hi)) / 127.0
+    if scale == 0:
+        return np.zeros_like(values, dtype=np.float64)
+    return np.clip(np.round(np.asarray(values, np.float64) / scale), -127, 127) * scale
+
+
+def true_mse(x: np.ndarray, r: Range) -> float:
+    x = x.astype(np.float64)
+    return float(np.mean((qdq_int8(x, r.lo, r.hi) - x) ** 2))
+
+
+def observe(x: np.ndarray, num_bins: int = 2048, parts: int = 1) -> HistogramObserver:
+    obs = HistogramObserver(num_bins)
+    for chunk in np.array_split(x, parts):
+        obs.update(chunk)
+    return obs
+
+
+def assert_same_state(a: MinMaxObserver | HistogramObserver, b: MinMaxObserver | HistogramObserver) -> None:
+    assert (a.min_val, a.max_val, a.numel) == (b.min_val, b.max_val, b.numel)
+    if isinstance(a, HistogramObserver):
+        assert isinstance(b, HistogramObserver)
+        assert (a.k, a.zeros) == (b.k, b.zeros)
+        assert np.array_equal(a.counts, b.counts)
+
+
+RNG = np.random.default_rng(1234)
+DISTRIBUTIONS = {
+    "normal": (RNG.standard_normal(200_000) * 0.7 + 0.1).astype(np.float32),
+    "laplace": RNG.laplace(size=200_000).astype(np.float32),
+    "relu": np.maximum(RNG.standard_normal(200_000), 0).astype(np.float32) * 3.0,
+    "uniform": RNG.uniform(-2.0, 5.0, 200_000).astype(np.float32),
+}
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize("parts", [1, 7])
+def test_minmax_exact(parts: int) -> None:
+    x = DISTRIBUTIONS["normal"]
+    mm, hist = MinMaxObserver(), HistogramObserver()
+    for chunk in np.array_split(x, parts):
+        mm.update(chunk)
+        hist.update(chunk)
+    for obs in (mm, hist):
+        assert (obs.min_val, obs.max_val, obs.numel) == (float(x.min()), float(x.max()), x.size)
+        assert minmax_range(obs) == Range(float(x.min()), float(x.max()))
+        m = float(np.abs(x).max())
+        assert minmax_range(obs, symmetric=True) == Range(-m, m)
+        assert compute_range("minmax", obs, None, False) == minmax_range(obs)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_histogram_counts_brute_force(name: str) -> None:
+    x = DISTRIBUTIONS[name]
+    obs = observe(x, 1024, parts=5)
+    k = obs.k
+    assert k is not None and -(2.0**k) <= x.min() and x.max() < 2.0**k  # the range holds the data
+    assert not (-(2.0 ** (k - 1)) <= x.min() and x.max() < 2.0 ** (k - 1))  # and k is the smallest such
+    w = 2.0 ** (k + 1) / 1024
+    expected = np.bincount((np.floor(x.astype(np.float64) / w) + 512).astype(int), minlength=1024)
+    assert np.array_equal(obs.counts, expected)
+    assert obs.edges()[0] == -(2.0**k) and obs.edges()[-1] == 2.0**k and obs.bin_width == w
+
+
+def _parts(x: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
+    return np.split(x, cuts)
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver])
+def test_merge_is_exact(cls: type) -> None:
+    rng = np.random.default_rng(7)
+    # ranges that grow (and shrink) across batches: k changes several times, both signs
+    x = np.concatenate([
+        rng.standard_normal(5000) * 1e-3, rng.laplace(size=5000) * 10, rng.uniform(0, 1, 5000),
+        rng.standard_normal(5000) * 1e4, np.array([2.0**20, -(2.0**20), 0.0, -0.0, 1e-30, -1e-30]),
+    ]).astype(np.float32)
+    single = cls()
+    single.update(x)
+    halves = np.array_split(x, 2)
+    uneven = _parts(x, [17, 12000])
+    for pieces in (halves, uneven, uneven[::-1], [uneven[1], uneven[2], uneven[0]]):
+        observers = [cls() for _ in pieces]
+        for obs, piece in zip(observers, pieces, strict=True):
+            for batch in np.array_split(piece, 3):  # several updates each
+                obs.update(batch)
+        merged = observers[0]
+        for other in observers[1:]:
+            merged.merge(other)
+        assert_same_state(merged, single)
+    # sequential updates in a shuffled batch order equal one update of everything
+    seq = cls()
+    for i in rng.permutation(20):
+        seq.update(np.array_split(x, 20)[i])
+    assert_same_state(seq, single)
+    # merging into / from an empty observer
+    empty = cls()
+    empty.merge(single)
+    assert_same_state(empty, single)
+    single.merge(cls())
+    assert_same_state(empty, single)
+
+
+def test_merge_does_not_alias_or_mutate_other() -> None:
+    a, b = HistogramObserver(64), HistogramObserver(64)
+    a.update(np.float32([0.5, -0.25]))
+    b.update(np.float32([100.0]))
+    before = b.counts.copy(), b.k
+    a.merge(b)
+    assert np.array_equal(b.counts, before[0]) and b.k == before[1]
+    fresh = HistogramObserver(64)
+    fresh.merge(b)
+    fresh.update(np.float32([1.0]))
+    assert np.array_equal(b.counts, before[0])
+
+
+def test_histogram_edge_values_exact() -> None:
+    # values on bin edges, powers of two, -2^k itself, float64 subnormals and float16 input
+    x = np.array([-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.999], np.float32)
+    obs = observe(x, 8)
+    assert obs.k == 2  # [-4, 4)
+    assert np.array_equal(obs.counts, [1, 0, 1, 2, 2, 1, 1, 1])
+    tiny = np.array([-5e-324, 5e-324, -1e-310], np.float64)
+    a, b = HistogramObserver(8), HistogramObserver(8)
+    a.update(tiny)
+    a.update(np.float64([1000.0]))  # raise k after the tiny values
+    b.update(np.concatenate([tiny, [1000.0]]))
+    assert_same_state(a, b)
+    assert a.counts[3] == 2 and a.counts[4] == 1 and a.counts[7] == 1
+    h = HistogramObserver(16)
+    h.update(np.float16([1.5, -3.0]))
+    assert (h.min_val, h.max_val, h.numel) == (-3.0, 1.5, 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver])
+def test_non_finite_rejected(cls: type, bad: float) -> None:
+    obs = cls()
+    obs.update(np.float32([1.0, 2.0]))
+    with pytest.raises(CalibrationError, match="non-finite"):
+        obs.update(np.float32([0.0, bad, 3.0]))
+    assert obs.numel == 2 and obs.max_val == 2.0  # state untouched
+
+
+def test_state_is_constant_size() -> None:
+    obs, mm = HistogramObserver(), MinMaxObserver()
+    obs.update(np.zeros(3, np.float32))
+    size = obs.state_nbytes(), mm.state_nbytes()
+    for i in range(50):
+        batch = RNG.standard_normal(1000).astype(np.float32) * (i + 1)
+        obs.update(batch)
+        mm.update(batch)
+    assert (obs.state_nbytes(), mm.state_nbytes()) == size
+    assert obs.state_nbytes() < 2048 * 8 + 64
+
+
+# ------------------------------------------------------------------------------ policies
+
+
+def within_one_bin(estimate: float, data: np.ndarray, p: float, w: float) -> bool:
+    """|estimate - np.percentile| <= w, or, where the tail is sparser than a bin, within w of the
+    interval [x_(j), x_(j+1)] of the order statistics numpy interpolates between."""
+    s = np.sort(data.astype(np.float64))
+    pos = p / 100 * (s.size - 1)
+    a, b = s[int(math.floor(pos))], s[int(math.ceil(pos))]
+    return abs(estimate - np.percentile(s, p)) <= w or a - w <= estimate <= b + w
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
+def test_percentile_vs_numpy(name: str, p: float) -> None:
+    x = DISTRIBUTIONS[name]
+    obs = observe(x, parts=3)
+    w = obs.bin_width
+    r = percentile_range(obs, p)
+    assert within_one_bin(r.lo, x, 100 - p, w) and within_one_bin(r.hi, x, p, w)
+    if p <= 99.9:  # dense enough here: plainly within one bin of numpy's value
+        lo, hi = np.percentile(x.astype(np.float64), [100 - p, p])
+        assert abs(r.lo - lo) <= w and abs(r.hi - hi) <= w
+    rs = percentile_range(obs, p, symmetric=True)
+    assert rs.lo == -rs.hi and within_one_bin(rs.hi, np.abs(x), p, w)
+    assert percentile_range(obs, 100.0) == minmax_range(obs)
+
+
+def brute_force_entropy_threshold(x: np.ndarray, obs: HistogramObserver, nq: int) -> float:
+    """TensorRT's KL search written out with plain loops, on |x| binned independently."""
+    w = obs.bin_width
+    half = obs.num_bins // 2
+    idx = np.floor(np.abs(x.astype(np.float64)) / w).astype(int)
+    x64 = x.astype(np.float64)
+    idx[(x64 < 0) & (np.abs(x64) % w == 0)] -= 1  # a negative value on an edge sits in the bin below, mirrored
+    hist = np.bincount(np.minimum(idx, half - 1), minlength=half).astype(float).tolist()
+    n = max(i for i, c in enumerate(hist) if c) + 1
+    amax = float(np.abs(x).max())
+    if n <= nq:
+        return amax
+
+    def smooth(d: list[float]) -> list[float] | None:
+        zeros = sum(1 for v in d if v == 0)
+        if zeros == len(d):
+            return None
+        eps1 = 1e-4 * zeros / (len(d) - zeros)
+        return [max(v + 1e-4 if v == 0 else v - eps1, 1e-12) for v in d]
+
+    best_i, best = -1, math.inf
+    for i in range(nq, n + 1):
+        p = hist[:i]
+        p[-1] += sum(hist[i:])
+        m = i // nq
+        q = [0.0] * i
+        for g in range(nq):
+            start, stop = g * m, (g + 1) * m if g < nq - 1 else i
+            total = sum(hist[start:stop])
+            nnz = sum(1 for b in range(start, stop) if p[b] != 0)
+            for b in range(start, stop):
+                if p[b] != 0:
+                    q[b] = total / nnz
+        ps, qs = smooth(p), smooth(q)
+        if ps is None or qs is None:
+            continue
+        sp, sq = sum(ps), sum(qs)
+        kl = sum((a / sp) * math.log((a / sp) / (b / sq)) for a, b in zip(ps, qs, strict=True))
+        if kl < best:  # first minimum
+            best, best_i = kl, i
+    return min(best_i * w, amax)
+
+
+@pytest.mark.parametrize("name", ["normal", "laplace", "relu"])
+def test_entropy_vs_brute_force(name: str) -> None:
+    x = DISTRIBUTIONS[name][:50_000]
+    obs = observe(x, 512)
+    t = brute_force_entropy_threshold(x, obs, 32)
+    r = entropy_range(obs, 32)
+    assert r.hi == pytest.approx(min(float(x.max()), t), abs=1e-12)
+    expected_lo = 0.0 if x.min() >= 0 else max(float(x.min()), -t)
+    assert r.lo == pytest.approx(expected_lo, abs=1e-12)
+    assert entropy_range(obs, 32, symmetric=True) == Range(-t, t)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_vs_brute_force(name: str, symmetric: bool) -> None:
+    x = DISTRIBUTIONS[name]
+    obs = observe(x, parts=2)
+    grid = shrink_candidates(obs, symmetric, 50)
+    m = float(np.abs(x).max())
+    expect = [(-f * m, f * m) if symmetric else (f * float(x.min()), f * float(x.max())) for f in np.arange(50, 0, -1) / 50]
+    np.testing.assert_allclose([(c.lo, c.hi) for c in grid], expect, rtol=1e-12)
+    truth = [true_mse(x, c) for c in grid]
+    chosen = mse_range(obs, qdq_int8, symmetric, steps=50)
+    assert chosen in grid
+    assert true_mse(x, chosen) <= min(truth) * 1.02
+    # the histogram's error estimate tracks the true error
+    assert expected_error(obs, qdq_int8, chosen) == pytest.approx(true_mse(x, chosen), rel=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_hist_error_vs_brute_force(name: str, symmetric: bool) -> None:
+    x = DISTRIBUTIONS[name]
+    obs = observe(x, 1024)
+    grid = trim_candidates(obs, symmetric)
+    assert grid[0] == minmax_range(obs, symmetric) and len(grid) > 10
+    for a, b in zip(grid, grid[1:]):  # each candidate lies inside the previous one
+        assert b.lo >= a.lo and b.hi <= a.hi and (b.lo, b.hi) != (a.lo, a.hi)
+    truth = [true_mse(x, c) for c in grid]
+    chosen = hist_error_range(obs, qdq_int8, symmetric)
+    assert chosen in grid
+    assert true_mse(x, chosen) <= min(truth) * 1.02
+
+
+def test_hist_error_trims_the_sparse_tail_only() -> None:
+    # ReLU-like data: a dense spike at 0 and a long sparse right tail, so the left edge must stay
+    x = np.concatenate([np.zeros(50_000), RNG.exponential(1.0, 50_000)]).astype(np.float32)
+    grid = trim_candidates(observe(x))
+    assert all(c.lo == 0.0 for c in grid) and grid[-1].hi < grid[0].hi / 2
+
+
+def test_heavy_tailed_policies_clip_and_help() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.laplace(size=1_000_000).astype(np.float32)
+    x[:4] = [16.0, -16.0, 15.0, -15.0]  # a few outliers
+    obs = observe(x, parts=4)
+    base = minmax_range(obs)
+    base_err = true_mse(x, base)
+    for policy in ("percentile", "entropy", "mse", "histogram"):
+        for symmetric in (False, True):
+            r = compute_range(policy, obs, qdq_int8, symmetric)
+            assert r.hi - r.lo < 0.75 * (base.hi - base.lo), (policy, symmetric, r)
+            assert true_mse(x, r) < 0.8 * base_err, (policy, symmetric, r)
+
+
+def test_one_signed_and_degenerate_data() -> None:
+    pos = observe(np.float32([0.5, 1.0, 2.0, 2.0, 3.0]))
+    assert entropy_range(pos).lo == 0.0  # non-negative data: lo = 0
+    neg = observe(-DISTRIBUTIONS["relu"])
+    assert entropy_range(neg).hi == 0.0
+    const = observe(np.full(100, 2.5, np.float32))
+    for policy in OBSERVER_POLICIES:
+        r = compute_range(policy, const, qdq_int8, False)
+        assert r.hi == 2.5 and r.lo in (0.0, 2.5), (policy, r)
+    zeros = observe(np.zeros(10, np.float32))
+    for policy in OBSERVER_POLICIES:
+        for symmetric in (False, True):
+            assert compute_range(policy, zeros, qdq_int8, symmetric) == Range(0.0, 0.0), policy
+
+
+def test_make_observer_and_dispatch() -> None:
+    assert isinstance(make_observer("minmax"), MinMaxObserver)
+    for policy in OBSERVER_POLICIES[1:]:
+        obs = make_observer(policy, num_bins=256)
+        assert isinstance(obs, HistogramObserver) and obs.num_bins == 256
+    obs = make_observer("percentile", num_bins=1024, percentile=99.0)
+    obs.update(DISTRIBUTIONS["normal"])
+    opts = {"num_bins": 1024, "percentile": 99.0}
+    assert compute_range("percentile", obs, None, False, **opts) == percentile_range(obs, 99.0)
+    assert compute_range("entropy", obs, None, True, num_quant_bins=64) == entropy_range(obs, 64, True)
+    assert compute_range("mse", obs, qdq_int8, False, steps=20) == mse_range(obs, qdq_int8, False, 20)
+    assert compute_range("histogram", obs, qdq_int8, True) == hist_error_range(obs, qdq_int8, True)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: make_observer("kl"), "unknown calibration policy 'kl'; use one of minmax, percentile"),
+        (lambda: make_observer("minmax", num_bins=10), "num_bins for calibration policy 'minmax'; valid: none"),
+        (lambda: make_observer("entropy", percentile=99), "percentile.*valid: num_bins, num_quant_bins"),
+        (lambda: make_observer("mse", num_bins=1000), "power of two"),
+        (lambda: compute_range("mse", HistogramObserver(), None, False), "needs a qdq"),
+        (lambda: compute_range("percentile", HistogramObserver(), None, False, percentile=10), "in \\[50, 100\\]"),
+        (lambda: compute_range("entropy", MinMaxObserver(), None, False), "needs a HistogramObserver"),
+        (lambda: compute_range("mse", HistogramObserver(), qdq_int8, False, stpes=3), "stpes.*valid: num_bins, steps"),
+        (lambda: HistogramObserver(64).merge(HistogramObserver(128)), "merge a 128-bin histogram into a 64-bin one"),
+    ],
+)
+def test_config_errors(call, match: str) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_empty_observer_errors() -> None:
+    with pytest.raises(CalibrationError, match="seen no data"):
+        compute_range("percentile", HistogramObserver(), None, False)
+    with pytest.raises(CalibrationError, match="seen no data"):
+        minmax_range(MinMaxObserver())
