@@ -27,7 +27,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, available_formats, get_format  # noqa: E402
+from onnxcomp.formats import (  # noqa: E402 - after the sys.path insert
+    ElementFormat,
+    IntegerFormat,
+    MXFormat,
+    available_formats,
+    get_format,
+)
 
 N = 1 << 24  # 16M elements
 RUNS = 5
@@ -93,7 +99,8 @@ def main() -> str:
         "| format | data | encode Melem/s | encode vs ml_dtypes | decode Melem/s | decode vs ml_dtypes "
         "| encode peak temp (x input) |",
         "|---|---|---:|---:|---:|---:|---:|",
-        f"| ml_dtypes float8_e4m3fn (baseline) | randn*100 | {ref_enc:.0f} | 1.00 | {ref_dec:.0f} | 1.00 | - |",
+        f"| ml_dtypes float8_e4m3fn (baseline) | randn*100 | {ref_enc:.0f} | 1.00 | {ref_dec:.0f} "
+        "| 1.00 | - |",
     ]
     for name in available_formats():
         x = base * np.float32(DATA_SCALE[name])

@@ -9,7 +9,8 @@ X + 127; elements are FP8 E4M3FN (MXFP8) or FP4 E2M1 (MXFP4)::
     element = cast_elem(x / 2^X)  (RNE, saturating);   x' = 2^X * element
 
 An all-zero block gets X = -127 (byte 0x00). X is also capped where 2^X * element max would
-overflow float32 (see ``_max_exponent``; only blocks with amax near 3.4e38). An axis that is not a multiple of 32 is zero-padded.
+overflow float32 (see ``_max_exponent``; only blocks with amax near 3.4e38). An axis that is not a
+multiple of 32 is zero-padded.
 NaN/Inf: MXFP4 refuses them (FormatError); in MXFP8 NaN elements stay NaN and are ignored by
 amax, and an infinite element is ignored by amax too and saturates to +-448 * 2^X like FP8 E4M3FN
 (onnxcomp's choice; the spec is silent on Inf in MXFP8).
@@ -175,7 +176,8 @@ class MXFormat:
         nan_scale = sbm == _E8M0_NAN
         factor = np.ldexp(np.float32(1), np.where(nan_scale, 0, sbm.astype(np.int32) - _E8M0_BIAS))
         factor[nan_scale] = np.nan
-        np.multiply(vals.reshape(-1, self.block_size), factor[:, None], out=vals.reshape(-1, self.block_size))
+        blocks = vals.reshape(-1, self.block_size)
+        np.multiply(blocks, factor[:, None], out=blocks)
         return np.ascontiguousarray(np.moveaxis(vals, -1, axis))
 
     def quantize_dequantize(

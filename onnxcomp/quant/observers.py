@@ -46,6 +46,13 @@ class Range:
         object.__setattr__(self, "hi", float(self.hi))
 
 
+def _check_option(name: str, value: Any, lo: float, hi: float, integer: bool = True) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind} in [{lo:g}, {hi:g}], got {value!r}")
+
+
 def _extremes(x: np.ndarray) -> tuple[float, float]:
     """Exact (min, max) of a non-empty array; CalibrationError if any value is NaN or Inf."""
     lo, hi = float(x.min()), float(x.max())  # NaN propagates through min/max, Inf is an extreme
@@ -95,8 +102,9 @@ class HistogramObserver:
     """
 
     def __init__(self, num_bins: int = 2048) -> None:
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 8 or num_bins > 2**24 or num_bins & (num_bins - 1):
-            raise ConfigError(f"num_bins must be a power of two between 8 and 2^24, got {num_bins!r}")
+        _check_option("num_bins", num_bins, 8, 2**24)
+        if num_bins & (num_bins - 1):
+            raise ConfigError(f"num_bins must be a power of two, got {num_bins!r}")
         self.num_bins = num_bins
         self._log2 = num_bins.bit_length() - 1
         self.k: int | None = None
@@ -145,12 +153,9 @@ class HistogramObserver:
             raise ConfigError(f"cannot merge a {other.num_bins}-bin histogram into a {self.num_bins}-bin one")
         if other.k is None:
             return
-        if self.k is None:
-            self.k, self.counts = other.k, other.counts.copy()
-        else:
-            k = max(self.k, other.k)
-            self._raise_to(k)
-            self.counts = self.counts + _fold(other.counts, k - other.k, self._log2)
+        k = other.k if self.k is None else max(self.k, other.k)
+        self._raise_to(k)
+        self.counts = self.counts + _fold(other.counts, k - other.k, self._log2)  # never aliases other
         self.min_val, self.max_val = min(self.min_val, other.min_val), max(self.max_val, other.max_val)
         self.numel += other.numel
         self.zeros += other.zeros
@@ -195,23 +200,17 @@ def _fold(counts: np.ndarray, d: int, log2: int) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------------------- policies
-
-
 def _require_data(obs: Observer) -> None:
     if obs.numel == 0:
         raise CalibrationError("the observer has seen no data; calibration produced no values for this tensor")
 
 
-def _as_hist(obs: Observer, policy: str) -> HistogramObserver:
+def _as_hist(obs: Observer, policy: str, need_data: bool = False) -> HistogramObserver:
     if not isinstance(obs, HistogramObserver):
         raise ConfigError(f"range policy {policy!r} needs a HistogramObserver; create it with make_observer({policy!r})")
+    if need_data:
+        _require_data(obs)
     return obs
-
-
-def _require_hist(obs: Observer, policy: str) -> HistogramObserver:
-    _require_data(_as_hist(obs, policy))
-    return obs  # type: ignore[return-value]
 
 
 def _amax(obs: Observer) -> float:
@@ -255,9 +254,8 @@ def _quantile(counts: np.ndarray, start: float, w: float, q: float, vmin: float,
 
 def percentile_range(obs: HistogramObserver, percentile: float = 99.99, symmetric: bool = False) -> Range:
     """[P(100-p), P(p)] of the data; symmetric: [-t, t] with t = P(p) of |x|. Within a bin width."""
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50 <= percentile <= 100:
-        raise ConfigError(f"percentile must be a number in [50, 100], got {percentile!r}")
-    obs = _require_hist(obs, "percentile")
+    _check_option("percentile", percentile, 50, 100, integer=False)
+    obs = _as_hist(obs, "percentile", need_data=True)
     q, w = percentile / 100.0, obs.bin_width
     if symmetric:
         t = _quantile(_abs_hist(obs), 0.0, w, q, 0.0, _amax(obs))
@@ -307,9 +305,8 @@ def entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: 
     Candidates t = i * w for i = num_quant_bins ... (last occupied |x| bin + 1); the one with the
     smallest :func:`kl_divergence` wins (the first on ties); t is capped at max |x|.
     """
-    if isinstance(num_quant_bins, bool) or not isinstance(num_quant_bins, int) or num_quant_bins < 2:
-        raise ConfigError(f"num_quant_bins must be an integer >= 2, got {num_quant_bins!r}")
-    obs = _require_hist(obs, "entropy")
+    _check_option("num_quant_bins", num_quant_bins, 2, 2**24)
+    obs = _as_hist(obs, "entropy", need_data=True)
     hist, amax = _abs_hist(obs), _amax(obs)
     n = int(np.flatnonzero(hist)[-1]) + 1
     if n <= num_quant_bins:
@@ -339,7 +336,7 @@ def _samples(obs: HistogramObserver) -> tuple[np.ndarray, np.ndarray]:
 
 def expected_error(obs: HistogramObserver, qdq: QDQ, rng: Range) -> float:
     """Mean squared error of qdq over the observed distribution (clipping included)."""
-    values, weights = _samples(_require_hist(obs, "mse"))
+    values, weights = _samples(_as_hist(obs, "mse", need_data=True))
     return _error(values, weights, qdq, rng)
 
 
@@ -356,8 +353,7 @@ def _best(obs: HistogramObserver, qdq: QDQ, candidates: list[Range]) -> Range:
 
 def shrink_candidates(obs: Observer, symmetric: bool = False, steps: int = 100) -> list[Range]:
     """The mse search grid, widest first: f*[min, max] (symmetric: f*[-amax, amax]), f = j/steps."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_option("steps", steps, 1, 10**6)
     _require_data(obs)
     factors = [j / steps for j in range(steps, 0, -1)]
     if symmetric:
@@ -368,7 +364,7 @@ def shrink_candidates(obs: Observer, symmetric: bool = False, steps: int = 100) 
 def mse_range(obs: HistogramObserver, qdq: QDQ, symmetric: bool = False, steps: int = 100) -> Range:
     """Clipping search (cf. AMCT IFMR): among :func:`shrink_candidates`, the range of least
     expected squared qdq error over the histogram (:func:`expected_error`)."""
-    obs = _require_hist(obs, "mse")
+    obs = _as_hist(obs, "mse", need_data=True)
     return _best(obs, qdq, shrink_candidates(obs, symmetric, steps))
 
 
@@ -380,7 +376,7 @@ def trim_candidates(obs: HistogramObserver, symmetric: bool = False) -> list[Ran
     a quarter of the original. Each step gives [max(left edge, min), min(right edge, max)].
     Symmetric: the same on the |x| histogram (one tail), giving [-t, t].
     """
-    obs = _require_hist(obs, "histogram")
+    obs = _as_hist(obs, "histogram", need_data=True)
     w = obs.bin_width
     if symmetric:
         amax = _amax(obs)
@@ -413,11 +409,9 @@ def trim_candidates(obs: HistogramObserver, symmetric: bool = False) -> list[Ran
 
 def hist_error_range(obs: HistogramObserver, qdq: QDQ, symmetric: bool = False) -> Range:
     """HFMG-like: among :func:`trim_candidates`, the range of least expected qdq error."""
-    obs = _require_hist(obs, "histogram")
+    obs = _as_hist(obs, "histogram", need_data=True)
     return _best(obs, qdq, trim_candidates(obs, symmetric))
 
-
-# --------------------------------------------------------------------------------------- dispatch
 
 #: policy -> (observer options, range options)
 _OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -17,7 +17,7 @@ from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
 from onnxcomp.quant.spec import TensorSpec
 
 #: Candidate clipping ratios of the weight "mse" observer (1.0 = plain amax).
-MSE_RATIOS = np.linspace(0.5, 1.0, 26)
+MSE_RATIOS = np.linspace(0.2, 1.0, 41)
 
 
 @dataclass(frozen=True)

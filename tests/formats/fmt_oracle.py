@@ -159,7 +159,8 @@ def bf16_patterns() -> np.ndarray:
 
 def random_float32_patterns(n: int, seed: int = 0) -> np.ndarray:
     """``n`` uniformly random float32 bit patterns (every exponent, random low bits)."""
-    return np.random.default_rng(seed).integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bits = np.random.default_rng(seed).integers(0, 1 << 32, n, dtype=np.uint64)
+    return bits.astype(np.uint32).view(np.float32)
 
 
 def random_float32_near_one(n: int, seed: int = 0, max_exp: int = 24) -> np.ndarray:

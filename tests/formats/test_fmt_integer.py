@@ -16,7 +16,12 @@ from onnxcomp.formats import IntegerFormat, get_format
 
 INT_FORMATS = ["int8", "uint8", "int4", "uint4"]
 _ML = {"int8": np.int8, "uint8": np.uint8, "int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4}
-_CAST_TO = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT8, "uint4": TensorProto.UINT8}
+_CAST_TO = {  # ORT cannot hand 4-bit outputs to numpy: cast the codes to 8 bits in the graph
+    "int8": TensorProto.INT8,
+    "uint8": TensorProto.UINT8,
+    "int4": TensorProto.INT8,
+    "uint4": TensorProto.UINT8,
+}
 
 
 def _int(name: str) -> IntegerFormat:
@@ -57,7 +62,8 @@ def _ort_qdq(
 
 
 def _data(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32) * rng.choice([0.01, 1.0, 30.0], size=shape[-1]).astype(np.float32)
+    column_scale = rng.choice([0.01, 1.0, 30.0], size=shape[-1]).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32) * column_scale
     x.ravel()[::7] *= 50  # clipped values
     return x
 
