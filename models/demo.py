@@ -1,7 +1,8 @@
 """`make demo`: compress the bundled digits CNN and print a before/after table.
 
-Runs the same CLI a user would (``onnxcomp fuse``), then measures both models on the held-out
-digits: file size, op counts, top-1 accuracy and onnxruntime CPU latency (median, 1 thread).
+Runs the same CLI a user would (``onnxcomp fuse``, then ``onnxcomp quantize`` to INT8 with
+calibration data), then measures every model on the held-out digits: file size, op counts,
+top-1 accuracy and onnxruntime CPU latency (median, 1 thread).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from onnxcomp.testing import op_counts
 HERE = Path(__file__).resolve().parent
 MODEL = HERE / "digits_cnn.onnx"
 HELDOUT = HERE / "digits_heldout.npz"
+CALIB = HERE / "digits_calib.npz"
 OUT = HERE.parent / "out"
 
 
@@ -46,10 +48,16 @@ def measure(path: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, str
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     fused = OUT / "digits_fused.onnx"
+    int8 = OUT / "digits_int8.onnx"
     onnxcomp("fuse", str(MODEL), "-o", str(fused), "--force")
+    onnxcomp("quantize", str(MODEL), "-o", str(int8), "--calib", str(CALIB), "--force")
     data = np.load(HELDOUT)
     images, labels = data["input"], data["label"]
-    columns = {"fp32 (original)": measure(MODEL, images, labels), "fused": measure(fused, images, labels)}
+    columns = {
+        "fp32 (original)": measure(MODEL, images, labels),
+        "fused": measure(fused, images, labels),
+        "fused + INT8": measure(int8, images, labels),
+    }
     rows = list(next(iter(columns.values())))
     width = max(len(r) for r in rows)
     names = list(columns)
