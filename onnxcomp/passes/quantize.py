@@ -48,6 +48,7 @@ class Quantize(Pass):
         op_types: dict[str, Any] = field(default_factory=dict)
         nodes: dict[str, Any] = field(default_factory=dict)
         emit: Literal["qdq", "simulate"] = "qdq"
+        fp4_storage: Literal["int8", "uint4_lut", "float4e2m1"] = "int8"
         output_quant: bool = True
         bias_int32: bool = True
         batch_num: int | None = None
@@ -73,7 +74,7 @@ class Quantize(Pass):
         return [s for s in specs if isinstance(s, TensorSpec)]
 
     def min_opset(self) -> int | None:
-        need = 13
+        need = 23 if self.options.fp4_storage == "float4e2m1" else 13
         for spec in self._specs():
             need = max(need, min_opset_for(spec))
         return need
@@ -87,6 +88,8 @@ class Quantize(Pass):
         if not plans:
             result.notes.append("no node to quantize")
             return result
+        if any(p.spec.activations is not None and p.spec.activations.dtype == "mxfp8" for p in plans):
+            ir.infer_shapes(graph)  # MX activation blocks need the static last dimension
         float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
         static = _static_tensors(plans)
         ranges: dict[str, tuple[float, float]] = {}

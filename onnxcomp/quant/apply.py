@@ -17,7 +17,11 @@ from onnxcomp.quant.emit import (
     emit_dynamic_per_token,
     emit_weight_dq,
 )
+from onnxcomp.errors import ConfigError
+from onnxcomp.formats import ElementFormat
+from onnxcomp.quant.lowbit import emit_lut_dq_weight, emit_lut_weight, stored_as
 from onnxcomp.quant.plan import NodePlan
+from onnxcomp.quant.runtime import emit_cast_activation, emit_hif8_activation, emit_mx_activation
 from onnxcomp.quant.qparams import range_qdq
 from onnxcomp.quant.spec import TensorSpec
 from onnxcomp.quant.weights import QuantizedWeight, quantize_weight
@@ -58,7 +62,7 @@ def _tolist(a: np.ndarray) -> Any:
 
 def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
     spec = qw.spec
-    zp = qw.zero_point
+    zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
     zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
     return {
         "tensor": name, "dtype": spec.dtype, "granularity": str(spec.granularity), "symmetric": spec.symmetric,
@@ -101,10 +105,10 @@ def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  
         w = node.inputs[plan.weight_index]
         key = (w.name, spec.weights, plan.layout)
         if key not in weights:
-            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name)
+            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name, options.fp4_storage)
             if options.emit == "qdq":
-                out = emit_weight_dq(graph, w, qw)
-                stored = onnx.TensorProto.DataType.Name(get_format(spec.weights.dtype).onnx_dtype).lower()
+                out = _emit_weight(graph, w, qw, plan)
+                stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
             else:
                 out = ir.make_constant(ir.unique_name(graph, f"{w.name}_fakequant"), qw.dequantized)
                 stored = "float (simulation)"
@@ -115,9 +119,18 @@ def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  
     a = spec.activations
     if a is not None:
         if a.granularity.kind == "token":
-            emit_dynamic_per_token(graph, node, 0, a.dtype)
-            entry["activations"] = {"tensor": plan.activation_inputs[0].name if plan.activation_inputs else None,
-                                    "dtype": a.dtype, "granularity": "token", "symmetric": True, "dynamic": True}
+            x = node.inputs[0]
+            if a.dtype == "mxfp8":
+                node.inputs[0] = emit_mx_activation(graph, x, _last_dim(x, node), a.dtype, f"{x.name}_{node.name}_mx")
+                how = "dynamic 32-blocks along the last axis"
+            elif a.dtype == "hif8":
+                node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8")
+                how = "dynamic per-token"
+            else:
+                emit_dynamic_per_token(graph, node, 0, a.dtype)
+                how = "dynamic per-token"
+            entry["activations"] = {"tensor": x.name, "dtype": a.dtype, "granularity": "token", "symmetric": True,
+                                    "dynamic": True, "computed": how}
         else:
             entry["activations"] = [
                 _quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_inputs
@@ -136,12 +149,45 @@ def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  
     return entry
 
 
+def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodePlan) -> ir.Tensor:
+    fmt = get_format(qw.spec.dtype)
+    elem = fmt.element if hasattr(fmt, "element") else fmt
+    if qw.storage == "lut":
+        assert isinstance(elem, ElementFormat) and plan.layout is not None
+        return emit_lut_weight(graph, w, qw, elem, plan.layout)
+    if qw.storage == "lut_dq":
+        assert isinstance(elem, ElementFormat)
+        return emit_lut_dq_weight(graph, w, qw, elem)
+    return emit_weight_dq(graph, w, qw)
+
+
+def _last_dim(x: ir.Tensor, node: ir.Node) -> int:
+    shape = x.shape
+    if not shape or not isinstance(shape[-1], int) or shape[-1] <= 0:
+        raise ConfigError(
+            f"node {node.name!r}: MX activations need a static last dimension, but input {x.name!r} has shape {shape}"
+        )
+    return int(shape[-1])
+
+
 def _quantize_activation(graph, tensor, spec: TensorSpec, ranges, acts) -> dict[str, Any]:  # noqa: ANN001
     name = tensor.name
     if name not in acts:
         lo, hi = ranges[name]
         scale, zp = activation_qparams(spec.dtype, lo, hi, spec.symmetric)
-        emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
+        if spec.dtype == "hif8" or spec.dtype.startswith("fp8"):
+            readers = ir.consumers(tensor)
+            s = float(np.asarray(scale).reshape(-1)[0])
+            if spec.dtype == "hif8":
+                out = emit_hif8_activation(graph, tensor, s, f"{name}_hif8")
+            else:
+                out = emit_cast_activation(graph, tensor, s, spec.dtype, f"{name}_{spec.dtype}")
+            for node in readers:
+                for i, t in enumerate(node.inputs):
+                    if t is tensor:
+                        node.inputs[i] = out
+        else:
+            emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
         zp_value = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
         acts[name] = {
             "tensor": name, "dtype": spec.dtype, "granularity": "tensor", "symmetric": spec.symmetric,

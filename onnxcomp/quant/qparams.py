@@ -13,16 +13,23 @@ import numpy as np
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
 
 _TINY = np.float32(np.finfo(np.float32).tiny)
+#: Where the amax rule puts the largest value. HiF8 (tapered precision): 16, the top of the
+#: 3-mantissa-bit region, as the reference tools do; other formats: their largest value.
+SCALE_TARGET = {"hif8": 16.0}
+
+
+def scale_target(fmt: ElementFormat) -> float:
+    return SCALE_TARGET.get(fmt.name, float(fmt.max_value))
 
 
 def qparams_for_range(
     fmt: IntegerFormat | ElementFormat, lo: np.ndarray | float, hi: np.ndarray | float, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 scale, zero point codes) per unit. Float formats: scale = amax / max_value, zp 0."""
+    """(float32 scale, zero point codes) per unit. Float formats: scale = amax / target, zp 0."""
     if isinstance(fmt, IntegerFormat):
         return fmt.compute_qparams(lo, hi, symmetric)
     amax = np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
-    scale = np.where(amax > 0, amax / fmt.max_value, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / scale_target(fmt), 1.0).astype(np.float32)
     scale = np.maximum(scale, _TINY)
     return scale, np.zeros(scale.shape, np.uint8)
 

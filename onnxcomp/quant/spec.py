@@ -25,6 +25,8 @@ QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "entropy", "mse", "histogram")
 GROUP_SIZES = (32, 64, 128, 256)
+#: Formats activations can use (the 4-bit float formats are weight-only).
+ACTIVATION_FORMATS = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "hif8", "mxfp8")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str)
     _check_dtype(values["dtype"], f"{where}.dtype")
     if "symmetric" not in data and _format_kind(values["dtype"]) != "int":
         values["symmetric"] = True  # float formats are symmetric; don't inherit an int default
+    if "granularity" not in data and "dtype" in data:
+        default = _DEFAULT_GRANULARITY.get((role, values["dtype"]))
+        if default is not None:
+            values["granularity"] = default
     values["observer_options"] = tuple(sorted(options.items()))
     values.setdefault("granularity", Granularity("tensor" if role == "activations" else "channel"))
     values.setdefault("symmetric", True)
@@ -173,6 +179,22 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
         if spec.observer not in ACTIVATION_OBSERVERS:
             raise ConfigError(
                 f"{where}: activation observer {spec.observer!r} unknown; use one of {', '.join(ACTIVATION_OBSERVERS)}"
+            )
+    if role == "weights" and kind == "mx" and spec.granularity != Granularity("group", 32):
+        raise ConfigError(
+            f"{where}: {spec.dtype} weights always use 32-element blocks along the reduction axis; "
+            "omit granularity or set group:32"
+        )
+    if role == "weights" and spec.dtype == "hif8" and g == "group":
+        raise ConfigError(f"{where}: hif8 weights take a per-tensor or per-channel scale; use tensor or channel")
+    if role == "activations":
+        if spec.dtype not in ACTIVATION_FORMATS:
+            raise ConfigError(
+                f"{where}: {spec.dtype} activations are not supported; use one of {', '.join(ACTIVATION_FORMATS)}"
+            )
+        if spec.dtype == "mxfp8" and g != "token":
+            raise ConfigError(
+                f"{where}: mxfp8 activations are dynamic (32-element blocks along the last axis); use granularity token"
             )
     if kind != "int" and not spec.symmetric:
         raise ConfigError(f"{where}: {spec.dtype} is a float format and is always symmetric; set symmetric = true")
@@ -246,6 +268,15 @@ def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfi
             overrides[table][key] = (w, a)
     return QuantConfig(weights, activations, ops, tuple(data.get("skip", ())), overrides["op_types"], overrides["nodes"])
 
+
+#: Granularity a format implies when the config names the format but no granularity.
+_DEFAULT_GRANULARITY = {
+    ("weights", "mxfp8"): Granularity("group", 32),
+    ("weights", "mxfp4"): Granularity("group", 32),
+    ("weights", "fp4_e2m1"): Granularity("group", 32),
+    ("weights", "fp4_e1m2"): Granularity("group", 32),
+    ("activations", "mxfp8"): Granularity("token"),
+}
 
 _DEFAULT_WEIGHTS = TensorSpec("int8", Granularity("channel"), True, "minmax")
 _DEFAULT_ACTIVATIONS = TensorSpec("int8", Granularity("tensor"), False, "minmax")

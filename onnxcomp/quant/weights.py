@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp.errors import ConfigError, FormatError
-from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, get_format
 from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
 from onnxcomp.quant.spec import TensorSpec
 
@@ -52,6 +52,7 @@ class QuantizedWeight:
     block_size: int  # 0 unless per-group
     dequantized: np.ndarray  # float32: exactly what DQ computes
     spec: TensorSpec
+    storage: str = "dq"  # dq | lut (HiF8 table) | lut_dq (uint4 -> int8 table -> DQ); see quant.lowbit
 
 
 def _unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np.ndarray, tuple[int, ...], int]:
@@ -88,12 +89,19 @@ def _qdq_units(fmt: IntegerFormat | ElementFormat, view: np.ndarray, lo: np.ndar
     return codes, scale, zp, dequantize(fmt, codes, scale, zp)
 
 
-def quantize_weight(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, name: str = "") -> QuantizedWeight:
+def quantize_weight(
+    w: np.ndarray, spec: TensorSpec, layout: WeightLayout, name: str = "", fp4_storage: str = "int8"
+) -> QuantizedWeight:
     """Quantize a constant float weight per ``spec`` (minmax or MSE-searched clipping)."""
     fmt = get_format(spec.dtype)
-    if not isinstance(fmt, (IntegerFormat, ElementFormat)):
-        raise ConfigError(f"weight {name!r}: format {spec.dtype!r} is not an integer or element format")
     w32 = np.asarray(w, dtype=np.float32)
+    if isinstance(fmt, MXFormat):
+        from onnxcomp.quant.lowbit import quantize_mx_weight
+
+        if not np.isfinite(w32).all():
+            bad = int(np.count_nonzero(~np.isfinite(w32)))
+            raise FormatError(f"weight {name!r}: {bad} NaN/Inf values; fix the model before quantizing")
+        return quantize_mx_weight(w32, fmt, layout, spec, fp4_storage, name)
     if not np.isfinite(w32).all():
         bad = int(np.count_nonzero(~np.isfinite(w32)))
         raise FormatError(f"weight {name!r}: {bad} NaN/Inf values; fix the model before quantizing")
@@ -113,10 +121,10 @@ def quantize_weight(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, name:
                 scale, zp = np.where(better, s2, scale), np.where(better, z2, zp)
                 codes = np.where(better, c2, codes)
                 deq = np.where(better, d2, deq)
-    return _to_onnx_layout(codes, scale, zp, deq, w32.shape, spec, layout, padded, fmt)
+    return _to_onnx_layout(codes, scale, zp, deq, w32.shape, spec, layout, padded, fmt, fp4_storage)
 
 
-def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt) -> QuantizedWeight:  # noqa: ANN001
+def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt, fp4_storage) -> QuantizedWeight:  # noqa: ANN001
     g = spec.granularity.kind
     if g == "group":
         r = layout.reduction_axis
@@ -135,10 +143,14 @@ def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt) -> 
     else:
         scale, zp = scale.reshape(()), zp.reshape(())
         axis, block = None, 0
-    storage = storage_array(codes, fmt)
-    zero = storage_array(np.asarray(zp, order="C"), fmt)
-    return QuantizedWeight(storage, np.asarray(scale, dtype=np.float32, order="C"), zero, axis, block,
-                           np.ascontiguousarray(deq, dtype=np.float32), spec)
+    scale = np.asarray(scale, dtype=np.float32, order="C")
+    if isinstance(fmt, ElementFormat):
+        from onnxcomp.quant.lowbit import lowbit_storage
+
+        stored, scale, zero, kind = lowbit_storage(fmt, codes, scale, fp4_storage)
+    else:
+        stored, zero, kind = storage_array(codes, fmt), storage_array(np.asarray(zp, order="C"), fmt), "dq"
+    return QuantizedWeight(stored, scale, zero, axis, block, np.ascontiguousarray(deq, dtype=np.float32), spec, kind)
 
 
 def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.ndarray:
@@ -165,7 +177,7 @@ def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.n
 
 def min_opset_for(spec: TensorSpec) -> int:
     """The opset DequantizeLinear needs for this weight spec (../shared/spec/ort.md)."""
-    if spec.dtype in ("int4", "uint4") or spec.granularity.kind == "group":
+    if spec.dtype in ("int4", "uint4", "fp4_e1m2", "mxfp8", "mxfp4") or spec.granularity.kind == "group":
         return 21
     if spec.dtype.startswith("fp8"):
         return 19

@@ -1,0 +1,138 @@
+"""Low-bit weight storage that stock onnxruntime runs (``../shared/spec/ort.md``).
+
+Each format is re-encoded exactly into something ORT's CPU provider executes:
+
+============  ==============================================  =====================================
+format        stored as                                       exact because
+============  ==============================================  =====================================
+fp4_e1m2      INT4 codes 4*v, DequantizeLinear(scale / 4)     every E1M2 value * 4 is an integer -7..7
+fp4_e2m1      INT8 codes 2*v, DequantizeLinear(scale / 2)     every E2M1 value * 2 is an integer
+mxfp4         INT8 codes 2*v, blocked DQ(2^X / 2, block 32)   same, with power-of-two block scales
+mxfp8         FLOAT8E4M3FN codes, blocked DQ(2^X, block 32)   float32 2^X is exact (E8M0 scales are
+                                                              rejected by ORT)
+hif8          UINT8 codes -> Cast -> Gather(256 values) * s   a table holds every HiF8 value
+============  ==============================================  =====================================
+
+Options for E2M1 (fp4_e2m1, mxfp4): ``uint4_lut`` stores real 4-bit codes and maps them to the
+INT8 codes with a 16-entry Gather (ORT folds it at load: 4 bits on disk, 8 in RAM);
+``float4e2m1`` writes the spec-faithful FLOAT4E2M1 DequantizeLinear (opset 23), which ONNX
+defines but ORT's CPU provider cannot run (check it with ``onnx.reference``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcomp import ir
+from onnxcomp.errors import ConfigError
+from onnxcomp.formats import ElementFormat, MXFormat, get_format
+from onnxcomp.quant.weights import QuantizedWeight, WeightLayout, storage_array
+
+FP4_STORAGES = ("int8", "uint4_lut", "float4e2m1")
+#: The integer each element format's values are multiplied by to become exact integer codes.
+_INT_FACTOR = {"fp4_e1m2": 4, "fp4_e2m1": 2}
+
+
+def lowbit_storage(
+    fmt: ElementFormat, codes: np.ndarray, scale: np.ndarray, fp4_storage: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+    """(stored codes, stored scale, stored zero point or None, storage kind) for element codes.
+
+    Kinds: ``dq`` (DequantizeLinear of the stored codes), ``lut`` (HiF8: Cast + Gather + Mul),
+    ``lut_dq`` (uint4 codes -> Gather(int8 table) -> DequantizeLinear).
+    """
+    import ml_dtypes
+
+    name = fmt.name
+    if name == "hif8":
+        return np.asarray(codes, np.uint8), scale, None, "lut"
+    if name in _INT_FACTOR:
+        factor = _INT_FACTOR[name]
+        ints = np.rint(fmt.decode(codes) * factor).astype(np.int8)
+        if name == "fp4_e1m2":
+            return ints.astype(ml_dtypes.int4), scale / np.float32(factor), np.zeros(scale.shape, ml_dtypes.int4), "dq"
+        if fp4_storage == "int8":
+            return ints, scale / np.float32(factor), np.zeros(scale.shape, np.int8), "dq"
+        if fp4_storage == "uint4_lut":
+            return np.asarray(codes, np.uint8).astype(ml_dtypes.uint4), scale / np.float32(factor), np.zeros(scale.shape, np.int8), "lut_dq"
+        if fp4_storage == "float4e2m1":
+            return fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn), scale, np.zeros(scale.shape, ml_dtypes.float4_e2m1fn), "dq"
+        raise ConfigError(f"fp4_storage {fp4_storage!r} unknown; use one of {', '.join(FP4_STORAGES)}")
+    return storage_array(codes, fmt), scale, storage_array(np.zeros(scale.shape, np.uint8), fmt), "dq"
+
+
+def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
+    """Human description of the storage, for the record."""
+    dtype = {"int4": "int4", "uint4": "uint4", "float4_e2m1fn": "float4e2m1", "float8_e4m3fn": "float8e4m3fn"}.get(
+        codes.dtype.name, codes.dtype.name
+    )
+    factor = _INT_FACTOR.get(fmt_name) or _INT_FACTOR.get(get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0)
+    if kind == "lut":
+        return f"uint8 codes + 256-entry table ({fmt_name})"
+    if kind == "lut_dq":
+        return f"uint4 codes + 16-entry table -> int8 x{factor} ({fmt_name})"
+    if factor and dtype in ("int8", "int4"):
+        return f"{dtype} ({fmt_name} values x{factor})"
+    return dtype
+
+
+def quantize_mx_weight(w: np.ndarray, fmt: MXFormat, layout: WeightLayout, spec, fp4_storage: str, name: str) -> QuantizedWeight:  # noqa: ANN001
+    """MX blocks of 32 along the reduction axis; the E8M0 scales become float32 2^X (exact)."""
+    r = layout.reduction_axis
+    codes, scale_bytes = fmt.quantize(w, axis=r, name=name)
+    k = w.shape[r]
+    codes = np.take(codes, np.arange(k), axis=r)  # drop the zero padding
+    x = scale_bytes.astype(np.int32) - 127
+    scale = np.ldexp(np.float32(1), x).astype(np.float32)
+    elem = fmt.element
+    values = elem.decode(codes)
+    deq = (values * np.repeat(scale, fmt.block_size, axis=r).take(np.arange(k), axis=r)).astype(np.float32)
+    stored, s, zp, kind = lowbit_storage(elem, codes, scale, fp4_storage)
+    qw = QuantizedWeight(stored, np.asarray(s, np.float32), zp, r, fmt.block_size, deq, spec)
+    qw.storage = kind  # type: ignore[attr-defined]
+    return qw
+
+
+def emit_lut_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat, layout: WeightLayout) -> ir.Tensor:
+    """HiF8 weights: uint8 codes -> Cast(int32) -> Gather(256-entry table) -> Mul(scale)."""
+    base = weight.name
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), np.asarray(qw.codes, np.uint8))
+    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_decode_table"), np.asarray(fmt.decode_table, np.float32))
+    scale = np.asarray(qw.scale, np.float32)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * qw.dequantized.ndim
+        shape[layout.channel_axis] = scale.size
+        scale = scale.reshape(shape)
+    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale.reshape(scale.shape if scale.size > 1 else ()))
+    idx, vals = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_values")
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+    import onnx
+
+    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
+    ir.make_node(graph, "Gather", [table, idx], [vals], f"{base}_Gather", {"axis": 0})
+    ir.make_node(graph, "Mul", [vals, s], [out], f"{base}_Mul")
+    return out
+
+
+def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat) -> ir.Tensor:
+    """E2M1 in real 4-bit storage: uint4 codes -> Cast -> Gather(int8 table of 2*v) -> DequantizeLinear."""
+    import onnx
+
+    base = weight.name
+    factor = _INT_FACTOR[fmt.name]
+    table_values = np.rint(fmt.decode_table.astype(np.float64) * factor)
+    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_int_table"), np.nan_to_num(table_values).astype(np.int8))
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
+    idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
+    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
+    ir.make_node(graph, "Gather", [table, idx], [ints], f"{base}_Gather", {"axis": 0})
+    scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), qw.scale)
+    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+    attrs: dict[str, int] = {}
+    if qw.axis is not None:
+        attrs["axis"] = qw.axis
+    if qw.block_size:
+        attrs["block_size"] = qw.block_size
+    ir.make_node(graph, "DequantizeLinear", [ints, scale, zero], [out], f"{base}_DequantizeLinear", attrs)
+    return out
