@@ -137,6 +137,7 @@ def quantize_options(
     symmetric_activations: bool | None = None,
     skip: Sequence[str] = (),
     emit: str | None = None,
+    fp4_storage: str | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     import tomllib
@@ -185,6 +186,8 @@ def quantize_options(
         data["skip"] = [*data.get("skip", []), *skip]
     if emit is not None:
         data["emit"] = emit
+    if fp4_storage is not None:
+        data["fp4_storage"] = fp4_storage
     return data
 
 
@@ -219,3 +222,49 @@ def quantize(
         sim = make_pass("quantize", {**options, "emit": "simulate", "report_batches": 0})
         compress(model, [*(FUSE_PIPELINE if fuse else ()), sim], simulation_output, **kwargs)
     return report
+
+
+def decompose(
+    model: ModelLike,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    rank_rule: str = "auto",
+    align: int = 16,
+    calibration: CalibrationLike = None,
+    replay: str | os.PathLike[str] | None = None,
+    ops: str = "conv",
+    fuse: bool = True,
+    options: Mapping[str, Any] | None = None,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+    progress: bool = False,
+    external_data: bool | None = None,
+) -> RunReport:
+    """Low-rank tensor decomposition: fusions (unless ``fuse=False``) then ``decompose_conv``
+    (``ops="conv"``), ``decompose_matmul`` (``"matmul"``) or both (``"all"``).
+
+    ``rank_rule`` is ``auto``, ``energy:E``, ``ratio:R`` or ``rank:N``; ``calibration`` enables
+    the least-squares refit of the second factors; ``replay`` applies a saved
+    ``OUT.decomposition.json`` exactly; ``options`` are further pass options (each pass takes
+    the ones it knows). The record is saved beside ``output`` as ``OUT.decomposition.json``.
+    """
+    from onnxcomp.options import option_fields
+    from onnxcomp.passes import FUSE_PIPELINE
+    from onnxcomp.pipeline import get_pass
+
+    if ops not in ("conv", "matmul", "all"):
+        raise OnnxCompError(f"ops must be 'conv', 'matmul' or 'all', got {ops!r}")
+    names = {"conv": ["decompose_conv"], "matmul": ["decompose_matmul"], "all": ["decompose_conv", "decompose_matmul"]}
+    wanted: dict[str, Any] = {**(options or {}), "rank_rule": rank_rule, "align": align}
+    if replay is not None:
+        wanted["record"] = str(replay)
+    fields = {n: {f for f, _, _ in option_fields(get_pass(n).Options)} for n in names[ops]}
+    valid = set().union(*fields.values())
+    unknown = sorted(set(wanted) - valid)
+    if unknown:
+        raise OnnxCompError(f"unknown decomposition option {unknown[0]!r}; valid options: {', '.join(sorted(valid))}")
+    passes: list[Pass | str] = list(FUSE_PIPELINE if fuse else ())
+    passes += [make_pass(n, {k: v for k, v in wanted.items() if k in fields[n]}) for n in names[ops]]
+    return compress(model, passes, output, calibration=calibration, force=force, progress=progress,
+                    external_data=external_data, calib_samples=calib_samples, batch_size=batch_size)

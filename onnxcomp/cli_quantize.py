@@ -31,6 +31,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit", choices=("qdq", "simulate"), default="qdq", help="deployable Q/DQ (default) or fake-quant simulation")
     p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
     p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+    p.add_argument("--fp4-storage", choices=("int8", "uint4_lut", "float4e2m1"),
+                   help="E2M1 weights: exact int8 codes (default, runs and fuses), uint4 codes + table, or FLOAT4E2M1")
+    p.add_argument("--standard-types", action="store_true",
+                   help="write FP4 E2M1 as ONNX FLOAT4E2M1 (opset 23; valid ONNX, not runnable on ORT CPU)")
 
 
 @_quantize_args.bind
@@ -43,6 +47,7 @@ def _quantize(args: argparse.Namespace) -> int:
         activations=args.activations, granularity=args.granularity, observer=args.observer,
         weight_observer=args.weight_observer, dynamic=args.dynamic,
         symmetric_activations=args.symmetric_activations or None, skip=args.skip, emit=args.emit,
+        fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
         fuse=not args.no_fuse, calib_samples=args.calib_samples, batch_size=args.batch_size,
         force=args.force, progress=not args.quiet, external_data=args.external_data or None,
         simulation_output=args.simulation,

@@ -152,9 +152,30 @@ def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1):  
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: Tensor types that are valid ONNX but that onnxruntime's CPU provider cannot run
+#: (../shared/spec/ort.md): models using them are validated with onnx.reference instead.
+NOT_RUNNABLE_ON_ORT = (onnx.TensorProto.FLOAT4E2M1,)
+
+
+def runs_on_ort(model: onnx.ModelProto) -> bool:
+    """False when the model stores a tensor type ORT's CPU provider has no kernel for."""
+    return not any(t.data_type in NOT_RUNNABLE_ON_ORT for t in model.graph.initializer)
+
+
 def validate_model(model: onnx.ModelProto) -> None:
-    """onnx.checker plus onnxruntime session creation; one-line ValidationError on failure."""
+    """onnx.checker plus onnxruntime session creation; one-line ValidationError on failure.
+
+    Models with types ORT cannot run (FLOAT4E2M1) are loaded by ``onnx.reference`` instead.
+    """
     check_model(model)
+    if not runs_on_ort(model):
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            ReferenceEvaluator(model)
+        except Exception as exc:  # noqa: BLE001
+            raise ValidationError(f"onnx.reference cannot load it: {_first_line(exc)}") from exc
+        return
     try:
         ort_session(model, level="all")
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types

@@ -100,6 +100,7 @@ def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSum
         else:
             macs_by_op[m.op] = macs_by_op.get(m.op, 0) + m.macs
     inits = {t.name for t in model.graph.initializer}
+    storage = weight_storage(model)
     return ModelSummary(
         opset=default_opset(model),
         ir_version=model.ir_version,
@@ -112,6 +113,7 @@ def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSum
         macs_unknown=unknown,
         inputs=[_value_info(v) for v in model.graph.input if v.name not in inits],
         outputs=[_value_info(v) for v in model.graph.output],
+        extra={"weights by storage (Conv/Gemm/MatMul)": storage_rows(storage)} if storage else {},
     )
 
 
@@ -151,3 +153,74 @@ def format_summary(s: ModelSummary, path: str = "") -> str:
         lines.append(f"{label}:")
         lines.extend(f"  {t.name}: {t.dtype} {t.shape}" for t in items)
     return "\n".join(lines)
+
+
+_WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Stored bits of the Conv/Gemm/MatMul weights, by how they are stored.
+
+    A DequantizeLinear (or lookup-table Gather) over an initializer counts its codes, scales and
+    zero points (tables once); a float initializer read directly by a compute op counts as float.
+    Returns label -> {"weights": element count, "bits": total stored bits}.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+
+    def bits(name: str) -> int:
+        t = inits.get(name)
+        return math.prod(t.dims) * tensor_bits(t.data_type) if t is not None else 0
+
+    def codes_of(name: str) -> tuple[str | None, str, int]:
+        """(codes initializer, storage label, extra table bits) behind a tensor."""
+        if name in inits:
+            return name, _dtype_name(inits[name].data_type), 0
+        node = producers.get(name)
+        if node is not None and node.op_type == "Gather" and node.input[0] in inits:
+            idx = producers.get(node.input[1])
+            src = idx.input[0] if idx is not None and idx.op_type == "Cast" else node.input[1]
+            if src in inits:
+                return src, f"{_dtype_name(inits[src].data_type)} + {math.prod(inits[node.input[0]].dims)}-entry table", bits(node.input[0])
+        return None, "", 0
+
+    out: dict[str, dict[str, int]] = {}
+    seen_tables: set[str] = set()
+    weight_inputs = {n.input[i] for n in model.graph.node if n.op_type in _WEIGHT_OPS for i in [_WEIGHT_OPS[n.op_type]] if len(n.input) > i}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in weight_inputs | _feeds_mul(model, weight_inputs):
+            src, label, table_bits = codes_of(node.input[0])
+            extra = sum(bits(n) for n in node.input[1:])
+        elif node.op_type == "Mul" and node.output[0] in weight_inputs:
+            src, label, table_bits = codes_of(node.input[0])
+            extra = bits(node.input[1])
+        else:
+            continue
+        if src is None:
+            continue
+        entry = out.setdefault(label, {"weights": 0, "bits": 0})
+        entry["weights"] += math.prod(inits[src].dims)
+        entry["bits"] += bits(src) + extra
+        table = producers.get(node.input[0])
+        if table_bits and table is not None and table.input[0] not in seen_tables:
+            seen_tables.add(table.input[0])
+            entry["bits"] += table_bits
+    for name in weight_inputs:
+        if name in inits and inits[name].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            entry = out.setdefault(f"{_dtype_name(inits[name].data_type)} (not quantized)", {"weights": 0, "bits": 0})
+            entry["weights"] += math.prod(inits[name].dims)
+            entry["bits"] += bits(name)
+    return out
+
+
+def _feeds_mul(model: onnx.ModelProto, weight_inputs: set[str]) -> set[str]:
+    """Outputs of DequantizeLinear nodes that reach a weight through one Mul (two-level scales)."""
+    return {n.input[0] for n in model.graph.node if n.op_type == "Mul" and n.output[0] in weight_inputs}
+
+
+def storage_rows(storage: dict[str, dict[str, int]]) -> list[str]:
+    rows = []
+    for label, v in sorted(storage.items()):
+        per = v["bits"] / v["weights"] if v["weights"] else 0.0
+        rows.append(f"{label:<34} {v['weights']:>12,} weights  {per:6.2f} bits/weight  {human_bytes(v['bits'] / 8):>12}")
+    return rows

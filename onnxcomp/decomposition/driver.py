@@ -81,6 +81,14 @@ class Decomposer(abc.ABC):
 
     def __init__(self, options: Any) -> None:
         self.options = options
+        self._inferred = False
+
+    def known_shape(self, graph: ir.Graph, tensor: ir.Tensor) -> Any:
+        """``tensor.shape``, running shape inference on the graph once if it is unknown."""
+        if tensor.shape is None and not self._inferred:
+            self._inferred = True
+            ir.infer_shapes(graph)
+        return tensor.shape
 
     @abc.abstractmethod
     def match(self, graph: ir.Graph, node: ir.Node) -> Target | str:
@@ -171,13 +179,13 @@ def _replay_check(target: Target, entry: dict[str, Any]) -> None:
                           f"the model has {list(target.weight.shape)}")
 
 
-def _entry(decomposer: Decomposer, plan: _Plan, names: list[str]) -> dict[str, Any]:
+def _entry(decomposer: Decomposer, plan: _Plan) -> dict[str, Any]:
     t, rank = plan.target, plan.choice.rank
     after = rank * t.macs_per_rank
     approx = plan.first @ plan.second
     err = float(np.linalg.norm(t.matrix - approx) / max(np.linalg.norm(t.matrix), 1e-300))
     entry: dict[str, Any] = {
-        "pass": decomposer.pass_name, "node": node_key(t.node), "op": t.node.op, "factors": names,
+        "pass": decomposer.pass_name, "node": node_key(t.node), "op": t.node.op, "factors": [],
         "weight": t.node.inputs[1].name, "weight_shape": list(t.weight.shape),
         "factor_shapes": decomposer.factor_shapes(t, rank), "rank": rank, "max_rank": len(plan.svd.s),
         "rule": plan.choice.rule, "detail": plan.choice.detail, "weight_rel_error": err,
@@ -222,9 +230,10 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
         second, bias = plan.second, None
         if plan.fit is not None:
             second, bias = decomposer.from_solution(plan.target, plan.fit.solution)
-        names = decomposer.emit(graph, plan.target, plan.first, second, bias)
-        entries.append(_entry(decomposer, plan, names))
-        result.changed.append(f"{entries[-1]['node']} -> {', '.join(names)} (rank {plan.choice.rank})")
+        entry = _entry(decomposer, plan)  # before emit, which disconnects the node
+        entry["factors"] = names = decomposer.emit(graph, plan.target, plan.first, second, bias)
+        entries.append(entry)
+        result.changed.append(f"{entry['node']} -> {', '.join(names)} (rank {plan.choice.rank})")
     result.modified = bool(plans)
     result.stats["decomposed"] = len(plans)
     exact = [e for e in entries if e["macs_exact"]]

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 from onnxcomp.passes import (
+    decompose_conv,
+    decompose_matmul,
     dedupe_initializers,
     fold_affine,
     fold_batchnorm,
     fuse_matmul_add,
     lower_batchnorm,
+    prune_channels,
     quantize,
     remove_identity,
+    sparsify_2to4,
 )
 
 __all__ = [
     "FUSE_PIPELINE",
+    "decompose_conv",
+    "decompose_matmul",
     "dedupe_initializers",
     "fold_affine",
     "fold_batchnorm",
     "fuse_matmul_add",
     "lower_batchnorm",
+    "prune_channels",
     "quantize",
     "remove_identity",
+    "sparsify_2to4",
 ]
 
 #: The order ``onnxcomp fuse`` runs the deployment fusions in.

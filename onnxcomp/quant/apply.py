@@ -121,7 +121,7 @@ def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  
         if a.granularity.kind == "token":
             x = node.inputs[0]
             if a.dtype == "mxfp8":
-                node.inputs[0] = emit_mx_activation(graph, x, _last_dim(x, node), a.dtype, f"{x.name}_{node.name}_mx")
+                node.inputs[0] = emit_mx_activation(graph, x, _last_dim(x, node, plan), a.dtype, f"{x.name}_{node.name}_mx")
                 how = "dynamic 32-blocks along the last axis"
             elif a.dtype == "hif8":
                 node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8")
@@ -161,7 +161,10 @@ def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodeP
     return emit_weight_dq(graph, w, qw)
 
 
-def _last_dim(x: ir.Tensor, node: ir.Node) -> int:
+def _last_dim(x: ir.Tensor, node: ir.Node, plan: NodePlan) -> int:
+    """The activation's static last dimension: K of a MatMul/Gemm weight, else from shape info."""
+    if plan.layout is not None and (node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transA", 0))):
+        return int(plan.weight_shape[plan.layout.reduction_axis])
     shape = x.shape
     if not shape or not isinstance(shape[-1], int) or shape[-1] <= 0:
         raise ConfigError(

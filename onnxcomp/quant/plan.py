@@ -21,6 +21,7 @@ class NodePlan:
     weight_index: int | None = None
     layout: WeightLayout | None = None
     bias_index: int | None = None
+    weight_shape: tuple[int, ...] = ()
     activation_inputs: list[ir.Tensor] = field(default_factory=list)
     activation_outputs: list[ir.Tensor] = field(default_factory=list)
 
@@ -76,7 +77,8 @@ def plan_nodes(graph: ir.Graph, config: QuantConfig, output_quant: bool) -> tupl
             continue
         assert index is not None
         value_shape = ir.constant_value(node.inputs[index]).shape
-        plan = NodePlan(node, spec, index, weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))))
+        plan = NodePlan(node, spec, index, weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))),
+                        weight_shape=tuple(value_shape))
         bias = 2 if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 else None
         if bias is not None and node.inputs[2].name and ir.is_constant(node.inputs[2]):
             plan.bias_index = bias

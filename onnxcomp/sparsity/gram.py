@@ -1,0 +1,164 @@
+"""A consumer layer as a matrix product, and streaming ``X^T X`` of its input on calibration data.
+
+A sink (Conv, Gemm, MatMul) computes ``y = X @ Wm + b`` where each row of the *design matrix* X is
+one output position's receptive field (Conv: the ``Cin*kh*kw`` patch; Gemm/MatMul: one input row)
+and each column belongs to one input channel (:attr:`SinkMatrix.owner`). :class:`GramAccumulator`
+streams batches of the sink's input and keeps only ``[X 1]^T [X 1]`` (float64, ``(d+1)^2``), so
+memory does not grow with the data; Conv positions are subsampled to ``max_rows`` per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcomp import ir
+from onnxcomp.passes._affine import describe
+from onnxcomp.sparsity.coupling import Sink
+from onnxcomp.sparsity.layout import folded_value
+
+
+@dataclass
+class SinkMatrix:
+    """``y = X @ wm + bias`` over the design columns of one sink (float64)."""
+
+    sink: Sink
+    wm: np.ndarray  # (d, Cout)
+    bias: np.ndarray | None  # effective bias per output channel, None when there is none
+    owner: np.ndarray  # (d,) input channel of each design column
+    intercept: bool  # whether a refit may also set the bias
+
+    @property
+    def node(self) -> ir.Node:
+        return self.sink.node
+
+    @property
+    def theta(self) -> np.ndarray:
+        """``[wm; bias]``: the parameters acting on ``[X 1]`` (bias row zero when absent)."""
+        bias = self.bias if self.bias is not None else np.zeros(self.wm.shape[1])
+        return np.vstack([self.wm, bias[None, :]])
+
+
+def _gemm_bias(node: ir.Node, cout: int) -> tuple[np.ndarray | None, bool]:
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None, True
+    c = folded_value(node.inputs[2])
+    if c is None or c.ndim > 2 or (c.ndim and c.shape[-1] not in (1, cout)) or (c.ndim == 2 and c.shape[0] != 1):
+        return None, False
+    beta = float(node.attrs.get("beta", 1.0))
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (cout,)) * beta, True
+
+
+def sink_matrix(sink: Sink) -> SinkMatrix | str:
+    """The matrix form of ``sink``, or why it has none."""
+    node = sink.node
+    weight = folded_value(node.inputs[1])
+    if weight is None:
+        return f"the weight of {describe(node)} is not constant"
+    w = weight.astype(np.float64)
+    owner = sink.layout.owner()
+    if node.op == "Conv":
+        cout = w.shape[0]
+        kernel = math.prod(w.shape[2:])
+        wm = w.reshape(cout, -1).T
+        owner = np.repeat(owner, kernel)
+        bias = folded_value(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else None
+        return SinkMatrix(sink, wm, bias, owner, True)
+    if node.op == "Gemm":
+        wm = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
+        bias, intercept = _gemm_bias(node, wm.shape[1])
+        return SinkMatrix(sink, wm, bias, owner, intercept)
+    return SinkMatrix(sink, w, None, owner, True)  # MatMul: a refit bias becomes a new Add
+
+
+def weight_from_matrix(sm: SinkMatrix, wm: np.ndarray, kept_channels: int) -> np.ndarray:
+    """A refit ``wm`` (kept design columns only) back in the node's weight layout."""
+    node = sm.node
+    if node.op == "Conv":
+        shape = folded_value(node.inputs[1]).shape
+        return wm.T.reshape(shape[0], kept_channels, *shape[2:])
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return wm.T
+    return wm
+
+
+def _conv_pads(node: ir.Node, spatial: list[int], kernel: list[int], strides: list[int], dil: list[int]) -> list[int]:
+    nd = len(spatial)
+    mode = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for i in range(nd):
+            out = -(-spatial[i] // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - spatial[i], 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + nd] = (small, big) if mode == "SAME_UPPER" else (big, small)
+        return pads
+    if mode == "VALID":
+        return [0] * (2 * nd)
+    return [int(p) for p in node.attrs.get("pads", [0] * (2 * nd))]
+
+
+def conv_patches(node: ir.Node, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Receptive fields ``(S, Cin*prod(kernel))`` of up to ``rows`` random output positions of a Conv."""
+    weight_shape = folded_value(node.inputs[1]).shape
+    kernel = list(weight_shape[2:])
+    nd = len(kernel)
+    strides = [int(s) for s in node.attrs.get("strides", [1] * nd)]
+    dil = [int(d) for d in node.attrs.get("dilations", [1] * nd)]
+    spatial = list(x.shape[2:])
+    pads = _conv_pads(node, spatial, kernel, strides, dil)
+    out = [(spatial[i] + pads[i] + pads[i + nd] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
+    total = x.shape[0] * math.prod(out)
+    index = np.arange(total) if total <= rows else np.sort(rng.choice(total, rows, replace=False))
+    n, *pos = np.unravel_index(index, (x.shape[0], *out))
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    coords = []
+    for i in range(nd):
+        c = pos[i][:, None] * strides[i] + np.arange(kernel[i])[None, :] * dil[i]
+        coords.append(c.reshape((len(index),) + (1,) * i + (kernel[i],) + (1,) * (nd - 1 - i)))
+    batch = n.reshape((len(index),) + (1,) * nd)
+    # the advanced indices are separated by the slice: numpy puts their broadcast dims first -> (S, k..., C)
+    patches = padded[(batch, slice(None), *coords)]
+    return np.moveaxis(patches, -1, 1).reshape(len(index), -1)
+
+
+class GramAccumulator:
+    """Streaming ``[X 1]^T [X 1]`` of one sink's design matrix (float64)."""
+
+    def __init__(self, sm: SinkMatrix, max_rows: int, rng: np.random.Generator) -> None:
+        self.sm = sm
+        self.max_rows = max_rows
+        self.rng = rng
+        d = sm.wm.shape[0]
+        self.h = np.zeros((d + 1, d + 1))
+        self.rows = 0
+
+    def design(self, x: np.ndarray) -> np.ndarray:
+        node = self.sm.node
+        if node.op == "Conv":
+            return conv_patches(node, x, self.max_rows, self.rng)
+        flat = x.reshape(-1, x.shape[-1])
+        if len(flat) > self.max_rows:
+            flat = flat[np.sort(self.rng.choice(len(flat), self.max_rows, replace=False))]
+        return flat
+
+    def update(self, x: np.ndarray) -> None:
+        rows = self.design(np.asarray(x, dtype=np.float64))
+        aug = np.hstack([rows, np.ones((len(rows), 1))])
+        self.h += aug.T @ aug
+        self.rows += len(rows)
+
+
+class Fanout:
+    """Feeds one calibration tensor to every accumulator that reads it."""
+
+    def __init__(self, accumulators: list[GramAccumulator]) -> None:
+        self.accumulators = accumulators
+
+    def update(self, x: np.ndarray) -> None:
+        for acc in self.accumulators:
+            acc.update(x)

@@ -1,0 +1,100 @@
+"""Per-weight sparsity: zero fraction and n:m pattern coverage (``onnxcomp inspect``, quant records).
+
+Works on ModelProtos (no graph import): a layer's weight is its constant input 1, or the codes of
+a ``DequantizeLinear`` feeding input 1 (a quantized weight is zero where its code equals the zero
+point, so sparse+quantized models report the same sparsity as before quantization).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp.sparsity.masks import NMPattern, nm_fraction, reduction_axis
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+DEFAULT_PATTERN = NMPattern(2, 4)
+#: Weights with fewer zeros than this are reported as dense by ``inspect``.
+REPORT_MIN_ZEROS = 0.01
+
+
+def weight_sparsity(w: np.ndarray, axis: int | None = None, pattern: NMPattern = DEFAULT_PATTERN) -> dict[str, Any]:
+    """``{"zero_fraction", "pattern", "pattern_fraction", "axis"}`` of one weight.
+
+    ``pattern_fraction`` is the fraction of groups along ``axis`` satisfying ``pattern``;
+    ``pattern`` is its name when all do (and the axis is long enough to be sparsified), else None.
+    Without ``axis`` the likely reduction axes are tried (1, and 0 for a 2-D weight) and the best
+    is reported (the quantizer's record does not know the layer's layout).
+    """
+    values = np.asarray(w)
+    zeros = float(np.mean(values == 0)) if values.size else 0.0
+    axes = [axis] if axis is not None else ([1, 0] if values.ndim == 2 else [1] if values.ndim > 1 else [0])
+    best_axis, best = axes[0], -1.0
+    for a in axes:
+        frac = nm_fraction(values, a, pattern)
+        if frac > best:
+            best_axis, best = a, frac
+    holds = best == 1.0 and zeros > 0 and values.shape[best_axis] > pattern.n
+    return {"zero_fraction": round(zeros, 6), "pattern": str(pattern) if holds else None,
+            "pattern_fraction": round(best, 6), "axis": int(best_axis)}
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    table = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    table[node.output[0]] = attr.t
+    return table
+
+
+def _dequantized_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """Where the output of a DequantizeLinear of constant codes is exactly zero (None if unknown)."""
+    if node.input[0] not in constants:
+        return None
+    codes = numpy_helper.to_array(constants[node.input[0]]).astype(np.int64)
+    zp = numpy_helper.to_array(constants[node.input[2]]).astype(np.int64) if len(node.input) > 2 and node.input[2] else None
+    if zp is None or not zp.any():
+        return codes == 0
+    return codes == zp.reshape(-1)[0] if zp.size == 1 else None
+
+
+def layer_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, np.ndarray]]:
+    """(node, weight name, weight or zero-mask array) of every layer with a constant weight."""
+    constants = _constants(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name in constants:
+            value = numpy_helper.to_array(constants[name])
+            if value.dtype.kind == "f":
+                out.append((node, name, value))
+            continue
+        dq = producers.get(name)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            zero = _dequantized_zeros(dq, constants)
+            if zero is not None:
+                out.append((node, dq.input[0], np.where(zero, 0.0, 1.0)))
+    return out
+
+
+def sparsity_extra(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """``inspect`` rows: one per layer weight with at least 1 % zeros (empty dict for dense models)."""
+    rows = []
+    for node, name, w in layer_weights(model):
+        if w.ndim < 2:
+            continue
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        info = weight_sparsity(w, reduction_axis(node.op_type, w.ndim, trans_b))
+        if info["zero_fraction"] < REPORT_MIN_ZEROS:
+            continue
+        pattern = f", 2:4 on {info['pattern_fraction']:.1%} of groups"
+        rows.append(f"{node.name or node.output[0]} ({node.op_type} {name}): {info['zero_fraction']:.1%} zeros{pattern}")
+    return {"sparsity (weights with zeros)": rows} if rows else {}
