@@ -31,6 +31,7 @@ import argparse
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +52,7 @@ import onnxruntime as ort  # noqa: E402
 
 from models.fetch import MODELS, fetch, make_inputs  # noqa: E402
 from onnxcomp.api import quantize  # noqa: E402
-from onnxcomp.evaluate import cosine, latency_ms  # noqa: E402
+from onnxcomp.evaluate import cosine  # noqa: E402
 from onnxcomp.model_io import ort_session  # noqa: E402
 from onnxcomp.summary import weight_storage  # noqa: E402
 
@@ -85,7 +86,7 @@ def _wa(label: str, static: bool, quick: bool = False, **kw: Any) -> Row:
 
 ROWS: list[Row] = [
     _w("int8 channel", True, weights="int8", granularity="channel"),
-    _w("int4 group:32", True, weights="int4", granularity="group:32"),
+    _w("int4 group:32", weights="int4", granularity="group:32"),
     _w("int4 group:128", weights="int4", granularity="group:128"),
     _w("fp8_e4m3 channel", weights="fp8_e4m3", granularity="channel"),
     _w("hif8 channel", weights="hif8", granularity="channel"),
@@ -128,6 +129,7 @@ class Bench:
     eval_batch: int = 256
     notes: list[str] = field(default_factory=list)
     transformer: bool = False
+    base_ops: Counter = field(default_factory=Counter)
 
 
 def _split(feeds: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
@@ -223,12 +225,12 @@ def run_output(model: onnx.ModelProto, feeds: dict[str, np.ndarray], output: str
 KERNELS = {
     "MatMulNBits": "MatMulNBits", "QLinearConv": "QLinearConv", "QLinearMatMul": "QLinearMatMul",
     "MatMulIntegerToFloat": "MatMulIntegerToFloat", "QGemm": "QGemm", "DynamicQuantizeMatMul": "DynQMatMul",
-    "DequantizeLinear": "DQ", "QuantizeLinear": "Q", "Cast": "Cast",
+    "DequantizeLinear": "DQ", "QuantizeLinear": "Q", "Cast": "Cast", "Floor": "Floor",
 }
 
 
-def ort_kernels(model: onnx.ModelProto) -> str:
-    """Quantization-related op counts of ORT's ORT_ENABLE_ALL graph (what actually runs)."""
+def ort_kernels(model: onnx.ModelProto) -> Counter:
+    """Op counts of ORT's ORT_ENABLE_ALL graph (what actually runs); ``LUT Gather`` = table lookups left."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = 1
@@ -238,7 +240,17 @@ def ort_kernels(model: onnx.ModelProto) -> str:
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         opt = onnx.load(opts.optimized_model_filepath)
     ops = Counter(n.op_type for n in opt.graph.node)
-    parts = [f"{short} {ops[op]}" for op, short in KERNELS.items() if ops.get(op)]
+    ops["LUT Gather"] = sum(1 for n in opt.graph.node if n.op_type == "Gather" and re.search(r"(decode|int)_table", n.input[0]))
+    return ops
+
+
+def kernels_text(ops: Counter, base: Counter) -> str:
+    """Quantization-related ops beyond those of the fp32 model's optimized graph."""
+    parts = []
+    for op, short in (*KERNELS.items(), ("LUT Gather", "LUT Gather")):
+        n = ops.get(op, 0) - base.get(op, 0)
+        if n:
+            parts.append(f"{short} {n:+d}" if op == "Cast" else f"{short} {n}")
     return ", ".join(parts) or "-"
 
 
@@ -263,26 +275,48 @@ class Result:
     w_ratio: float = float("nan")
     storage: str = ""
     lat: float = float("nan")
+    lat_ratio: float = float("nan")
+    cos_dis: float = float("nan")
     kernels: str = ""
     diff: float = float("nan")
     qtime: float = float("nan")
     error: str | None = None
 
 
+def paired_latency(ref: Any, session: Any, feeds: dict[str, np.ndarray], runs: int, warmup: int = 2) -> tuple[float, float]:
+    """Median ms of ``session.run`` and of the fp32 ``ref`` session, timed alternately (ABBA order).
+
+    Interleaving the two keeps their ratio meaningful on a machine shared with other jobs.
+    """
+    for _ in range(warmup):
+        ref.run(None, feeds)
+        session.run(None, feeds)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(runs):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (session if which == 0 else ref).run(None, feeds)
+            times[which].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def measure(b: Bench, model: onnx.ModelProto, ref: np.ndarray, label: str, group: str, qtime: float,
-            runs: int) -> Result:
+            ref_session: Any) -> Result:
     r = Result(label, group, qtime=qtime)
     out_all = run_output(model, b.eval_feeds, b.output, "all", b.eval_batch)
     out_dis = run_output(model, b.eval_feeds, b.output, "disable", b.eval_batch)
     r.diff = float(np.max(np.abs(out_all.astype(np.float64) - out_dis.astype(np.float64))))
     r.cos = cosine(ref, out_all)
+    r.cos_dis = cosine(ref, out_dis)
     if b.metric is not None:
         r.metric = b.metric(out_all)
     size = model.ByteSize()
     r.mb, r.size_ratio = size / 1e6, size / b.file_bytes
     r.bits, r.w_ratio, r.storage = storage_summary(model)
-    r.kernels = ort_kernels(model)
-    r.lat = latency_ms(model, b.lat_feeds, threads=1, runs=runs, warmup=2)
+    r.kernels = kernels_text(ort_kernels(model), b.base_ops)
+    session = ort_session(model, level="all", threads=1)  # what onnxcomp.evaluate.latency_ms times
+    r.lat, fp32 = paired_latency(ref_session, session, b.lat_feeds, b.lat_runs)
+    r.lat_ratio = r.lat / fp32
     return r
 
 
@@ -291,14 +325,16 @@ def bench_model(b: Bench, rows: list[Row], log: Callable[[str], None]) -> list[R
         other = [n.op_type for n in b.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm")]
         assert not other, "the MatMul-only size column assumes the transformer has no Conv/Gemm"
     ref = run_output(b.model, b.eval_feeds, b.output, "all", b.eval_batch)
-    results = [measure(b, b.model, ref, "fp32 (reference)", "-", 0.0, b.lat_runs)]
+    ref_session = ort_session(b.model, level="all", threads=1)
+    b.base_ops = ort_kernels(b.model)
+    results = [measure(b, b.model, ref, "fp32 (reference)", "-", 0.0, ref_session)]
     log(f"  {b.name}: fp32 done ({results[0].lat:.1f} ms)")
     for row in rows:
         t0 = time.perf_counter()
         try:
             rep = quantize(b.model, calibration=b.calib if row.static else None, **row.kwargs)
             qtime = time.perf_counter() - t0
-            res = measure(b, rep.model, ref, row.label, row.group, qtime, b.lat_runs)
+            res = measure(b, rep.model, ref, row.label, row.group, qtime, ref_session)
         except Exception as exc:  # noqa: BLE001 - a failing row is a finding, not a crash
             res = Result(row.label, row.group, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             log(traceback.format_exc(limit=3))
@@ -380,17 +416,17 @@ def table(b: Bench, results: list[Result]) -> list[str]:
     wcol = "MatMul weights vs fp32" if b.transformer else "weights vs fp32"
     lines = [
         f"| config (weights / activations) | cosine{metric} | file MB | file vs fp32 | bits/weight | {wcol} "
-        "| stored as | ORT ms | ORT ALL graph | max abs ALL-DISABLE | quantize s |",
-        "|---|---:" + ("|---:" if metric else "") + "|---:|---:|---:|---:|---|---:|---|---:|---:|",
+        "| stored as | ORT ms | vs fp32 | ORT ALL graph | max abs ALL-DISABLE | cosine at DISABLE_ALL | quantize s |",
+        "|---|---:" + ("|---:" if metric else "") + "|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.row} | ERROR: {r.error} |" + " |" * (10 + bool(metric)))
+            lines.append(f"| {r.row} | ERROR: {r.error} |" + " |" * (12 + bool(metric)))
             continue
         m = f" | {_f(r.metric, '.1f')}" if metric else ""
         lines.append(
             f"| {r.row} | {r.cos:.5f}{m} | {r.mb:.2f} | {r.size_ratio:.3f} | {_f(r.bits, '.2f')} | {_f(r.w_ratio, '.3f')} "
-            f"| {r.storage} | {r.lat:.1f} | {r.kernels} | {r.diff:.2g} | {r.qtime:.1f} |"
+            f"| {r.storage} | {r.lat:.1f} | {r.lat_ratio:.2f} | {r.kernels} | {r.diff:.2g} | {r.cos_dis:.5f} | {r.qtime:.1f} |"
         )
     return lines
 
@@ -441,11 +477,15 @@ def main(argv: list[str] | None = None) -> int:
         "Columns: **cosine** of the primary output vs fp32 (flattened over the evaluation set); **file** = "
         "serialized model; **bits/weight** = stored bits (codes + scales + zero points + tables) per "
         "Conv/Gemm/MatMul weight, from `onnxcomp.summary.weight_storage`; **weights vs fp32** = those bits over "
-        "32 bits per weight; **ORT ms** = median `session.run`, 1 thread, ORT_ENABLE_ALL; **ORT ALL graph** = "
-        "quantization ops left in ORT's optimized graph (fused kernels, DQ still executed per run); "
-        "**max abs ALL-DISABLE** = largest difference of the primary output between ORT_ENABLE_ALL and "
-        "ORT_DISABLE_ALL; **quantize s** = wall time of `quantize()` (fusions, calibration, pass, its SQNR "
-        "report). Weight granularity: int/fp8/hif8 per channel unless stated; mx* always 32-blocks along the "
+        "32 bits per weight; **ORT ms** = median `session.run`, 1 thread, ORT_ENABLE_ALL; **vs fp32** = that "
+        "median over the fp32 model's, the two timed alternately (ABBA) so that load from other jobs cancels; "
+        "**ORT ALL graph** = ops in ORT's optimized graph beyond the fp32 model's (fused quantized kernels; DQ = "
+        "DequantizeLinear still executed every run; Cast/Floor = FP8 casts and HiF8/MX rounding emulated in "
+        "float ops; LUT Gather = table lookups not folded); **max abs ALL-DISABLE** = largest difference of the "
+        "primary output between ORT_ENABLE_ALL and ORT_DISABLE_ALL, and **cosine at DISABLE_ALL** the cosine "
+        "vs fp32 with no graph optimization; **quantize s** = wall time of `quantize()` (fusions, calibration, "
+        "pass, its SQNR report). Weight granularity: int/fp8/hif8 per channel unless stated; mx* always 32-blocks "
+        "along the "
         "reduction axis; fp4_* default storage `int8` (codes x2) except E1M2 (int4).",
         "",
     ]

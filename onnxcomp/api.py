@@ -138,6 +138,7 @@ def quantize_options(
     skip: Sequence[str] = (),
     emit: str | None = None,
     fp4_storage: str | None = None,
+    scale_format: str | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     import tomllib
@@ -172,6 +173,8 @@ def quantize_options(
         w_extra["granularity"] = granularity
     if weight_observer is not None:
         w_extra["observer"] = weight_observer
+    if scale_format is not None:
+        w_extra["scale_format"] = scale_format
     role("weights", weights, w_extra)
     a_extra: dict[str, Any] = {}
     if dynamic:

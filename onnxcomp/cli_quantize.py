@@ -33,6 +33,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
     p.add_argument("--fp4-storage", choices=("int8", "uint4_lut", "float4e2m1"),
                    help="E2M1 weights: exact int8 codes (default, runs and fuses), uint4 codes + table, or FLOAT4E2M1")
+    p.add_argument("--group-scale-format", choices=("fp8_e4m3",),
+                   help="two-level scales for fp4 weights: per-group scales stored as FP8 under per-channel fp32 scales")
     p.add_argument("--standard-types", action="store_true",
                    help="write FP4 E2M1 as ONNX FLOAT4E2M1 (opset 23; valid ONNX, not runnable on ORT CPU)")
 
@@ -48,6 +50,7 @@ def _quantize(args: argparse.Namespace) -> int:
         weight_observer=args.weight_observer, dynamic=args.dynamic,
         symmetric_activations=args.symmetric_activations or None, skip=args.skip, emit=args.emit,
         fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
+        scale_format=args.group_scale_format,
         fuse=not args.no_fuse, calib_samples=args.calib_samples, batch_size=args.batch_size,
         force=args.force, progress=not args.quiet, external_data=args.external_data or None,
         simulation_output=args.simulation,

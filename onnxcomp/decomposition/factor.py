@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcomp.decomposition.blas import single_threaded_blas
+
 
 @dataclass(frozen=True)
 class Svd:
@@ -36,7 +38,8 @@ class Svd:
 
 def svd(matrix: np.ndarray) -> Svd:
     """Thin SVD in float64 with the sign of each singular pair fixed (see the module docstring)."""
-    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    with single_threaded_blas():
+        u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
     pivot = np.argmax(np.abs(u), axis=0)
     signs = np.where(u[pivot, np.arange(u.shape[1])] < 0, -1.0, 1.0)
     return Svd(u * signs[None, :], s, vt * signs[:, None])

@@ -18,7 +18,8 @@ A rule is written as text (recipes, CLI) and parsed by :func:`parse_rank_rule`:
 
 Every rule's rank is then aligned like AMCT's ``MakeDivisible``: ``max(a, round(r / a) * a)``,
 plus ``a`` when that is below ``0.9 * r`` (``a`` = ``align``, 16 by default; ``align = 1``
-leaves the rank alone), and capped at the number of singular values.
+leaves the rank alone), except ``energy``, which rounds up so the kept fraction stays >= E;
+the result is capped at the number of singular values.
 """
 
 from __future__ import annotations
@@ -95,10 +96,15 @@ class RankChoice:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def align_rank(rank: int, align: int, cap: int) -> int:
-    """AMCT's ``MakeDivisible`` then capped at ``cap`` (``align <= 1``: at least 1, at most cap)."""
+def align_rank(rank: int, align: int, cap: int, up: bool = False) -> int:
+    """AMCT's ``MakeDivisible`` (``up``: the next multiple instead), capped at ``cap``.
+
+    ``align <= 1`` only clamps to ``[1, cap]``.
+    """
     if align <= 1:
         return max(1, min(rank, cap))
+    if up:
+        return min(max(align, -(-rank // align) * align), cap)
     aligned = max(align, (rank + align // 2) // align * align)
     if aligned < 0.9 * rank:
         aligned += align
@@ -135,7 +141,7 @@ def choose_rank(s: np.ndarray, shape: tuple[int, int], rule: RankRule, kernel: i
         if bounds is not None:
             detail["band"] = list(bounds)
             raw = max(min(raw, bounds[1]), bounds[0])
-    rank = align_rank(raw, align, cap)
+    rank = align_rank(raw, align, cap, up=rule.kind == "energy")
     detail.update(raw_rank=raw, align=align, max_rank=cap)
     if rule.kind == "energy":
         power = s.astype(np.float64) ** 2

@@ -96,7 +96,8 @@ def format_record(record: dict[str, Any]) -> str:
         macs = f"{_macs(e['macs_before'])} -> {_macs(e['macs_after'])} (-{e['macs_saved'] * 100:.1f}%)"
         fit = e.get("refit")
         err = f"{fit['error_svd']:.4f} -> {fit['error_refit']:.4f}" if fit else "-"
-        lines.append(f"  {e['node'][:24]:<24} {shape:<18} {rank:>9}  {_rule_text(e)[:26]:<26} {macs:<24} {err}")
+        name = e["node"] if len(e["node"]) <= 24 else "..." + e["node"][-21:]
+        lines.append(f"  {name:<24} {shape:<18} {rank:>9}  {_rule_text(e)[:26]:<26} {macs:<24} {err}")
         if e.get("macs_exact"):
             before += e["macs_before"]
             after += e["macs_after"]

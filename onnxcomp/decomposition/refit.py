@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxcomp.decomposition.blas import single_threaded_blas
 from onnxcomp.errors import CalibrationError
 
 _CHUNK_ROWS = 1 << 15
@@ -141,13 +142,15 @@ def refit(model: onnx.ModelProto, probes: list[Probe], batches: Iterable[Mapping
         for name in joint.probe.tensors:
             users.setdefault(name, []).append(joint)
     factories: dict[str, Any] = {name: (lambda o=_Fanout(name, js): o) for name, js in users.items()}
-    Calibrator(probe_model(model, probes), factories).run(batches, max_batches=max_batches, progress=progress)
+    with single_threaded_blas():
+        Calibrator(probe_model(model, probes), factories).run(batches, max_batches=max_batches, progress=progress)
     results = []
     for joint in joints:
         eq, prior = joint.equations, joint.probe.prior
         if eq.rows == 0:
             raise CalibrationError(f"refit: no rows collected for tensor {joint.probe.tensors[-1]!r}")
-        solution = eq.solve(prior, damping)
+        with single_threaded_blas():
+            solution = eq.solve(prior, damping)
         if not np.isfinite(solution).all():
             solution = prior
         results.append(RefitResult(solution, eq.rows, eq.residual(prior), eq.residual(solution)))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 from onnxcomp import ir
 from onnxcomp.errors import CalibrationError
@@ -14,7 +15,7 @@ from onnxcomp.passes._affine import describe
 from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
 from onnxcomp.sparsity import record, reconstruct, rewrite, select
 from onnxcomp.sparsity.coupling import ChannelGroup, CouplingAnalysis, float_weight
-from onnxcomp.sparsity.gram import GramAccumulator, SinkMatrix, sink_matrix, weight_from_matrix
+from onnxcomp.sparsity.gram import GramAccumulator, SinkMatrix, sink_matrix
 from onnxcomp.sparsity.masks import is_nm_sparse, keep_count, match_glob, reduction_axis
 
 log = logging.getLogger(__name__)
@@ -82,25 +83,51 @@ class PruneChannels(Pass):
                 self._decline(result, group, reason)
             else:
                 plans.append((group, self._ratio(group)))
-        accs = self._statistics(graph, ctx, [g for g, _ in plans])
+        matrices = {id(sink.node): sm for g, _ in plans for sink in g.sinks if isinstance(sm := sink_matrix(sink), SinkMatrix)}
+        original = self._original(graph, ctx) if plans and (o.reconstruct or o.criterion == "data") else None
+        accs: dict[int, GramAccumulator] = {}
+        if original is not None and o.criterion == "data":
+            accs = reconstruct.accumulators(list(matrices.values()), ctx, o.rows_per_batch)
+            reconstruct.collect(original, accs, ctx, o.batch_num)
         if o.scope == "global":
             plans = self._global(plans, accs)
-        pruned: list[tuple[ChannelGroup, np.ndarray, dict[int, rewrite.Refit], list[dict[str, Any]]]] = []
+        chosen: list[tuple[ChannelGroup, np.ndarray]] = []
         for group, ratio in plans:
             keep = self._keep(group, ratio, accs)
             if len(keep) == group.channels:
                 self._decline(result, group, f"ratio {ratio:g} with round_to {o.round_to} keeps all {group.channels} channels")
-                continue
-            refits, sinks = self._refits(group, keep, accs)
-            pruned.append((group, keep, refits, sinks))
-        for group, keep, refits, _ in pruned:
-            rewrite.prune_inputs(graph, group, keep, refits)
-        for group, keep, _, _ in pruned:
+            else:
+                chosen.append((group, keep))
+        for group, keep in chosen:
+            rewrite.prune_inputs(graph, group, keep, {})
+        for group, keep in chosen:
             rewrite.prune_outputs(graph, group, keep)
-        result.data["layers"] = [e for g, k, _, s in pruned for e in self._entries(result, g, k, s)]
+        fits = self._reconstruct(graph, ctx, original, chosen, matrices) if chosen and o.reconstruct else {}
+        result.data["layers"] = [e for g, k in chosen for e in self._entries(result, g, k, fits)]
         record.add_layers(ctx, result.data["layers"])
-        result.modified = bool(pruned)
+        result.modified = bool(chosen)
         return result
+
+    def _original(self, graph: ir.Graph, ctx: PassContext) -> onnx.ModelProto:
+        """The model before pruning (calibration statistics come from it)."""
+        if ctx.calibration is None:
+            need = "reconstruction" if self.options.reconstruct else "criterion 'data'"
+            raise CalibrationError(
+                f"prune_channels {need} needs calibration data: pass --calib DATA (an .npz named by model input), "
+                "or use --no-reconstruct with a weight-norm criterion (l1, l2)"
+            )
+        return ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
+
+    def _reconstruct(
+        self, graph: ir.Graph, ctx: PassContext, original: onnx.ModelProto | None,
+        chosen: list[tuple[ChannelGroup, np.ndarray]], matrices: dict[int, SinkMatrix],
+    ) -> dict[int, reconstruct.RefitResult | None]:
+        assert original is not None
+        out_keep = {id(s.node): (keep, s.axis) for group, keep in chosen for s in group.sources}
+        jobs = [reconstruct.SinkJob(matrices[id(sink.node)], keep, out_keep.get(id(sink.node)))
+                for group, keep in chosen for sink in group.sinks if id(sink.node) in matrices]
+        o = self.options
+        return reconstruct.reconstruct_sinks(graph, original, original, jobs, ctx, o.damping, o.rows_per_batch, o.batch_num)
 
     # --- policy ------------------------------------------------------------------------------
 
@@ -136,23 +163,6 @@ class PruneChannels(Pass):
 
     # --- statistics and choice -----------------------------------------------------------------
 
-    def _statistics(self, graph: ir.Graph, ctx: PassContext, groups: list[ChannelGroup]) -> dict[int, GramAccumulator]:
-        o = self.options
-        if not groups or not (o.reconstruct or o.criterion == "data"):
-            return {}
-        if ctx.calibration is None:
-            need = "reconstruction" if o.reconstruct else "criterion 'data'"
-            raise CalibrationError(
-                f"prune_channels {need} needs calibration data: pass --calib DATA (an .npz named by model input), "
-                "or use --no-reconstruct with a weight-norm criterion (l1, l2)"
-            )
-        matrices = [sm for g in groups for sm in map(sink_matrix, g.sinks) if isinstance(sm, SinkMatrix)]
-        if not matrices:
-            return {}
-        model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
-        assert model is not None
-        return reconstruct.collect(model, matrices, ctx, o.rows_per_batch, o.batch_num)
-
     def _data_gram(self, group: ChannelGroup, accs: dict[int, GramAccumulator]) -> np.ndarray | None:
         grams = [reconstruct.removal_gram(accs[id(s.node)], group.channels) for s in group.sinks if id(s.node) in accs]
         return sum(grams[1:], grams[0]) if grams else None
@@ -181,32 +191,20 @@ class PruneChannels(Pass):
             out[i] = (plans[i][0], ratio)
         return out
 
-    def _refits(self, group: ChannelGroup, keep: np.ndarray, accs: dict[int, GramAccumulator]) -> tuple[dict[int, rewrite.Refit], list[dict[str, Any]]]:
-        refits: dict[int, rewrite.Refit] = {}
+    def _entries(
+        self, result: PassResult, group: ChannelGroup, keep: np.ndarray, fits: dict[int, reconstruct.RefitResult | None]
+    ) -> list[dict[str, Any]]:
+        stats = result.stats
+        stats["groups"] += 1
         sinks: list[dict[str, Any]] = []
         for sink in group.sinks:
             entry: dict[str, Any] = {"node": sink.node.name, "op": sink.node.op}
-            acc = accs.get(id(sink.node))
-            fit = reconstruct.refit(acc, keep, self.options.damping) if acc is not None and self.options.reconstruct else None
+            fit = fits.get(id(sink.node))
             if fit is not None:
-                refits[id(sink.node)] = rewrite.Refit(weight_from_matrix(acc.sm, fit.wm, len(keep)), fit.bias)
+                stats["refit"] += 1
                 entry.update(error_pruned=round(fit.error_pruned, 6), error_refit=round(fit.error_refit, 6))
-            elif acc is not None:
-                entry["error_pruned"] = round(self._pruned_error(acc, keep), 6)
             sinks.append(entry)
-        return refits, sinks
-
-    @staticmethod
-    def _pruned_error(acc: GramAccumulator, keep: np.ndarray) -> float:
-        theta = acc.sm.theta.copy()
-        theta[np.flatnonzero(~np.isin(acc.sm.owner, keep))] = 0.0
-        return reconstruct.relative_error(acc, theta)
-
-    def _entries(self, result: PassResult, group: ChannelGroup, keep: np.ndarray, sinks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        stats = result.stats
-        stats["groups"] += 1
-        stats["refit"] += sum("error_refit" in s for s in sinks)
-        names = [s.node.name for s in group.sources]
+        names = group.names
         entries = []
         for source in group.sources:
             stats["layers"] += 1
@@ -217,4 +215,3 @@ class PruneChannels(Pass):
                             "channels_before": group.channels, "channels_after": len(keep),
                             "coupled": [n for n in names if n != source.node.name], "sinks": sinks})
         return entries
-

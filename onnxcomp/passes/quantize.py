@@ -80,7 +80,7 @@ class Quantize(Pass):
         return need
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
-        from onnxcomp.quant.apply import apply_plans, calibrate_activations
+        from onnxcomp.quant.apply import apply_plans, calibrate_activations, collect_input_energies
 
         result = PassResult(modified=False)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant)
@@ -100,7 +100,8 @@ class Quantize(Pass):
                     "(an .npz named by model input), or --activations none for weight-only quantization"
                 )
             ranges = calibrate_activations(float_model, static, ctx, self.options.batch_num)
-        record = apply_plans(graph, plans, ranges, self.options, ctx)
+        energies = collect_input_energies(float_model, plans, ctx, self.options.batch_num)
+        record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
         result.modified = True
         result.stats = _stats(plans)
         result.changed = [p.node.name for p in plans]

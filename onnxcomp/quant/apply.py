@@ -19,7 +19,7 @@ from onnxcomp.quant.emit import (
 )
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat
-from onnxcomp.quant.lowbit import emit_lut_dq_weight, emit_lut_weight, stored_as
+from onnxcomp.quant.lowbit import emit_lut_dq_weight, emit_lut_weight, emit_two_level_weight, stored_as
 from onnxcomp.quant.plan import NodePlan
 from onnxcomp.quant.runtime import emit_cast_activation, emit_hif8_activation, emit_mx_activation
 from onnxcomp.quant.qparams import range_qdq
@@ -56,6 +56,27 @@ def calibrate_activations(
     return ranges
 
 
+def collect_input_energies(
+    float_model: onnx.ModelProto, plans: list[NodePlan], ctx: PassContext, batch_num: int | None
+) -> dict[str, np.ndarray]:
+    """Mean x^2 per input channel of each node whose weight observer is output_mse (node -> array)."""
+    from onnxcomp.errors import CalibrationError
+    from onnxcomp.quant.calibrator import Calibrator
+    from onnxcomp.quant.weights import InputEnergyObserver
+
+    wanted = [p for p in plans if p.spec.weights is not None and p.spec.weights.observer == "output_mse"]
+    if not wanted:
+        return {}
+    if ctx.calibration is None:
+        raise CalibrationError("weight observer output_mse needs calibration data: pass --calib DATA")
+    factories = {}
+    for p in wanted:
+        axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
+        factories.setdefault(p.node.inputs[0].name, lambda axis=axis: InputEnergyObserver(axis))
+    observers = Calibrator(float_model, factories).run(ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled)
+    return {p.node.name: observers[p.node.inputs[0].name].energy() for p in wanted}
+
+
 def _tolist(a: np.ndarray) -> Any:
     return np.asarray(a, dtype=np.float64).tolist() if np.asarray(a).dtype.kind == "f" else np.asarray(a).astype(np.int64).tolist()
 
@@ -85,6 +106,7 @@ def apply_plans(
     ranges: dict[str, tuple[float, float]],
     options: Any,
     ctx: PassContext,
+    energies: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Emit every plan into ``graph``; returns the record (one entry per quantized node)."""
     weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor]] = {}
@@ -92,12 +114,12 @@ def apply_plans(
     record = []
     with ctx.progress(len(plans), "quantizing") as bar:
         for plan in plans:
-            record.append(_apply_one(graph, plan, ranges, options, weights, acts))
+            record.append(_apply_one(graph, plan, ranges, options, weights, acts, energies or {}))
             bar.update(1)
     return record
 
 
-def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  # noqa: ANN001
+def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[str, Any]:  # noqa: ANN001
     node, spec = plan.node, plan.spec
     entry: dict[str, Any] = {"node": node.name, "op": node.op}
     qw = None
@@ -105,7 +127,8 @@ def _apply_one(graph, plan, ranges, options, weights, acts) -> dict[str, Any]:  
         w = node.inputs[plan.weight_index]
         key = (w.name, spec.weights, plan.layout)
         if key not in weights:
-            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name, options.fp4_storage)
+            energy = energies.get(node.name)
+            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name, options.fp4_storage, energy)
             if options.emit == "qdq":
                 out = _emit_weight(graph, w, qw, plan)
                 stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
@@ -155,6 +178,9 @@ def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodeP
     if qw.storage == "lut":
         assert isinstance(elem, ElementFormat) and plan.layout is not None
         return emit_lut_weight(graph, w, qw, elem, plan.layout)
+    if qw.storage == "dq2":
+        assert plan.layout is not None
+        return emit_two_level_weight(graph, w, qw, plan.layout)
     if qw.storage == "lut_dq":
         assert isinstance(elem, ElementFormat)
         return emit_lut_dq_weight(graph, w, qw, elem)

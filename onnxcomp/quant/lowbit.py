@@ -69,6 +69,8 @@ def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
     factor = _INT_FACTOR.get(fmt_name) or _INT_FACTOR.get(get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0)
     if kind == "lut":
         return f"uint8 codes + 256-entry table ({fmt_name})"
+    if kind == "dq2":
+        return f"{dtype} ({fmt_name} values x{factor}) with float8e4m3fn group scales under float32 channel scales"
     if kind == "lut_dq":
         return f"uint4 codes + 16-entry table -> int8 x{factor} ({fmt_name})"
     if factor and dtype in ("int8", "int4"):
@@ -135,4 +137,69 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
     if qw.block_size:
         attrs["block_size"] = qw.block_size
     ir.make_node(graph, "DequantizeLinear", [ints, scale, zero], [out], f"{base}_DequantizeLinear", attrs)
+    return out
+
+
+def quantize_two_level(w: np.ndarray, spec, layout: WeightLayout, view_axes) -> QuantizedWeight:  # noqa: ANN001
+    """FP4 weights with FP8 group scales under a per-channel float32 scale (two levels).
+
+    s_c = amax_c / (448 * e4max); group scale g = amax_g / (e4max * s_c), stored as FP8 E4M3 (RNE);
+    element codes = E2M1/E1M2(w / (s_c * g8)); w' = value * fl(s_c * g8). Emitted as
+    DQ(fp8 group-scale codes, s_c / f) -> blocked DQ(int codes f*v): both exact (f = 2 or 4).
+    """
+    import ml_dtypes
+
+    from onnxcomp.quant.weights import _unit_view
+
+    elem = get_format(spec.dtype)
+    fp8 = get_format(spec.scale_format)
+    factor = _INT_FACTOR[elem.name]
+    view, axes, padded = _unit_view(w, spec, layout)
+    r, c = layout.reduction_axis, layout.channel_axis
+    vc = c if c < r else c + 1  # channel axis inside the grouped view
+    absv = np.abs(view)
+    amax_c = absv.max(axis=tuple(a for a in range(view.ndim) if a != vc), keepdims=True).astype(np.float64)
+    s_c = np.where(amax_c > 0, amax_c / (fp8.max_value * elem.max_value), 1.0).astype(np.float32)
+    amax_g = absv.max(axis=axes, keepdims=True).astype(np.float64)
+    g = (amax_g / (elem.max_value * s_c.astype(np.float64))).astype(np.float32)
+    g_codes = fp8.encode(g)
+    g8 = fp8.decode(g_codes)
+    eff = np.multiply(s_c, g8, dtype=np.float32)
+    safe = np.where(eff > 0, eff, np.float32(1))
+    codes = elem.encode(np.divide(view, safe, dtype=np.float32))
+    codes = np.where(eff > 0, codes, 0).astype(np.uint8)
+    deq = np.multiply(elem.decode(codes), eff, dtype=np.float32)
+    ints = np.rint(elem.decode(codes) * factor).astype(np.int8)
+    # back to the weight's layout (drop the group split and padding)
+    merged = w.shape[:r] + (padded,) + w.shape[r + 1 :]
+    keep = [slice(None)] * w.ndim
+    keep[r] = slice(0, w.shape[r])
+    ints = ints.reshape(merged)[tuple(keep)]
+    deq = deq.reshape(merged)[tuple(keep)]
+    g_codes = np.squeeze(g_codes, axis=r + 1)
+    stored = ints.astype(ml_dtypes.int4) if elem.name == "fp4_e1m2" else ints
+    zero = np.zeros(g_codes.shape, stored.dtype)
+    qw = QuantizedWeight(stored, np.asarray(s_c.reshape(-1) / np.float32(factor), np.float32), zero, r,
+                         spec.granularity.size, np.ascontiguousarray(deq), spec, "dq2")
+    qw.group_scale_codes = g_codes.view(ml_dtypes.float8_e4m3fn)  # type: ignore[attr-defined]
+    return qw
+
+
+def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
+    """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
+    base = weight.name
+    gcodes = ir.make_constant(ir.unique_name(graph, f"{base}_group_scale_quantized"), qw.group_scale_codes)  # type: ignore[attr-defined]
+    outer = ir.make_constant(ir.unique_name(graph, f"{base}_channel_scale"), qw.scale)
+    import ml_dtypes
+
+    gzero = ir.make_constant(ir.unique_name(graph, f"{base}_group_scale_zero_point"),
+                             np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn))
+    gscale = ir.make_variable(graph, f"{base}_group_scale", dtype=np.float32)
+    ir.make_node(graph, "DequantizeLinear", [gcodes, outer, gzero], [gscale], f"{base}_group_scale_DequantizeLinear",
+                 {"axis": layout.channel_axis})
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
+    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+    ir.make_node(graph, "DequantizeLinear", [codes, gscale, zero], [out], f"{base}_DequantizeLinear",
+                 {"axis": qw.axis, "block_size": qw.block_size})
     return out

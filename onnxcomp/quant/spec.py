@@ -22,7 +22,7 @@ from typing import Any
 from onnxcomp.errors import ConfigError
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-WEIGHT_OBSERVERS = ("minmax", "mse")
+WEIGHT_OBSERVERS = ("minmax", "mse", "output_mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "entropy", "mse", "histogram")
 GROUP_SIZES = (32, 64, 128, 256)
 #: Formats activations can use (the 4-bit float formats are weight-only).
@@ -69,6 +69,8 @@ class TensorSpec:
     symmetric: bool = True
     observer: str = "minmax"
     observer_options: tuple[tuple[str, Any], ...] = ()
+    #: Two-level scales: per-group scales stored in this format under a per-channel fp32 scale.
+    scale_format: str | None = None
 
     def options(self) -> dict[str, Any]:
         return dict(self.observer_options)
@@ -86,7 +88,7 @@ class NodeSpec:
     activations: TensorSpec | None
 
 
-_SPEC_KEYS = ("dtype", "granularity", "symmetric", "observer")
+_SPEC_KEYS = ("dtype", "granularity", "symmetric", "observer", "scale_format")
 
 
 def _format_names() -> list[str]:
@@ -136,6 +138,8 @@ def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str)
             values["symmetric"] = value
         elif key == "observer":
             values["observer"] = str(value)
+        elif key == "scale_format":
+            values["scale_format"] = None if str(value).lower() == "none" else str(value).lower()
         elif key in _OBSERVER_OPTION_KEYS:
             options[key] = value
         else:
@@ -184,6 +188,13 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
         raise ConfigError(
             f"{where}: {spec.dtype} weights always use 32-element blocks along the reduction axis; "
             "omit granularity or set group:32"
+        )
+    if spec.scale_format is not None and not (
+        role == "weights" and spec.dtype in ("fp4_e2m1", "fp4_e1m2") and g == "group" and spec.scale_format == "fp8_e4m3"
+    ):
+        raise ConfigError(
+            f"{where}: scale_format (two-level scales) is for fp4_e2m1/fp4_e1m2 weights with group:N granularity, "
+            "with scale_format = \"fp8_e4m3\""
         )
     if role == "weights" and spec.dtype == "hif8" and g == "group":
         raise ConfigError(f"{where}: hif8 weights take a per-tensor or per-channel scale; use tensor or channel")

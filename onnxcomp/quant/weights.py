@@ -90,9 +90,20 @@ def _qdq_units(fmt: IntegerFormat | ElementFormat, view: np.ndarray, lo: np.ndar
 
 
 def quantize_weight(
-    w: np.ndarray, spec: TensorSpec, layout: WeightLayout, name: str = "", fp4_storage: str = "int8"
+    w: np.ndarray,
+    spec: TensorSpec,
+    layout: WeightLayout,
+    name: str = "",
+    fp4_storage: str = "int8",
+    input_energy: np.ndarray | None = None,
 ) -> QuantizedWeight:
-    """Quantize a constant float weight per ``spec`` (minmax or MSE-searched clipping)."""
+    """Quantize a constant float weight per ``spec``.
+
+    Scale choice by ``spec.observer``: ``minmax`` (the amax rule), ``mse`` (clipping search
+    minimising the weight error per scaling unit) or ``output_mse`` (the same search weighted by
+    ``input_energy``, the mean x^2 of each input channel on calibration data: the layer's output
+    error under the diagonal approximation).
+    """
     fmt = get_format(spec.dtype)
     w32 = np.asarray(w, dtype=np.float32)
     if isinstance(fmt, MXFormat):
@@ -108,13 +119,22 @@ def quantize_weight(
     if spec.granularity.kind == "group" and w32.shape[layout.reduction_axis] < 2:
         raise ConfigError(f"weight {name!r}: reduction axis too short for per-group quantization")
     view, axes, padded = _unit_view(w32, spec, layout)
+    if spec.scale_format is not None:
+        from onnxcomp.quant.lowbit import quantize_two_level
+
+        return quantize_two_level(w32, spec, layout, axes)
     lo, hi = _unit_amax(view, axes)
     codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
-    if spec.observer == "mse":
-        err = ((deq - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
+    if spec.observer in ("mse", "output_mse"):
+        weight = 1.0
+        if spec.observer == "output_mse":
+            if input_energy is None:
+                raise ConfigError(f"weight {name!r}: observer output_mse needs calibration data (input energies)")
+            weight = _energy_view(input_energy, view.shape, spec, layout, w32.shape[layout.reduction_axis])
+        err = (weight * (deq - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
         for ratio in MSE_RATIOS[:-1]:
             c2, s2, z2, d2 = _qdq_units(fmt, view, lo * ratio, hi * ratio, spec.symmetric)
-            e2 = ((d2 - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
+            e2 = (weight * (d2 - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
             better = e2 < err
             if better.any():
                 err = np.where(better, e2, err)
@@ -182,3 +202,49 @@ def min_opset_for(spec: TensorSpec) -> int:
     if spec.dtype.startswith("fp8"):
         return 19
     return 13
+
+
+class InputEnergyObserver:
+    """Mean of x^2 per input channel of a layer (channel ``axis`` of its activation), mergeable.
+
+    Weights the weight-error search by how strongly each input channel is driven, i.e. the
+    layer's output error under the independent-inputs (diagonal) approximation:
+    E||x (W - W')||^2 ~ sum_k E[x_k^2] * sum_n (W - W')_{k,n}^2.
+    """
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        moved = np.moveaxis(np.asarray(x, np.float64), self.axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        part = np.einsum("ij,ij->j", flat, flat)
+        self.sum = part if self.sum is None else self.sum + part
+        self.count += flat.shape[0]
+
+    def merge(self, other: InputEnergyObserver) -> None:
+        if other.sum is not None:
+            self.sum = other.sum.copy() if self.sum is None else self.sum + other.sum
+            self.count += other.count
+
+    def energy(self) -> np.ndarray:
+        assert self.sum is not None and self.count
+        return self.sum / self.count
+
+
+def _energy_view(h: np.ndarray, view_shape: tuple[int, ...], spec: TensorSpec, layout: WeightLayout, length: int) -> np.ndarray:
+    """Input-channel energies arranged to broadcast against the weight's unit view."""
+    r = layout.reduction_axis
+    rank = len(view_shape)
+    if spec.granularity.kind == "group":
+        size = spec.granularity.size
+        padded = np.zeros(view_shape[r] * size)
+        padded[:length] = h
+        shape = [1] * rank
+        shape[r], shape[r + 1] = view_shape[r], size
+        return padded.reshape(shape)
+    shape = [1] * rank
+    shape[r] = length
+    return h.reshape(shape)

@@ -29,6 +29,7 @@ class SinkMatrix:
     bias: np.ndarray | None  # effective bias per output channel, None when there is none
     owner: np.ndarray  # (d,) input channel of each design column
     intercept: bool  # whether a refit may also set the bias
+    shape: tuple[int, ...] = ()  # the node's weight shape before pruning
 
     @property
     def node(self) -> ir.Node:
@@ -65,20 +66,19 @@ def sink_matrix(sink: Sink) -> SinkMatrix | str:
         wm = w.reshape(cout, -1).T
         owner = np.repeat(owner, kernel)
         bias = folded_value(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else None
-        return SinkMatrix(sink, wm, bias, owner, True)
+        return SinkMatrix(sink, wm, bias, owner, True, w.shape)
     if node.op == "Gemm":
         wm = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
         bias, intercept = _gemm_bias(node, wm.shape[1])
-        return SinkMatrix(sink, wm, bias, owner, intercept)
-    return SinkMatrix(sink, w, None, owner, True)  # MatMul: a refit bias becomes a new Add
+        return SinkMatrix(sink, wm, bias, owner, intercept, w.shape)
+    return SinkMatrix(sink, w, None, owner, True, w.shape)  # MatMul: a refit bias becomes a new Add
 
 
 def weight_from_matrix(sm: SinkMatrix, wm: np.ndarray, kept_channels: int) -> np.ndarray:
     """A refit ``wm`` (kept design columns only) back in the node's weight layout."""
     node = sm.node
     if node.op == "Conv":
-        shape = folded_value(node.inputs[1]).shape
-        return wm.T.reshape(shape[0], kept_channels, *shape[2:])
+        return wm.T.reshape(sm.shape[0], kept_channels, *sm.shape[2:])
     if node.op == "Gemm" and node.attrs.get("transB", 0):
         return wm.T
     return wm
@@ -102,18 +102,22 @@ def _conv_pads(node: ir.Node, spatial: list[int], kernel: list[int], strides: li
     return [int(p) for p in node.attrs.get("pads", [0] * (2 * nd))]
 
 
-def conv_patches(node: ir.Node, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Receptive fields ``(S, Cin*prod(kernel))`` of up to ``rows`` random output positions of a Conv."""
-    weight_shape = folded_value(node.inputs[1]).shape
-    kernel = list(weight_shape[2:])
+def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """(kernel, strides, dilations, pads, output spatial size) of a Conv on an input of ``x_shape``."""
+    kernel = list(folded_value(node.inputs[1]).shape[2:])
     nd = len(kernel)
     strides = [int(s) for s in node.attrs.get("strides", [1] * nd)]
     dil = [int(d) for d in node.attrs.get("dilations", [1] * nd)]
-    spatial = list(x.shape[2:])
+    spatial = list(x_shape[2:])
     pads = _conv_pads(node, spatial, kernel, strides, dil)
     out = [(spatial[i] + pads[i] + pads[i + nd] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(nd)]
-    total = x.shape[0] * math.prod(out)
-    index = np.arange(total) if total <= rows else np.sort(rng.choice(total, rows, replace=False))
+    return kernel, strides, dil, pads, out
+
+
+def conv_patches(node: ir.Node, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Receptive fields ``(len(index), Cin*prod(kernel))`` of a Conv at flat output positions ``index``."""
+    kernel, strides, dil, pads, out = _conv_geometry(node, x.shape)
+    nd = len(kernel)
     n, *pos = np.unravel_index(index, (x.shape[0], *out))
     padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     coords = []
@@ -126,8 +130,17 @@ def conv_patches(node: ir.Node, x: np.ndarray, rows: int, rng: np.random.Generat
     return np.moveaxis(patches, -1, 1).reshape(len(index), -1)
 
 
+def _augment(rows: np.ndarray) -> np.ndarray:
+    return np.hstack([rows, np.ones((len(rows), 1))])
+
+
 class GramAccumulator:
-    """Streaming ``[X 1]^T [X 1]`` of one sink's design matrix (float64)."""
+    """Streaming ``H = [X 1]^T [X 1]`` of one sink's design matrix (float64).
+
+    Fed pairs ``(x, x_pruned)`` — the sink's input in the original and in the pruned model on
+    the same batch — it also keeps ``Hp = [X' 1]^T [X' 1]`` and ``cross = [X' 1]^T [X 1]``, at the
+    same sampled rows.
+    """
 
     def __init__(self, sm: SinkMatrix, max_rows: int, rng: np.random.Generator) -> None:
         self.sm = sm
@@ -135,22 +148,37 @@ class GramAccumulator:
         self.rng = rng
         d = sm.wm.shape[0]
         self.h = np.zeros((d + 1, d + 1))
+        self.hp: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
         self.rows = 0
 
-    def design(self, x: np.ndarray) -> np.ndarray:
+    def _index(self, x_shape: tuple[int, ...]) -> np.ndarray:
         node = self.sm.node
         if node.op == "Conv":
-            return conv_patches(node, x, self.max_rows, self.rng)
-        flat = x.reshape(-1, x.shape[-1])
-        if len(flat) > self.max_rows:
-            flat = flat[np.sort(self.rng.choice(len(flat), self.max_rows, replace=False))]
-        return flat
+            total = x_shape[0] * math.prod(_conv_geometry(node, x_shape)[4])
+        else:
+            total = math.prod(x_shape[:-1])
+        if total <= self.max_rows:
+            return np.arange(total)
+        return np.sort(self.rng.choice(total, self.max_rows, replace=False))
 
-    def update(self, x: np.ndarray) -> None:
-        rows = self.design(np.asarray(x, dtype=np.float64))
-        aug = np.hstack([rows, np.ones((len(rows), 1))])
-        self.h += aug.T @ aug
-        self.rows += len(rows)
+    def _design(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if self.sm.node.op == "Conv":
+            return _augment(conv_patches(self.sm.node, x, index))
+        return _augment(x.reshape(-1, x.shape[-1])[index])
+
+    def update(self, x: np.ndarray, pruned: np.ndarray | None = None) -> None:
+        index = self._index(np.shape(x))
+        a = self._design(x, index)
+        self.h += a.T @ a
+        self.rows += len(a)
+        if pruned is not None:
+            b = self._design(pruned, index)
+            if self.hp is None or self.cross is None:
+                self.hp, self.cross = np.zeros((b.shape[1], b.shape[1])), np.zeros((b.shape[1], a.shape[1]))
+            self.hp += b.T @ b
+            self.cross += b.T @ a
 
 
 class Fanout:

@@ -44,6 +44,15 @@ def test_align_rank_is_amct_make_divisible(rank: int, align: int, cap: int, expe
     assert align_rank(rank, align, cap) == expected
 
 
+def test_energy_rounds_up_to_keep_the_energy() -> None:
+    s = np.ones(64)
+    choice = choose_rank(s, (64, 64), parse_rank_rule("energy:0.5"), 1, 64, 16, Band())
+    assert choice.detail["raw_rank"] == 32 and choice.rank == 32
+    choice = choose_rank(s, (64, 64), parse_rank_rule("energy:0.52"), 1, 64, 16, Band())
+    assert choice.detail["raw_rank"] == 34 and choice.rank == 48 and choice.detail["energy_kept"] >= 0.52
+    assert align_rank(34, 16, 999) == 32 and align_rank(34, 16, 999, up=True) == 48  # 32/64 < 0.52
+
+
 def test_energy_rank() -> None:
     s = np.sqrt(np.array([50.0, 30.0, 15.0, 5.0]))
     assert [energy_rank(s, e) for e in (0.5, 0.8, 0.9, 0.95, 1.0)] == [1, 2, 3, 3, 4]
@@ -95,6 +104,19 @@ def test_svd_signs_are_fixed_and_factors_rebuild_the_conv() -> None:
     w1, w2 = conv_factors(f, g, w.shape)
     assert w1.shape == (12, 4, 3, 1) and w2.shape == (6, 12, 1, 5)
     np.testing.assert_allclose(np.einsum("kci,okj->ocij", w1[..., 0], w2[:, :, 0, :]), w, atol=1e-12)
+
+
+def test_single_threaded_blas_restores_the_thread_count() -> None:
+    from onnxcomp.decomposition.blas import _openblas_threads, single_threaded_blas
+
+    threads = _openblas_threads()
+    if threads is None:
+        pytest.skip("numpy does not use its bundled OpenBLAS here")
+    get, _ = threads
+    before = get()
+    with single_threaded_blas():
+        assert get() == 1
+    assert get() == before
 
 
 def test_streamed_normal_equations_match_a_direct_solve() -> None:

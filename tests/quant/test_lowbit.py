@@ -263,3 +263,37 @@ def test_mixed_formats_in_one_model() -> None:
     assert record["fc1"]["weights"]["dtype"] == "mxfp4" and record["conv2"]["weights"]["dtype"] == "int8"
     assert "activations" not in record["conv1"] and record["conv2"]["activations"][0]["dtype"] == "hif8"
     assert record["fc1"]["weights"]["stored_as"] == "int8 (mxfp4 values x2)"
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp4_e1m2"])
+def test_two_level_fp8_group_scales_are_exact(fmt: str) -> None:
+    """Per-channel fp32 scale, per-group FP8 E4M3 scale, FP4 elements: two chained DQs, exact."""
+    w = _weight()
+    config = {"weights": {"dtype": fmt, "granularity": "group:32", "scale_format": "fp8_e4m3"}, "activations": "none"}
+    report = quantize(_matmul(w), config=config, fuse=False)
+    model = report.model
+    assert any(t.data_type == TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+    got = run_model(model, {"x": np.eye(K, dtype=np.float32)}, level="disable")[0]
+    fp8, elem = get_format("fp8_e4m3"), get_format(fmt)
+    amax_c = np.abs(w).max(0, keepdims=True).astype(np.float64)
+    s_c = np.where(amax_c > 0, amax_c / (448 * elem.max_value), 1).astype(np.float32)
+    want = np.empty_like(w)
+    for start in range(0, K, 32):
+        block = w[start : start + 32]
+        g = (np.abs(block).max(0, keepdims=True) / (elem.max_value * s_c.astype(np.float64))).astype(np.float32)
+        eff = np.multiply(s_c, fp8.quantize_dequantize(g), dtype=np.float32)
+        safe = np.where(eff > 0, eff, 1).astype(np.float32)
+        want[start : start + 32] = np.where(eff > 0, elem.quantize_dequantize(np.divide(block, safe, dtype=np.float32)) * eff, 0)
+    assert _values_equal(got, want).all()
+    assert _values_equal(run_model(model, {"x": np.eye(K, dtype=np.float32)}, level="all")[0], got).all()
+
+
+def test_two_level_with_fp8_activations_on_the_demo() -> None:
+    from onnxcomp.evaluate import accuracy, predict
+
+    held = np.load(MODELS / "digits_heldout.npz")
+    calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:32]}
+    config = {"weights": {"dtype": "fp4_e2m1", "granularity": "group:32", "scale_format": "fp8_e4m3"},
+              "activations": "fp8_e4m3"}
+    model = quantize(DEMO, calibration=calib, config=config).model
+    assert accuracy(predict(model, {"input": held["input"]}), held["label"]) >= 98.5

@@ -214,3 +214,24 @@ def test_int32_bias_on_fully_int8_conv(demo_w8a8: tuple[Path, onnx.ModelProto]) 
     inits = {t.name: t for t in demo_w8a8[1].graph.initializer}
     biases = [t for n, t in inits.items() if n.endswith("bias_quantized") or "bias" in n and t.data_type == TensorProto.INT32]
     assert biases and all(t.data_type == TensorProto.INT32 for t in biases)
+
+
+def test_output_mse_observer_lowers_layer_output_error() -> None:
+    """With uneven input-channel energy, weighting the search by E[x^2] lowers the output error."""
+    rng = np.random.default_rng(7)
+    k, n = 128, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    gains = np.exp(rng.uniform(-3, 3, k)).astype(np.float32)  # input channels of very different energy
+    calib = [{"x": (rng.standard_normal((64, k)) * gains).astype(np.float32)} for _ in range(4)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.concatenate([b["x"] for b in calib])
+    errors = {}
+    for observer in ("minmax", "mse", "output_mse"):
+        q = quantize(model, calibration=calib, weights="int4", granularity="channel", activations="none",
+                     weight_observer=observer, fuse=False).model
+        errors[observer] = float(((run_model(q, {"x": x}, level="disable")[0] - x @ w) ** 2).mean())
+    assert errors["output_mse"] < errors["mse"] <= errors["minmax"], errors

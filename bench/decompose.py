@@ -1,0 +1,228 @@
+"""Tensor decomposition benchmark (issue 7, item 7): MACs, parameters, latency and accuracy.
+
+Run from the repo root: ``python bench/decompose.py`` (``--no-write`` only prints). For each
+model it measures the fp32 model (after the deployment fusions), INT8 quantization alone, and
+every rank rule with SVD factors only ("svd"), with the least-squares refit of the second
+factors on calibration data ("refit"), and refit followed by INT8 quantization:
+
+* the digits demo CNN (``models/digits_cnn.onnx``; too-small threshold ``min_channels = 16``,
+  as its convs have 16..64 channels; one row with the reference toolkit's default 64):
+  held-out accuracy and logit cosine vs fp32, latency of a batch of 64;
+* PP-OCRv6 small text detector (``ppocr_det``, ``rapidocr`` wheel): cosine and IoU of the
+  binarized (> 0.3) text map vs fp32 on 4 synthetic 480x640 pages, latency of one page;
+* MiniLM-L3 (``minilm_l3``) with ``decompose_matmul``: cosine of the sentence embeddings.
+
+MACs are counted by ``onnxcomp.macs`` for one sample of the timing input (16x16 digit,
+480x640 page, 24 tokens). Latency is the median onnxruntime CPU time on one thread of a batch
+of 64 digits, one page, or 16 sentences. The tables replace the
+"## Decomposition" section of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.fetch import fetch, make_inputs  # noqa: E402 - after the sys.path insert
+from onnxcomp.api import decompose, quantize  # noqa: E402
+from onnxcomp.evaluate import accuracy, cosine, latency_ms, predict  # noqa: E402
+from onnxcomp.macs import model_macs  # noqa: E402
+from onnxcomp.summary import summarize  # noqa: E402
+from onnxcomp.testing import run_model  # noqa: E402
+
+README = REPO / "bench" / "README.md"
+SECTION = "## Decomposition"
+NOTHING = {"min_channels": 10**9}  # a decompose run that declines everything: the fused fp32 model
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass
+class Case:
+    """One model: how to load, feed, score and what to vary."""
+
+    title: str
+    path: Path
+    ops: str
+    rules: tuple[str, ...]
+    options: dict[str, Any]
+    calib: Feeds
+    test: Feeds
+    timing: Feeds
+    score: Callable[[onnx.ModelProto, onnx.ModelProto], str]  # (model, fp32) -> quality text
+    quality: str
+    int8: bool = True
+    extra: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+
+def fixed(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
+    """A copy whose graph inputs have the shapes of ``feeds`` (for MAC counting)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in copy.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape, strict=True):
+                dim.Clear()
+                dim.dim_value = int(size)
+    return copy
+
+
+def macs(model: onnx.ModelProto, feeds: Feeds) -> tuple[int, int]:
+    """(Conv/Gemm/MatMul MACs of the decomposable op kind, all MACs) for ``feeds``' shapes."""
+    counted = model_macs(fixed(model, feeds))
+    total = sum(m.macs or 0 for m in counted)
+    return sum(m.macs or 0 for m in counted if m.op == "Conv"), total
+
+
+def fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, decomposed: int | str,
+        runs: int) -> str:
+    one = {k: v[:1] for k, v in case.timing.items()}  # MACs per sample
+    conv, total = macs(model, one)
+    base_conv, base_total = macs(fp32, one)
+    kind = conv if case.ops == "conv" else total
+    base_kind = base_conv if case.ops == "conv" else base_total
+    saved = f"{(1 - kind / base_kind) * 100:.1f}%" if base_kind else "-"
+    params = summarize(model).param_count
+    lat = latency_ms(model, case.timing, threads=1, runs=runs, warmup=3)
+    text = (f"| {label} | {decomposed} | {fmt_count(kind)} | {saved} | {fmt_count(total)} | {fmt_count(params)} "
+            f"| {lat:.2f} | {case.score(model, fp32)} |")
+    print(text, flush=True)
+    return text
+
+
+def run_case(case: Case, runs: int) -> str:
+    print(f"\n{case.title}", flush=True)
+    fp32 = decompose(case.path, ops=case.ops, options=NOTHING).model
+    head = "conv MACs" if case.ops == "conv" else "MatMul/Gemm MACs"
+    lines = [f"### {case.title}", "",
+             f"| variant | decomposed | {head} | saved | all MACs | params | latency ms | {case.quality} |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines.append(row(case, "fp32 (fused)", fp32, fp32, 0, runs))
+    if case.int8:
+        lines.append(row(case, "int8 only", quantize(fp32, calibration=case.calib).model, fp32, 0, runs))
+    variants: list[tuple[str, str, dict[str, Any]]] = [(r, r, case.options) for r in case.rules]
+    variants += [(label, rule_opts["rank_rule"], {**case.options, **rule_opts}) for label, rule_opts in case.extra]
+    for label, rule, options in variants:
+        opts = {k: v for k, v in options.items() if k != "rank_rule"}
+        for refit in (False, True):
+            report = decompose(case.path, ops=case.ops, rank_rule=rule, options=opts,
+                               calibration=case.calib if refit else None)
+            record = report.steps[-1].result.data["record"]
+            lines.append(row(case, f"{label}, {'refit' if refit else 'svd'}", report.model, fp32,
+                             len(record["nodes"]), runs))
+            if refit and case.int8:
+                q = quantize(report.model, calibration=case.calib, fuse=False).model
+                lines.append(row(case, f"{label}, refit + int8", q, fp32, len(record["nodes"]), runs))
+    return "\n".join(lines)
+
+
+def demo_case() -> Case:
+    held = np.load(REPO / "models" / "digits_heldout.npz")
+    calib = dict(np.load(REPO / "models" / "digits_calib.npz"))
+    test = {"input": held["input"]}
+
+    def score(model: onnx.ModelProto, fp32: onnx.ModelProto) -> str:
+        out, ref = predict(model, test), predict(fp32, test)
+        return f"{accuracy(out, held['label']):.2f}% / {cosine(out, ref):.5f}"
+
+    return Case("digits demo CNN (4 Conv 3x3, 16-64 channels), `min_channels = 16`",
+                REPO / "models" / "digits_cnn.onnx", "conv",
+                ("auto", "energy:0.6", "ratio:0.25", "ratio:0.5", "rank:16"), {"min_channels": 16}, calib, test,
+                {"input": held["input"][:64]}, score, "accuracy / cosine",
+                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),))
+
+
+def ppocr_case() -> Case:
+    calib = make_inputs("ppocr_det", n=8, seed=1)
+    test = make_inputs("ppocr_det", n=4, seed=0)
+
+    def score(model: onnx.ModelProto, fp32: onnx.ModelProto) -> str:
+        out, ref = predict(model, test, batch=1), predict(fp32, test, batch=1)
+        a, b = out > 0.3, ref > 0.3
+        iou = (a & b).sum() / max((a | b).sum(), 1)
+        return f"{cosine(out, ref):.5f} / {iou:.4f}"
+
+    return Case("PP-OCRv6 small text detector (`ppocr_det`, 83 Conv: 61 1x1, 20 depthwise/grouped), `min_channels = 16`",
+                fetch("ppocr_det"), "conv", ("auto", "ratio:0.5", "rank:16"), {"min_channels": 16}, calib, test,
+                {"x": test["x"][:1]}, score, "cosine / text-map IoU",
+                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),))
+
+
+def minilm_case() -> Case:
+    calib = make_inputs("minilm_l3", n=64, seed=1, seq_len=24)
+    test = make_inputs("minilm_l3", n=64, seed=0, seq_len=24)
+
+    def score(model: onnx.ModelProto, fp32: onnx.ModelProto) -> str:
+        index = [o.name for o in fp32.graph.output].index("461")
+        out, ref = run_model(model, test)[index], run_model(fp32, test)[index]
+        rows = np.sum(out * ref, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+        return f"{rows.mean():.4f} / {rows.min():.4f}"
+
+    return Case("MiniLM-L3 sentence encoder (`minilm_l3`, 18 MatMul weights 384x384 / 384x1536), `decompose_matmul`",
+                fetch("minilm_l3"), "matmul", ("auto", "energy:0.9", "ratio:0.25"), {}, calib, test,
+                {k: v[:16] for k, v in test.items()}, score, "embedding cosine mean / min", int8=False)
+
+
+def write_section(body: str) -> None:
+    """Replace (or append) the "## Decomposition" section of bench/README.md."""
+    section = (
+        f"{SECTION}\n\n"
+        "Low-rank tensor decomposition (`onnxcomp decompose`): each rank rule with SVD factors only (svd),\n"
+        "with the second factors refit by least squares on calibration data (refit), and refit followed\n"
+        "by INT8 quantization (`onnxcomp quantize` defaults). \"saved\" is the reduction of conv MACs\n"
+        "(MatMul/Gemm MACs for MiniLM) against fp32. Regenerate with `python bench/decompose.py`.\n\n"
+        f"{body}\n"
+    )
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\s*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave bench/README.md alone")
+    parser.add_argument("--models", default="demo,ppocr_det,minilm_l3", help="comma-separated subset")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    cases = {"demo": (demo_case, 50), "ppocr_det": (ppocr_case, 10), "minilm_l3": (minilm_case, 30)}
+    tables = [run_case(make(), runs) for name, (make, runs) in cases.items() if name in args.models.split(",")]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    env = (f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
+           f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load:.1f} at the end of the run "
+           f"(a shared machine: latencies are medians but noisy); {time.perf_counter() - started:.0f} s.")
+    body = "\n\n".join(tables) + "\n\n" + env
+    print("\n" + body)
+    if not args.no_write:
+        write_section(body)
+        print(f"\nwrote {README.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
