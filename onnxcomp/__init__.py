@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxcomp.api import compress, fuse
+from onnxcomp.api import compress, fuse, quantize
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.manager import PassManager, RunReport
 from onnxcomp.model_io import load_model, save_model
@@ -26,6 +26,7 @@ __all__ = [
     "load_model",
     "load_recipe",
     "make_pass",
+    "quantize",
     "register_pass",
     "save_model",
 ]

@@ -82,6 +82,8 @@ def _tolist(a: np.ndarray) -> Any:
 
 
 def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
+    from onnxcomp.sparsity.stats import weight_sparsity  # zeros survive quantization exactly (q = zero point)
+
     spec = qw.spec
     zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
     zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
@@ -89,6 +91,7 @@ def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, 
         "tensor": name, "dtype": spec.dtype, "granularity": str(spec.granularity), "symmetric": spec.symmetric,
         "observer": spec.observer, "axis": qw.axis, "block_size": qw.block_size, "stored_as": stored_as,
         "shape": list(qw.dequantized.shape), "scale": _tolist(qw.scale), "zero_point": _tolist(zp_values),
+        "sparsity": weight_sparsity(qw.dequantized),
     }
 
 

@@ -19,20 +19,36 @@ from onnxcomp.quant.qparams import qparams_for_range
 from onnxcomp.quant.weights import QuantizedWeight, storage_array
 
 
-def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> ir.Tensor:
-    """codes + scale + zero point initializers and a DequantizeLinear; returns its output."""
-    base = weight.name
-    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
-    scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), qw.scale)
-    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
-    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+def emit_dq(
+    graph: ir.Graph,
+    base: str,
+    codes: ir.Tensor | np.ndarray,
+    scale: ir.Tensor | np.ndarray,
+    zero_point: np.ndarray,
+    axis: int | None,
+    block_size: int,
+    shape: list[int] | None,
+) -> ir.Tensor:
+    """A DequantizeLinear named after ``base``; arrays become initializers. Returns its output."""
+    if isinstance(codes, np.ndarray):
+        codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), codes)
+    if isinstance(scale, np.ndarray):
+        scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale)
+    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), zero_point)
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=shape)
     attrs: dict[str, int] = {}
-    if qw.axis is not None:
-        attrs["axis"] = qw.axis
-    if qw.block_size:
-        attrs["block_size"] = qw.block_size
+    if axis is not None:
+        attrs["axis"] = axis
+    if block_size:
+        attrs["block_size"] = block_size
     ir.make_node(graph, "DequantizeLinear", [codes, scale, zero], [out], f"{base}_DequantizeLinear", attrs)
     return out
+
+
+def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> ir.Tensor:
+    """codes + scale + zero point initializers and a DequantizeLinear; returns its output."""
+    return emit_dq(graph, weight.name, qw.codes, qw.scale, qw.zero_point, qw.axis, qw.block_size,
+                   list(qw.dequantized.shape))
 
 
 def emit_activation_qdq(

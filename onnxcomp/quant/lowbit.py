@@ -26,6 +26,8 @@ import numpy as np
 from onnxcomp import ir
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, MXFormat, get_format
+from onnxcomp.quant.emit import emit_dq
+from onnxcomp.quant.spec import TensorSpec
 from onnxcomp.quant.weights import QuantizedWeight, WeightLayout, storage_array
 
 FP4_STORAGES = ("int8", "uint4_lut", "float4e2m1")
@@ -78,7 +80,9 @@ def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
     return dtype
 
 
-def quantize_mx_weight(w: np.ndarray, fmt: MXFormat, layout: WeightLayout, spec, fp4_storage: str, name: str) -> QuantizedWeight:  # noqa: ANN001
+def quantize_mx_weight(
+    w: np.ndarray, fmt: MXFormat, layout: WeightLayout, spec: TensorSpec, fp4_storage: str, name: str
+) -> QuantizedWeight:
     """MX blocks of 32 along the reduction axis; the E8M0 scales become float32 2^X (exact)."""
     r = layout.reduction_axis
     codes, scale_bytes = fmt.quantize(w, axis=r, name=name)
@@ -128,19 +132,10 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
     idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
     ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
     ir.make_node(graph, "Gather", [table, idx], [ints], f"{base}_Gather", {"axis": 0})
-    scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), qw.scale)
-    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
-    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
-    attrs: dict[str, int] = {}
-    if qw.axis is not None:
-        attrs["axis"] = qw.axis
-    if qw.block_size:
-        attrs["block_size"] = qw.block_size
-    ir.make_node(graph, "DequantizeLinear", [ints, scale, zero], [out], f"{base}_DequantizeLinear", attrs)
-    return out
+    return emit_dq(graph, base, ints, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
 
 
-def quantize_two_level(w: np.ndarray, spec, layout: WeightLayout, view_axes) -> QuantizedWeight:  # noqa: ANN001
+def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> QuantizedWeight:
     """FP4 weights with FP8 group scales under a per-channel float32 scale (two levels).
 
     s_c = amax_c / (448 * e4max); group scale g = amax_g / (e4max * s_c), stored as FP8 E4M3 (RNE);
@@ -187,19 +182,9 @@ def quantize_two_level(w: np.ndarray, spec, layout: WeightLayout, view_axes) -> 
 
 def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
     """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
-    base = weight.name
-    gcodes = ir.make_constant(ir.unique_name(graph, f"{base}_group_scale_quantized"), qw.group_scale_codes)  # type: ignore[attr-defined]
-    outer = ir.make_constant(ir.unique_name(graph, f"{base}_channel_scale"), qw.scale)
     import ml_dtypes
 
-    gzero = ir.make_constant(ir.unique_name(graph, f"{base}_group_scale_zero_point"),
-                             np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn))
-    gscale = ir.make_variable(graph, f"{base}_group_scale", dtype=np.float32)
-    ir.make_node(graph, "DequantizeLinear", [gcodes, outer, gzero], [gscale], f"{base}_group_scale_DequantizeLinear",
-                 {"axis": layout.channel_axis})
-    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
-    zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), qw.zero_point)
-    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
-    ir.make_node(graph, "DequantizeLinear", [codes, gscale, zero], [out], f"{base}_DequantizeLinear",
-                 {"axis": qw.axis, "block_size": qw.block_size})
-    return out
+    base = weight.name
+    gscale = emit_dq(graph, f"{base}_group_scale", qw.group_scale_codes, qw.scale,  # type: ignore[attr-defined]
+                     np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn), layout.channel_axis, 0, None)
+    return emit_dq(graph, base, qw.codes, gscale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
