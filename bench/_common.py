@@ -92,12 +92,24 @@ def versions(*modules: str) -> dict[str, str]:
     return out
 
 
+def git_revision(repo: str | os.PathLike[str] = REPO) -> str:
+    """Short HEAD commit of ``repo``, with '+ uncommitted changes' when the tree is dirty."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def environment_line(modules: Sequence[str]) -> str:
     """One markdown line: date, versions, machine."""
     v = versions(*modules)
     parts = ", ".join(f"{k} {val}" for k, val in v.items())
     today = _dt.date.today().isoformat()
-    return (f"Measured {today}; {parts}; {nproc()} CPUs (`nproc`), {cpu_model()}, "
+    return (f"Measured {today} at commit {git_revision()}; {parts}; {nproc()} CPUs (`nproc`), {cpu_model()}, "
             f"{mem_total_gb():.0f} GB RAM, {platform.system()} {platform.machine()}.")
 
 

@@ -12,18 +12,16 @@ factors on calibration data ("refit"), and refit followed by INT8 quantization:
   binarized (> 0.3) text map vs fp32 on 4 synthetic 480x640 pages, latency of one page;
 * MiniLM-L3 (``minilm_l3``) with ``decompose_matmul``: cosine of the sentence embeddings.
 
-MACs are counted by ``onnxcomp.macs`` for one sample of the timing input (16x16 digit,
-480x640 page, 24 tokens). Latency is the median onnxruntime CPU time on one thread of a batch
-of 64 digits, one page, or 16 sentences. The tables replace the
+MACs are counted by ``onnxcomp.macs`` for one sample (a 16x16 digit, a 480x640 page; MiniLM:
+weight MACs per token). Latency is the onnxruntime CPU time on one thread of a batch of 64
+digits, one page, or 16 sentences of 24 tokens, timed round-robin with the fp32 model
+(``bench/_common.py``) so load from other processes hits both alike. The tables replace the
 "## Decomposition" section of bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -33,14 +31,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from models.fetch import fetch, make_inputs  # noqa: E402 - after the sys.path insert
+import _common as common  # noqa: E402 - after the sys.path insert
+from models.fetch import fetch, make_inputs  # noqa: E402
 from onnxcomp.api import decompose, quantize  # noqa: E402
-from onnxcomp.evaluate import accuracy, cosine, latency_ms, predict  # noqa: E402
+from onnxcomp.evaluate import accuracy, cosine, predict  # noqa: E402
 from onnxcomp.macs import model_macs  # noqa: E402
 from onnxcomp.summary import summarize  # noqa: E402
 from onnxcomp.testing import run_model  # noqa: E402
@@ -48,6 +47,14 @@ from onnxcomp.testing import run_model  # noqa: E402
 README = REPO / "bench" / "README.md"
 SECTION = "## Decomposition"
 NOTHING = {"min_channels": 10**9}  # a decompose run that declines everything: the fused fp32 model
+INTRO = (
+    "Low-rank tensor decomposition (`onnxcomp decompose`): each rank rule with SVD factors only (svd),\n"
+    "with the second factors refit by least squares on calibration data (refit), and refit followed\n"
+    "by INT8 quantization (`onnxcomp quantize` defaults). \"saved\" is the reduction of conv MACs\n"
+    "(MatMul weight MACs per token for MiniLM) against fp32. Latency: onnxruntime CPU, one thread,\n"
+    "median of the runs, each timed round-robin with the fp32 model (\"vs fp32\" = the ratio of the\n"
+    "two medians; < 1 is faster). Regenerate with `python bench/decompose.py`."
+)
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -84,10 +91,31 @@ def fixed(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
 
 
 def macs(model: onnx.ModelProto, feeds: Feeds) -> tuple[int, int]:
-    """(Conv/Gemm/MatMul MACs of the decomposable op kind, all MACs) for ``feeds``' shapes."""
+    """(Conv MACs, all Conv/ConvTranspose/Gemm/MatMul MACs) for ``feeds``' shapes."""
     counted = model_macs(fixed(model, feeds))
     total = sum(m.macs or 0 for m in counted)
     return sum(m.macs or 0 for m in counted if m.op == "Conv"), total
+
+
+def weight_macs_per_row(model: onnx.ModelProto) -> int:
+    """MACs per row (token) of the MatMul/Gemm nodes with a constant 2-D weight: sum of K*N.
+
+    Used for MiniLM, where ``onnxcomp.macs`` cannot count MatMuls (shape inference loses the
+    batch dim at the position-ids Slice).
+    """
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    dims = [inits.get(n.input[1]) for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1]
+    return sum(d[0] * d[1] for d in dims if d is not None and len(d) == 2)
+
+
+def timing(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Feeds, runs: int) -> tuple[float, float]:
+    """(median ms of ``model``, its ratio to fp32) timed round-robin with the fp32 model.
+
+    ``bench/_common.interleaved_latency_ms``: a burst of load from other processes on a shared
+    machine hits both models alike, so the ratio is steadier than either time.
+    """
+    base, ms = common.interleaved_latency_ms([fp32, model], feeds, threads=1, runs=runs, warmup=3)
+    return ms, ms / base
 
 
 def fmt_count(n: float) -> str:
@@ -100,15 +128,16 @@ def fmt_count(n: float) -> str:
 def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, decomposed: int | str,
         runs: int) -> str:
     one = {k: v[:1] for k, v in case.timing.items()}  # MACs per sample
-    conv, total = macs(model, one)
-    base_conv, base_total = macs(fp32, one)
-    kind = conv if case.ops == "conv" else total
-    base_kind = base_conv if case.ops == "conv" else base_total
+    if case.ops == "conv":
+        (kind, total), (base_kind, _) = macs(model, one), macs(fp32, one)
+        total_text = fmt_count(total)
+    else:
+        kind, base_kind, total_text = weight_macs_per_row(model), weight_macs_per_row(fp32), "-"
     saved = f"{(1 - kind / base_kind) * 100:.1f}%" if base_kind else "-"
     params = summarize(model).param_count
-    lat = latency_ms(model, case.timing, threads=1, runs=runs, warmup=3)
-    text = (f"| {label} | {decomposed} | {fmt_count(kind)} | {saved} | {fmt_count(total)} | {fmt_count(params)} "
-            f"| {lat:.2f} | {case.score(model, fp32)} |")
+    ms, ratio = timing(model, fp32, case.timing, runs)
+    text = (f"| {label} | {decomposed} | {fmt_count(kind)} | {saved} | {total_text} | {fmt_count(params)} "
+            f"| {ms:.2f} | {ratio:.2f} | {case.score(model, fp32)} |")
     print(text, flush=True)
     return text
 
@@ -116,10 +145,11 @@ def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, d
 def run_case(case: Case, runs: int) -> str:
     print(f"\n{case.title}", flush=True)
     fp32 = decompose(case.path, ops=case.ops, options=NOTHING).model
-    head = "conv MACs" if case.ops == "conv" else "MatMul/Gemm MACs"
+    head = "conv MACs" if case.ops == "conv" else "MatMul MACs / token"
     lines = [f"### {case.title}", "",
-             f"| variant | decomposed | {head} | saved | all MACs | params | latency ms | {case.quality} |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| variant | decomposed | {head} | saved | all MACs | params | latency ms | vs fp32 "
+             f"| {case.quality} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     lines.append(row(case, "fp32 (fused)", fp32, fp32, 0, runs))
     if case.int8:
         lines.append(row(case, "int8 only", quantize(fp32, calibration=case.calib).model, fp32, 0, runs))
@@ -130,12 +160,14 @@ def run_case(case: Case, runs: int) -> str:
         for refit in (False, True):
             report = decompose(case.path, ops=case.ops, rank_rule=rule, options=opts,
                                calibration=case.calib if refit else None)
-            record = report.steps[-1].result.data["record"]
-            lines.append(row(case, f"{label}, {'refit' if refit else 'svd'}", report.model, fp32,
-                             len(record["nodes"]), runs))
+            count = len(report.steps[-1].result.data["record"]["nodes"])
+            if count == 0:  # nothing decomposed: the model is the fp32 one, one row says so
+                lines.append(f"| {label} | 0 | - | 0.0% | - | - | - | - | = fp32 |")
+                break
+            lines.append(row(case, f"{label}, {'refit' if refit else 'svd'}", report.model, fp32, count, runs))
             if refit and case.int8:
                 q = quantize(report.model, calibration=case.calib, fuse=False).model
-                lines.append(row(case, f"{label}, refit + int8", q, fp32, len(record["nodes"]), runs))
+                lines.append(row(case, f"{label}, refit + int8", q, fp32, count, runs))
     return "\n".join(lines)
 
 
@@ -165,10 +197,12 @@ def ppocr_case() -> Case:
         iou = (a & b).sum() / max((a | b).sum(), 1)
         return f"{cosine(out, ref):.5f} / {iou:.4f}"
 
-    return Case("PP-OCRv6 small text detector (`ppocr_det`, 83 Conv: 61 1x1, 20 depthwise/grouped), `min_channels = 16`",
-                fetch("ppocr_det"), "conv", ("auto", "ratio:0.5", "rank:16"), {"min_channels": 16}, calib, test,
+    return Case("PP-OCRv6 small text detector (`ppocr_det`, 83 Conv: 61 1x1, 17 depthwise), `min_channels = 16`",
+                fetch("ppocr_det"), "conv", ("auto", "rank:32", "energy:0.9"), {"min_channels": 16}, calib, test,
                 {"x": test["x"][:1]}, score, "cosine / text-map IoU",
-                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),))
+                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),
+                       ("auto, 1x1 convs too (min_kernel 1)", {"rank_rule": "auto", "min_kernel": 1}),
+                       ("energy:0.9, 1x1 convs too (min_kernel 1)", {"rank_rule": "energy:0.9", "min_kernel": 1})))
 
 
 def minilm_case() -> Case:
@@ -186,41 +220,21 @@ def minilm_case() -> Case:
                 {k: v[:16] for k, v in test.items()}, score, "embedding cosine mean / min", int8=False)
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) the "## Decomposition" section of bench/README.md."""
-    section = (
-        f"{SECTION}\n\n"
-        "Low-rank tensor decomposition (`onnxcomp decompose`): each rank rule with SVD factors only (svd),\n"
-        "with the second factors refit by least squares on calibration data (refit), and refit followed\n"
-        "by INT8 quantization (`onnxcomp quantize` defaults). \"saved\" is the reduction of conv MACs\n"
-        "(MatMul/Gemm MACs for MiniLM) against fp32. Regenerate with `python bench/decompose.py`.\n\n"
-        f"{body}\n"
-    )
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave bench/README.md alone")
     parser.add_argument("--models", default="demo,ppocr_det,minilm_l3", help="comma-separated subset")
     args = parser.parse_args()
     started = time.perf_counter()
-    cases = {"demo": (demo_case, 50), "ppocr_det": (ppocr_case, 10), "minilm_l3": (minilm_case, 30)}
+    cases = {"demo": (demo_case, 200), "ppocr_det": (ppocr_case, 10), "minilm_l3": (minilm_case, 50)}
     tables = [run_case(make(), runs) for name, (make, runs) in cases.items() if name in args.models.split(",")]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    env = (f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, Python {platform.python_version()}, "
-           f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load:.1f} at the end of the run "
-           f"(a shared machine: latencies are medians but noisy); {time.perf_counter() - started:.0f} s.")
-    body = "\n\n".join(tables) + "\n\n" + env
+    env = common.environment_line(["onnxcomp", "onnx", "onnxruntime", "numpy"])
+    env += (f" Load average {common.load_average()} at the end of the run (a shared machine); "
+            f"{time.perf_counter() - started:.0f} s.")
+    body = INTRO + "\n\n" + "\n\n".join(tables) + "\n\n" + env
     print("\n" + body)
     if not args.no_write:
-        write_section(body)
+        common.write_readme_section(README, SECTION, body)
         print(f"\nwrote {README.relative_to(REPO)}")
 
 

@@ -433,6 +433,7 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
         return float(cos.mean()), float(cos.min())
 
     seq = corpus["input_ids"].shape[1]
+    lm_batch = 4 if quick else 16
     benches.append(ModelBench(
         key="minilm_l3", title="Transformer encoder `minilm_l3` (paraphrase-MiniLM-L3-v2)", src=lm,
         calib=str(work / "calib_minilm_l3.npz"), n=64, bs=16,
@@ -440,17 +441,18 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
                    "batches of 16",
         eval_text=f"mean cosine of the sentence embedding `{lm_out}` vs fp32 over the same 64 sentences; "
                   "second metric: the minimum over the sentences",
-        latency_feeds={k: v[:16] for k, v in corpus.items()}, latency_text=f"16 sentences [16,{seq}]",
+        latency_feeds={k: v[:lm_batch] for k, v in corpus.items()}, latency_text=f"{lm_batch} sentences [{lm_batch},{seq}]",
         metric_name="mean cos", metric2_name="min cos", evaluate=eval_lm))
     return benches
 
 
-def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool) -> None:
+def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> None:
     def out(name: str) -> str:
         return str(work / f"{bench.key}.{name}.onnx")
 
     common_task = {"model": bench.src, "calib": bench.calib, "n": bench.n, "bs": bench.bs}
-    for obs in ("minmax", "percentile", "entropy"):
+    observers = ("minmax", "entropy") if quick and bench.key != "digits_cnn" else ("minmax", "percentile", "entropy")
+    for obs in observers:
         opts = {"percentile": PERCENTILE} if obs == "percentile" else {}
         label = f"static int8, {obs}" + (f" {PERCENTILE:g}" if obs == "percentile" else "")
         bench.jobs.append(Job(label, "onnxcomp", {**common_task, "kind": "onnxcomp_quant", "mode": "static",
@@ -474,9 +476,12 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool) -> None:
         bench.jobs.append(Job("int4 weight-only, block 32", "onnxruntime",
                               {**nocal, "kind": "ort_nbits", "out": out("ort_nbits")}, "ort_nbits",
                               note="MatMulNBits, accuracy_level unset"))
-        bench.jobs.append(Job("int4 weight-only, block 32", "onnxruntime acc=4",
-                              {**nocal, "kind": "ort_nbits", "accuracy_level": 4, "out": out("ort_nbits4")},
-                              "ort_nbits", note="MatMulNBits, accuracy_level=4 (as onnxcomp's fused output)"))
+        if not quick:
+            bench.jobs.append(Job("int4 weight-only, block 32", "onnxruntime acc=4",
+                                  {**nocal, "kind": "ort_nbits", "accuracy_level": 4, "out": out("ort_nbits4")},
+                                  "ort_nbits", note="MatMulNBits, accuracy_level=4 (as onnxcomp's fused output)"))
+    if quick:
+        return
     bench.jobs.append(Job("int4 weight-only, block 32", "onnxcomp mse", {
         **nocal, "kind": "onnxcomp_quant", "mode": "int4", "weight_observer": "mse", "out": out("oc_int4_mse")},
         "onnxcomp", matched=False, note="onnxcomp's MSE clipping search for weights: no ORT counterpart"))
@@ -558,11 +563,12 @@ def run_calibration_only(work: Path, quick: bool, log: Callable[[str], None]) ->
     specs.append(("minilm_l3", str(fetch("minilm_l3")), str(work / "calonly_minilm.npz"), n_lm, 16,
                   f"{n_lm} sentences (the corpus + joined pairs, seed=3) padded to {lm['input_ids'].shape[1]} tokens, "
                   "batches of 16"))
-    n_det, side = (16, 256) if quick else (32, 320)
-    det = make_inputs("ppocr_det", n_det, seed=4, height=side, width=side)
-    np.savez(work / "calonly_det.npz", **det)
-    specs.append(("ppocr_det", str(fetch("ppocr_det")), str(work / "calonly_det.npz"), n_det, 4,
-                  f"{n_det} pages at {side}x{side} (seed=4), batches of 4"))
+    if not quick:
+        n_det, side = 32, 320
+        det = make_inputs("ppocr_det", n_det, seed=4, height=side, width=side)
+        np.savez(work / "calonly_det.npz", **det)
+        specs.append(("ppocr_det", str(fetch("ppocr_det")), str(work / "calonly_det.npz"), n_det, 4,
+                      f"{n_det} pages at {side}x{side} (seed=4), batches of 4"))
     settings = {
         "percentile": ({"percentile": PERCENTILE, "num_bins": 2048}, {"percentile": PERCENTILE, "num_bins": 2048}),
         "entropy": ({}, {"num_bins": 2048, "num_quant_bins": 128}),
@@ -625,42 +631,49 @@ def model_table(bench: ModelBench) -> str:
     return common.markdown_table(headers, rows, "llrrrrrrrr")
 
 
+def _ratio_range(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
+
+
 def summary(benches: list[ModelBench], cal_rows: list[CalibRow]) -> tuple[str, list[str]]:
-    """A plain paragraph of where onnxcomp is better/worse, and the list of metric losses."""
-    losses, wins, ties = [], [], []
-    faster = slower = smaller_rss = larger_rss = 0
-    lat_better = lat_worse = 0
+    """Plain per-model statements of where onnxcomp is better/worse, and the list of metric losses."""
+    losses: list[str] = []
+    lines = []
     for b in benches:
-        for oc, ort in _pairs(b):
+        pairs = _pairs(b)
+        if not pairs:
+            continue
+        tol = 1e-9 if b.key == "digits_cnn" else 5e-5
+        better, equal, worse = [], [], []
+        for oc, ort in pairs:
             d = oc.metric - ort.metric
-            tol = 1e-9 if b.key == "digits_cnn" else 5e-5
-            item = (f"{b.key} {oc.setting} vs {ort.tool}: {b.metric_name} {oc.metric:.5g} vs {ort.metric:.5g} "
-                    f"({d:+.3g})")
-            (losses if d < -tol else wins if d > tol else ties).append(item)
-            if ort.tool == "onnxruntime":
-                faster += oc.time_s < ort.time_s
-                slower += oc.time_s >= ort.time_s
-                smaller_rss += oc.peak_mb < ort.peak_mb
-                larger_rss += oc.peak_mb >= ort.peak_mb
-                lat_better += oc.lat2 < ort.lat2 * 0.95
-                lat_worse += oc.lat2 > ort.lat2 * 1.05
-    total = len(losses) + len(wins) + len(ties)
-    parts = [f"**Metric:** over {total} matched onnxcomp/onnxruntime pairs, onnxcomp is better in {len(wins)}, "
-             f"equal in {len(ties)} and worse in {len(losses)}."]
-    if losses:
-        parts.append("Worse: " + "; ".join(losses) + ".")
-    parts.append(f"**Quantization time:** onnxcomp is faster in {faster} and slower in {slower} pairs (it also "
-                 "validates the output and runs its SQNR report, which ORT does not).")
-    parts.append(f"**Peak RSS of the quantization:** onnxcomp is lower in {smaller_rss} and higher in {larger_rss} "
-                 "pairs (raw peaks; the baseline rows show what imports and loading alone take).")
-    parts.append(f"**Latency (2 threads):** onnxcomp's model is >5 % faster in {lat_better} and >5 % slower in "
-                 f"{lat_worse} pairs; the rest are within 5 %.")
+            what = f"{oc.setting} vs {ort.tool}: {oc.metric:.5g} vs {ort.metric:.5g} ({d:+.2g})"
+            (worse if d < -tol else better if d > tol else equal).append(what)
+            if d < -tol:
+                losses.append(f"{b.key} {what} [{b.metric_name}]")
+        main = [(oc, ort) for oc, ort in pairs if ort.tool == "onnxruntime"]
+        text = (f"- **{b.key}** ({b.metric_name}): onnxcomp better in {len(better)}, equal in {len(equal)}, "
+                f"worse in {len(worse)} of {len(pairs)} matched pairs")
+        details = [f"better: {'; '.join(better)}" if better else "", f"worse: {'; '.join(worse)}" if worse else ""]
+        details = [d for d in details if d]
+        text += (" (" + " / ".join(details) + ")") if details else ""
+        text += (f". onnxcomp's quantization takes {_ratio_range([oc.time_s / ort.time_s for oc, ort in main])} "
+                 f"ORT's time and {_ratio_range([oc.peak_mb / ort.peak_mb for oc, ort in main])} its peak RSS; "
+                 f"its output is {_ratio_range([oc.size_mb / ort.size_mb for oc, ort in main])} the size; "
+                 f"its model's latency is {_ratio_range([oc.lat1 / ort.lat1 for oc, ort in main])} ORT's model's "
+                 f"with 1 thread and {_ratio_range([oc.lat2 / ort.lat2 for oc, ort in main])} with 2 threads "
+                 "(ratios onnxcomp / ORT, < 1 means onnxcomp is smaller or faster).")
+        lines.append(text)
     cal_ok = [r for r in cal_rows if not r.error]
     if cal_ok:
-        t = [f"{r.model} {r.policy}: time x{r.oc_time / r.ort_time:.2f}, peak RSS x{r.oc_peak / r.ort_peak:.2f}"
-             for r in cal_ok]
-        parts.append("**Calibration alone** (onnxcomp / ORT): " + "; ".join(t) + ".")
-    return "\n".join(parts), losses
+        t = [f"{r.model} {r.policy} {r.oc_time / r.ort_time:.2f}x the time and {r.oc_peak / r.ort_peak:.2f}x the "
+             "peak RSS" for r in cal_ok]
+        lines.append("- **Calibration alone** (onnxcomp / ORT, same tensors and batches): " + "; ".join(t) + ".")
+    return "\n".join(lines), losses
 
 
 def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[str, str], args: argparse.Namespace,
@@ -685,7 +698,8 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
         "",
         f"- **quant time**: wall time inside a fresh subprocess around the quantization call only (not the "
         f"interpreter start, imports or data loading); {'median of ' + str(repeats) + ' runs' if repeats > 1 else '1 run (use --full for the median of 3)'}. "
-        "onnxcomp's includes its fusions, opset upgrade, output validation and SQNR report; ORT's includes "
+        "onnxcomp's includes its fusions, opset upgrade, output validation after each pass, its SQNR report "
+        "(4 calibration batches through the float and the quantized model) and writing its record JSON; ORT's includes "
         "`onnx.version_converter` to opset 13 when the model is older (ppocr_det: ORT per-channel QDQ needs 13) and "
         "`quant_pre_process(skip_symbolic_shape=True)` for the static and dynamic flows (ORT's recommended step; "
         "it folds BatchNorm and drops Identity/Dropout like onnxcomp's fusions; symbolic shape inference fails "
@@ -702,6 +716,15 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
         "latencies within a table, not across runs.",
         "- **size**: the output `.onnx` file.",
         "- Rows marked `*` are extra onnxcomp options with no ORT counterpart; they are not counted as matched pairs.",
+        "- Calibration semantics that stay different at matched settings: ORT's `Percentile` takes the percentile "
+        "of |x| (its default `symmetric=True` for that method) on a 2048-bin histogram, rounds up to a bin edge and "
+        "clips the range [-t, t] to [min, max]; onnxcomp's `percentile` takes both tails at the percentile. ORT's "
+        "`Entropy` through `quantize_static` always uses 128 histogram bins and 128 quantized bins "
+        "(`quantize_static` cannot change them), which leaves one candidate threshold: it returns the min/max range.",
+        f"- ORT's `MatMulNBitsQuantizer` imports `onnx_ir`, which needs `sympy`; onnxruntime does not declare them. "
+        f"When the venv lacks them the script pip-installs {', '.join(f'`{p}`' for p in PEER_PINS)} (`--no-deps`) "
+        "into `~/.cache/onnxcomp-bench/peers` (or `$ONNXCOMP_BENCH_PEERS`) and puts that folder on the ORT "
+        "children's `PYTHONPATH` only; the project venv is not changed.",
         "",
     ]
     for b in benches:
@@ -741,7 +764,7 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples and smaller images (~1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer samples, smaller inputs, no percentile rows on the real models, no extra rows, calibration-only on minilm_l3 only")
     parser.add_argument("--full", action="store_true", help="quantization time = median of 3 runs")
     parser.add_argument("--only", choices=["digits_cnn", "ppocr_det", "minilm_l3"], action="append",
                         help="only these models (repeatable); the README is not written")
@@ -751,7 +774,7 @@ def main() -> int:
     start = time.perf_counter()
     load_start = common.load_average()
     repeats = 3 if args.full else 1
-    lat_runs = 20 if args.quick else 30
+    lat_runs = 50 if args.full else 20
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -763,7 +786,7 @@ def main() -> int:
         benches = [b for b in build_models(work, args.quick) if not args.only or b.key in args.only]
         for b in benches:
             log(f"{b.key}")
-            plan_jobs(b, work, have_nbits)
+            plan_jobs(b, work, have_nbits, args.quick)
             run_bench(b, repeats, lat_runs, peer_env, log)
         cal_rows, cal_texts = ([], {}) if args.no_calibration or args.only else run_calibration_only(work, args.quick, log)
         runtime = time.perf_counter() - start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxcomp.api import compress, fuse, quantize
+from onnxcomp.api import compress, fuse, quantize, sparsify
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.manager import PassManager, RunReport
 from onnxcomp.model_io import load_model, save_model
@@ -29,4 +29,5 @@ __all__ = [
     "quantize",
     "register_pass",
     "save_model",
+    "sparsify",
 ]

@@ -231,8 +231,8 @@ def decompose(
     model: ModelLike,
     output: str | os.PathLike[str] | None = None,
     *,
-    rank_rule: str = "auto",
-    align: int = 16,
+    rank_rule: str | None = None,
+    align: int | None = None,
     calibration: CalibrationLike = None,
     replay: str | os.PathLike[str] | None = None,
     ops: str = "conv",
@@ -247,10 +247,11 @@ def decompose(
     """Low-rank tensor decomposition: fusions (unless ``fuse=False``) then ``decompose_conv``
     (``ops="conv"``), ``decompose_matmul`` (``"matmul"``) or both (``"all"``).
 
-    ``rank_rule`` is ``auto``, ``energy:E``, ``ratio:R`` or ``rank:N``; ``calibration`` enables
-    the least-squares refit of the second factors; ``replay`` applies a saved
-    ``OUT.decomposition.json`` exactly; ``options`` are further pass options (each pass takes
-    the ones it knows). The record is saved beside ``output`` as ``OUT.decomposition.json``.
+    ``rank_rule`` is ``auto`` (the default), ``energy:E``, ``ratio:R`` or ``rank:N`` and ``align``
+    the rank multiple (default 16); ``calibration`` enables the least-squares refit of the
+    second factors; ``replay`` applies a saved ``OUT.decomposition.json`` exactly; ``options``
+    are further pass options (each pass takes the ones it knows; the explicit keywords win).
+    The record is saved beside ``output`` as ``OUT.decomposition.json``.
     """
     from onnxcomp.options import option_fields
     from onnxcomp.passes import FUSE_PIPELINE
@@ -258,10 +259,12 @@ def decompose(
 
     if ops not in ("conv", "matmul", "all"):
         raise OnnxCompError(f"ops must be 'conv', 'matmul' or 'all', got {ops!r}")
-    names = {"conv": ["decompose_conv"], "matmul": ["decompose_matmul"], "all": ["decompose_conv", "decompose_matmul"]}
-    wanted: dict[str, Any] = {**(options or {}), "rank_rule": rank_rule, "align": align}
-    if replay is not None:
-        wanted["record"] = str(replay)
+    names = {"conv": ["decompose_conv"], "matmul": ["decompose_matmul"],
+             "all": ["decompose_conv", "decompose_matmul"]}
+    wanted: dict[str, Any] = dict(options or {})
+    for key, value in (("rank_rule", rank_rule), ("align", align), ("record", replay)):
+        if value is not None:
+            wanted[key] = str(value) if key == "record" else value
     fields = {n: {f for f, _, _ in option_fields(get_pass(n).Options)} for n in names[ops]}
     valid = set().union(*fields.values())
     unknown = sorted(set(wanted) - valid)
@@ -269,5 +272,45 @@ def decompose(
         raise OnnxCompError(f"unknown decomposition option {unknown[0]!r}; valid options: {', '.join(sorted(valid))}")
     passes: list[Pass | str] = list(FUSE_PIPELINE if fuse else ())
     passes += [make_pass(n, {k: v for k, v in wanted.items() if k in fields[n]}) for n in names[ops]]
+    return compress(model, passes, output, calibration=calibration, force=force, progress=progress,
+                    external_data=external_data, calib_samples=calib_samples, batch_size=batch_size)
+
+
+def sparsify(
+    model: ModelLike,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    pattern: str | None = None,
+    prune_ratio: float | None = None,
+    calibration: CalibrationLike = None,
+    scope: str = "layer",
+    ratios: Mapping[str, float] | None = None,
+    round_to: int = 1,
+    criterion: str = "l2",
+    reconstruct: bool | None = None,
+    skip: Sequence[str] = (),
+    quantize: str | None = None,
+    activations: str | None = None,
+    fuse: bool = True,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+    progress: bool = False,
+    external_data: bool | None = None,
+) -> RunReport:
+    """Sparsity: fusions (unless ``fuse=False``), then n:m ``pattern`` or channel pruning by ``prune_ratio``.
+
+    Channel pruning reconstructs the consumers by least squares when calibration data is given
+    (``reconstruct=None``), and can choose channels from data (``criterion="data"``). With
+    ``quantize`` (a weight format: ``"int8"``, ``"int4"``, ...) the sparse model is quantized
+    next (activations: ``activations``, default none = weight-only): the combined recipe.
+    """
+    from onnxcomp.sparsity.recipe import sparsify_passes
+
+    options: dict[str, Any] = {"scope": scope, "round_to": round_to, "criterion": criterion,
+                               "reconstruct": calibration is not None if reconstruct is None else reconstruct,
+                               "ratios": dict(ratios or {})}
+    passes = sparsify_passes(pattern=pattern, prune_ratio=prune_ratio, fuse=fuse, prune_options=options, skip=skip,
+                             quantize=quantize, activations=activations)
     return compress(model, passes, output, calibration=calibration, force=force, progress=progress,
                     external_data=external_data, calib_samples=calib_samples, batch_size=batch_size)

@@ -156,7 +156,7 @@ def _load_extra_commands() -> None:
     """Commands defined next to their feature (quantize, sparsify, ...) register on import."""
     import importlib
 
-    for module in ("onnxcomp.cli_quantize", "onnxcomp.cli_decompose"):
+    for module in ("onnxcomp.cli_quantize", "onnxcomp.cli_decompose", "onnxcomp.cli_sparsify"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

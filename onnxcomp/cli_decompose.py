@@ -32,12 +32,15 @@ def _decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-rule", type=_rank_rule, default="auto", metavar="RULE",
                    help="auto (EVBMF, clamped band), energy:E, ratio:R or rank:N (default auto)")
     p.add_argument("--align", type=int, default=16, help="round ranks to a multiple of N (default 16; 1 = exact)")
-    p.add_argument("--calib", type=Path, help="calibration data (.npz by input name, or a directory): refit the second factors")
+    p.add_argument("--calib", type=Path,
+                   help="calibration data (.npz by input name, or a directory): refit the second factors")
     p.add_argument("--replay", type=Path, metavar="FILE", help="apply exactly the ranks of a decomposition record")
     p.add_argument("--ops", choices=("conv", "matmul", "all"), default="conv",
                    help="decompose Conv (default), Gemm/MatMul weights, or both")
-    p.add_argument("--min-channels", type=int, help="too-small rule: min(Cin, Cout) below this with a kernel < 7 (default 64)")
-    p.add_argument("--min-kernel-channels", type=int, help="too-small rule: min(k) * min(Cin, Cout) below this (default 16)")
+    p.add_argument("--min-channels", type=int,
+                   help="too-small rule: min(Cin, Cout) below this with a kernel < 7 (default 64)")
+    p.add_argument("--min-kernel-channels", type=int,
+                   help="too-small rule: min(k) * min(Cin, Cout) below this (default 16)")
     p.add_argument("--allow-dilation", action="store_true", help="also decompose dilated convolutions")
     p.add_argument("--no-refit", action="store_true", help="keep the SVD factors even with --calib")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave nodes matching GLOB alone")

@@ -32,7 +32,7 @@ def infer_static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     del probe.graph.value_info[:]
     for value in probe.graph.input:
         for dim in value.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:  # symbolic, unknown or -1
                 dim.Clear()
                 dim.dim_value = 1
     # Large weights are only needed for their shapes: drop their data to keep inference cheap

@@ -12,6 +12,7 @@ from onnx import helper
 
 from onnxcomp.macs import model_macs
 from onnxcomp.model_io import default_opset
+from onnxcomp.sparsity.stats import sparsity_extra
 
 
 @dataclass
@@ -113,7 +114,8 @@ def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSum
         macs_unknown=unknown,
         inputs=[_value_info(v) for v in model.graph.input if v.name not in inits],
         outputs=[_value_info(v) for v in model.graph.output],
-        extra={"weights by storage (Conv/Gemm/MatMul)": storage_rows(storage)} if storage else {},
+        extra=({"weights by storage (Conv/Gemm/MatMul)": storage_rows(storage)} if storage else {})
+        | sparsity_extra(model),
     )
 
 

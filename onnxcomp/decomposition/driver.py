@@ -193,7 +193,8 @@ def _entry(decomposer: Decomposer, plan: _Plan) -> dict[str, Any]:
         "macs_exact": t.macs_exact, "macs_saved": 1.0 - after / t.macs_before, **t.info,
     }
     fit = plan.fit
-    entry["refit"] = None if fit is None else {"rows": fit.rows, "error_svd": fit.error_svd, "error_refit": fit.error_refit}
+    entry["refit"] = None if fit is None else {
+        "rows": fit.rows, "error_svd": fit.error_svd, "error_refit": fit.error_refit}
     return entry
 
 
@@ -211,7 +212,7 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
     """Decompose every matching node of ``graph`` (the body of a decomposition pass)."""
     options: DecomposeOptions = decomposer.options
     result = PassResult(modified=False, stats={"decomposed": 0})
-    replay = load_replay(options.record, decomposer.pass_name) if options.record else None
+    replay, recorded = load_replay(options.record, decomposer.pass_name) if options.record else (None, {})
     plans: list[_Plan] = []
     seen: set[str] = set()
     for node in ir.iter_nodes(graph, decomposer.ops):
@@ -225,6 +226,9 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
             raise ConfigError(f"record names {', '.join(map(repr, missing))}, not a {'/'.join(decomposer.ops)} "
                               "node of this model")
     refitted = _refit(graph, ctx, decomposer, plans, result) if plans else False
+    if plans and recorded.get("refit") and not refitted:
+        result.notes.append("the record was made with a refit on calibration data; without one this replay "
+                            "keeps the SVD factors and differs from the recorded model")
     entries = []
     for plan in plans:
         second, bias = plan.second, None

@@ -59,8 +59,3 @@ def conv_factors(first: np.ndarray, second: np.ndarray, weight_shape: tuple[int,
     w2 = second.reshape(rank, cout, kw).transpose(1, 0, 2)[:, :, None, :]
     return np.ascontiguousarray(w1), np.ascontiguousarray(w2)
 
-
-def second_from_conv(w2: np.ndarray) -> np.ndarray:
-    """The matrix factor ``G (r, Cout*kw)`` of a ``(Cout, r, 1, kw)`` second conv weight."""
-    cout, rank, _, kw = w2.shape
-    return w2[:, :, 0, :].transpose(1, 0, 2).reshape(rank, cout * kw)

@@ -42,8 +42,11 @@ def add_to_artifacts(artifacts: dict[str, Any], pass_name: str, settings: dict[s
     return record
 
 
-def load_replay(path: str, pass_name: str) -> dict[str, dict[str, Any]]:
-    """The recorded entries of ``pass_name`` by node name, from a record file; ConfigError if bad."""
+def load_replay(path: str, pass_name: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """(recorded entries of ``pass_name`` by node name, its recorded settings) from a record file.
+
+    Raises ConfigError naming the file when it is missing, unreadable or malformed.
+    """
     file = Path(path)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -63,7 +66,9 @@ def load_replay(path: str, pass_name: str) -> dict[str, dict[str, Any]]:
         if node in entries:
             raise ConfigError(f"{file}: node {node!r} is recorded twice for {pass_name}")
         entries[node] = entry
-    return entries
+    passes = data.get("passes")
+    settings = passes.get(pass_name, {}) if isinstance(passes, dict) else {}
+    return entries, settings if isinstance(settings, dict) else {}
 
 
 def _rule_text(entry: dict[str, Any]) -> str:
@@ -86,9 +91,31 @@ def _macs(value: int | None) -> str:
     return str(value)
 
 
+def describe_settings(name: str, settings: dict[str, Any]) -> str:
+    """One line saying exactly which rules a pass applied (from the record's ``passes``)."""
+    if settings.get("record"):
+        rule = f"replay of {settings['record']}"
+    elif settings["rank_rule"] == "auto":
+        d, wide = settings["band_divisor"], settings["band_divisor_wide"]
+        band = (f"clamped to [L//{d + 1}, L//{d}] (d={wide} when min(C) >= {settings['wide_channels']}), "
+                "L = min(k)*min(C)") if d else "no clamp"
+        rule = f"auto = EVBMF noise-floor rank, {band}"
+    else:
+        rule = settings["rank_rule"]
+    align = settings["align"]
+    text = f"{name}: {rule}; " + (f"aligned to {align}" if align > 1 else "no alignment")
+    text += (f"; too small: min(k)*min(C) < {settings['min_kernel_channels']} or min(k) < "
+             f"{settings['small_kernel']} and min(C) < {settings['min_channels']}")
+    if settings.get("refit"):
+        text += f"; second factors refit on {settings.get('calibration') or 'calibration data'}"
+    return text
+
+
 def format_record(record: dict[str, Any]) -> str:
-    """A text table of the decomposed nodes and the MAC totals."""
-    lines = [f"  {'node':<24} {'weight':<18} {'rank':>9}  {'rule':<26} {'MACs before -> after':<24} refit err"]
+    """The rules applied, a table of the decomposed nodes and the MAC totals."""
+    lines = [f"  {describe_settings(name, settings)}" for name, settings in record["passes"].items()]
+    lines += [f"  {'node':<24} {'weight':<18} {'rank':>9}  {'rule':<26} {'MACs before -> after':<24} "
+              "out err² svd -> refit"]
     before = after = 0
     for e in record["nodes"]:
         shape = "x".join(str(d) for d in e["weight_shape"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,7 @@ class _ConvDecomposer(Decomposer):
             (bias.astype(np.float64) if bias is not None else np.zeros(cout))[None, :],
         ])
 
-        def rows(arrays: list[np.ndarray]):  # noqa: ANN202 - an iterator of (A, Y) chunks
+        def rows(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             z, out = arrays
             pads = g.axis_pads(1, z.shape[3])
             return conv_rows(z, out, kw, g.strides[1], g.dilations[1], pads)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +72,7 @@ class _MatMulDecomposer(Decomposer):
     def probe(self, target: Target, first: np.ndarray, second: np.ndarray, index: int) -> Probe:
         a = first.astype(target.weight.dtype).astype(np.float64)
 
-        def rows(arrays: list[np.ndarray]):  # noqa: ANN202 - an iterator of (A, Y) chunks
+        def rows(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             x = self._inputs(arrays[0], target).astype(np.float64)
             yield x @ a, x @ target.matrix
 
@@ -99,7 +99,8 @@ class _MatMulDecomposer(Decomposer):
             needs_c = ir.default_opset(graph) < 11  # C became optional in opset 11
             in1: list[ir.Tensor] = [x, c1]
             if needs_c:
-                in1.append(ir.make_constant(ir.unique_name(graph, f"{base}_down_zero"), np.zeros(first.shape[1], dtype)))
+                zero = np.zeros(first.shape[1], dtype)
+                in1.append(ir.make_constant(ir.unique_name(graph, f"{base}_down_zero"), zero))
             attrs1 = {"transA": int(node.attrs.get("transA", 0))}
             attrs2 = {"beta": float(node.attrs.get("beta", 1.0))}
             n1 = ir.make_node(graph, "Gemm", in1, [z], name=f"{base}_down", attrs=attrs1)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import ir
+from onnxcomp.decomposition.blas import single_threaded_blas
 from onnxcomp.errors import CalibrationError
 from onnxcomp.passes._affine import describe
 from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
@@ -21,6 +22,7 @@ from onnxcomp.sparsity.masks import is_nm_sparse, keep_count, match_glob, reduct
 log = logging.getLogger(__name__)
 
 PrunableOp = Literal["Conv", "Gemm", "MatMul"]
+Plan = tuple[ChannelGroup, float]  # a prunable group and the ratio it is pruned by
 
 
 @register_pass
@@ -60,8 +62,8 @@ class PruneChannels(Pass):
         criterion: Literal["l1", "l2", "data"] = "l2"
         reconstruct: bool = True  # least-squares refit of the consumers (needs calibration data)
         max_ratio: float = 0.9  # global scope: the most any group may lose
-        damping: float = 1e-3  # ridge term of the refit, relative to the mean input energy
-        rows_per_batch: int = 4096  # Conv output positions sampled per calibration batch
+        damping: float = 1e-2  # ridge of the refit towards the plain-removal weights, relative to the mean input energy
+        rows_per_batch: int = 1024  # rows (Conv output positions) sampled per calibration batch and consumer
         batch_num: int | None = None  # calibration batches used (None: all)
 
         def __post_init__(self) -> None:
@@ -72,34 +74,38 @@ class PruneChannels(Pass):
                 raise ValueError("round_to and rows_per_batch must be >= 1 and damping >= 0")
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        with single_threaded_blas():  # small matrices: OpenBLAS threads only spin on a loaded machine
+            return self._run(graph, ctx)
+
+    def _run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        result = PassResult(modified=False, stats={"groups": 0, "layers": 0, "channels_before": 0,
-                                                   "channels_after": 0, "refit": 0})
-        plans: list[tuple[ChannelGroup, float]] = []
-        sparse = record.layers_of_kind(ctx, "n:m")
-        for group in CouplingAnalysis(graph, tuple(o.ops)).groups():
-            reason = group.blocked or self._policy_reason(group, sparse)
-            if reason:
-                self._decline(result, group, reason)
-            else:
-                plans.append((group, self._ratio(group)))
-        matrices = {id(sink.node): sm for g, _ in plans for sink in g.sinks if isinstance(sm := sink_matrix(sink), SinkMatrix)}
+        result = PassResult(modified=False, stats=dict.fromkeys(("groups", "layers", "channels_before",
+                                                                 "channels_after", "refit"), 0))
+        plans = self._plans(graph, ctx, result)
+        matrices: dict[int, SinkMatrix] = {}
+        for group, _ in plans:
+            for sink in group.sinks:
+                sm = sink_matrix(sink)
+                if isinstance(sm, SinkMatrix):
+                    matrices[id(sink.node)] = sm
+                else:
+                    result.notes.append(f"{sink.node.name}: not refit: {sm}")
         original = self._original(graph, ctx) if plans and (o.reconstruct or o.criterion == "data") else None
         accs: dict[int, GramAccumulator] = {}
         if original is not None and o.criterion == "data":
-            accs = reconstruct.accumulators(list(matrices.values()), ctx, o.rows_per_batch)
-            reconstruct.collect(original, accs, ctx, o.batch_num)
+            accs = reconstruct.collect(original, list(matrices.values()), ctx, o.rows_per_batch, o.batch_num)
         if o.scope == "global":
             plans = self._global(plans, accs)
         chosen: list[tuple[ChannelGroup, np.ndarray]] = []
         for group, ratio in plans:
             keep = self._keep(group, ratio, accs)
-            if len(keep) == group.channels:
-                self._decline(result, group, f"ratio {ratio:g} with round_to {o.round_to} keeps all {group.channels} channels")
-            else:
+            if len(keep) < group.channels:
                 chosen.append((group, keep))
+            else:
+                reason = f"ratio {ratio:g} with round_to {o.round_to} keeps all {group.channels} channels"
+                self._decline(result, group, reason)
         for group, keep in chosen:
-            rewrite.prune_inputs(graph, group, keep, {})
+            rewrite.prune_inputs(graph, group, keep)
         for group, keep in chosen:
             rewrite.prune_outputs(graph, group, keep)
         fits = self._reconstruct(graph, ctx, original, chosen, matrices) if chosen and o.reconstruct else {}
@@ -107,6 +113,18 @@ class PruneChannels(Pass):
         record.add_layers(ctx, result.data["layers"])
         result.modified = bool(chosen)
         return result
+
+    def _plans(self, graph: ir.Graph, ctx: PassContext, result: PassResult) -> list[Plan]:
+        """The prunable groups with their ratios; the others are declined with the reason."""
+        plans = []
+        sparse = record.layers_of_kind(ctx, "n:m")
+        for group in CouplingAnalysis(graph, tuple(self.options.ops)).groups():
+            reason = group.blocked or self._policy_reason(group, sparse)
+            if reason:
+                self._decline(result, group, reason)
+            else:
+                plans.append((group, self._ratio(group)))
+        return plans
 
     def _original(self, graph: ir.Graph, ctx: PassContext) -> onnx.ModelProto:
         """The model before pruning (calibration statistics come from it)."""
@@ -127,7 +145,7 @@ class PruneChannels(Pass):
         jobs = [reconstruct.SinkJob(matrices[id(sink.node)], keep, out_keep.get(id(sink.node)))
                 for group, keep in chosen for sink in group.sinks if id(sink.node) in matrices]
         o = self.options
-        return reconstruct.reconstruct_sinks(graph, original, original, jobs, ctx, o.damping, o.rows_per_batch, o.batch_num)
+        return reconstruct.reconstruct_sinks(graph, original, jobs, ctx, o.damping, o.rows_per_batch, o.batch_num)
 
     # --- policy ------------------------------------------------------------------------------
 
@@ -157,8 +175,10 @@ class PruneChannels(Pass):
     @staticmethod
     def _decline(result: PassResult, group: ChannelGroup, reason: str) -> None:
         names = group.names
+        done = {name for name, _ in result.declined}
         for name in names:
-            result.declined.append((name, reason))
+            if name not in done:  # a group blocked early may be met again from a coupled layer
+                result.declined.append((name, reason))
         log.debug("prune_channels: %s declined: %s", ", ".join(names), reason)
 
     # --- statistics and choice -----------------------------------------------------------------
@@ -177,7 +197,7 @@ class PruneChannels(Pass):
             removed = select.lowest(select.norm_scores(group, crit), count)
         return select.keep_from_removed(group.channels, removed)
 
-    def _global(self, plans: list[tuple[ChannelGroup, float]], accs: dict[int, GramAccumulator]) -> list[tuple[ChannelGroup, float]]:
+    def _global(self, plans: list[Plan], accs: dict[int, GramAccumulator]) -> list[Plan]:
         o = self.options
         free = [i for i, (g, _) in enumerate(plans) if not any(match_glob(s.node.name, o.ratios) for s in g.sources)]
         scores = []
@@ -185,7 +205,7 @@ class PruneChannels(Pass):
             gram = self._data_gram(plans[i][0], accs) if o.criterion == "data" else None
             crit = o.criterion if o.criterion != "data" else "l2"
             scores.append(np.diag(gram) if gram is not None else select.relative_norms(plans[i][0], crit))
-        ratios = select.global_ratios(scores, o.ratio, o.max_ratio)
+        ratios = select.global_ratios(scores, o.ratio, o.max_ratio, o.round_to)
         out = list(plans)
         for i, ratio in zip(free, ratios, strict=True):
             out[i] = (plans[i][0], ratio)

@@ -22,7 +22,6 @@ ConvTranspose, or any op not listed.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,19 +29,19 @@ import numpy as np
 
 from onnxcomp import ir
 from onnxcomp.passes._affine import FLOAT_DTYPES, describe, is_onnx_op
-from onnxcomp.sparsity.layout import Layout, Shapes, folded_value, int_list, node_axes, raw_axes
+from onnxcomp.sparsity.layout import Layout, Shapes, folded_value
+from onnxcomp.sparsity.oprules import (
+    ELEMENTWISE,
+    NORMS,
+    POOLS,
+    REDUCES,
+    Blocked,
+    acting_axes,
+    flattened_layout,
+    moved_layout,
+)
 
 SOURCE_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
-ELEMENTWISE = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
-    "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast", "Clip",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-})
-POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
-                     "ReduceLogSumExp", "ReduceSumSquare"})
-NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
 
 @dataclass
@@ -84,10 +83,6 @@ class ChannelGroup:
     def names(self) -> list[str]:
         """The names of the group's layers (its sources; the start layer when it has none)."""
         return [s.node.name for s in self.sources] or [self.start.name]
-
-
-class _Blocked(Exception):
-    pass
 
 
 def float_weight(node: ir.Node, index: int = 1) -> np.ndarray | None:
@@ -133,7 +128,7 @@ class CouplingAnalysis:
             self._add_source(start)
             while self._queue:
                 self._visit(self._queue.popleft())
-        except _Blocked as exc:
+        except Blocked as exc:
             self._group.blocked = str(exc)
         return self._group
 
@@ -141,10 +136,10 @@ class CouplingAnalysis:
 
     def _visit(self, tensor: ir.Tensor) -> None:
         if ir.is_graph_output(self.graph, tensor):
-            raise _Blocked(f"channels reach graph output {tensor.name!r}")
+            raise Blocked(f"channels reach graph output {tensor.name!r}")
         node = ir.producer(tensor)
         if node is None:
-            raise _Blocked(f"channels come from graph input {tensor.name!r}")
+            raise Blocked(f"channels come from graph input {tensor.name!r}")
         if node.op in SOURCE_OPS and conv_group(node) == 1:
             self._add_source(node)
         else:
@@ -166,18 +161,18 @@ class CouplingAnalysis:
         members = self._group.members
         if tensor.name in members:
             if members[tensor.name][1] != layout:
-                raise _Blocked(f"tensor {tensor.name!r} carries the channels on two different axes")
+                raise Blocked(f"tensor {tensor.name!r} carries the channels on two different axes")
             return
         dim = self.shapes.dim(tensor, layout.axis)
         if dim is not None and dim != layout.size:
-            raise _Blocked(f"tensor {tensor.name!r} has {dim} entries on axis {layout.axis}, expected {layout.size}")
+            raise Blocked(f"tensor {tensor.name!r} has {dim} entries on axis {layout.axis}, expected {layout.size}")
         members[tensor.name] = (tensor, layout)
         self._queue.append(tensor)
 
     def _rank(self, tensor: ir.Tensor, node: ir.Node) -> int:
         rank = self.shapes.rank(tensor)
         if rank is None:
-            raise _Blocked(f"the rank of {tensor.name!r} (at {describe(node)}) is unknown")
+            raise Blocked(f"the rank of {tensor.name!r} (at {describe(node)}) is unknown")
         return rank
 
     def _layout_of(self, node: ir.Node) -> tuple[ir.Tensor, Layout]:
@@ -192,28 +187,28 @@ class CouplingAnalysis:
         if not self._once(node, "source"):
             return
         if node.op not in self.source_ops or not is_onnx_op(node):
-            raise _Blocked(f"channels come from {describe(node)}, which is not among the pruned ops")
+            raise Blocked(f"channels come from {describe(node)}, which is not among the pruned ops")
         weight = float_weight(node)
         if weight is None:
-            raise _Blocked(f"channels come from {describe(node)}, whose weight is not a float constant")
+            raise Blocked(f"channels come from {describe(node)}, whose weight is not a float constant")
         if node.op == "Conv":
             axis, channels, rank = 0, weight.shape[0], weight.ndim
         elif node.op == "Gemm":
             if weight.ndim != 2:
-                raise _Blocked(f"the weight of {describe(node)} is {weight.ndim}-D")
+                raise Blocked(f"the weight of {describe(node)} is {weight.ndim}-D")
             axis = 0 if node.attrs.get("transB", 0) else 1
             channels, rank = weight.shape[axis], 2
         else:
             if weight.ndim != 2:
-                raise _Blocked(f"the weight of {describe(node)} is {weight.ndim}-D, not 2-D")
+                raise Blocked(f"the weight of {describe(node)} is {weight.ndim}-D, not 2-D")
             axis, channels, rank = 1, weight.shape[1], self._rank(node.inputs[0], node)
             if rank < 2:
-                raise _Blocked(f"the input of {describe(node)} is 1-D")
+                raise Blocked(f"the input of {describe(node)} is 1-D")
         group = self._group
         if not group.sources:
             group.channels = channels
         elif channels != group.channels:
-            raise _Blocked(
+            raise Blocked(
                 f"coupled layers have different channel counts ({describe(node)}: {channels}, "
                 f"{describe(group.sources[0].node)}: {group.channels})"
             )
@@ -224,21 +219,21 @@ class CouplingAnalysis:
         if not self._once(node, "sink"):
             return
         if not is_onnx_op(node) or node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
-            raise _Blocked(f"channels reach an input of {describe(node)} other than its data input")
+            raise Blocked(f"channels reach an input of {describe(node)} other than its data input")
         _, layout = self._group.members[tensor.name]
         weight = float_weight(node)
         if weight is None:
-            raise _Blocked(f"channels reach {describe(node)}, whose weight is not a float constant")
+            raise Blocked(f"channels reach {describe(node)}, whose weight is not a float constant")
         if node.op == "Conv":
             ok, k = layout.axis == 1 and layout.plain, weight.shape[1]
         elif node.op == "Gemm":
             if node.attrs.get("transA", 0):
-                raise _Blocked(f"channels reach {describe(node)} with transA=1")
+                raise Blocked(f"channels reach {describe(node)} with transA=1")
             ok, k = layout.axis == 1 and weight.ndim == 2, weight.shape[1 if node.attrs.get("transB", 0) else 0]
         else:
             ok, k = layout.axis == layout.rank - 1 and weight.ndim == 2, weight.shape[0]
         if not ok or k != layout.size:
-            raise _Blocked(f"channels reach {describe(node)} on an axis it does not reduce over")
+            raise Blocked(f"channels reach {describe(node)} on an axis it does not reduce over")
         self._group.sinks.append(Sink(node, layout))
 
     # --- pass-through ops --------------------------------------------------------------------
@@ -248,7 +243,7 @@ class CouplingAnalysis:
             return
         op = node.op
         if not is_onnx_op(node):
-            raise _Blocked(f"channels reach {describe(node)} (domain {node.domain!r}), which the pass cannot follow")
+            raise Blocked(f"channels reach {describe(node)} (domain {node.domain!r}), which the pass cannot follow")
         if op in ELEMENTWISE:
             self._elementwise(node)
         elif op in NORMS or op in POOLS:
@@ -260,12 +255,12 @@ class CouplingAnalysis:
         elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
             self._reshaping(node)
         else:
-            raise _Blocked(f"channels reach {describe(node)}, which the pass cannot follow")
+            raise Blocked(f"channels reach {describe(node)}, which the pass cannot follow")
 
     def _extra_outputs_unused(self, node: ir.Node) -> None:
         for out in node.outputs[1:]:
             if out.name and (ir.consumers(out) or ir.is_graph_output(self.graph, out)):
-                raise _Blocked(f"the output {out.name!r} of {describe(node)} is used")
+                raise Blocked(f"the output {out.name!r} of {describe(node)} is used")
 
     def _elementwise(self, node: ir.Node) -> None:
         self._extra_outputs_unused(node)
@@ -287,7 +282,7 @@ class CouplingAnalysis:
         if value.ndim < -layout.neg or value.shape[layout.neg] == 1:
             return
         if value.shape[layout.neg] != layout.size:
-            raise _Blocked(
+            raise Blocked(
                 f"constant {node.inputs[index].name!r} of {describe(node)} has {value.shape[layout.neg]} entries "
                 f"on the channel axis, expected {layout.size}"
             )
@@ -298,12 +293,13 @@ class CouplingAnalysis:
         self._extra_outputs_unused(node)
         _, layout = self._layout_of(node)
         if layout.axis != 1 or (node.op in POOLS and not layout.plain):
-            raise _Blocked(f"channels reach {describe(node)} on axis {layout.axis}, not its channel axis 1")
+            raise Blocked(f"channels reach {describe(node)} on axis {layout.axis}, not its channel axis 1")
         for index in params:
             value = folded_value(node.inputs[index]) if index < len(node.inputs) else None
             if value is None or value.shape != (layout.size,):
-                raise _Blocked(f"parameter {index} of {describe(node)} is not a constant vector of {layout.size}")
-            self._group.consts.append(ConstEdit(node, index, value, Layout(0, 1, layout.channels, layout.outer, layout.inner)))
+                raise Blocked(f"parameter {index} of {describe(node)} is not a constant vector of {layout.size}")
+            vector = Layout(0, 1, layout.channels, layout.outer, layout.inner)
+            self._group.consts.append(ConstEdit(node, index, value, vector))
         self._add(node.inputs[0], layout)
         self._add(node.outputs[0], layout)
 
@@ -312,11 +308,12 @@ class CouplingAnalysis:
         weight = float_weight(node)
         group = conv_group(node)
         if weight is None:
-            raise _Blocked(f"channels reach {describe(node)} (group={group}), whose weight is not a float constant")
+            raise Blocked(f"channels reach {describe(node)} (group={group}), whose weight is not a float constant")
         if weight.shape[1] != 1 or group != layout.channels or not layout.plain or layout.axis != 1:
-            raise _Blocked(f"channels reach grouped {describe(node)} (group={group}), which is not depthwise")
+            raise Blocked(f"channels reach grouped {describe(node)} (group={group}), which is not depthwise")
         if weight.shape[0] != group:
-            raise _Blocked(f"channels reach depthwise {describe(node)} with channel multiplier {weight.shape[0] // group}")
+            multiplier = weight.shape[0] // group
+            raise Blocked(f"channels reach depthwise {describe(node)} with channel multiplier {multiplier}")
         self._group.depthwise.append(node)
         self._add(node.inputs[0], layout)
         self._add(node.outputs[0], layout)
@@ -325,13 +322,13 @@ class CouplingAnalysis:
         """Ops that keep the channel axis intact when they act on other axes only."""
         self._extra_outputs_unused(node)
         tensor, layout = self._layout_of(node)
-        axes = self._acting_axes(node, layout.rank)
+        axes = acting_axes(node, layout.rank)
         if axes is None or layout.axis in axes:
-            raise _Blocked(f"channels reach {describe(node)}, which acts on the channel axis (or on unknown axes)")
+            raise Blocked(f"channels reach {describe(node)}, which acts on the channel axis (or on unknown axes)")
         keep_rank = node.op not in REDUCES or node.attrs.get("keepdims", 1)
         if not keep_rank:
             if tensor is not node.inputs[0]:
-                raise _Blocked(f"channels reach {describe(node)} from its output side")
+                raise Blocked(f"channels reach {describe(node)} from its output side")
             rank = layout.rank - len(axes)
             self._add(node.outputs[0], Layout(layout.axis - sum(a < layout.axis for a in axes), rank,
                                               layout.channels, layout.outer, layout.inner))
@@ -340,93 +337,15 @@ class CouplingAnalysis:
         for t in [*data, *(o for o in node.outputs if o.name)]:
             self._add(t, layout)
 
-    def _acting_axes(self, node: ir.Node, rank: int) -> list[int] | None:
-        op, attrs = node.op, node.attrs
-        if op in ("Concat", "Split"):
-            return [int(attrs.get("axis", 0)) % rank]
-        if op in REDUCES:
-            axes = node_axes(node, rank)
-            return axes if axes else None
-        if op == "Slice":
-            starts = int_list(node.inputs[1]) if len(node.inputs) > 1 else list(attrs.get("starts", []))
-            axes = node_axes(node, rank) if "axes" in attrs else (
-                [a % rank for a in int_list(node.inputs[3]) or []] if len(node.inputs) > 3 and node.inputs[3].name
-                else (list(range(len(starts))) if starts is not None else None))
-            return axes
-        if op == "Pad":
-            pads = int_list(node.inputs[1]) if len(node.inputs) > 1 else list(attrs.get("pads", []))
-            explicit = [a % rank for a in int_list(node.inputs[3]) or []] if len(node.inputs) > 3 and node.inputs[3].name else None
-            axes = explicit if explicit is not None else list(range(rank))
-            if pads is None or len(pads) != 2 * len(axes):
-                return None
-            return [a for i, a in enumerate(axes) if pads[i] or pads[i + len(axes)]]
-        # Resize / Upsample: scales on the channel axis must be 1 and no sizes
-        if op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
-            return None
-        index = 2 if op == "Resize" and len(node.inputs) > 2 else 1
-        scales = folded_value(node.inputs[index]) if len(node.inputs) > index else None
-        if scales is None or scales.size != rank:
-            return None
-        return [i for i, s in enumerate(scales.reshape(-1)) if float(s) != 1.0]
-
     def _reshaping(self, node: ir.Node) -> None:
         """Flatten, flattening Reshape, Transpose, Squeeze, Unsqueeze: followed forwards only."""
         tensor, layout = self._layout_of(node)
         if tensor is not node.inputs[0]:
-            raise _Blocked(f"channels reach {describe(node)} from its output side")
-        op, axis, rank = node.op, layout.axis, layout.rank
-        if op == "Transpose":
-            perm = [int(p) for p in node.attrs.get("perm", range(rank - 1, -1, -1))]
-            self._add(node.outputs[0], Layout(perm.index(axis), rank, layout.channels, layout.outer, layout.inner))
-            return
-        if op in ("Squeeze", "Unsqueeze"):
-            self._squeeze(node, layout)
-            return
-        if op == "Flatten":
-            start = int(node.attrs.get("axis", 1))
-            start = start + rank if start < 0 else start
+            raise Blocked(f"channels reach {describe(node)} from its output side")
+        if node.op in ("Flatten", "Reshape"):
+            out, shape = flattened_layout(node, layout, self.shapes)
+            if shape is not None:
+                self._group.reshapes.append((node, shape, out))
         else:
-            start = self._reshape_start(node, layout)
-        if axis < start:
-            raise _Blocked(f"{describe(node)} merges the channel axis into its leading axis")
-        dims = [self.shapes.dim(tensor, i) for i in range(start, rank) if i != axis]
-        if any(d is None for d in dims):
-            raise _Blocked(f"the shape of {tensor.name!r} (input of {describe(node)}) is not static")
-        before = math.prod(dims[: axis - start])
-        after = math.prod(dims[axis - start :])
-        out_rank = start + 1 if op == "Reshape" else 2
-        out = Layout(out_rank - 1, out_rank, layout.channels, layout.outer * before, layout.inner * after)
-        if op == "Reshape":
-            self._group.reshapes.append((node, int_list(node.inputs[1]) or [], out))
+            out = moved_layout(node, layout)
         self._add(node.outputs[0], out)
-
-    def _reshape_start(self, node: ir.Node, layout: Layout) -> int:
-        """The axis a Reshape flattens from (it must keep the leading axes and flatten the rest)."""
-        shape = int_list(node.inputs[1]) if len(node.inputs) > 1 else None
-        if shape is None or node.attrs.get("allowzero", 0):
-            raise _Blocked(f"channels reach {describe(node)}, whose shape is computed at run time")
-        start = len(shape) - 1
-        dims = [self.shapes.dim(node.inputs[0], i) for i in range(layout.rank)]
-        rest = [d for i, d in enumerate(dims[start:]) if i + start != layout.axis]
-        total = None if any(d is None for d in rest) else math.prod(rest) * layout.size
-        lead_ok = all(s == 0 or (s > 0 and s == dims[i]) or (s == -1 and shape[-1] != -1)
-                      for i, s in enumerate(shape[:start]))
-        if start < 1 or not lead_ok or shape[:start].count(-1) > 1 or shape[-1] not in (-1, total):
-            raise _Blocked(f"channels reach {describe(node)} to shape {shape}, which is not a flatten the pass can follow")
-        return start
-
-    def _squeeze(self, node: ir.Node, layout: Layout) -> None:
-        axis, rank = layout.axis, layout.rank
-        written = raw_axes(node)
-        if written is None:
-            raise _Blocked(f"the axes of {describe(node)} are not constant")
-        if node.op == "Squeeze":
-            axes = node_axes(node, rank) or []
-            if axis in axes:
-                raise _Blocked(f"{describe(node)} squeezes the channel axis")
-            new_axis, new_rank = axis - sum(a < axis for a in axes), rank - len(axes)
-        else:
-            new_rank = rank + len(written)
-            axes = node_axes(node, new_rank) or []
-            new_axis = [i for i in range(new_rank) if i not in axes][axis]
-        self._add(node.outputs[0], Layout(new_axis, new_rank, layout.channels, layout.outer, layout.inner))

@@ -28,7 +28,6 @@ class SinkMatrix:
     wm: np.ndarray  # (d, Cout)
     bias: np.ndarray | None  # effective bias per output channel, None when there is none
     owner: np.ndarray  # (d,) input channel of each design column
-    intercept: bool  # whether a refit may also set the bias
     shape: tuple[int, ...] = ()  # the node's weight shape before pruning
 
     @property
@@ -42,14 +41,14 @@ class SinkMatrix:
         return np.vstack([self.wm, bias[None, :]])
 
 
-def _gemm_bias(node: ir.Node, cout: int) -> tuple[np.ndarray | None, bool]:
+def _gemm_bias(node: ir.Node, cout: int) -> np.ndarray | str | None:
     if len(node.inputs) < 3 or not node.inputs[2].name:
-        return None, True
+        return None
     c = folded_value(node.inputs[2])
     if c is None or c.ndim > 2 or (c.ndim and c.shape[-1] not in (1, cout)) or (c.ndim == 2 and c.shape[0] != 1):
-        return None, False
+        return f"the bias C of {describe(node)} is not constant per output column"
     beta = float(node.attrs.get("beta", 1.0))
-    return np.broadcast_to(c.astype(np.float64).reshape(-1), (cout,)) * beta, True
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (cout,)) * beta
 
 
 def sink_matrix(sink: Sink) -> SinkMatrix | str:
@@ -66,12 +65,12 @@ def sink_matrix(sink: Sink) -> SinkMatrix | str:
         wm = w.reshape(cout, -1).T
         owner = np.repeat(owner, kernel)
         bias = folded_value(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else None
-        return SinkMatrix(sink, wm, bias, owner, True, w.shape)
+        return SinkMatrix(sink, wm, bias, owner, w.shape)
     if node.op == "Gemm":
         wm = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
-        bias, intercept = _gemm_bias(node, wm.shape[1])
-        return SinkMatrix(sink, wm, bias, owner, intercept, w.shape)
-    return SinkMatrix(sink, w, None, owner, True, w.shape)  # MatMul: a refit bias becomes a new Add
+        bias = _gemm_bias(node, wm.shape[1])
+        return bias if isinstance(bias, str) else SinkMatrix(sink, wm, bias, owner, w.shape)
+    return SinkMatrix(sink, w, None, owner, w.shape)  # MatMul: a refit bias becomes a new Add
 
 
 def weight_from_matrix(sm: SinkMatrix, wm: np.ndarray, kept_channels: int) -> np.ndarray:
@@ -102,7 +101,10 @@ def _conv_pads(node: ir.Node, spatial: list[int], kernel: list[int], strides: li
     return [int(p) for p in node.attrs.get("pads", [0] * (2 * nd))]
 
 
-def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+Ints = list[int]
+
+
+def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[Ints, Ints, Ints, Ints, Ints]:
     """(kernel, strides, dilations, pads, output spatial size) of a Conv on an input of ``x_shape``."""
     kernel = list(folded_value(node.inputs[1]).shape[2:])
     nd = len(kernel)
@@ -130,17 +132,46 @@ def conv_patches(node: ir.Node, x: np.ndarray, index: np.ndarray) -> np.ndarray:
     return np.moveaxis(patches, -1, 1).reshape(len(index), -1)
 
 
-def _augment(rows: np.ndarray) -> np.ndarray:
+def augment(rows: np.ndarray) -> np.ndarray:
+    """``[rows 1]``: the design rows with the bias column appended."""
     return np.hstack([rows, np.ones((len(rows), 1))])
 
 
-class GramAccumulator:
-    """Streaming ``H = [X 1]^T [X 1]`` of one sink's design matrix (float64).
+def sample_rows(total: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices: all of ``total``, or ``max_rows`` of them at random."""
+    return np.arange(total) if total <= max_rows else np.sort(rng.choice(total, max_rows, replace=False))
 
-    Fed pairs ``(x, x_pruned)`` — the sink's input in the original and in the pruned model on
-    the same batch — it also keeps ``Hp = [X' 1]^T [X' 1]`` and ``cross = [X' 1]^T [X 1]``, at the
-    same sampled rows.
-    """
+
+def design_rows(node: ir.Node, x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` of the design matrix a sink sees for input ``x`` (float64, no bias column)."""
+    x = np.asarray(x, dtype=np.float64)
+    if node.op == "Conv":
+        return conv_patches(node, x, index)
+    return x.reshape(-1, x.shape[-1])[index]
+
+
+def output_rows(node: ir.Node, y: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` of a sink's output ``y`` (one row per output position, Cout columns)."""
+    y = np.asarray(y, dtype=np.float64)
+    if node.op == "Conv":
+        y = np.moveaxis(y, 1, -1)
+    return y.reshape(-1, y.shape[-1])[index]
+
+
+def row_count(node: ir.Node, x_shape: tuple[int, ...]) -> int:
+    """The number of design rows (output positions) of a sink for an input of ``x_shape``."""
+    if node.op == "Conv":
+        return x_shape[0] * math.prod(_conv_geometry(node, x_shape)[4])
+    return math.prod(x_shape[:-1])
+
+
+def output_count(node: ir.Node, y_shape: tuple[int, ...]) -> int:
+    """The number of output positions (design rows) of a sink's output of ``y_shape``."""
+    return math.prod(y_shape[:1] + y_shape[2:]) if node.op == "Conv" else math.prod(y_shape[:-1])
+
+
+class GramAccumulator:
+    """Streaming ``H = [X 1]^T [X 1]`` of one sink's design matrix (float64)."""
 
     def __init__(self, sm: SinkMatrix, max_rows: int, rng: np.random.Generator) -> None:
         self.sm = sm
@@ -148,37 +179,13 @@ class GramAccumulator:
         self.rng = rng
         d = sm.wm.shape[0]
         self.h = np.zeros((d + 1, d + 1))
-        self.hp: np.ndarray | None = None
-        self.cross: np.ndarray | None = None
         self.rows = 0
 
-    def _index(self, x_shape: tuple[int, ...]) -> np.ndarray:
-        node = self.sm.node
-        if node.op == "Conv":
-            total = x_shape[0] * math.prod(_conv_geometry(node, x_shape)[4])
-        else:
-            total = math.prod(x_shape[:-1])
-        if total <= self.max_rows:
-            return np.arange(total)
-        return np.sort(self.rng.choice(total, self.max_rows, replace=False))
-
-    def _design(self, x: np.ndarray, index: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if self.sm.node.op == "Conv":
-            return _augment(conv_patches(self.sm.node, x, index))
-        return _augment(x.reshape(-1, x.shape[-1])[index])
-
-    def update(self, x: np.ndarray, pruned: np.ndarray | None = None) -> None:
-        index = self._index(np.shape(x))
-        a = self._design(x, index)
+    def update(self, x: np.ndarray) -> None:
+        index = sample_rows(row_count(self.sm.node, np.shape(x)), self.max_rows, self.rng)
+        a = augment(design_rows(self.sm.node, x, index))
         self.h += a.T @ a
         self.rows += len(a)
-        if pruned is not None:
-            b = self._design(pruned, index)
-            if self.hp is None or self.cross is None:
-                self.hp, self.cross = np.zeros((b.shape[1], b.shape[1])), np.zeros((b.shape[1], a.shape[1]))
-            self.hp += b.T @ b
-            self.cross += b.T @ a
 
 
 class Fanout:

@@ -125,8 +125,9 @@ def folded_value(tensor: ir.Tensor, depth: int = 0) -> np.ndarray | None:
     if node.op == "Cast":
         return x.astype(helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
     if node.op == "Flatten":
-        axis = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
-        return x.reshape(math.prod(x.shape[:axis]), -1)
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
     if node.op == "Reshape":
         shape = int_list(node.inputs[1]) if len(node.inputs) > 1 else None
         if shape is None or node.attrs.get("allowzero", 0):

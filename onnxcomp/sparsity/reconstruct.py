@@ -3,26 +3,28 @@
 A sink computes ``y = [X 1] theta`` with ``theta = [Wm; b]`` (:mod:`onnxcomp.sparsity.gram`).
 
 * **Selection** (criterion ``data``), on the unpruned model: removing channel set S without
-  refitting costs ``1_S^T G 1_S``, ``G[c, d]`` = the sum of ``Hc o (Wm Wm^T)`` over the columns of
-  channels c and d (``Hc`` = ``X^T X``, centred when the bias can absorb each channel's mean). ``G``
-  is summed over the group's sinks, each relative to its output energy ``tr(theta^T H theta)``,
-  and S is grown greedily (ThiNet).
-* **Reconstruction**, sequential: after the channels are removed, the sinks are refit level by
-  level in graph order (a sink's level is one more than that of any sink upstream of it). For
-  each level one calibration pass runs the original and the *pruned* model on the same batches,
-  giving ``Hp = [X' 1]^T [X' 1]`` and ``cross = [X' 1]^T [X 1]``, where ``X'`` is what the sink
-  now sees (its kept channels, already carrying the upstream pruning and refits) and ``X`` what
-  it saw before. The ridge least-squares refit ``t = (Hp + lambda I)^-1 cross theta`` makes the
-  sink's output match the unpruned model's as closely as possible; the bias is refit too when the
-  sink can hold one. A refit that does not lower the error (it always should) is dropped.
+  refitting costs ``1_S^T G 1_S``, where ``G[c, d]`` sums ``Hc o (Wm Wm^T)`` over the columns of
+  channels c and d (``Hc``: the centred ``X^T X``, since a refit bias absorbs each channel's mean).
+  ``G`` is summed over the group's sinks, each relative to its output energy, and S is grown
+  greedily (ThiNet).
+* **Reconstruction**, sequential: one calibration pass over the unpruned model records each
+  sink's output ``Y`` at sampled positions (the target). After the channels are removed, the sinks
+  are refit level by level in graph order (a sink's level is one more than that of the deepest
+  sink upstream of it); per level, one pass over the *pruned* model (truncated to what the level
+  needs) gives ``Hp = [X' 1]^T [X' 1]`` and ``[X' 1]^T Y`` at the same positions, where ``X'``
+  is what the sink sees now: its kept channels, already carrying all upstream pruning and refits.
+  The least-squares refit of weights and bias, ``t = (Hp + lambda I)^-1 ([X' 1]^T Y + lambda t0)``
+  (a ridge towards the plain-removal weights ``t0``, so scarce calibration data cannot pull the
+  weights anywhere wild), makes the sink's output match the unpruned model's as closely as
+  possible; a refit that does not lower the error (it always should) is dropped.
 
-Errors are reported relative to the sink's output energy on the calibration data.
+Errors are reported relative to the sink's output energy ``||Y||^2`` on the calibration data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -33,14 +35,144 @@ from onnxcomp.errors import CalibrationError
 from onnxcomp.model_io import ort_session
 from onnxcomp.pipeline import PassContext
 from onnxcomp.quant.calibrator import Calibrator
-from onnxcomp.sparsity.gram import Fanout, GramAccumulator, SinkMatrix, weight_from_matrix
+from onnxcomp.sparsity.gram import (
+    Fanout,
+    GramAccumulator,
+    SinkMatrix,
+    augment,
+    design_rows,
+    output_count,
+    output_rows,
+    sample_rows,
+    weight_from_matrix,
+)
 from onnxcomp.sparsity.rewrite import Refit, prune_sink
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+def collect(model: onnx.ModelProto, matrices: list[SinkMatrix], ctx: PassContext, max_rows: int,
+            max_batches: int | None) -> dict[int, GramAccumulator]:
+    """One calibration pass over ``model``: ``H`` of every sink's input, by ``id(node)``."""
+    accs = {id(sm.node): GramAccumulator(sm, max_rows, ctx.rng(f"prune_channels:{sm.node.name}")) for sm in matrices}
+    by_tensor: dict[str, list[GramAccumulator]] = {}
+    for acc in accs.values():
+        by_tensor.setdefault(acc.sm.node.inputs[0].name, []).append(acc)
+    factories = {name: (lambda group=group: Fanout(group)) for name, group in by_tensor.items()}
+    assert ctx.calibration is not None
+    calibrator = Calibrator(model, factories)  # type: ignore[arg-type]  # duck-typed observers (update(x))
+    calibrator.run(ctx.calibration(), max_batches=max_batches, progress=ctx.progress.enabled)
+    return accs
+
+
+def removal_gram(acc: GramAccumulator, channels: int) -> np.ndarray:
+    """``G`` (channels x channels) of one sink, relative to its output energy."""
+    sm, h = acc.sm, acc.h
+    d = len(sm.owner)
+    hx = h[:d, :d]
+    if h[d, d] > 0:
+        mean = h[:d, d]
+        hx = hx - np.outer(mean, mean) / h[d, d]
+    m = hx * (sm.wm @ sm.wm.T)
+    onehot = np.zeros((d, channels))
+    onehot[np.arange(d), sm.owner] = 1.0
+    energy = max(float(np.sum(sm.theta * (h @ sm.theta))), 1e-30)
+    return onehot.T @ m @ onehot / energy
+
+
+def greedy_removal(gram: np.ndarray, count: int) -> np.ndarray:
+    """Channels to remove: grow the set S greedily by the smallest increase of ``1_S^T G 1_S``."""
+    channels = gram.shape[0]
+    removed: list[int] = []
+    cross = np.zeros(channels)
+    available = np.ones(channels, dtype=bool)
+    diag = np.diag(gram)
+    for _ in range(count):
+        cost = np.where(available, diag + 2.0 * cross, np.inf)
+        pick = int(np.argmin(cost))
+        removed.append(pick)
+        available[pick] = False
+        cross += gram[:, pick]
+    return np.array(sorted(removed), dtype=np.int64)
+
+
+# --- reconstruction ----------------------------------------------------------------------------
+
+
+class TensorRunner:
+    """An onnxruntime session of a model exposing ``names`` as outputs (optionally truncated to them)."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], truncate: bool = False) -> None:
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(model)
+        graph = augmented.graph
+        subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        has_subgraphs = any(a.type in subgraph for n in graph.node for a in n.attribute)
+        if truncate and not has_subgraphs:
+            needed, kept = set(names), []
+            for node in reversed(graph.node):
+                if needed.intersection(node.output):
+                    kept.append(node)
+                    needed.update(node.input)
+            del graph.node[:]
+            graph.node.extend(reversed(kept))
+            del graph.output[:]
+        existing = {o.name for o in graph.output}
+        graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
+        self.session = ort_session(augmented, level="disable")
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.names = names
+
+    def run(self, batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.names, {n: batch[n] for n in self.inputs})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first}") from exc
+        return dict(zip(self.names, values, strict=True))
+
+
+def _batches(ctx: PassContext, max_batches: int | None) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:
+    assert ctx.calibration is not None
+    for index, batch in enumerate(ctx.calibration()):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield index, batch
+
+
+@dataclass
+class RefitAccumulator:
+    """A sink's targets from the unpruned model, then its statistics in the pruned model."""
+
+    sm: SinkMatrix
+    max_rows: int
+    rng: np.random.Generator
+    targets: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per batch: (rows, Y rows)
+    energy: float = 0.0
+    hp: np.ndarray | None = None
+    ay: np.ndarray | None = None
+
+    def add_target(self, y: np.ndarray) -> None:
+        node = self.sm.node
+        index = sample_rows(output_count(node, np.shape(y)), self.max_rows, self.rng)
+        rows = output_rows(node, y, index)
+        self.energy += float(np.sum(rows * rows))
+        self.targets.append((index, rows.astype(np.float32)))
+
+    def add_pruned(self, batch: int, x: np.ndarray) -> None:
+        if batch >= len(self.targets):
+            raise CalibrationError("the calibration data yielded more batches on a second pass; it must be re-iterable")
+        index, y = self.targets[batch]
+        a = augment(design_rows(self.sm.node, x, index))
+        if self.hp is None or self.ay is None:
+            self.hp, self.ay = np.zeros((a.shape[1], a.shape[1])), np.zeros((a.shape[1], y.shape[1]))
+        self.hp += a.T @ a
+        self.ay += a.T @ y.astype(np.float64)
 
 
 @dataclass
 class RefitResult:
-    theta: np.ndarray  # (kept columns [+ 1 bias row], Cout) in the pruned sink's column order
-    bias: np.ndarray | None  # refit bias (None: the bias is left as it is)
+    theta: np.ndarray  # (kept columns + 1 bias row, Cout) in the pruned sink's column order
     error_pruned: float  # relative output error with the channels just removed
     error_refit: float  # relative output error after the refit
 
@@ -48,50 +180,45 @@ class RefitResult:
     def wm(self) -> np.ndarray:
         return self.theta[:-1]
 
-
-def accumulators(matrices: list[SinkMatrix], ctx: PassContext, max_rows: int) -> dict[int, GramAccumulator]:
-    """A fresh accumulator per sink (keyed by ``id(node)``), each with its own seeded generator."""
-    return {id(sm.node): GramAccumulator(sm, max_rows, ctx.rng(f"prune_channels:{sm.node.name}")) for sm in matrices}
-
-
-def collect(model: onnx.ModelProto, accs: dict[int, GramAccumulator], ctx: PassContext, max_batches: int | None) -> None:
-    """One calibration pass over ``model`` filling ``H`` of every accumulator."""
-    by_tensor: dict[str, list[GramAccumulator]] = {}
-    for acc in accs.values():
-        by_tensor.setdefault(acc.sm.node.inputs[0].name, []).append(acc)
-    factories = {name: (lambda group=group: Fanout(group)) for name, group in by_tensor.items()}
-    assert ctx.calibration is not None
-    Calibrator(model, factories).run(ctx.calibration(), max_batches=max_batches, progress=ctx.progress.enabled)  # type: ignore[arg-type]
+    @property
+    def bias(self) -> np.ndarray:
+        return self.theta[-1]
 
 
-class TensorRunner:
-    """One onnxruntime session of a model exposing intermediate tensors as outputs."""
+def refit(acc: RefitAccumulator, keep: np.ndarray, damping: float) -> RefitResult | None:
+    """Ridge least-squares refit of the kept columns and the bias; None when it does not help."""
+    sm, hp, ay = acc.sm, acc.hp, acc.ay
+    if hp is None or ay is None or acc.energy <= 0:
+        return None
+    cols = np.append(np.flatnonzero(np.isin(sm.owner, keep)), len(sm.owner))
+    base = sm.theta[cols]  # the kept rows and the old bias: plain removal
+    kept = hp.shape[0] - 1
+    a, rhs = hp.copy(), ay.copy()
+    if kept:  # ridge towards the plain-removal weights: scarce data keeps them, it never shrinks them to 0
+        lam = damping * float(np.mean(np.diag(hp)[:kept])) + 1e-12
+        a[np.arange(kept), np.arange(kept)] += lam
+        rhs[:kept] += lam * base[:kept]
+    try:
+        new = np.linalg.solve(a, rhs)
+    except np.linalg.LinAlgError:
+        new = np.linalg.lstsq(a, rhs, rcond=None)[0]
 
-    def __init__(self, model: onnx.ModelProto, names: list[str]) -> None:
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(model)
-        existing = {o.name for o in augmented.graph.output}
-        augmented.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
-        self.session = ort_session(augmented, level="disable")
-        self.inputs = [i.name for i in self.session.get_inputs()]
+    def error(t: np.ndarray) -> float:
+        return max(float(np.sum(t * (hp @ t)) - 2.0 * np.sum(t * ay) + acc.energy), 0.0) / acc.energy
 
-    def run(self, batch: Mapping[str, np.ndarray], names: list[str], index: int) -> list[np.ndarray]:
-        try:
-            return self.session.run(names, {n: batch[n] for n in self.inputs})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first}") from exc
+    before, after = error(base), error(new)
+    if not (np.isfinite(new).all() and after < before):
+        return None
+    return RefitResult(new, before, after)
 
 
-def paired_batches(
-    original: TensorRunner, pruned: TensorRunner, names: list[str], ctx: PassContext, max_batches: int | None
-) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
-    """``names`` in the original and the pruned model, batch by batch (same calibration batches)."""
-    assert ctx.calibration is not None
-    for index, batch in enumerate(ctx.calibration()):
-        if max_batches is not None and index >= max_batches:
-            return
-        yield original.run(batch, names, index), pruned.run(batch, names, index)
+@dataclass
+class SinkJob:
+    """A sink to refit: its matrix form before pruning and the channels its input keeps."""
+
+    sm: SinkMatrix
+    keep: np.ndarray
+    out_keep: tuple[np.ndarray, int] | None = None  # when the sink's own outputs were pruned too: (kept, weight axis)
 
 
 def sink_levels(graph: ir.Graph, sinks: list[ir.Node]) -> list[list[ir.Node]]:
@@ -115,119 +242,42 @@ def sink_levels(graph: ir.Graph, sinks: list[ir.Node]) -> list[list[ir.Node]]:
     return out
 
 
-def _energy(acc: GramAccumulator) -> float:
-    theta = acc.sm.theta
-    return max(float(np.sum(theta * (acc.h @ theta))), 1e-30)
-
-
-def relative_error(acc: GramAccumulator, theta: np.ndarray) -> float:
-    """Output error of full-width parameters ``theta`` on the unpruned input, relative to the energy."""
-    delta = theta - acc.sm.theta
-    return float(np.sum(delta * (acc.h @ delta))) / _energy(acc)
-
-
-def removal_gram(acc: GramAccumulator, channels: int) -> np.ndarray:
-    """``G`` (channels x channels) of one sink, relative to its output energy."""
-    sm, h = acc.sm, acc.h
-    d = len(sm.owner)
-    hx = h[:d, :d]
-    if sm.intercept and h[d, d] > 0:
-        mean = h[:d, d]
-        hx = hx - np.outer(mean, mean) / h[d, d]
-    m = hx * (sm.wm @ sm.wm.T)
-    onehot = np.zeros((d, channels))
-    onehot[np.arange(d), sm.owner] = 1.0
-    return onehot.T @ m @ onehot / _energy(acc)
-
-
-def greedy_removal(gram: np.ndarray, count: int) -> np.ndarray:
-    """Channels to remove: grow the set S greedily by the smallest increase of ``1_S^T G 1_S``."""
-    channels = gram.shape[0]
-    removed: list[int] = []
-    cross = np.zeros(channels)
-    available = np.ones(channels, dtype=bool)
-    diag = np.diag(gram)
-    for _ in range(count):
-        cost = np.where(available, diag + 2.0 * cross, np.inf)
-        pick = int(np.argmin(cost))
-        removed.append(pick)
-        available[pick] = False
-        cross += gram[:, pick]
-    return np.array(sorted(removed), dtype=np.int64)
-
-
-def refit(acc: GramAccumulator, keep: np.ndarray, damping: float) -> RefitResult | None:
-    """Ridge least-squares refit of the kept columns (and the bias); None when it does not help.
-
-    Uses the paired statistics when the accumulator has them, else the unpruned ``H`` restricted
-    to the kept columns (the sink's input is then the original one minus the removed channels).
-    """
-    sm, h = acc.sm, acc.h
-    d = len(sm.owner)
-    theta = sm.theta
-    cols = np.append(np.flatnonzero(np.isin(sm.owner, keep)), d)
-    hp, cross = (acc.hp, acc.cross) if acc.hp is not None and acc.cross is not None else (h[np.ix_(cols, cols)], h[cols])
-    kept = hp.shape[0] - 1
-    base = theta[cols]  # the kept rows and the old bias: plain removal
-    idx = np.arange(kept + 1) if sm.intercept else np.arange(kept)
-    a = hp[np.ix_(idx, idx)].copy()
-    if kept:
-        a[np.arange(kept), np.arange(kept)] += damping * float(np.mean(np.diag(a)[:kept])) + 1e-12
-    rhs = cross[idx] @ theta if sm.intercept else cross[idx] @ theta - np.outer(hp[idx, kept], theta[d])
-    try:
-        sol = np.linalg.solve(a, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(a, rhs, rcond=None)[0]
-    new = base.copy()
-    new[idx] = sol
-    energy = _energy(acc)
-
-    def error(t: np.ndarray) -> float:
-        value = np.sum(t * (hp @ t)) - 2.0 * np.sum(t * (cross @ theta)) + np.sum(theta * (h @ theta))
-        return max(float(value), 0.0) / energy
-
-    before, after = error(base), error(new)
-    if not (np.isfinite(sol).all() and after < before):
-        return None
-    return RefitResult(new, new[-1] if sm.intercept else None, before, after)
-
-
-@dataclass
-class SinkJob:
-    """A sink to refit: its matrix form before pruning and the channels its input keeps."""
-
-    sm: SinkMatrix
-    keep: np.ndarray
-    out_keep: tuple[np.ndarray, int] | None = None  # when the sink's own outputs were pruned too: (kept, weight axis)
-
-
 def reconstruct_sinks(
-    graph: ir.Graph, template: onnx.ModelProto, original: onnx.ModelProto, jobs: list[SinkJob], ctx: PassContext,
+    graph: ir.Graph, original: onnx.ModelProto, jobs: list[SinkJob], ctx: PassContext,
     damping: float, max_rows: int, max_batches: int | None,
 ) -> dict[int, RefitResult | None]:
-    """Refit every job's sink level by level (module docstring); the refits by ``id(node)``."""
-    by_node = {id(job.sm.node): job for job in jobs}
-    runner = TensorRunner(original, [job.sm.node.inputs[0].name for job in jobs])
+    """Refit every job's sink level by level (module docstring); the results by ``id(node)``."""
+    if not jobs:
+        return {}
+    accs = {id(j.sm.node): RefitAccumulator(j.sm, max_rows, ctx.rng(f"prune_channels:{j.sm.node.name}")) for j in jobs}
+    targets = TensorRunner(original, list(dict.fromkeys(j.sm.node.outputs[0].name for j in jobs)))
+    for index, batch in _batches(ctx, max_batches):
+        values = targets.run(batch, index)
+        for acc in accs.values():
+            acc.add_target(values[acc.sm.node.outputs[0].name])
+    by_node = {id(j.sm.node): j for j in jobs}
     results: dict[int, RefitResult | None] = {}
-    for level in sink_levels(graph, [job.sm.node for job in jobs]):
-        ir.finalize(graph)  # the pruned model of this level must be sorted to run
-        names = list(dict.fromkeys(node.inputs[0].name for node in level))
-        pruned = TensorRunner(ir.export_model(graph, template), names)
-        accs = accumulators([by_node[id(node)].sm for node in level], ctx, max_rows)
-        for xs, xps in paired_batches(runner, pruned, names, ctx, max_batches):
-            values = dict(zip(names, zip(xs, xps, strict=True), strict=True))
-            for acc in accs.values():
-                acc.update(*values[acc.sm.node.inputs[0].name])
-        for node in level:
-            job = by_node[id(node)]
-            fit = refit(accs[id(node)], job.keep, damping)
-            results[id(node)] = fit
-            if fit is None:
-                continue
-            weight, bias = weight_from_matrix(job.sm, fit.wm, len(job.keep)), fit.bias
-            if job.out_keep is not None:
-                kept, axis = job.out_keep
-                weight = np.take(weight, kept, axis=axis)
-                bias = None if bias is None else bias[kept]
-            prune_sink(graph, job.sm.sink, job.keep, Refit(weight, bias))
+    with ctx.progress(len(jobs), "reconstructing") as bar:
+        for level in sink_levels(graph, [j.sm.node for j in jobs]):
+            ir.finalize(graph)  # the pruned model of this level must be sorted to run
+            names = list(dict.fromkeys(node.inputs[0].name for node in level))
+            runner = TensorRunner(ir.export_model(graph, original), names, truncate=True)
+            for index, batch in _batches(ctx, max_batches):
+                values = runner.run(batch, index)
+                for node in level:
+                    accs[id(node)].add_pruned(index, values[node.inputs[0].name])
+            for node in level:
+                job = by_node[id(node)]
+                results[id(node)] = fit = refit(accs.pop(id(node)), job.keep, damping)
+                if fit is not None:
+                    _install(graph, job, fit)
+                bar.update(1)
     return results
+
+
+def _install(graph: ir.Graph, job: SinkJob, fit: RefitResult) -> None:
+    weight, bias = weight_from_matrix(job.sm, fit.wm, len(job.keep)), fit.bias
+    if job.out_keep is not None:
+        kept, axis = job.out_keep
+        weight, bias = np.take(weight, kept, axis=axis), bias[kept]
+    prune_sink(graph, job.sm.sink, job.keep, Refit(weight, bias))

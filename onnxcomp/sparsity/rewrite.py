@@ -1,9 +1,10 @@
 """Applying a chosen channel set to a coupled group (see :mod:`onnxcomp.sparsity.coupling`).
 
 Edits run in two phases over all groups, because one layer can be a sink of one group (its input
-channels shrink, or it is refit) and a source of another (its output channels shrink): first every
-group's inputs side (:func:`prune_inputs`), then every group's outputs side (:func:`prune_outputs`).
-Each phase reads the layer's current weight from the graph, so the edits compose. Constants that
+channels shrink) and a source of another (its output channels shrink): first every group's inputs
+side (:func:`prune_inputs`), then every group's outputs side (:func:`prune_outputs`). Each phase
+reads the layer's current weight from the graph, so the edits compose. A least-squares refit
+(:mod:`onnxcomp.sparsity.reconstruct`) later replaces a sink's weight and bias (:func:`prune_sink`). Constants that
 other nodes also read get fresh copies (``write_input``); every member tensor's recorded shape is
 updated so the exported value_info stays true.
 """
@@ -85,12 +86,13 @@ def prune_sink(graph: ir.Graph, sink: Sink, keep: np.ndarray, refit: Refit | Non
         _set_bias(graph, node, refit.bias, weight.dtype)
 
 
-def prune_inputs(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray, refits: dict[int, Refit]) -> None:
+def prune_inputs(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray) -> None:
     """Phase 1: sinks, per-channel constants, depthwise convs, reshape shapes and member shapes."""
     for sink in group.sinks:
-        prune_sink(graph, sink, keep, refits.get(id(sink.node)))
+        prune_sink(graph, sink, keep, None)
     for edit in group.consts:
-        write_input(graph, edit.node, edit.index, np.take(edit.value, edit.layout.positions(keep), axis=edit.layout.axis))
+        sliced = np.take(edit.value, edit.layout.positions(keep), axis=edit.layout.axis)
+        write_input(graph, edit.node, edit.index, sliced)
     for node in group.depthwise:
         write_input(graph, node, 1, np.take(_current(node, 1), keep, axis=0))
         if _has_input(node, 2):

@@ -47,20 +47,33 @@ def keep_from_removed(channels: int, removed: np.ndarray) -> np.ndarray:
     return np.setdiff1d(np.arange(channels), removed).astype(np.int64)
 
 
-def global_ratios(scores: list[np.ndarray], ratio: float, max_ratio: float) -> list[float]:
-    """Per-group ratios removing ``ratio`` of all channels, lowest global scores first."""
+def global_ratios(scores: list[np.ndarray], ratio: float, max_ratio: float, round_to: int = 1) -> list[float]:
+    """Per-group ratios removing about ``ratio`` of all channels, lowest global scores first.
+
+    Channels go in chunks that keep every group's count a multiple of ``round_to``: the chunk
+    with the lowest mean score is removed next, while no group loses more than ``max_ratio`` (nor
+    its last block) and until the target is reached (a last chunk is taken only if it lands closer).
+    """
     sizes = [len(s) for s in scores]
-    target = int(round(ratio * sum(sizes)))
-    caps = [min(int(np.floor(max_ratio * n)), n - 1) for n in sizes]
-    owners = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)]) if sizes else np.zeros(0, dtype=int)
-    flat = np.concatenate(scores) if scores else np.zeros(0)
+    ordered = [np.sort(s) for s in scores]
     removed = [0] * len(sizes)
-    done = 0
-    for index in np.argsort(flat, kind="stable"):
-        if done >= target:
+    target = int(round(ratio * sum(sizes)))
+
+    def chunk(g: int) -> tuple[float, int] | None:
+        n = sizes[g]
+        keep = ((n - removed[g] - 1) // round_to) * round_to
+        if keep < 1 or n - keep > int(np.floor(max_ratio * n)):
+            return None
+        return float(ordered[g][removed[g] : n - keep].mean()), n - keep - removed[g]
+
+    total = 0
+    while total < target:
+        options = [(c, g) for g in range(len(sizes)) if (c := chunk(g)) is not None]
+        if not options:
             break
-        g = int(owners[index])
-        if removed[g] < caps[g]:
-            removed[g] += 1
-            done += 1
+        (_, size), g = min(options)
+        if total + size - target > target - total:
+            break
+        removed[g] += size
+        total += size
     return [r / n if n else 0.0 for r, n in zip(removed, sizes, strict=True)]

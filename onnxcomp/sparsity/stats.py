@@ -57,10 +57,16 @@ def _dequantized_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorPro
     if node.input[0] not in constants:
         return None
     codes = numpy_helper.to_array(constants[node.input[0]]).astype(np.int64)
-    zp = numpy_helper.to_array(constants[node.input[2]]).astype(np.int64) if len(node.input) > 2 and node.input[2] else None
+    zp_name = node.input[2] if len(node.input) > 2 else ""
+    zp = numpy_helper.to_array(constants[zp_name]).astype(np.int64) if zp_name in constants else None
     if zp is None or not zp.any():
         return codes == 0
-    return codes == zp.reshape(-1)[0] if zp.size == 1 else None
+    if zp.size == 1:
+        return codes == zp.reshape(-1)[0]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim
+    if zp.ndim != 1 or zp.size != codes.shape[axis] or any(a.name == "block_size" and a.i for a in node.attribute):
+        return None
+    return codes == zp.reshape([-1 if i == axis else 1 for i in range(codes.ndim)])
 
 
 def layer_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, np.ndarray]]:
@@ -96,5 +102,6 @@ def sparsity_extra(model: onnx.ModelProto) -> dict[str, list[str]]:
         if info["zero_fraction"] < REPORT_MIN_ZEROS:
             continue
         pattern = f", 2:4 on {info['pattern_fraction']:.1%} of groups"
-        rows.append(f"{node.name or node.output[0]} ({node.op_type} {name}): {info['zero_fraction']:.1%} zeros{pattern}")
+        label = f"{node.name or node.output[0]} ({node.op_type} {name})"
+        rows.append(f"{label}: {info['zero_fraction']:.1%} zeros{pattern}")
     return {"sparsity (weights with zeros)": rows} if rows else {}

@@ -17,7 +17,7 @@ from onnxcomp.pipeline import PassContext, PassResult, make_pass
 PERMISSIVE: dict[str, Any] = {
     "align": 1, "require_saving": False, "min_channels": 0, "min_kernel_channels": 0,
 }
-CONV_PERMISSIVE: dict[str, Any] = {**PERMISSIVE, "allow_dilation": True, "max_stride": 8}
+CONV_PERMISSIVE: dict[str, Any] = {**PERMISSIVE, "allow_dilation": True, "max_stride": 8, "min_kernel": 1}
 FULL_RANK = "rank:100000"  # capped at the number of singular values
 
 

@@ -30,6 +30,8 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
     "kernel_5x3_stride_w2": {"kernel": (5, 3), "strides": [1, 2], "pads": [2, 0, 1, 1]},
     "kernel_4x4_same_upper": {"kernel": (4, 4), "auto_pad": "SAME_UPPER"},
     "no_bias": {"bias": False, "pads": [1, 1, 1, 1]},
+    "kernel_1x1_min_kernel_1": {"kernel": (1, 1)},  # a 1x1 conv is a matrix: W ~= A @ B
+    "kernel_1x3_min_kernel_1": {"kernel": (1, 3), "pads": [0, 1, 0, 1]},
 }
 
 
@@ -52,8 +54,9 @@ def test_factor_attributes_keep_their_own_axis() -> None:
     report, _ = run_pass(model, rank_rule="rank:4", **CONV_PERMISSIVE)
     first, second = report.model.graph.node
     attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in (first, second)]
-    assert attrs[0] == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [1, 1], "pads": [1, 0, 0, 0], "group": 1}
-    assert attrs[1] == {"kernel_shape": [1, 3], "strides": [1, 1], "dilations": [1, 2], "pads": [0, 2, 0, 3], "group": 1}
+    common = {"group": 1}
+    assert attrs[0] == {"kernel_shape": [3, 1], "strides": [2, 1], "dilations": [1, 1], "pads": [1, 0, 0, 0], **common}
+    assert attrs[1] == {"kernel_shape": [1, 3], "strides": [1, 1], "dilations": [1, 2], "pads": [0, 2, 0, 3], **common}
     assert len(first.input) == 2 and len(second.input) == 3  # bias only on the second factor
     assert (first.name, second.name) == ("conv_3x1", "conv_1x3")
 

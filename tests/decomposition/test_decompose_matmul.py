@@ -84,7 +84,8 @@ def test_refit_reduces_error_on_correlated_inputs() -> None:
     ref = [run_model(model, b)[0] for b in held_out]
 
     def error(m: Any) -> float:
-        return float(np.mean([np.linalg.norm(run_model(m, b)[0] - r) / np.linalg.norm(r) for b, r in zip(held_out, ref)]))
+        errs = [np.linalg.norm(run_model(m, b)[0] - r) / np.linalg.norm(r) for b, r in zip(held_out, ref, strict=True)]
+        return float(np.mean(errs))
 
     assert error(refit.model) < 0.85 * error(plain.model)
 

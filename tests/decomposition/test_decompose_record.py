@@ -13,6 +13,7 @@ from decomp_models import conv_macs
 
 from onnxcomp.api import decompose
 from onnxcomp.cli import main
+from onnxcomp.decomposition import format_record
 from onnxcomp.errors import OnnxCompError, PassError
 from onnxcomp.evaluate import accuracy, predict
 from onnxcomp.summary import summarize
@@ -37,6 +38,8 @@ def test_record_is_saved_and_replays_byte_identically(tmp_path: Path) -> None:
     # the replay ignores the rank rule and the policy: exactly the recorded ranks, nodes
     decompose(DEMO, again, calibration=CALIB, replay=record_path, rank_rule="rank:64")
     assert again.read_bytes() == out.read_bytes()
+    without = decompose(DEMO, replay=record_path).result("decompose_conv")  # no calibration data
+    assert any("differs from the recorded model" in note for note in without.notes)
     # and the resolved recipe reproduces it too
     assert main(["-q", "run", str(tmp_path / "out.recipe.toml"), str(DEMO), "-o", str(tmp_path / "r.onnx"),
                  "--calib", str(CALIB)]) == 0
@@ -70,10 +73,19 @@ def test_replay_errors_are_one_line(tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"format": "onnxcomp-decomposition/1", "nodes": [
         {"pass": "decompose_conv", "node": "conv4", "rank": 16, "weight_shape": [64, 32, 3, 3]}]}))
-    with pytest.raises(PassError, match=r"node 'conv4' had weight shape \[64, 32, 3, 3\], the model has \[64, 64, 3, 3\]"):
+    shapes = r"node 'conv4' had weight shape \[64, 32, 3, 3\], the model has \[64, 64, 3, 3\]"
+    with pytest.raises(PassError, match=shapes):
         decompose(DEMO, replay=wrong)
     with pytest.raises(OnnxCompError, match="unknown decomposition option 'min_channel'"):
         decompose(DEMO, options={"min_channel": 3})
+
+
+def test_api_keywords_and_options() -> None:
+    by_option = decompose(DEMO, options={"rank_rule": "rank:16", "align": 1, "min_channels": 16})
+    settings = by_option.result("decompose_conv").data["record"]["passes"]["decompose_conv"]
+    assert (settings["rank_rule"], settings["align"]) == ("rank:16", 1)
+    by_keyword = decompose(DEMO, rank_rule="ratio:0.5", options={"rank_rule": "rank:16", "min_channels": 16})
+    assert by_keyword.result("decompose_conv").data["record"]["passes"]["decompose_conv"]["rank_rule"] == "ratio:0.5"
 
 
 def test_demo_auto_rule_meets_the_issue_target() -> None:
@@ -81,8 +93,13 @@ def test_demo_auto_rule_meets_the_issue_target() -> None:
     held = np.load(MODELS / "digits_heldout.npz")
     fp32 = decompose(DEMO, options={"min_channels": 10**6}).model  # fused, nothing decomposed
     report = decompose(DEMO, calibration=CALIB, options=DEMO_OPTIONS)
-    settings = report.result("decompose_conv").data["record"]["passes"]["decompose_conv"]
+    record = report.result("decompose_conv").data["record"]
+    settings = record["passes"]["decompose_conv"]
     assert settings["rank_rule"] == "auto" and settings["refit"] is True
+    text = format_record(record)  # says exactly which rule the automatic mode used
+    assert "auto = EVBMF noise-floor rank, clamped to [L//7, L//6] (d=4 when min(C) >= 256)" in text
+    assert "min(k) < 7 and min(C) < 16; second factors refit on digits_calib.npz (128 samples)" in text
+    assert [e["detail"]["band"] for e in record["nodes"]] == [[6, 8], [13, 16], [27, 32]]
     assert 1 - conv_macs(report.model) / conv_macs(fp32) >= 0.30
     base = accuracy(predict(fp32, {"input": held["input"]}), held["label"])
     got = accuracy(predict(report.model, {"input": held["input"]}), held["label"])
@@ -98,9 +115,11 @@ def test_cli_decompose_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture
     assert summarize(onnx.load(str(out))).ops["Conv"] == 7
     assert main(["inspect", "--json", str(out)]) == 0
     macs = json.loads(capsys.readouterr().out)["macs_by_op"]["Conv"]
-    assert macs == conv_macs(onnx.load(str(out))) < conv_macs(decompose(DEMO, options={"min_channels": 10**6}).model)
+    fp32 = decompose(DEMO, options={"min_channels": 10**6}).model
+    assert macs == conv_macs(onnx.load(str(out))) < conv_macs(fp32)
     again = tmp_path / "again.onnx"
-    assert main(["-q", "decompose", str(DEMO), "-o", str(again), "--replay", str(tmp_path / "d.decomposition.json")]) == 0
+    replay = str(tmp_path / "d.decomposition.json")
+    assert main(["-q", "decompose", str(DEMO), "-o", str(again), "--replay", replay]) == 0
     assert again.read_bytes() == out.read_bytes()
 
 

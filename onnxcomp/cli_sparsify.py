@@ -1,0 +1,91 @@
+"""``onnxcomp sparsify``: n:m structured sparsity or channel pruning, optionally then quantization.
+
+The flags build the same passes as a recipe (``onnxcomp.sparsity.recipe.sparsify_passes``):
+the deployment fusions (unless ``--no-fuse``), ``sparsify_2to4`` or ``prune_channels``, and with
+``--quantize`` a ``quantize`` pass (the combined recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from onnxcomp.cli import _add_output, command, print_run_report
+from onnxcomp.errors import OnnxCompError
+
+
+def _layer_ratio(text: str) -> tuple[str, float]:
+    glob, sep, value = text.rpartition("=")
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1.0
+    if not sep or not glob or not 0.0 <= ratio < 1.0:
+        raise argparse.ArgumentTypeError(f"expected GLOB=RATIO with RATIO in [0, 1), got {text!r}")
+    return glob, ratio
+
+
+@command("sparsify", "2:4 structured sparsity or channel pruning with reconstruction (then optionally quantize)")
+def _sparsify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path)
+    _add_output(p)
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--pattern", metavar="N:M", help="n:m structured sparsity along input channels, e.g. 2:4")
+    kind.add_argument("--prune-ratio", type=float, metavar="R", help="fraction of output channels to remove, e.g. 0.3")
+    p.add_argument("--calib", type=Path, help="calibration data (.npz named by model input, or a directory); "
+                                              "enables least-squares reconstruction of the pruned layers' consumers")
+    p.add_argument("--global", dest="scope_global", action="store_true",
+                   help="spread --prune-ratio over the whole model instead of every layer")
+    p.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio, metavar="GLOB=RATIO",
+                   help="prune layers matching GLOB by RATIO instead")
+    p.add_argument("--round-to", type=int, default=1, metavar="K",
+                   help="round kept channels up to a multiple of K (16 keeps onnxruntime's NCHWc conv layout)")
+    p.add_argument("--criterion", choices=("l1", "l2", "data"), default="l2",
+                   help="channel importance: weight norm (l1, l2) or output error on calibration data (data)")
+    p.add_argument("--no-reconstruct", action="store_true", help="do not refit the consumers (even with --calib)")
+    p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching GLOB alone")
+    p.add_argument("--quantize", metavar="FORMAT", help="then quantize weights (int8, int4, ...): the combined recipe")
+    p.add_argument("--activations", help="activation format for --quantize (default: none, weight-only)")
+    p.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
+    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default 16)")
+    p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+
+
+@_sparsify_args.bind
+def _sparsify(args: argparse.Namespace) -> int:
+    from onnxcomp.api import sparsify
+    from onnxcomp.model_io import load_model
+    from onnxcomp.sparsity.report import (
+        alignment_hint,
+        compare_models,
+        format_compare,
+        format_layers,
+        pattern_coverage,
+    )
+
+    if args.prune_ratio is not None and not 0.0 < args.prune_ratio < 1.0:
+        raise OnnxCompError(f"--prune-ratio must be in (0, 1), got {args.prune_ratio}")
+    report = sparsify(
+        args.model, args.output, pattern=args.pattern, prune_ratio=args.prune_ratio, calibration=args.calib,
+        scope="global" if args.scope_global else "layer", ratios=dict(args.layer_ratio), round_to=args.round_to,
+        criterion=args.criterion, reconstruct=False if args.no_reconstruct else None, skip=args.skip,
+        quantize=args.quantize, activations=args.activations, fuse=not args.no_fuse,
+        calib_samples=args.calib_samples, batch_size=args.batch_size, force=args.force,
+        progress=not args.quiet, external_data=args.external_data or None,
+    )
+    print_run_report(args, report, args.output)
+    if args.quiet:
+        return 0
+    name = "sparsify_2to4" if args.pattern else "prune_channels"
+    result = report.result(name)
+    for row in format_layers(name, result):
+        print(f"  {row}")
+    coverage = pattern_coverage(result) if args.pattern else None
+    if coverage is not None:
+        print(f"{args.pattern} pattern holds on {coverage:.2%} of the groups of the sparsified layers")
+    hint = alignment_hint(result)
+    if hint:
+        print(hint)
+    for row in format_compare(compare_models(load_model(args.model), report.model)):
+        print(row)
+    return 0

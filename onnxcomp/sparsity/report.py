@@ -1,0 +1,97 @@
+"""Before/after figures of a sparsified model: parameters, MACs, serialized size, sparsity per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx
+
+from onnxcomp.pipeline import PassResult
+from onnxcomp.summary import human_bytes, human_count, summarize
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: Shapes) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have the given static shapes (for MAC counts)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dims.add().dim_value = int(size)
+    return fixed
+
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def model_figures(model: onnx.ModelProto, input_shapes: Shapes | None = None) -> dict[str, int | None]:
+    """Parameters (values in constants), MACs (batch 1, or at ``input_shapes``) and serialized bytes."""
+    s = summarize(with_input_shapes(model, input_shapes) if input_shapes else model)
+    return {"params": s.param_count, "macs": s.macs_total, "bytes": model.ByteSize()}
+
+
+def compare_models(before: onnx.ModelProto, after: onnx.ModelProto,
+                   input_shapes: Shapes | None = None) -> dict[str, dict[str, int | None]]:
+    """``{"params"|"macs"|"bytes": {"before", "after"}}``."""
+    b, a = model_figures(before, input_shapes), model_figures(after, input_shapes)
+    return {key: {"before": b[key], "after": a[key]} for key in b}
+
+
+def format_compare(figures: dict[str, dict[str, int | None]]) -> list[str]:
+    """Text rows: ``parameters  127.26k -> 71.93k (-43.5%)`` for each figure."""
+    rows = []
+    for key, label, fmt in (("params", "parameters", human_count), ("macs", "MACs (batch 1)", human_count),
+                            ("bytes", "size", human_bytes)):
+        b, a = figures[key]["before"], figures[key]["after"]
+        if b is None or a is None:
+            rows.append(f"{label:<15} unknown")
+            continue
+        change = f" ({(a - b) / b:+.1%})" if b else ""
+        rows.append(f"{label:<15} {fmt(b):>10} -> {fmt(a):>10}{change}")
+    return rows
+
+
+def format_layers(name: str, result: PassResult) -> list[str]:
+    """Per-layer rows of a sparsity pass result (channels before/after, n:m coverage, refit errors)."""
+    rows: list[str] = []
+    for entry in result.data.get("layers", []):
+        if entry["kind"] == "channels":
+            refit = [s for s in entry["sinks"] if "error_refit" in s]
+            fit = ""
+            if refit:
+                before = sum(s["error_pruned"] for s in refit) / len(refit)
+                after = sum(s["error_refit"] for s in refit) / len(refit)
+                fit = f", consumers' output error {before:.2%} -> {after:.2%} refit"
+            rows.append(f"{entry['node']}: {entry['channels_before']} -> {entry['channels_after']} channels{fit}")
+        else:
+            rows.append(f"{entry['node']}: {entry['pattern']} on {entry['pattern_fraction']:.1%} of groups, "
+                        f"{entry['zero_fraction']:.1%} zeros")
+    return rows
+
+
+def pattern_coverage(result: PassResult) -> float | None:
+    """Fraction of n:m groups satisfying the pattern over the sparsified layers (None: no layer)."""
+    stats: dict[str, Any] = result.stats
+    groups = stats.get("groups", 0)
+    return stats.get("groups_ok", 0) / groups if groups else None
+
+
+#: onnxruntime's x86 convs use an NCHWc layout with blocks of this many channels (AVX-512).
+ORT_CHANNEL_BLOCK = 16
+
+
+def alignment_hint(result: PassResult) -> str | None:
+    """A hint when pruning took convs off a multiple of onnxruntime's NCHWc channel block."""
+    odd = sorted({e["node"] for e in result.data.get("layers", [])
+                  if e["kind"] == "channels" and e["op"] == "Conv" and e["channels_before"] % ORT_CHANNEL_BLOCK == 0
+                  and e["channels_after"] % ORT_CHANNEL_BLOCK})
+    if not odd:
+        return None
+    shown = ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else "")
+    return (f"hint: {len(odd)} pruned conv(s) ({shown}) keep a channel count that is not a multiple of "
+            f"{ORT_CHANNEL_BLOCK} any more; onnxruntime may run them outside its blocked (NCHWc) layout, "
+            "slower per MAC. "
+            f"--round-to {ORT_CHANNEL_BLOCK} keeps the layout")
