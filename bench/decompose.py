@@ -55,6 +55,19 @@ INTRO = (
     "median of the runs, each timed round-robin with the fp32 model (\"vs fp32\" = the ratio of the\n"
     "two medians; < 1 is faster). Regenerate with `python bench/decompose.py`."
 )
+NOTES = (
+    "Notes. The refit is what makes low ranks usable: on every model the SVD-only pair loses accuracy\n"
+    "that the least-squares refit of the second factor recovers, and INT8 quantization on top costs\n"
+    "about what it costs the fp32 model. The automatic rule's band (AMCT's `[L//7, L//6]`) sets the\n"
+    "rank for these weights (EVBMF's noise-floor estimate is below the band for the demo's trained\n"
+    "convs); it is tuned for convs and too aggressive for MiniLM's MatMuls, where `energy:0.9` + refit\n"
+    "keeps the embeddings close. PP-OCRv6 det has only 3 dense convs with k >= 3 (61 of its 83 convs\n"
+    "are 1x1, 17 depthwise), so the 3x3 decomposition saves little there; `min_kernel = 1` also factors\n"
+    "1x1 convs (a 1x1 conv is a matrix). Its large \"vs fp32\" gain is mostly an onnxruntime effect: two\n"
+    "768->384 1x1 convs (`Conv.50`, `Conv.53`, ~5% of the MACs) take ~45% of the fp32 run time in\n"
+    "onnxruntime 1.32 (NCHWc Conv with a fused Add), and their low-rank pairs avoid that path.\n"
+    "Latencies on this shared 2-CPU machine vary by up to 2x between runs of the same model."
+)
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -231,7 +244,7 @@ def main() -> None:
     env = common.environment_line(["onnxcomp", "onnx", "onnxruntime", "numpy"])
     env += (f" Load average {common.load_average()} at the end of the run (a shared machine); "
             f"{time.perf_counter() - started:.0f} s.")
-    body = INTRO + "\n\n" + "\n\n".join(tables) + "\n\n" + env
+    body = INTRO + "\n\n" + "\n\n".join(tables) + "\n\n" + NOTES + "\n\n" + env
     print("\n" + body)
     if not args.no_write:
         common.write_readme_section(README, SECTION, body)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -46,10 +45,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from _common import environment_line, load_average, write_readme_section  # noqa: E402  (bench/_common.py)
 from models.fetch import MODELS, fetch, make_inputs  # noqa: E402
 from onnxcomp.api import quantize  # noqa: E402
 from onnxcomp.evaluate import cosine  # noqa: E402
@@ -516,13 +517,11 @@ def fp4_table(rows: list[tuple[str, str, float, float, float]]) -> list[str]:
     return lines
 
 
-def replace_section(text: str, body: str) -> str:
-    """Replace (or append) the '## Low-bit formats' section, keeping every other section."""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"{SECTION}\n\n{body.rstrip()}\n\n"
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text, count=1).rstrip() + "\n"
-    return text.rstrip() + "\n\n" + block.rstrip() + "\n"
+def footer(total: float, load0: str, quick: bool) -> str:
+    return (environment_line(("onnxcomp", "onnx", "onnxruntime", "numpy")) + f" Whole run {total:.0f} s"
+            + (" (--quick)" if quick else "") + f"; 1-minute load average {load0} at the start and {load_average()} "
+            "at the end (a shared machine: read the latency ratios, not the absolute ms, and treat ratios within "
+            "about 25% of 1 as noise; the fp32 row, timed against itself, shows the run's noise).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-readme", action="store_true", help="print the section without writing bench/README.md")
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    load0 = load_average()
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -585,16 +585,14 @@ def main(argv: list[str] | None = None) -> int:
     out += fp4_table(fp4)
     out += [
         "",
-        f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPUs ({platform.machine()}); whole run {total:.0f} s"
-        + (" (--quick)" if args.quick else "") + ".",
+        footer(total, load0, args.quick),
     ]
     body = "\n".join(out)
     print(body)
     if not args.quick and not args.no_readme:
-        text = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
+        text = README.read_text(encoding="utf-8") if README.exists() else ""
         analysis = _existing_analysis(text)
-        README.write_text(replace_section(text, body + ("\n\n" + analysis if analysis else "")), encoding="utf-8")
+        write_readme_section(README, SECTION, body + ("\n\n" + analysis if analysis else ""))
         log(f"wrote {README.relative_to(REPO)} ({SECTION})")
     log(f"total {total:.0f} s")
     return 0

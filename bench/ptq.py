@@ -400,7 +400,7 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
 
     # ---- 2. ppocr_det CNN -----------------------------------------------------------------------
     det = str(fetch("ppocr_det"))
-    side = 256 if quick else 320
+    side = 192 if quick else 320
     n_cal, n_eval = (8, 4) if quick else (16, 8)
     cal = make_inputs("ppocr_det", n_cal, seed=1, height=side, width=side)
     np.savez(work / "calib_ppocr_det.npz", **cal)

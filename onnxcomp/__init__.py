@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxcomp.api import compress, fuse, quantize, sparsify
+from onnxcomp.api import compress, decompose, fuse, quantize, sparsify
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.manager import PassManager, RunReport
 from onnxcomp.model_io import load_model, save_model
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "available_passes",
     "compress",
+    "decompose",
     "fuse",
     "load_model",
     "load_recipe",

@@ -18,8 +18,8 @@ class _Silent:
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, desc: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar when ``enabled`` (and stderr is not closed), otherwise a no-op object."""
-    if not enabled:
+    """A tqdm bar when ``enabled`` and stderr is a terminal, otherwise a no-op object."""
+    if not enabled or not sys.stderr.isatty():  # no bar residue in logs and CI output
         yield _Silent()
         return
     from tqdm import tqdm
