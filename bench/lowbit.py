@@ -16,13 +16,19 @@ row (format x granularity, weight-only or weights + activations) it runs
 * stored bits per quantized weight (``onnxcomp.summary.weight_storage``: codes + scales + zero
   points + tables over every Conv/Gemm/MatMul weight) and, for the transformer, the size of the
   MatMul weights alone against their fp32 size (the issue asks MXFP4 and FP4_E1M2 < 0.3x);
-* median ORT CPU latency (1 thread, ORT_ENABLE_ALL), the kernels ORT turns the quantized ops
-  into (from the optimized graph), and the max |ALL - DISABLE_ALL| difference of the outputs;
+* median ORT CPU latency (1 thread, ORT_ENABLE_ALL) and its ratio to the fp32 model timed in the
+  same rounds (and to the fp32 model with its denormal weights set to 0, when it has any: they
+  slow ORT's CPU kernels several-fold), the kernels ORT turns the quantized ops into (from the
+  optimized graph), the max |ALL - DISABLE_ALL| difference of the outputs and the cosine at
+  DISABLE_ALL;
 * quantization wall time (fusions + calibration + quantize pass + its SQNR report).
 
+A row that ``quantize`` rejects is kept as an ERROR row; MX activations, which need a static last
+dimension, are retried on a copy of the CNN with fixed H and W (marked with a dagger).
+
 It also measures the weight-level SQNR of FP4_E1M2 vs FP4_E2M1 (group:32) on each model's own
-weights and on synthetic uniform / Gaussian data, to test the guidance "E1M2 for uniform data,
-E2M1 for Gaussian data".
+weights and on synthetic uniform / Gaussian / Laplace data, to test the guidance "E1M2 for uniform
+data, E2M1 for Gaussian data". Helpers shared with the other benchmarks come from bench/_common.py.
 """
 
 from __future__ import annotations

@@ -193,6 +193,9 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
         if node.op_type == "DequantizeLinear" and node.output[0] in weight_inputs | _feeds_mul(model, weight_inputs):
             src, label, table_bits = codes_of(node.input[0])
             extra = sum(bits(n) for n in node.input[1:])
+            scale_node = producers.get(node.input[1])
+            if scale_node is not None and scale_node.op_type == "DequantizeLinear":  # two-level scales
+                extra += sum(bits(n) for n in scale_node.input)
         elif node.op_type == "Mul" and node.output[0] in weight_inputs:
             src, label, table_bits = codes_of(node.input[0])
             extra = bits(node.input[1])

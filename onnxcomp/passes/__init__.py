@@ -6,6 +6,7 @@ from onnxcomp.passes import (
     decompose_conv,
     decompose_matmul,
     dedupe_initializers,
+    flush_denormals,
     fold_affine,
     fold_batchnorm,
     fuse_matmul_add,
@@ -21,6 +22,7 @@ __all__ = [
     "decompose_conv",
     "decompose_matmul",
     "dedupe_initializers",
+    "flush_denormals",
     "fold_affine",
     "fold_batchnorm",
     "fuse_matmul_add",
@@ -38,5 +40,6 @@ FUSE_PIPELINE: tuple[str, ...] = (
     "fuse_matmul_add",
     "fold_affine",
     "lower_batchnorm",
+    "flush_denormals",
     "dedupe_initializers",
 )

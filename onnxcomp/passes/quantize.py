@@ -88,8 +88,6 @@ class Quantize(Pass):
         if not plans:
             result.notes.append("no node to quantize")
             return result
-        if any(p.spec.activations is not None and p.spec.activations.dtype == "mxfp8" for p in plans):
-            ir.infer_shapes(graph)  # MX activation blocks need the static last dimension
         float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
         static = _static_tensors(plans)
         ranges: dict[str, tuple[float, float]] = {}

@@ -146,15 +146,19 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
     if a is not None:
         if a.granularity.kind == "token":
             x = node.inputs[0]
+            conv = node.op in ("Conv", "ConvTranspose")
+            axis = 1 if conv else (0 if node.op == "Gemm" and node.attrs.get("transA", 0) else -1)  # reduction axis
+            where = "channels of each position" if conv else "the last axis"
             if a.dtype == "mxfp8":
-                node.inputs[0] = emit_mx_activation(graph, x, _last_dim(x, node, plan), a.dtype, f"{x.name}_{node.name}_mx")
-                how = "dynamic 32-blocks along the last axis"
+                node.inputs[0] = emit_mx_activation(graph, x, _reduction_length(x, node, plan), a.dtype,
+                                                    f"{x.name}_{node.name}_mx", axis, len(plan.weight_shape))
+                how = f"dynamic 32-blocks along {where}"
             elif a.dtype == "hif8":
-                node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8")
-                how = "dynamic per-token"
+                node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8", axis)
+                how = f"dynamic, one scale per vector along {where}"
             else:
-                emit_dynamic_per_token(graph, node, 0, a.dtype)
-                how = "dynamic per-token"
+                emit_dynamic_per_token(graph, node, 0, a.dtype, axis)
+                how = f"dynamic, one scale per vector along {where}"
             entry["activations"] = {"tensor": x.name, "dtype": a.dtype, "granularity": "token", "symmetric": True,
                                     "dynamic": True, "computed": how}
         else:
@@ -190,10 +194,14 @@ def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodeP
     return emit_weight_dq(graph, w, qw)
 
 
-def _last_dim(x: ir.Tensor, node: ir.Node, plan: NodePlan) -> int:
-    """The activation's static last dimension: K of a MatMul/Gemm weight, else from shape info."""
+def _reduction_length(x: ir.Tensor, node: ir.Node, plan: NodePlan) -> int:
+    """Length of the input's reduction axis, from the weight (K, or Cin of a Conv)."""
     if plan.layout is not None and (node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transA", 0))):
         return int(plan.weight_shape[plan.layout.reduction_axis])
+    if node.op == "Conv":
+        return int(plan.weight_shape[1]) * int(node.attrs.get("group", 1))
+    if node.op == "ConvTranspose":
+        return int(plan.weight_shape[0])
     shape = x.shape
     if not shape or not isinstance(shape[-1], int) or shape[-1] <= 0:
         raise ConfigError(

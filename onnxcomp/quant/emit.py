@@ -89,8 +89,9 @@ def emit_bias_int32(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray
     node.inputs[index] = out
 
 
-def emit_dynamic_per_token(graph: ir.Graph, node: ir.Node, index: int, fmt_name: str) -> None:
-    """Per-token (one scale per row of the last axis) fake quantization computed at run time.
+def emit_dynamic_per_token(graph: ir.Graph, node: ir.Node, index: int, fmt_name: str, axis: int = -1) -> None:
+    """Per-token fake quantization computed at run time: one scale per vector along ``axis``
+    (the reduction axis: the last for MatMul/Gemm rows, channels for each Conv pixel).
 
     int formats (symmetric): s = max(|x|) / qmax, q = Clip(Round(x / s)), x' = q * s.
     float formats: s = max(|x|) / max_value, x' = Cast(Cast(x / s -> format) -> float) * s
@@ -110,9 +111,9 @@ def emit_dynamic_per_token(graph: ir.Graph, node: ir.Node, index: int, fmt_name:
     absx, amax, scale, safe = var("abs"), var("amax"), var("scale"), var("safe_scale")
     ir.make_node(graph, "Abs", [x], [absx], f"{base}_Abs")
     if opset >= 18:
-        ir.make_node(graph, "ReduceMax", [absx, const("axes", np.array([-1], np.int64))], [amax], f"{base}_ReduceMax", {"keepdims": 1})
+        ir.make_node(graph, "ReduceMax", [absx, const("axes", np.array([axis], np.int64))], [amax], f"{base}_ReduceMax", {"keepdims": 1})
     else:
-        ir.make_node(graph, "ReduceMax", [absx], [amax], f"{base}_ReduceMax", {"axes": [-1], "keepdims": 1})
+        ir.make_node(graph, "ReduceMax", [absx], [amax], f"{base}_ReduceMax", {"axes": [axis], "keepdims": 1})
     if isinstance(fmt, IntegerFormat):
         top = float(fmt.qmax)
     elif isinstance(fmt, ElementFormat):

@@ -135,7 +135,7 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
     return emit_dq(graph, base, ints, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
 
 
-def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> QuantizedWeight:
+def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp4_storage: str = "int8") -> QuantizedWeight:
     """FP4 weights with FP8 group scales under a per-channel float32 scale (two levels).
 
     s_c = amax_c / (448 * e4max); group scale g = amax_g / (e4max * s_c), stored as FP8 E4M3 (RNE);
@@ -146,6 +146,8 @@ def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) ->
 
     from onnxcomp.quant.weights import _unit_view
 
+    if fp4_storage != "int8":
+        raise ConfigError(f"fp4_storage {fp4_storage!r} cannot be combined with two-level scales (scale_format); use int8")
     elem = get_format(spec.dtype)
     fp8 = get_format(spec.scale_format)
     factor = _INT_FACTOR[elem.name]

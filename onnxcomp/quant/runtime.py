@@ -63,10 +63,10 @@ class _Builder:
         ir.make_node(self.graph, op, inputs, [out], f"{self.prefix}_{name}", attrs)
         return out
 
-    def reduce_max_last(self, x: ir.Tensor, name: str) -> ir.Variable:
+    def reduce_max(self, x: ir.Tensor, name: str, axis: int = -1) -> ir.Variable:
         if ir.default_opset(self.graph) >= 18:
-            return self.op("ReduceMax", [x, self.const("axes", [-1], np.int64)], name, {"keepdims": 1})
-        return self.op("ReduceMax", [x], name, {"axes": [-1], "keepdims": 1})
+            return self.op("ReduceMax", [x, self.const("axes", [axis], np.int64)], name, {"keepdims": 1})
+        return self.op("ReduceMax", [x], name, {"axes": [axis], "keepdims": 1})
 
     def exponent_index(self, a: ir.Tensor, name: str) -> ir.Variable:
         """Index (e + 160, int64) of floor(log2 a) for a > 0 finite; exact."""
@@ -106,11 +106,12 @@ def hif8_round(b: _Builder, y: ir.Tensor) -> ir.Tensor:
     return b.op("Where", [isnan, y, keep_inf], "out")
 
 
-def emit_hif8_activation(graph: ir.Graph, x: ir.Tensor, scale: float | None, name: str) -> ir.Tensor:
-    """x' = s * HiF8(x / s): static per-tensor ``scale``, or per-token (None: s = max|x| / 16 per row)."""
+def emit_hif8_activation(graph: ir.Graph, x: ir.Tensor, scale: float | None, name: str, axis: int = -1) -> ir.Tensor:
+    """x' = s * HiF8(x / s): static per-tensor ``scale``, or per-token (None: s = max|x| / 16
+    over ``axis``, the reduction axis: the last for MatMul/Gemm, channels for Conv)."""
     b = _Builder(graph, name)
     if scale is None:
-        amax = b.reduce_max_last(b.op("Abs", [x], "x_abs"), "amax")
+        amax = b.reduce_max(b.op("Abs", [x], "x_abs"), "amax", axis)
         s = b.op("Max", [b.op("Div", [amax, b.const("target", np.float32(16.0))], "raw_scale"),
                          b.const("tiny", np.float32(np.finfo(np.float32).tiny))], "scale")
     else:
@@ -133,8 +134,20 @@ def emit_cast_activation(graph: ir.Graph, x: ir.Tensor, scale: float, fmt_name: 
     return b.op("Mul", [b.op("Cast", [code], "values", {"to": onnx.TensorProto.FLOAT}), s], "dequantized")
 
 
-def emit_mx_activation(graph: ir.Graph, x: ir.Tensor, k: int, fmt_name: str, name: str) -> ir.Tensor:
-    """Dynamic MX fake-quant over 32-blocks of the last axis (length ``k``, static)."""
+def emit_mx_activation(
+    graph: ir.Graph, x: ir.Tensor, k: int, fmt_name: str, name: str, axis: int = -1, rank: int = 0
+) -> ir.Tensor:
+    """Dynamic MX fake-quant over 32-blocks of ``axis`` (length ``k``, static; the reduction axis).
+
+    A non-last axis (channels of a Conv input, of rank ``rank``) is moved last by a Transpose
+    and back afterwards.
+    """
+    if axis not in (-1, rank - 1):
+        perm = [d for d in range(rank) if d != axis] + [axis]
+        inverse = [perm.index(d) for d in range(rank)]
+        moved = _Builder(graph, name).op("Transpose", [x], "to_last", {"perm": perm})
+        out = emit_mx_activation(graph, moved, k, fmt_name, name)
+        return _Builder(graph, name).op("Transpose", [out], "from_last", {"perm": inverse})
     fmt = get_format(fmt_name)
     elem = fmt.element
     b = _Builder(graph, name)
@@ -152,7 +165,7 @@ def emit_mx_activation(graph: ir.Graph, x: ir.Tensor, k: int, fmt_name: str, nam
     absx = b.op("Abs", [xb], "abs")
     finite = b.op("Not", [b.op("Or", [b.op("IsNaN", [xb], "isnan"), b.op("IsInf", [xb], "isinf")], "nonfinite")], "finite")
     absx = b.op("Where", [finite, absx, b.const("zero", np.float32(0.0))], "abs_finite")
-    amax = b.reduce_max_last(absx, "amax")
+    amax = b.reduce_max(absx, "amax")
     idx = b.exponent_index(amax, "e")
     pow2 = b.shared("onnxcomp_pow2_table", _pow2_table())
     p = b.op("Gather", [pow2, idx], "p", {"axis": 0})

@@ -122,7 +122,7 @@ def quantize_weight(
     if spec.scale_format is not None:
         from onnxcomp.quant.lowbit import quantize_two_level
 
-        return quantize_two_level(w32, spec, layout)
+        return quantize_two_level(w32, spec, layout, fp4_storage)
     lo, hi = _unit_amax(view, axes)
     codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
     if spec.observer in ("mse", "output_mse"):

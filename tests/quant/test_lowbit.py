@@ -297,3 +297,50 @@ def test_two_level_with_fp8_activations_on_the_demo() -> None:
               "activations": "fp8_e4m3"}
     model = quantize(DEMO, calibration=calib, config=config).model
     assert accuracy(predict(model, {"input": held["input"]}), held["label"]) >= 98.5
+
+
+def test_two_level_storage_counts_group_scales() -> None:
+    model = quantize(_matmul(_weight()), config={"weights": {"dtype": "fp4_e1m2", "granularity": "group:32",
+                     "scale_format": "fp8_e4m3"}, "activations": "none"}, fuse=False).model
+    (entry,) = weight_storage(model).values()
+    total = sum(np.prod(t.dims) * (4 if t.data_type == TensorProto.INT4 else 8 if t.data_type in
+                (TensorProto.INT8, TensorProto.FLOAT8E4M3FN) else 32) for t in model.graph.initializer)
+    assert entry["bits"] == total  # codes, FP8 group scales + zero points, fp32 channel scales
+
+
+def test_two_level_rejects_other_fp4_storage() -> None:
+    from onnxcomp.errors import PassError
+
+    with pytest.raises(PassError, match="cannot be combined with two-level scales"):
+        quantize(_matmul(_weight()), config={"weights": {"dtype": "fp4_e2m1", "granularity": "group:32",
+                 "scale_format": "fp8_e4m3"}, "activations": "none"}, fuse=False, fp4_storage="uint4_lut")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "hif8", "int8"])
+def test_conv_dynamic_activations_scale_along_channels(fmt: str) -> None:
+    """Per-token / MX scales of a Conv input run along its channels (the reduction axis)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 40, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    sim = quantize(model, weights="int8", activations=fmt, dynamic=True, fuse=False, emit="simulate").model
+    x = (rng.standard_normal((2, 40, 5, 7)) * np.exp(rng.uniform(-4, 4, (2, 1, 5, 7)))).astype(np.float32)
+    wq = numpy_helper.to_array(next(t for t in sim.graph.initializer if t.name.endswith("fakequant")))
+    moved = np.moveaxis(x, 1, -1)  # channels last: one scale per pixel (or per 32-channel block)
+    if fmt == "mxfp8":
+        xq = get_format("mxfp8").quantize_dequantize(moved, axis=-1)
+    else:
+        top = {"hif8": 16.0, "int8": 127.0}[fmt]
+        s = np.maximum(np.abs(moved).max(-1, keepdims=True) / np.float32(top), np.finfo(np.float32).tiny).astype(np.float32)
+        y = np.divide(moved, s, dtype=np.float32)
+        xq = (get_format("hif8").quantize_dequantize(y) if fmt == "hif8" else np.clip(np.rint(y), -128, 127)) * s
+    ref_model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(wq, "w")]), opset_imports=[helper.make_opsetid("", 21)])
+    want = run_model(ref_model, {"x": np.ascontiguousarray(np.moveaxis(xq, -1, 1)).astype(np.float32)}, level="disable")[0]
+    got = run_model(sim, {"x": x}, level="disable")[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
