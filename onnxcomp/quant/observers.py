@@ -253,17 +253,12 @@ def _quantile(counts: np.ndarray, start: float, w: float, q: float, vmin: float,
 
 
 def percentile_range(obs: HistogramObserver, percentile: float = 99.99, symmetric: bool = False) -> Range:
-    """[P(100-p), P(p)] of the data; symmetric: [-t, t] with t = P(p) of |x|. Within a bin width."""
+    """t = P(p) of |x| (100 - p percent of all values lie beyond it, both tails together);
+    the range is [-t, t], or clipped to the data when asymmetric (ORT's semantics). Within a bin."""
     _check_option("percentile", percentile, 50, 100, integer=False)
     obs = _as_hist(obs, "percentile", need_data=True)
-    q, w = percentile / 100.0, obs.bin_width
-    if symmetric:
-        t = _quantile(_abs_hist(obs), 0.0, w, q, 0.0, _amax(obs))
-        return Range(-t, t)
-    start = -obs.num_bins // 2 * w
-    lo = _quantile(obs.counts, start, w, 1.0 - q, obs.min_val, obs.max_val)
-    hi = _quantile(obs.counts, start, w, q, obs.min_val, obs.max_val)
-    return Range(lo, hi)
+    t = _quantile(_abs_hist(obs), 0.0, obs.bin_width, percentile / 100.0, 0.0, _amax(obs))
+    return _threshold_range(obs, t, symmetric)
 
 
 def _smooth(p: np.ndarray, eps: float = _KL_EPS) -> np.ndarray | None:
@@ -299,6 +294,20 @@ def kl_divergence(hist: np.ndarray, i: int, num_quant_bins: int) -> float:
     return float(np.sum(ps * np.log(ps / qs)))
 
 
+def asymmetric_quant_bins(obs: Observer, num_quant_bins: int) -> int:
+    """Quantized bins for the |x| search under an asymmetric grid over [min, max].
+
+    TensorRT's KL search assumes a symmetric grid: ``num_quant_bins`` levels for |x|. An
+    asymmetric grid spends its levels over [min, max] instead, so the dominant side gets about
+    2 * amax / (max - min) times as many (twice for one-signed data, e.g. after a Relu).
+    """
+    span = obs.max_val - obs.min_val
+    if span <= 0:
+        return num_quant_bins
+    factor = min(2.0, max(1.0, 2.0 * _amax(obs) / span))
+    return int(round(num_quant_bins * factor))
+
+
 def entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: bool = False) -> Range:
     """KL-divergence threshold search on the |x| histogram (TensorRT 8-bit calibration, MXNet/ORT).
 
@@ -307,6 +316,7 @@ def entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: 
     """
     _check_option("num_quant_bins", num_quant_bins, 2, 2**24)
     obs = _as_hist(obs, "entropy", need_data=True)
+    num_quant_bins = asymmetric_quant_bins(obs, num_quant_bins) if not symmetric else num_quant_bins
     hist, amax = _abs_hist(obs), _amax(obs)
     n = int(np.flatnonzero(hist)[-1]) + 1
     if n <= num_quant_bins:
@@ -457,7 +467,14 @@ def compute_range(policy: str, obs: Observer, qdq: QDQ | None, symmetric: bool, 
     if policy == "percentile":
         return percentile_range(_as_hist(obs, policy), symmetric=symmetric, **kwargs)
     if policy == "entropy":
-        return entropy_range(_as_hist(obs, policy), symmetric=symmetric, **kwargs)
+        hist = _as_hist(obs, policy)
+        proposal = entropy_range(hist, symmetric=symmetric, **kwargs)
+        if qdq is None:
+            return proposal
+        # The KL threshold over-clips sparse activations (e.g. PP-OCR: -22 dB at some convs);
+        # keep it only where it lowers the expected quantization error of the real grid.
+        full = minmax_range(hist, symmetric)
+        return proposal if expected_error(hist, qdq, proposal) < expected_error(hist, qdq, full) else full
     if qdq is None:
         raise ConfigError(f"range policy {policy!r} needs a qdq function to measure quantization error")
     if policy == "mse":

@@ -203,11 +203,13 @@ def test_percentile_vs_numpy(name: str, p: float) -> None:
     x = DISTRIBUTIONS[name]
     obs = observe(x, parts=3)
     w = obs.bin_width
-    r = percentile_range(obs, p)
-    assert within_one_bin(r.lo, x, 100 - p, w) and within_one_bin(r.hi, x, p, w)
+    r = percentile_range(obs, p)  # t = P_p(|x|): 100 - p percent beyond it, both tails together
+    assert within_one_bin(r.hi if r.hi >= -r.lo else -r.lo, np.abs(x), p, w)
+    t = max(r.hi, -r.lo)
+    assert r.lo == (0.0 if x.min() >= 0 else max(float(x.min()), -t))
+    assert r.hi == (0.0 if x.max() <= 0 else min(float(x.max()), t))
     if p <= 99.9:  # dense enough here: plainly within one bin of numpy's value
-        lo, hi = np.percentile(x.astype(np.float64), [100 - p, p])
-        assert abs(r.lo - lo) <= w and abs(r.hi - hi) <= w
+        assert abs(t - np.percentile(np.abs(x.astype(np.float64)), p)) <= w
     rs = percentile_range(obs, p, symmetric=True)
     assert rs.lo == -rs.hi and within_one_bin(rs.hi, np.abs(x), p, w)
     assert percentile_range(obs, 100.0) == minmax_range(obs)
@@ -261,11 +263,16 @@ def test_entropy_vs_brute_force(name: str) -> None:
     x = DISTRIBUTIONS[name][:50_000]
     obs = observe(x, 512)
     t = brute_force_entropy_threshold(x, obs, 32)
-    r = entropy_range(obs, 32)
-    assert r.hi == pytest.approx(min(float(x.max()), t), abs=1e-12)
-    expected_lo = 0.0 if x.min() >= 0 else max(float(x.min()), -t)
-    assert r.lo == pytest.approx(expected_lo, abs=1e-12)
     assert entropy_range(obs, 32, symmetric=True) == Range(-t, t)
+    # an asymmetric grid gives the dominant side 2*amax/(max-min) times the levels (2x one-signed)
+    amax, span = float(np.abs(x).max()), float(x.max()) - float(x.min())
+    nq = int(round(32 * min(2.0, max(1.0, 2 * amax / span))))
+    assert nq == 64 or x.min() < 0
+    t_asym = brute_force_entropy_threshold(x, obs, nq)
+    r = entropy_range(obs, 32)
+    assert r.hi == pytest.approx(min(float(x.max()), t_asym), abs=1e-12)
+    expected_lo = 0.0 if x.min() >= 0 else max(float(x.min()), -t_asym)
+    assert r.lo == pytest.approx(expected_lo, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
@@ -374,3 +381,18 @@ def test_empty_observer_errors() -> None:
         compute_range("percentile", HistogramObserver(), None, False)
     with pytest.raises(CalibrationError, match="seen no data"):
         minmax_range(MinMaxObserver())
+
+
+def test_entropy_policy_keeps_kl_range_only_when_it_lowers_error() -> None:
+    rng = np.random.default_rng(11)
+    sparse = np.concatenate([np.zeros(20_000), rng.uniform(0, 6, 200)]).astype(np.float32)  # few, spread-out values
+    heavy = np.concatenate([rng.standard_normal(200_000), [300.0, -290.0]]).astype(np.float32)  # an outlier pair
+    for x in (sparse, heavy):
+        obs = HistogramObserver(2048)
+        obs.update(x)
+        kl = entropy_range(obs)
+        full = minmax_range(obs)
+        chosen = compute_range("entropy", obs, qdq_int8, False)
+        best = min((kl, full), key=lambda r: expected_error(obs, qdq_int8, r))
+        assert chosen == best
+    assert compute_range("entropy", obs, qdq_int8, False) == kl != full  # the outliers: KL clips them
