@@ -2,9 +2,10 @@
 
 Run from the repo root::
 
-    .venv/bin/python bench/ptq.py           # about 5 minutes on 2 cores
-    .venv/bin/python bench/ptq.py --quick   # about 1.5 minutes: fewer samples, smaller images
-    .venv/bin/python bench/ptq.py --full    # quantization time = median of 3 runs
+    .venv/bin/python bench/ptq.py           # 3.5 min on 2 cores (10 min with other jobs at load 5)
+    .venv/bin/python bench/ptq.py --quick   # 2 min: smoke run, fewer samples, smaller inputs
+    .venv/bin/python bench/ptq.py --full    # quantization time = median of 3 runs, 50 latency runs
+    .venv/bin/python bench/ptq.py --only minilm_l3 --no-readme   # one model, print only
 
 Models: the demo digits CNN (held-out top-1), ppocr_det (output cosine vs fp32 on held-out pages)
 and minilm_l3 (sentence-embedding cosine vs fp32 over the corpus). For every model x setting x
@@ -716,11 +717,12 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
         "latencies within a table, not across runs.",
         "- **size**: the output `.onnx` file.",
         "- Rows marked `*` are extra onnxcomp options with no ORT counterpart; they are not counted as matched pairs.",
-        "- Calibration semantics that stay different at matched settings: ORT's `Percentile` takes the percentile "
-        "of |x| (its default `symmetric=True` for that method) on a 2048-bin histogram, rounds up to a bin edge and "
-        "clips the range [-t, t] to [min, max]; onnxcomp's `percentile` takes both tails at the percentile. ORT's "
-        "`Entropy` through `quantize_static` always uses 128 histogram bins and 128 quantized bins "
-        "(`quantize_static` cannot change them), which leaves one candidate threshold: it returns the min/max range.",
+        "- What ORT's calibration methods compute: `Percentile` takes the percentile of |x| (its default "
+        "`symmetric=True` for that method) on a 2048-bin histogram, rounds up to a bin edge and clips [-t, t] to "
+        "[min, max]; `Entropy` through `quantize_static` always uses 128 histogram bins and 128 quantized bins "
+        "(`quantize_static` cannot change them), which leaves one candidate threshold, so it returns the min/max "
+        "range. onnxcomp's `percentile` and `entropy` observers (`onnxcomp/quant/observers.py`) are run at the same "
+        "percentile value and with their own defaults otherwise.",
         f"- ORT's `MatMulNBitsQuantizer` imports `onnx_ir`, which needs `sympy`; onnxruntime does not declare them. "
         f"When the venv lacks them the script pip-installs {', '.join(f'`{p}`' for p in PEER_PINS)} (`--no-deps`) "
         "into `~/.cache/onnxcomp-bench/peers` (or `$ONNXCOMP_BENCH_PEERS`) and puts that folder on the ORT "

@@ -318,7 +318,14 @@ def entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: 
     obs = _as_hist(obs, "entropy", need_data=True)
     num_quant_bins = asymmetric_quant_bins(obs, num_quant_bins) if not symmetric else num_quant_bins
     hist, amax = _abs_hist(obs), _amax(obs)
-    n = int(np.flatnonzero(hist)[-1]) + 1
+    # Exact zeros (a Relu's spike) are exact on every grid: left out of the KL comparison, where
+    # merging the spike with its neighbours would make every wide threshold look bad.
+    hist = hist.copy()
+    hist[0] -= obs.zeros
+    occupied = np.flatnonzero(hist)
+    if occupied.size == 0:  # nothing but zeros
+        return _threshold_range(obs, amax, symmetric)
+    n = int(occupied[-1]) + 1
     if n <= num_quant_bins:
         return _threshold_range(obs, amax, symmetric)
     divs = [kl_divergence(hist, i, num_quant_bins) for i in range(num_quant_bins, n + 1)]
@@ -471,8 +478,8 @@ def compute_range(policy: str, obs: Observer, qdq: QDQ | None, symmetric: bool, 
         proposal = entropy_range(hist, symmetric=symmetric, **kwargs)
         if qdq is None:
             return proposal
-        # The KL threshold over-clips sparse activations (e.g. PP-OCR: -22 dB at some convs);
-        # keep it only where it lowers the expected quantization error of the real grid.
+        # The KL threshold can over-clip sparse CNN activations; keep it only where it lowers
+        # the expected quantization error of the real grid (else the full range).
         full = minmax_range(hist, symmetric)
         return proposal if expected_error(hist, qdq, proposal) < expected_error(hist, qdq, full) else full
     if qdq is None:

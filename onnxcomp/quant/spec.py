@@ -154,6 +154,8 @@ def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str)
         default = _DEFAULT_GRANULARITY.get((role, values["dtype"]))
         if default is not None:
             values["granularity"] = default
+    if "observer" not in data and "dtype" in data and (role, values["dtype"]) in _DEFAULT_OBSERVER:
+        values["observer"] = _DEFAULT_OBSERVER[(role, values["dtype"])]
     values["observer_options"] = tuple(sorted(options.items()))
     values.setdefault("granularity", Granularity("tensor" if role == "activations" else "channel"))
     values.setdefault("symmetric", True)
@@ -288,6 +290,11 @@ _DEFAULT_GRANULARITY = {
     ("weights", "fp4_e1m2"): Granularity("group", 32),
     ("activations", "mxfp8"): Granularity("token"),
 }
+
+#: Observer a format implies when the config names the format but no observer: 4-bit integer
+#: grids (15 levels symmetric) gain most from the clipping search (MiniLM INT4 block 32: cosine
+#: 0.9839 with the amax rule, 0.9868 searched).
+_DEFAULT_OBSERVER = {("weights", "int4"): "mse", ("weights", "uint4"): "mse"}
 
 _DEFAULT_WEIGHTS = TensorSpec("int8", Granularity("channel"), True, "minmax")
 _DEFAULT_ACTIVATIONS = TensorSpec("int8", Granularity("tensor"), False, "minmax")

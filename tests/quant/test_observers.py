@@ -222,7 +222,9 @@ def brute_force_entropy_threshold(x: np.ndarray, obs: HistogramObserver, nq: int
     idx = np.floor(np.abs(x.astype(np.float64)) / w).astype(int)
     x64 = x.astype(np.float64)
     idx[(x64 < 0) & (np.abs(x64) % w == 0)] -= 1  # a negative value on an edge sits in the bin below, mirrored
-    hist = np.bincount(np.minimum(idx, half - 1), minlength=half).astype(float).tolist()
+    hist = np.bincount(np.minimum(idx, half - 1), minlength=half).astype(float)
+    hist[0] -= np.count_nonzero(x == 0)  # exact zeros are exact on any grid: left out
+    hist = hist.tolist()
     n = max(i for i, c in enumerate(hist) if c) + 1
     amax = float(np.abs(x).max())
     if n <= nq:
