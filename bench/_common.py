@@ -130,43 +130,21 @@ def median_time(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> tuple[
     return statistics.median(times), times
 
 
+def _as_proto(model: Any) -> Any:
+    """A ModelProto from a ModelProto, serialized bytes or a path."""
+    import onnx
+
+    if hasattr(model, "SerializeToString"):
+        return model
+    return onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+
+
 def ort_session(model: str | os.PathLike[str] | bytes | Any, threads: int = 1, level: str = "all",
                 config: Mapping[str, str] | None = None):  # -> onnxruntime.InferenceSession
-    """A CPU session: ``level`` all|extended|basic|disable, ``threads`` intra-op, 1 inter-op."""
-    import onnxruntime as ort
+    """``onnxcomp.model_io.ort_session`` for a model given as a path, bytes or ModelProto."""
+    from onnxcomp.model_io import ort_session as session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    for key, value in (config or {}).items():
-        opts.add_session_config_entry(key, value)
-    if hasattr(model, "SerializeToString"):
-        model = model.SerializeToString()
-    elif not isinstance(model, bytes):
-        model = str(model)
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def ort_latency_ms(model: Any, feeds: Mapping[str, Any], threads: int = 1, runs: int = 20, warmup: int = 5,
-                   level: str = "all") -> float:
-    """Median wall time (ms) of one ``session.run`` over ``runs`` runs after ``warmup`` runs."""
-    session = ort_session(model, threads=threads, level=level)
-    feeds = dict(feeds)
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return session(_as_proto(model), level=level, threads=threads, config=dict(config or {}))
 
 
 def interleaved_latency_ms(models: Sequence[Any], feeds: Mapping[str, Any], threads: int = 1, runs: int = 20,

@@ -214,16 +214,16 @@ def quantize(
     ``flags`` are :func:`quantize_options` keywords (weights, activations, granularity, ...).
     With ``simulation_output``, the fake-quant simulation model is written there too.
     """
-    from onnxcomp.passes import FUSE_PIPELINE
+    from onnxcomp.passes import with_fusions
 
     options = quantize_options(config, **flags)
-    passes: list[Pass | str] = [*(FUSE_PIPELINE if fuse else ()), make_pass("quantize", options)]
+    passes = with_fusions([make_pass("quantize", options)], fuse)
     kwargs = dict(calibration=calibration, force=force, progress=progress, external_data=external_data,
                   calib_samples=calib_samples, batch_size=batch_size)
     report = compress(model, passes, output, **kwargs)
     if simulation_output is not None:
         sim = make_pass("quantize", {**options, "emit": "simulate", "report_batches": 0})
-        compress(model, [*(FUSE_PIPELINE if fuse else ()), sim], simulation_output, **kwargs)
+        compress(model, with_fusions([sim], fuse), simulation_output, **kwargs)
     return report
 
 
@@ -254,7 +254,7 @@ def decompose(
     The record is saved beside ``output`` as ``OUT.decomposition.json``.
     """
     from onnxcomp.options import option_fields
-    from onnxcomp.passes import FUSE_PIPELINE
+    from onnxcomp.passes import with_fusions
     from onnxcomp.pipeline import get_pass
 
     if ops not in ("conv", "matmul", "all"):
@@ -270,8 +270,7 @@ def decompose(
     unknown = sorted(set(wanted) - valid)
     if unknown:
         raise OnnxCompError(f"unknown decomposition option {unknown[0]!r}; valid options: {', '.join(sorted(valid))}")
-    passes: list[Pass | str] = list(FUSE_PIPELINE if fuse else ())
-    passes += [make_pass(n, {k: v for k, v in wanted.items() if k in fields[n]}) for n in names[ops]]
+    passes = with_fusions([make_pass(n, {k: v for k, v in wanted.items() if k in fields[n]}) for n in names[ops]], fuse)
     return compress(model, passes, output, calibration=calibration, force=force, progress=progress,
                     external_data=external_data, calib_samples=calib_samples, batch_size=batch_size)
 

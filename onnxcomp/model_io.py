@@ -127,8 +127,12 @@ def check_model(model: onnx.ModelProto) -> None:
         raise ValidationError(_first_line(exc)) from exc
 
 
-def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1):  # -> ort.InferenceSession
-    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB)."""
+def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1, config: dict[str, str] | None = None):  # noqa: ANN201
+    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB).
+
+    ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
+    ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -141,6 +145,8 @@ def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1):  
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     if model.ByteSize() < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
@@ -151,6 +157,9 @@ def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1):  
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+#: Intra-op threads for sessions that only compute (calibration, reports): 0 = every core.
+ALL_CORES = 0
 
 #: Tensor types that are valid ONNX but that onnxruntime's CPU provider cannot run
 #: (../shared/spec/ort.md): models using them are validated with onnx.reference instead.

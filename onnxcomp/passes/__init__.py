@@ -19,6 +19,7 @@ from onnxcomp.passes import (
 
 __all__ = [
     "FUSE_PIPELINE",
+    "with_fusions",
     "decompose_conv",
     "decompose_matmul",
     "dedupe_initializers",
@@ -43,3 +44,14 @@ FUSE_PIPELINE: tuple[str, ...] = (
     "flush_denormals",
     "dedupe_initializers",
 )
+
+
+def with_fusions(passes: list, fuse: bool = True) -> list:
+    """``passes`` preceded by the deployment fusions (as pass instances) when ``fuse``.
+
+    Compression front-ends (quantize, sparsify, decompose) run the fusions first so BatchNorm is
+    folded before weights are quantized, pruned or factored.
+    """
+    from onnxcomp.pipeline import make_pass
+
+    return [*(make_pass(name) for name in (FUSE_PIPELINE if fuse else ())), *passes]

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp.errors import CalibrationError, ConfigError
-from onnxcomp.model_io import ort_session
+from onnxcomp.model_io import ALL_CORES, ort_session
 from onnxcomp.progress import progress_bar
 from onnxcomp.quant.observers import Observer
 
@@ -71,7 +71,7 @@ class Calibrator:
                 helper.make_empty_tensor_value_info(n) for n in self._fetch if n not in existing
             )
             try:
-                self._session = ort_session(augmented, level="disable")
+                self._session = ort_session(augmented, level="disable", threads=ALL_CORES)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
                 raise CalibrationError(f"onnxruntime cannot load the calibration model: {_first_line(exc)}") from exc
             del augmented  # only the session is kept (a >= 2 GB model is not held twice)

@@ -42,13 +42,13 @@ def sparsify_passes(
     calibration data) for static INT8 activations.
     """
     from onnxcomp.api import quantize_options
-    from onnxcomp.passes import FUSE_PIPELINE
+    from onnxcomp.passes import with_fusions
 
     if (pattern is None) == (prune_ratio is None):
         raise OnnxCompError(
             "choose one kind of sparsity: a pattern (e.g. --pattern 2:4) or a channel ratio (--prune-ratio 0.3)"
         )
-    passes: list[Pass] = [make_pass(name) for name in (FUSE_PIPELINE if fuse else ())]
+    passes: list[Pass] = with_fusions([], fuse)
     if pattern is not None:
         passes.append(make_pass("sparsify_2to4", {"pattern": pattern, "skip": list(skip)}))
     else:

@@ -32,7 +32,7 @@ from onnx import helper
 
 from onnxcomp import ir
 from onnxcomp.errors import CalibrationError
-from onnxcomp.model_io import ort_session
+from onnxcomp.model_io import ALL_CORES, ort_session
 from onnxcomp.pipeline import PassContext
 from onnxcomp.quant.calibrator import Calibrator
 from onnxcomp.sparsity.gram import (
@@ -119,7 +119,7 @@ class TensorRunner:
             del graph.output[:]
         existing = {o.name for o in graph.output}
         graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
-        self.session = ort_session(augmented, level="disable")
+        self.session = ort_session(augmented, level="disable", threads=ALL_CORES)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.names = names
 
