@@ -271,17 +271,18 @@ def _smooth(p: np.ndarray, eps: float = _KL_EPS) -> np.ndarray | None:
     return np.maximum(out, 1e-12)
 
 
-def kl_divergence(hist: np.ndarray, i: int, num_quant_bins: int) -> float:
+def kl_divergence(hist: np.ndarray, i: int, num_quant_bins: int, tail: float | None = None) -> float:
     """KL(P || Q) of the threshold at bin ``i`` of an |x| histogram (TensorRT calibration).
 
     P = hist[:i] with the outliers hist[i:] added to its last bin; Q = hist[:i] merged into
     ``num_quant_bins`` groups of i // num_quant_bins bins (the last group takes the remainder),
     each group's count spread evenly over its bins where P is non-zero. Both are smoothed
-    (:func:`_smooth`) and normalised; inf if either is all zero.
+    (:func:`_smooth`) and normalised; inf if either is all zero. ``tail`` (= hist[i:].sum()) and a
+    float64 ``hist`` may be passed in by a caller scanning many thresholds.
     """
-    sliced = hist[:i].astype(np.float64)
+    sliced = np.asarray(hist[:i], dtype=np.float64)
     p = sliced.copy()
-    p[-1] += float(hist[i:].sum())
+    p[-1] += float(hist[i:].sum()) if tail is None else tail
     nonzero = p != 0
     groups = np.minimum(np.arange(i) // (i // num_quant_bins), num_quant_bins - 1)
     sums = np.bincount(groups, weights=sliced, minlength=num_quant_bins)
@@ -328,7 +329,9 @@ def entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: 
     n = int(occupied[-1]) + 1
     if n <= num_quant_bins:
         return _threshold_range(obs, amax, symmetric)
-    divs = [kl_divergence(hist, i, num_quant_bins) for i in range(num_quant_bins, n + 1)]
+    hist64 = hist.astype(np.float64)
+    tails = np.concatenate([np.cumsum(hist64[::-1])[::-1], [0.0]])  # tails[i] = hist[i:].sum()
+    divs = [kl_divergence(hist64, i, num_quant_bins, float(tails[i])) for i in range(num_quant_bins, n + 1)]
     t = min((num_quant_bins + int(np.argmin(divs))) * obs.bin_width, amax)
     return _threshold_range(obs, t, symmetric)
 
