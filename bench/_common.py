@@ -130,7 +130,7 @@ def median_time(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> tuple[
     return statistics.median(times), times
 
 
-def _as_proto(model: Any) -> Any:
+def as_proto(model: Any) -> Any:
     """A ModelProto from a ModelProto, serialized bytes or a path."""
     import onnx
 
@@ -144,7 +144,7 @@ def ort_session(model: str | os.PathLike[str] | bytes | Any, threads: int = 1, l
     """``onnxcomp.model_io.ort_session`` for a model given as a path, bytes or ModelProto."""
     from onnxcomp.model_io import ort_session as session
 
-    return session(_as_proto(model), level=level, threads=threads, config=dict(config or {}))
+    return session(as_proto(model), level=level, threads=threads, config=dict(config or {}))
 
 
 def interleaved_latency_ms(models: Sequence[Any], feeds: Mapping[str, Any], threads: int = 1, runs: int = 20,

@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _common as common  # noqa: E402 - after the sys.path insert
+from onnxcomp.evaluate import cosine, predict  # noqa: E402
 
 README = REPO / "bench" / "README.md"
 SECTION = "## Post-training quantization"
@@ -357,17 +358,11 @@ def _peer_env() -> dict[str, str]:
 
 
 def _session_outputs(path: str, feeds: dict[str, np.ndarray], names: list[str] | None, batch: int) -> np.ndarray:
-    session = common.ort_session(path, threads=2)
-    n = len(next(iter(feeds.values())))
-    outs = []
-    for i in range(0, n, batch):
-        outs.append(session.run(names, {k: v[i : i + batch] for k, v in feeds.items()})[0])
-    return np.concatenate(outs)
+    return predict(common.as_proto(path), feeds, batch=batch, output=names[0] if names else None, threads=2)
 
 
 def _cos_flat(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+    return cosine(a, b)
 
 
 def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -12,13 +12,21 @@ import onnx
 from onnxcomp.model_io import ort_session
 
 
-def predict(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch: int = 256, level: str = "all") -> np.ndarray:
-    """First output of ``model`` over ``feeds`` (first axis = samples), in batches."""
-    session = ort_session(model, level=level)
+def predict(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    batch: int = 256,
+    level: str = "all",
+    output: str | None = None,
+    threads: int = 1,
+) -> np.ndarray:
+    """One output (the first, or ``output``) of ``model`` over ``feeds`` (first axis = samples), in batches."""
+    session = ort_session(model, level=level, threads=threads)
+    names = [output] if output is not None else None
     n = len(next(iter(feeds.values())))
     outs = []
     for start in range(0, n, batch):
-        outs.append(session.run(None, {k: v[start : start + batch] for k, v in feeds.items()})[0])
+        outs.append(session.run(names, {k: v[start : start + batch] for k, v in feeds.items()})[0])
     return np.concatenate(outs)
 
 
