@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
-import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -145,5 +144,3 @@ def options_to_dict(options: Any) -> dict[str, Any]:
         out[f.name] = value
     return out
 
-
-_ = typing  # keep typing importable for annotations evaluated by get_type_hints

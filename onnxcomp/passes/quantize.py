@@ -10,19 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
-
 from onnxcomp import ir
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
 from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.spec import QUANTIZABLE_OPS, QuantConfig, TensorSpec, parse_config
 from onnxcomp.quant.weights import min_opset_for
-
-#: Activation ops whose input and output may share one Q/DQ (ORT removes Relu before a Q whose
-#: zero point is the grid's minimum, then fuses Conv+Q into QLinearConv).
-FUSABLE_ACTIVATIONS = ("Relu", "Clip")
-
 
 @register_pass
 class Quantize(Pass):
@@ -138,5 +131,3 @@ def _stats(plans: list[NodePlan]) -> dict[str, int]:
     stats["nodes"] = len(plans)
     return stats
 
-
-_ = np

@@ -10,7 +10,8 @@ from onnxcomp import ir
 from onnxcomp.quant.spec import NodeSpec, QuantConfig
 from onnxcomp.quant.weights import WeightLayout, weight_layout
 
-#: Ops a quantized output is carried through (ORT folds a Relu/Clip into the preceding Q).
+#: Ops a quantized output is carried through: ORT removes a Relu/Clip before a Q whose zero point
+#: is the grid's minimum, then fuses Conv+Q into QLinearConv.
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 
 
