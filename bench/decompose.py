@@ -40,7 +40,7 @@ import _common as common  # noqa: E402 - after the sys.path insert
 from models.fetch import fetch, make_inputs  # noqa: E402
 from onnxcomp.api import decompose, quantize  # noqa: E402
 from onnxcomp.evaluate import accuracy, cosine, predict  # noqa: E402
-from onnxcomp.macs import model_macs  # noqa: E402
+from onnxcomp.macs import model_macs, with_input_shapes  # noqa: E402
 from onnxcomp.summary import summarize  # noqa: E402
 from onnxcomp.testing import run_model  # noqa: E402
 
@@ -90,22 +90,9 @@ class Case:
     extra: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
-def fixed(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
-    """A copy whose graph inputs have the shapes of ``feeds`` (for MAC counting)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for value in copy.graph.input:
-        if value.name in feeds:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, feeds[value.name].shape, strict=True):
-                dim.Clear()
-                dim.dim_value = int(size)
-    return copy
-
-
 def macs(model: onnx.ModelProto, feeds: Feeds) -> tuple[int, int]:
     """(Conv MACs, all Conv/ConvTranspose/Gemm/MatMul MACs) for ``feeds``' shapes."""
-    counted = model_macs(fixed(model, feeds))
+    counted = model_macs(with_input_shapes(model, {name: value.shape for name, value in feeds.items()}))
     total = sum(m.macs or 0 for m in counted)
     return sum(m.macs or 0 for m in counted if m.op == "Conv"), total
 

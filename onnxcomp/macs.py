@@ -6,6 +6,7 @@ Symbolic dimensions of graph inputs are taken as 1 (a batch of one) for the esti
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -118,3 +119,16 @@ def model_macs(model: onnx.ModelProto) -> list[NodeMacs]:
         for node in model.graph.node
         if node.op_type in MAC_OPS
     ]
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have the given static shapes (for MAC counts)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value.name]:
+                dims.add().dim_value = int(size)
+    return fixed

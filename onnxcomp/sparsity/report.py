@@ -8,20 +8,8 @@ from typing import Any
 import onnx
 
 from onnxcomp.pipeline import PassResult
+from onnxcomp.macs import with_input_shapes
 from onnxcomp.summary import human_bytes, human_count, summarize
-
-
-def with_input_shapes(model: onnx.ModelProto, shapes: Shapes) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph inputs have the given static shapes (for MAC counts)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for value in fixed.graph.input:
-        if value.name in shapes:
-            dims = value.type.tensor_type.shape.dim
-            del dims[:]
-            for size in shapes[value.name]:
-                dims.add().dim_value = int(size)
-    return fixed
 
 
 Shapes = Mapping[str, Sequence[int]]
