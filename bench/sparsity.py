@@ -44,9 +44,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _common as common  # noqa: E402 - after the sys.path insert
+
 from models.fetch import fetch, make_inputs  # noqa: E402
+from onnxcomp.analysis.metrics import accuracy, cosine, predict  # noqa: E402
 from onnxcomp.api import fuse, quantize, sparsify  # noqa: E402
-from onnxcomp.evaluate import accuracy, cosine, predict  # noqa: E402
 from onnxcomp.model_io import load_model  # noqa: E402
 from onnxcomp.sparsity.report import model_figures  # noqa: E402
 
@@ -101,13 +102,13 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("INT8 (W8A8)", {"int8_only": True}),
     ("2:4", {"pattern": "2:4"}),
     ("2:4 + INT8 (W8A8)", {"pattern": "2:4", **W8A8}),
-    *[(f"prune {int(r * 100)}%{' + reconstruction' if rec else ''}", {"prune_ratio": r, "reconstruct": rec})
+    *[(f"prune {int(r * 100)}%{' + reconstruction' if rec else ''}", {"ratio": r, "refit": rec})
       for r in (0.10, 0.25, 0.50) for rec in (False, True)],
-    ("prune 25% + reconstruction, round_to 16", {"prune_ratio": 0.25, "reconstruct": True, "round_to": 16}),
-    ("prune 25% global + reconstruction, round_to 16", {"prune_ratio": 0.25, "reconstruct": True, "round_to": 16,
+    ("prune 25% + reconstruction, round_to 16", {"ratio": 0.25, "refit": True, "round_to": 16}),
+    ("prune 25% global + reconstruction, round_to 16", {"ratio": 0.25, "refit": True, "round_to": 16,
                                                         "scope": "global"}),
-    ("prune 25% + reconstruction + INT8 (W8A8)", {"prune_ratio": 0.25, "reconstruct": True, **W8A8}),
-    ("prune 25% + reconstruction + INT4 (W4)", {"prune_ratio": 0.25, "reconstruct": True, "quantize": "int4"}),
+    ("prune 25% + reconstruction + INT8 (W8A8)", {"ratio": 0.25, "refit": True, **W8A8}),
+    ("prune 25% + reconstruction + INT4 (W4)", {"ratio": 0.25, "refit": True, "quantize": "int4"}),
 ]
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcomp.evaluate import accuracy, latency_ms, predict
+from onnxcomp.analysis.inspect import human_bytes
+from onnxcomp.analysis.metrics import accuracy, latency_ms, predict
 from onnxcomp.model_io import load_model
-from onnxcomp.summary import human_bytes
 from onnxcomp.testing import op_counts
 
 HERE = Path(__file__).resolve().parent

@@ -1,17 +1,33 @@
-"""onnxcomp: compress exported ONNX models by rewriting their graphs."""
+"""onnxcomp: compress exported ONNX models by rewriting their graphs.
+
+The Python API (:mod:`onnxcomp.api`) and the ``onnxcomp`` command line drive the same pass manager.
+Passes written outside the package use :class:`Pass`, :class:`PassResult`, :class:`PassContext`,
+:func:`register_pass` and the graph helpers of :mod:`onnxcomp.ir` (``docs/writing-a-pass.md``).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from onnxcomp import ir
+from onnxcomp._version import __version__
 from onnxcomp.api import compress, decompose, fuse, quantize, sparsify
 from onnxcomp.errors import OnnxCompError
-from onnxcomp.manager import PassManager, RunReport
+from onnxcomp.framework import (
+    NoOptions,
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    Recipe,
+    RunReport,
+    available_passes,
+    load_recipe,
+    make_pass,
+    register_pass,
+)
 from onnxcomp.model_io import load_model, save_model
-from onnxcomp.pipeline import Pass, PassContext, PassResult, available_passes, make_pass, register_pass
-from onnxcomp.recipe import Recipe, load_recipe
 
 __all__ = [
+    "NoOptions",
     "OnnxCompError",
     "Pass",
     "PassContext",
@@ -24,6 +40,7 @@ __all__ = [
     "compress",
     "decompose",
     "fuse",
+    "ir",
     "load_model",
     "load_recipe",
     "make_pass",

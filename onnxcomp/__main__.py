@@ -1,3 +1,5 @@
-from onnxcomp.cli import main
 import sys
+
+from onnxcomp.cli.main import main
+
 sys.exit(main())

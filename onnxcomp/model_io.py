@@ -18,19 +18,17 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
+from onnxcomp.runtime import PROTOBUF_LIMIT, ort_session, write_model_file
 
 #: onnxcomp never emits a model with a default-domain opset above this (ORT has no Q/DQ kernels
-#: above it; ../shared/spec/ort.md).
+#: above it; docs/onnxruntime.md).
 MAX_EMIT_OPSET = 25
-#: protobuf cannot serialise a message of 2 GiB or more.
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 @functools.cache
 def ort_max_opset() -> int:
     """The newest default-domain opset the installed onnxruntime loads (probed once)."""
     import onnxruntime as ort
-
     from onnx import TensorProto, helper
 
     best = MAX_EMIT_OPSET
@@ -121,48 +119,14 @@ def check_model(model: onnx.ModelProto) -> None:
         else:
             with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
                 p = Path(tmp) / "model.onnx"
-                _write(model, p, external=True)
+                write_model_file(model, p, external=True)
                 onnx.checker.check_model(str(p), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(_first_line(exc)) from exc
 
 
-def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1, config: dict[str, str] | None = None):  # noqa: ANN201
-    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB).
-
-    ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
-    ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    for key, value in (config or {}).items():
-        opts.add_session_config_entry(key, value)
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
-    try:
-        p = Path(tmp) / "model.onnx"
-        _write(model, p, external=True)
-        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-#: Intra-op threads for sessions that only compute (calibration, reports): 0 = every core.
-ALL_CORES = 0
-
 #: Tensor types that are valid ONNX but that onnxruntime's CPU provider cannot run
-#: (../shared/spec/ort.md): models using them are validated with onnx.reference instead.
+#: (docs/onnxruntime.md): models using them are validated with onnx.reference instead.
 NOT_RUNNABLE_ON_ORT = (onnx.TensorProto.FLOAT4E2M1,)
 
 
@@ -189,21 +153,6 @@ def validate_model(model: onnx.ModelProto) -> None:
         ort_session(model, level="all")
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ValidationError(f"onnxruntime cannot load it: {_first_line(exc)}") from exc
-
-
-def _write(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    if external:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=0,  # every initializer: the .data file always exists
-        )
-    else:
-        with open(path, "wb") as fh:
-            fh.write(model.SerializeToString(deterministic=True))
 
 
 def save_model(
@@ -234,7 +183,7 @@ def save_model(
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=path.parent))
     try:
         staged = tmpdir / path.name
-        _write(model, staged, external)
+        write_model_file(model, staged, external)
         written = []
         # Data before model: a reader never sees a model whose data file is missing.
         for target in reversed(targets):

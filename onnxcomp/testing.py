@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxcomp.model_io import ort_session
+from onnxcomp.runtime import ort_session
 
 _NP_OF_ONNX = {
     onnx.TensorProto.FLOAT: np.float32,

@@ -12,7 +12,7 @@ import pytest
 from conftest import MODELS
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.calibration_data import Batch, calibration_source
+from onnxcomp.calibration.data import Batch, calibration_source
 from onnxcomp.errors import CalibrationError
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import conv_bn_model
 
-from onnxcomp.cli import main
-from onnxcomp.summary import summarize
+from onnxcomp.analysis.inspect import summarize
+from onnxcomp.cli.main import main
 
 
 def test_summary_numbers() -> None:

@@ -11,7 +11,7 @@ import pytest
 from conftest import conv_bn_model
 from onnx import TensorProto, helper
 
-from onnxcomp.cli import main
+from onnxcomp.cli.main import main
 from onnxcomp.errors import ModelLoadError, OnnxCompError
 from onnxcomp.model_io import load_model, ort_max_opset, save_model
 from onnxcomp.testing import random_feeds, run_model

@@ -13,12 +13,13 @@ from conftest import conv_bn_model
 
 from onnxcomp import ir
 from onnxcomp.api import compress
-from onnxcomp.cli import main
+from onnxcomp.cli.main import main
 from onnxcomp.errors import PassError, RecipeError
-from onnxcomp.manager import PassManager
-from onnxcomp.options import build_options
-from onnxcomp.pipeline import Pass, PassContext, PassResult, make_pass
-from onnxcomp.recipe import dump_recipe, load_recipe, recipe_from_data
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.manager import PassManager
+from onnxcomp.framework.options import build_options
+from onnxcomp.framework.recipe import dump_recipe, load_recipe, recipe_from_data
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import op_counts, random_feeds, run_model
 
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from real_models import make_inputs, real_model
 
-from onnxcomp.cli import main
+from onnxcomp.cli.main import main
 from onnxcomp.model_io import load_model
 from onnxcomp.testing import op_counts, run_model
 

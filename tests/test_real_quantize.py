@@ -10,10 +10,10 @@ import onnx
 import pytest
 from real_models import make_inputs, real_model
 
+from onnxcomp.analysis.inspect import weight_storage
+from onnxcomp.analysis.metrics import cosine
 from onnxcomp.api import quantize
-from onnxcomp.evaluate import cosine
 from onnxcomp.model_io import load_model
-from onnxcomp.summary import weight_storage
 from onnxcomp.testing import run_model
 
 pytestmark = pytest.mark.slow

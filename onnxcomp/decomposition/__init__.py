@@ -12,7 +12,13 @@
 
 from __future__ import annotations
 
-from onnxcomp.decomposition.rank import RankChoice, RankRule, choose_rank, evbmf_rank, parse_rank_rule
+from onnxcomp.decomposition.rank import (
+    RankChoice,
+    RankRule,
+    choose_rank,
+    evbmf_rank,
+    parse_rank_rule,
+)
 from onnxcomp.decomposition.record import ARTIFACT, FORMAT, format_record, load_replay
 
 __all__ = [

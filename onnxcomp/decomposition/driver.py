@@ -10,9 +10,8 @@ because the record already decided.
 from __future__ import annotations
 
 import abc
-import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -22,13 +21,15 @@ from onnxcomp.decomposition.rank import Band, RankChoice, choose_rank, parse_ran
 from onnxcomp.decomposition.record import add_to_artifacts, load_replay
 from onnxcomp.decomposition.refit import Probe, RefitResult, refit
 from onnxcomp.errors import ConfigError
-from onnxcomp.passes._affine import FLOAT_DTYPES, describe
-from onnxcomp.pipeline import PassContext, PassResult
+from onnxcomp.framework.base import PassContext, PassResult
+from onnxcomp.ir import match_glob, node_key
 
 
 @dataclass(frozen=True)
 class DecomposeOptions:
     """Options shared by ``decompose_conv`` and ``decompose_matmul``."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"batch_num": "calib_batches"}
 
     rank_rule: str = "auto"  # auto | energy:E | ratio:R | rank:N
     align: int = 16  # round ranks to a multiple of this (1: no rounding)
@@ -41,7 +42,7 @@ class DecomposeOptions:
     require_saving: bool = True  # decline when the pair would not need fewer MACs
     refit: bool = True  # refit the second factor by least squares when calibration data is given
     refit_damping: float = 1e-4  # ridge towards the SVD factor, relative to mean(diag(A^T A))
-    batch_num: int | None = None  # calibration batches for the refit (None: all)
+    calib_batches: int | None = None  # calibration batches for the refit (None: all)
     skip: tuple[str, ...] = ()  # node-name globs to leave alone
     record: str = ""  # replay this decomposition record: exactly its ranks, its nodes only
 
@@ -53,8 +54,8 @@ class DecomposeOptions:
         for name in ("align", "band_divisor_wide", "wide_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.band_divisor < 0 or self.refit_damping < 0 or (self.batch_num is not None and self.batch_num < 1):
-            raise ValueError("band_divisor and refit_damping must be >= 0 and batch_num >= 1")
+        if self.band_divisor < 0 or self.refit_damping < 0 or (self.calib_batches is not None and self.calib_batches < 1):
+            raise ValueError("band_divisor and refit_damping must be >= 0 and calib_batches >= 1")
 
 
 @dataclass
@@ -114,23 +115,6 @@ class Decomposer(abc.ABC):
     def emit(self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray,
              bias: np.ndarray | None) -> list[str]:
         """Replace the node by its two factors; the names of the new nodes (first, second)."""
-
-
-def float_weight(node: ir.Node, index: int, what: str) -> np.ndarray | str:
-    """The constant floating-point input ``index`` of ``node``, or why it is not one."""
-    if len(node.inputs) <= index or not node.inputs[index].name:
-        return f"{describe(node)} has no {what}"
-    value = ir.constant_value(node.inputs[index])
-    if value is None:
-        return f"the {what} {node.inputs[index].name!r} of {describe(node)} is not a constant"
-    if value.dtype.name not in FLOAT_DTYPES:
-        return f"the {what} {node.inputs[index].name!r} of {describe(node)} is {value.dtype.name}, not floating point"
-    return value
-
-
-def node_key(node: ir.Node) -> str:
-    """A node's name, or its first output's name for an unnamed node (records are keyed by it)."""
-    return node.name or (node.outputs[0].name if node.outputs else "")
 
 
 def too_small(options: DecomposeOptions, kernel: int, channels: int) -> str | None:
@@ -254,7 +238,7 @@ def _plan(graph: ir.Graph, node: ir.Node, decomposer: Decomposer, options: Decom
           replay: dict[str, dict[str, Any]] | None, plans: list[_Plan]) -> str | None:
     """Add a plan for ``node`` to ``plans``, or say why it is declined."""
     key = node_key(node)
-    if any(fnmatch.fnmatchcase(key, pattern) for pattern in options.skip):
+    if match_glob(node.name, options.skip):
         return "matches a skip pattern"
     if replay is not None and key not in replay:
         return "not in the replayed record"
@@ -292,7 +276,7 @@ def _refit(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer, plans: lis
         return False
     model = ir.export_model(graph, ctx.source_model)
     probes = [decomposer.probe(p.target, p.first, p.second, i) for i, p in enumerate(plans)]
-    fits = refit(model, probes, ctx.calibration(), options.refit_damping, options.batch_num, ctx.progress.enabled)
+    fits = refit(model, probes, ctx.calibration(), options.refit_damping, options.calib_batches, ctx.progress.enabled)
     for plan, fit in zip(plans, fits, strict=True):
         plan.fit = fit
     return True

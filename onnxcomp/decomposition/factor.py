@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.decomposition.blas import single_threaded_blas
+from onnxcomp.blas import single_threaded_blas
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The decomposition record: what became what, with ranks and MACs; saved, printed, replayed.
 
-The record is one JSON document (``OUT.decomposition.json`` beside the output model)::
+The record is one JSON document (``OUT.decomposition_record.json`` beside the output model)::
 
     {"format": "onnxcomp-decomposition/1",
      "passes": {"decompose_conv": {"rank_rule": "auto", "align": 16, ...}},
@@ -25,7 +25,7 @@ from typing import Any
 from onnxcomp.errors import ConfigError
 
 FORMAT = "onnxcomp-decomposition/1"
-ARTIFACT = "decomposition"
+ARTIFACT = "decomposition_record"
 
 
 def new_record() -> dict[str, Any]:
@@ -34,7 +34,7 @@ def new_record() -> dict[str, Any]:
 
 def add_to_artifacts(artifacts: dict[str, Any], pass_name: str, settings: dict[str, Any],
                      nodes: list[dict[str, Any]], declined: list[tuple[str, str]]) -> dict[str, Any]:
-    """Merge one pass's results into ``artifacts["decomposition"]`` (several passes may share it)."""
+    """Merge one pass's results into ``artifacts["decomposition_record"]`` (several passes may share it)."""
     record = artifacts.setdefault(ARTIFACT, new_record())
     record["passes"][pass_name] = settings
     record["nodes"].extend(nodes)

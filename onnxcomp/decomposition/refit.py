@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp.decomposition.blas import single_threaded_blas
+from onnxcomp.blas import single_threaded_blas
+from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.errors import CalibrationError
 
 _CHUNK_ROWS = 1 << 15
@@ -134,8 +135,6 @@ def probe_model(model: onnx.ModelProto, probes: Iterable[Probe]) -> onnx.ModelPr
 def refit(model: onnx.ModelProto, probes: list[Probe], batches: Iterable[Mapping[str, np.ndarray]],
           damping: float, max_batches: int | None = None, progress: bool = False) -> list[RefitResult]:
     """Stream ``batches`` once through ``model`` (plus probe side branches); solve every probe."""
-    from onnxcomp.quant.calibrator import Calibrator
-
     joints = [_Joint(p) for p in probes]
     users: dict[str, list[_Joint]] = {}
     for joint in joints:

@@ -28,7 +28,13 @@ import numpy as np
 import numpy.typing as npt
 
 from onnxcomp.errors import FormatError
-from onnxcomp.formats.base import CHUNK, ElementFormat, Kind, as_float32, nonfinite_error
+from onnxcomp.formats.base import (
+    CHUNK,
+    ElementFormat,
+    Kind,
+    as_float32,
+    nonfinite_error,
+)
 
 __all__ = ["MXFormat", "ScaleRule"]
 

@@ -13,15 +13,20 @@ from onnxcomp.decomposition.driver import (
     DecomposeOptions,
     Decomposer,
     Target,
-    float_weight,
     run_decomposition,
     too_small,
 )
 from onnxcomp.decomposition.factor import conv_factors, conv_matrix
-from onnxcomp.decomposition.geometry import ConvGeometry, batch_of, conv_macs, conv_spatial
+from onnxcomp.decomposition.geometry import (
+    ConvGeometry,
+    batch_of,
+    conv_macs,
+    conv_spatial,
+)
 from onnxcomp.decomposition.refit import Probe, conv_rows
-from onnxcomp.passes._affine import describe, is_onnx_op
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.ir import describe, float_weight, is_onnx_op
 
 
 class _ConvDecomposer(Decomposer):
@@ -145,7 +150,7 @@ class DecomposeConv(Pass):
     only; ``auto_pad`` is kept on both (exact); asymmetric pads are split per axis; the bias goes
     on the second factor. With calibration data (and ``refit``), the second factor and its bias
     are refit by least squares so the pair matches the original output on real activations. The
-    record (``OUT.decomposition.json``) can be replayed with ``record = "path.json"``.
+    record (``OUT.decomposition_record.json``) can be replayed with ``record = "path.json"``.
 
     Declines, with the reason: Convs not in ai.onnx, with a non-constant or non-float weight or
     bias, not 2-D, or grouped (incl. depthwise); and, by policy (not when replaying), a kernel

@@ -13,13 +13,13 @@ from onnxcomp.decomposition.driver import (
     DecomposeOptions,
     Decomposer,
     Target,
-    float_weight,
     run_decomposition,
     too_small,
 )
 from onnxcomp.decomposition.refit import Probe
-from onnxcomp.passes._affine import is_onnx_op
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.ir import float_weight, is_onnx_op
 
 
 def _rows(node: ir.Node, shape: Sequence[int | str | None] | None) -> tuple[int, bool]:

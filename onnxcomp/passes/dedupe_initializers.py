@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
 
 log = logging.getLogger(__name__)
 

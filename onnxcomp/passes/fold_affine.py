@@ -8,20 +8,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import (
-    FLOAT_DTYPES,
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.fusion.affine import (
     LINEAR_OPS,
     Linear,
     LinearOp,
-    Ranks,
     channel_vector,
-    describe,
-    exclusive_reason,
     fold_into,
     match_linear,
     split_constant_operand,
 )
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.ir import FLOAT_DTYPES, describe, exclusive_reason
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class FoldAffine(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"mul": 0, "add": 0})
-        ranks = Ranks(graph, self.options.infer_shapes)
+        shapes = ir.Shapes(graph, infer=self.options.infer_shapes)
         swept = True
         while swept:  # each fold removes a node, so this ends
             swept = False
@@ -67,7 +65,7 @@ class FoldAffine(Pass):
             for node in ir.iter_nodes(graph, ("Mul", "Add")):
                 if not node.outputs:
                     continue
-                match = self._match(graph, node, ranks)
+                match = self._match(graph, node, shapes)
                 if match is None:
                     continue
                 reason = (
@@ -85,13 +83,13 @@ class FoldAffine(Pass):
         result.declined = declined
         return result
 
-    def _match(self, graph: ir.Graph, node: ir.Node, ranks: Ranks) -> _Match | str | None:
+    def _match(self, graph: ir.Graph, node: ir.Node, shapes: ir.Shapes) -> _Match | str | None:
         """What to fold ``node`` into, why it cannot be folded, or None if it is no candidate."""
         split = split_constant_operand(node)
         if split is None:
             return None
         y, const_index = split
-        lin = match_linear(graph, y, ranks, tuple(self.options.ops))
+        lin = match_linear(graph, y, shapes, tuple(self.options.ops))
         if lin is None:
             return None
         if isinstance(lin, str):

@@ -6,18 +6,17 @@ import logging
 from dataclasses import dataclass
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import (
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.fusion.affine import (
     LINEAR_OPS,
     Linear,
     LinearOp,
-    Ranks,
     batchnorm_affine,
-    describe,
-    exclusive_reason,
     fold_into,
     match_linear,
 )
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.ir import describe, exclusive_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,9 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"folded": 0})
-        ranks = Ranks(graph, self.options.infer_shapes)
+        shapes = ir.Shapes(graph, infer=self.options.infer_shapes)
         for node in ir.iter_nodes(graph, ("BatchNormalization",)):
-            outcome = self._try_fold(graph, node, ranks)
+            outcome = self._try_fold(graph, node, shapes)
             if isinstance(outcome, str):
                 result.declined.append((node.name, outcome))
                 log.debug("fold_batchnorm: %s declined: %s", node.name, outcome)
@@ -82,7 +81,7 @@ class FoldBatchNorm(Pass):
             result.modified = True
         return result
 
-    def _try_fold(self, graph: ir.Graph, bn: ir.Node, ranks: Ranks) -> Linear | str:
+    def _try_fold(self, graph: ir.Graph, bn: ir.Node, shapes: ir.Shapes) -> Linear | str:
         """The producer ``bn`` was folded into, or why it was declined."""
         affine = batchnorm_affine(bn)
         if isinstance(affine, str):
@@ -90,7 +89,7 @@ class FoldBatchNorm(Pass):
         scale, shift = affine
         x = bn.inputs[0]
         ops = tuple(self.options.ops)
-        lin = match_linear(graph, x, ranks, ops)
+        lin = match_linear(graph, x, shapes, ops)
         if lin is None:
             return _producer_reason(x, ops)
         if isinstance(lin, str):

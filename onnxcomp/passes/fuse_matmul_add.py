@@ -6,15 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import (
-    FLOAT_DTYPES,
-    Ranks,
-    describe,
-    exclusive_reason,
-    is_onnx_op,
-    split_constant_operand,
-)
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.fusion.affine import split_constant_operand
+from onnxcomp.ir import FLOAT_DTYPES, describe, exclusive_reason, is_onnx_op
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +36,7 @@ class FuseMatMulAdd(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"fused": 0})
-        ranks = Ranks(graph, self.options.infer_shapes)
+        shapes = ir.Shapes(graph, infer=self.options.infer_shapes)
         for add in ir.iter_nodes(graph, ("Add",)):
             split = split_constant_operand(add)
             matmul = ir.producer(split[0]) if split is not None else None
@@ -49,7 +44,7 @@ class FuseMatMulAdd(Pass):
                 continue
             if not (is_onnx_op(matmul) and is_onnx_op(add)):
                 continue
-            reason = self._try_fuse(graph, matmul, add, split[1], ranks)
+            reason = self._try_fuse(graph, matmul, add, split[1], shapes)
             if reason:
                 result.declined.append((add.name, reason))
                 log.debug("fuse_matmul_add: %s declined: %s", add.name, reason)
@@ -59,7 +54,7 @@ class FuseMatMulAdd(Pass):
             result.modified = True
         return result
 
-    def _try_fuse(self, graph: ir.Graph, matmul: ir.Node, add: ir.Node, bias_index: int, ranks: Ranks) -> str | None:
+    def _try_fuse(self, graph: ir.Graph, matmul: ir.Node, add: ir.Node, bias_index: int, shapes: ir.Shapes) -> str | None:
         """Fuse the pair; the reason it was declined, or None."""
         x, w = matmul.inputs[0], matmul.inputs[1]
         bias = add.inputs[bias_index]
@@ -76,7 +71,7 @@ class FuseMatMulAdd(Pass):
             return f"the bias {bias.name!r} has shape {value.shape}, not ({n},), (1, {n}) or a scalar"
         if value.dtype != weight.dtype:
             return f"the bias {bias.name!r} is {value.dtype.name} but the weight is {weight.dtype.name}"
-        rank = ranks(x)
+        rank = shapes.rank(x)
         if rank is None:
             return f"the rank of {describe(matmul)}'s input {x.name!r} is unknown (no shape information)"
         if rank != 2:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import FLOAT_DTYPES, Ranks, batchnorm_affine
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.fusion.affine import batchnorm_affine
+from onnxcomp.ir import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,9 @@ class LowerBatchNorm(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"lowered": 0})
-        ranks = Ranks(graph, self.options.infer_shapes)
+        shapes = ir.Shapes(graph, infer=self.options.infer_shapes)
         for node in ir.iter_nodes(graph, ("BatchNormalization",)):
-            reason = self._try_lower(graph, node, ranks)
+            reason = self._try_lower(graph, node, shapes)
             if reason:
                 result.declined.append((node.name, reason))
                 log.debug("lower_batchnorm: %s declined: %s", node.name, reason)
@@ -56,13 +58,13 @@ class LowerBatchNorm(Pass):
             result.modified = True
         return result
 
-    def _try_lower(self, graph: ir.Graph, bn: ir.Node, ranks: Ranks) -> str | None:
+    def _try_lower(self, graph: ir.Graph, bn: ir.Node, shapes: ir.Shapes) -> str | None:
         """Lower ``bn``; the reason it was declined, or None."""
         affine = batchnorm_affine(bn)
         if isinstance(affine, str):
             return affine
         x = bn.inputs[0]
-        rank = ranks(x)
+        rank = shapes.rank(x)
         if rank is None:
             return f"the rank of its input {x.name!r} is unknown (no shape information)"
         if rank < 2:

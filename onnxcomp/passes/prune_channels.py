@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from onnxcomp import ir
-from onnxcomp.decomposition.blas import single_threaded_blas
+from onnxcomp.blas import single_threaded_blas
 from onnxcomp.errors import CalibrationError
-from onnxcomp.passes._affine import describe
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
-from onnxcomp.sparsity import record, reconstruct, rewrite, select
+from onnxcomp.formats.nm import is_nm_sparse
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.ir import describe, match_glob, reduction_axis
+from onnxcomp.sparsity import reconstruct, record, rewrite, select
 from onnxcomp.sparsity.coupling import ChannelGroup, CouplingAnalysis, float_weight
 from onnxcomp.sparsity.gram import GramAccumulator, SinkMatrix, sink_matrix
-from onnxcomp.sparsity.masks import is_nm_sparse, keep_count, match_glob, reduction_axis
+from onnxcomp.sparsity.masks import keep_count
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class PruneChannels(Pass):
     channel removes its flattened positions); residual ``Add`` and SE ``Mul`` couple the layers
     they join, which are pruned in lock-step. Each group keeps ``keep_count(C, ratio, round_to)``
     channels chosen by ``criterion`` (weight norms ``l1``/``l2``, or ``data``: the smallest
-    increase of the consumers' output error on calibration data); with ``reconstruct`` every
+    increase of the consumers' output error on calibration data); with ``refit`` every
     consumer is then refit by least squares on calibration activations so its output matches the
     unpruned model (``onnxcomp.sparsity.reconstruct``). ``ratio`` applies per group (``scope =
     "layer"``, with ``ratios`` overriding it by node-name glob) or to the whole model (``scope =
@@ -53,6 +55,7 @@ class PruneChannels(Pass):
 
     @dataclass(frozen=True)
     class Options:
+        RENAMED: ClassVar[dict[str, str]] = {"reconstruct": "refit", "batch_num": "calib_batches"}
         ratio: float = 0.3  # fraction of channels removed (per group, or overall with scope="global")
         scope: Literal["layer", "global"] = "layer"
         ratios: dict[str, float] = field(default_factory=dict)  # node-name glob -> ratio (overrides)
@@ -60,11 +63,11 @@ class PruneChannels(Pass):
         ops: tuple[PrunableOp, ...] = ("Conv", "Gemm", "MatMul")
         round_to: int = 1  # kept channels rounded up to a multiple of this (hardware alignment)
         criterion: Literal["l1", "l2", "data"] = "l2"
-        reconstruct: bool = True  # least-squares refit of the consumers (needs calibration data)
+        refit: bool = True  # least-squares refit of the consumers (needs calibration data)
         max_ratio: float = 0.9  # global scope: the most any group may lose
         damping: float = 1e-2  # ridge of the refit towards the plain-removal weights, relative to the mean input energy
         rows_per_batch: int = 1024  # rows (Conv output positions) sampled per calibration batch and consumer
-        batch_num: int | None = None  # calibration batches used (None: all)
+        calib_batches: int | None = None  # calibration batches used (None: all)
 
         def __post_init__(self) -> None:
             for name, value in [("ratio", self.ratio), ("max_ratio", self.max_ratio), *self.ratios.items()]:
@@ -90,10 +93,10 @@ class PruneChannels(Pass):
                     matrices[id(sink.node)] = sm
                 else:
                     result.notes.append(f"{sink.node.name}: not refit: {sm}")
-        original = self._original(graph, ctx) if plans and (o.reconstruct or o.criterion == "data") else None
+        original = self._original(graph, ctx) if plans and (o.refit or o.criterion == "data") else None
         accs: dict[int, GramAccumulator] = {}
         if original is not None and o.criterion == "data":
-            accs = reconstruct.collect(original, list(matrices.values()), ctx, o.rows_per_batch, o.batch_num)
+            accs = reconstruct.collect(original, list(matrices.values()), ctx, o.rows_per_batch, o.calib_batches)
         if o.scope == "global":
             plans = self._global(plans, accs)
         chosen: list[tuple[ChannelGroup, np.ndarray]] = []
@@ -108,7 +111,7 @@ class PruneChannels(Pass):
             rewrite.prune_inputs(graph, group, keep)
         for group, keep in chosen:
             rewrite.prune_outputs(graph, group, keep)
-        fits = self._reconstruct(graph, ctx, original, chosen, matrices) if chosen and o.reconstruct else {}
+        fits = self._reconstruct(graph, ctx, original, chosen, matrices) if chosen and o.refit else {}
         result.data["layers"] = [e for g, k in chosen for e in self._entries(result, g, k, fits)]
         record.add_layers(ctx, result.data["layers"])
         result.modified = bool(chosen)
@@ -129,10 +132,10 @@ class PruneChannels(Pass):
     def _original(self, graph: ir.Graph, ctx: PassContext) -> onnx.ModelProto:
         """The model before pruning (calibration statistics come from it)."""
         if ctx.calibration is None:
-            need = "reconstruction" if self.options.reconstruct else "criterion 'data'"
+            need = "the refit" if self.options.refit else "criterion 'data'"
             raise CalibrationError(
                 f"prune_channels {need} needs calibration data: pass --calib DATA (an .npz named by model input), "
-                "or use --no-reconstruct with a weight-norm criterion (l1, l2)"
+                "or use --no-refit with a weight-norm criterion (l1, l2)"
             )
         return ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
 
@@ -145,7 +148,7 @@ class PruneChannels(Pass):
         jobs = [reconstruct.SinkJob(matrices[id(sink.node)], keep, out_keep.get(id(sink.node)))
                 for group, keep in chosen for sink in group.sinks if id(sink.node) in matrices]
         o = self.options
-        return reconstruct.reconstruct_sinks(graph, original, jobs, ctx, o.damping, o.rows_per_batch, o.batch_num)
+        return reconstruct.reconstruct_sinks(graph, original, jobs, ctx, o.damping, o.rows_per_batch, o.calib_batches)
 
     # --- policy ------------------------------------------------------------------------------
 

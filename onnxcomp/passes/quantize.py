@@ -8,14 +8,22 @@ run-time subgraph. The graph is written the way onnxruntime fuses it (``../share
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from onnxcomp import ir
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.quant.apply import (
+    apply_plans,
+    calibrate_activations,
+    collect_input_energies,
+)
 from onnxcomp.quant.plan import NodePlan, plan_nodes
+from onnxcomp.quant.report import quantization_report
 from onnxcomp.quant.spec import QUANTIZABLE_OPS, QuantConfig, TensorSpec, parse_config
 from onnxcomp.quant.weights import min_opset_for
+
 
 @register_pass
 class Quantize(Pass):
@@ -34,6 +42,7 @@ class Quantize(Pass):
 
     @dataclass(frozen=True)
     class Options:
+        RENAMED: ClassVar[dict[str, str]] = {"batch_num": "calib_batches"}
         weights: str | dict[str, Any] = "int8"
         activations: str | dict[str, Any] = "int8"
         ops: tuple[str, ...] = QUANTIZABLE_OPS
@@ -44,7 +53,7 @@ class Quantize(Pass):
         fp4_storage: Literal["int8", "uint4_lut", "float4e2m1"] = "int8"
         output_quant: bool = True
         bias_int32: bool = True
-        batch_num: int | None = None
+        calib_batches: int | None = None  # calibration batches used (None: all)
         report_batches: int = 4
 
     def __init__(self, options: Any = None) -> None:
@@ -73,8 +82,6 @@ class Quantize(Pass):
         return need
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
-        from onnxcomp.quant.apply import apply_plans, calibrate_activations, collect_input_energies
-
         result = PassResult(modified=False)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant)
         result.declined.extend(declined)
@@ -90,17 +97,15 @@ class Quantize(Pass):
                     f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
                     "(an .npz named by model input), or --activations none for weight-only quantization"
                 )
-            ranges = calibrate_activations(float_model, static, ctx, self.options.batch_num)
-        energies = collect_input_energies(float_model, plans, ctx, self.options.batch_num)
+            ranges = calibrate_activations(float_model, static, ctx, self.options.calib_batches)
+        energies = collect_input_energies(float_model, plans, ctx, self.options.calib_batches)
         record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
         result.modified = True
         result.stats = _stats(plans)
         result.changed = [p.node.name for p in plans]
         result.data["record"] = record
-        ctx.artifacts["quant_record"] = record
+        ctx.set_record("quant", record)
         if self.options.report_batches > 0 and ctx.calibration is not None and float_model is not None:
-            from onnxcomp.quant.report import quantization_report
-
             ir.finalize(graph)  # the report runs the rewritten graph: it must be sorted
             outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}
             report = quantization_report(

@@ -10,11 +10,12 @@ import numpy as np
 
 from onnxcomp import ir
 from onnxcomp.errors import ConfigError, RecipeError
-from onnxcomp.passes._affine import write_input
-from onnxcomp.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxcomp.formats.nm import NMPattern, apply_nm, nm_fraction, parse_pattern
+from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.registry import register_pass
+from onnxcomp.ir import match_glob, reduction_axis
 from onnxcomp.sparsity import record
 from onnxcomp.sparsity.coupling import float_weight
-from onnxcomp.sparsity.masks import NMPattern, apply_nm, match_glob, nm_fraction, parse_pattern, reduction_axis
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Sparsify2to4(Pass):
             if np.array_equal(sparse, weight):
                 result.stats["already"] += 1
                 continue
-            write_input(graph, node, 1, sparse)
+            ir.write_input(graph, node, 1, sparse)
             zeroed = int(np.count_nonzero(weight) - np.count_nonzero(sparse))
             result.stats["layers"] += 1
             result.stats["zeroed"] += zeroed

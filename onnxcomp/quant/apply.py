@@ -8,23 +8,35 @@ import numpy as np
 import onnx
 
 from onnxcomp import ir
-from onnxcomp.formats import get_format
-from onnxcomp.pipeline import PassContext
+from onnxcomp.analysis.sparsity import (
+    weight_sparsity,  # zeros survive quantization exactly (q = zero point)
+)
+from onnxcomp.calibration.collect import Calibrator
+from onnxcomp.calibration.observers import compute_range, make_observer
+from onnxcomp.errors import CalibrationError, ConfigError
+from onnxcomp.formats import ElementFormat, get_format
+from onnxcomp.framework.base import PassContext
+from onnxcomp.quant.activation_subgraphs import (
+    emit_cast_activation,
+    emit_hif8_activation,
+    emit_mx_activation,
+)
 from onnxcomp.quant.emit import (
     activation_qparams,
     emit_activation_qdq,
     emit_bias_int32,
     emit_dynamic_per_token,
+    emit_lut_dq_weight,
+    emit_lut_weight,
+    emit_two_level_weight,
     emit_weight_dq,
 )
-from onnxcomp.errors import ConfigError
-from onnxcomp.formats import ElementFormat
-from onnxcomp.quant.lowbit import emit_lut_dq_weight, emit_lut_weight, emit_two_level_weight, stored_as
+from onnxcomp.quant.lowbit import stored_as
 from onnxcomp.quant.plan import NodePlan
-from onnxcomp.quant.runtime import emit_cast_activation, emit_hif8_activation, emit_mx_activation
 from onnxcomp.quant.qparams import range_qdq
+from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.spec import TensorSpec
-from onnxcomp.quant.weights import QuantizedWeight, quantize_weight
+from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight
 
 #: Observer options that configure the statistics (the rest configure the range policy).
 _STAT_OPTIONS = ("num_bins",)
@@ -35,9 +47,6 @@ def calibrate_activations(
 ) -> dict[str, tuple[float, float]]:
     """Stream the calibration batches through one session; a range per activation tensor."""
     from functools import partial
-
-    from onnxcomp.quant.calibrator import Calibrator
-    from onnxcomp.quant.observers import compute_range, make_observer
 
     factories = {}
     for name, spec in static.items():
@@ -60,10 +69,6 @@ def collect_input_energies(
     float_model: onnx.ModelProto, plans: list[NodePlan], ctx: PassContext, batch_num: int | None
 ) -> dict[str, np.ndarray]:
     """Mean x^2 per input channel of each node whose weight observer is output_mse (node -> array)."""
-    from onnxcomp.errors import CalibrationError
-    from onnxcomp.quant.calibrator import Calibrator
-    from onnxcomp.quant.weights import InputEnergyObserver
-
     wanted = [p for p in plans if p.spec.weights is not None and p.spec.weights.observer == "output_mse"]
     if not wanted:
         return {}
@@ -82,8 +87,6 @@ def _tolist(a: np.ndarray) -> Any:
 
 
 def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
-    from onnxcomp.sparsity.stats import weight_sparsity  # zeros survive quantization exactly (q = zero point)
-
     spec = qw.spec
     zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
     zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp

@@ -1,4 +1,4 @@
-"""Writing quantization into the graph (rules from ``../shared/spec/ort.md``).
+"""Writing quantization into the graph (rules from ``docs/onnxruntime.md``).
 
 * weights: quantized initializer + explicit zero point + DequantizeLinear (never a Q on a
   constant); a weight shared by several nodes is written once;
@@ -11,12 +11,16 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
+import onnx
 
 from onnxcomp import ir
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.ir import WeightLayout
+from onnxcomp.quant.lowbit import INT_FACTOR
 from onnxcomp.quant.qparams import qparams_for_range
-from onnxcomp.quant.weights import QuantizedWeight, storage_array
+from onnxcomp.quant.qweight import QuantizedWeight, storage_array
 
 
 def emit_dq(
@@ -146,3 +150,43 @@ def activation_qparams(fmt_name: str, lo: float, hi: float, symmetric: bool) -> 
     fmt = get_format(fmt_name)
     assert isinstance(fmt, (IntegerFormat, ElementFormat))
     return qparams_for_range(fmt, np.float64(lo), np.float64(hi), symmetric)
+
+
+def emit_lut_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat, layout: WeightLayout) -> ir.Tensor:
+    """HiF8 weights: uint8 codes -> Cast(int32) -> Gather(256-entry table) -> Mul(scale)."""
+    base = weight.name
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), np.asarray(qw.codes, np.uint8))
+    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_decode_table"), np.asarray(fmt.decode_table, np.float32))
+    scale = np.asarray(qw.scale, np.float32)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * qw.dequantized.ndim
+        shape[layout.channel_axis] = scale.size
+        scale = scale.reshape(shape)
+    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale.reshape(scale.shape if scale.size > 1 else ()))
+    idx, vals = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_values")
+    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
+    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
+    ir.make_node(graph, "Gather", [table, idx], [vals], f"{base}_Gather", {"axis": 0})
+    ir.make_node(graph, "Mul", [vals, s], [out], f"{base}_Mul")
+    return out
+
+
+def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat) -> ir.Tensor:
+    """E2M1 in real 4-bit storage: uint4 codes -> Cast -> Gather(int8 table of 2*v) -> DequantizeLinear."""
+    base = weight.name
+    factor = INT_FACTOR[fmt.name]
+    table_values = np.rint(fmt.decode_table.astype(np.float64) * factor)
+    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_int_table"), np.nan_to_num(table_values).astype(np.int8))
+    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
+    idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
+    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
+    ir.make_node(graph, "Gather", [table, idx], [ints], f"{base}_Gather", {"axis": 0})
+    return emit_dq(graph, base, ints, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
+
+
+def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
+    """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
+    base = weight.name
+    gscale = emit_dq(graph, f"{base}_group_scale", qw.group_scale_codes, qw.scale,  # type: ignore[attr-defined]
+                     np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn), layout.channel_axis, 0, None)
+    return emit_dq(graph, base, qw.codes, gscale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))

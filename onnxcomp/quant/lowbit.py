@@ -1,4 +1,4 @@
-"""Low-bit weight storage that stock onnxruntime runs (``../shared/spec/ort.md``).
+"""Low-bit weight storage that stock onnxruntime runs (``docs/onnxruntime.md``): the numerics.
 
 Each format is re-encoded exactly into something ORT's CPU provider executes:
 
@@ -16,23 +16,23 @@ hif8          UINT8 codes -> Cast -> Gather(256 values) * s   a table holds ever
 Options for E2M1 (fp4_e2m1, mxfp4): ``uint4_lut`` stores real 4-bit codes and maps them to the
 INT8 codes with a 16-entry Gather (ORT folds it at load: 4 bits on disk, 8 in RAM);
 ``float4e2m1`` writes the spec-faithful FLOAT4E2M1 DequantizeLinear (opset 23), which ONNX
-defines but ORT's CPU provider cannot run (check it with ``onnx.reference``).
+defines but ORT's CPU provider cannot run (check it with ``onnx.reference``). The graph writing
+of these storages is in :mod:`onnxcomp.quant.emit`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from onnxcomp import ir
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, MXFormat, get_format
-from onnxcomp.quant.emit import emit_dq
+from onnxcomp.ir import WeightLayout
+from onnxcomp.quant.qweight import QuantizedWeight, storage_array, unit_view
 from onnxcomp.quant.spec import TensorSpec
-from onnxcomp.quant.weights import QuantizedWeight, WeightLayout, storage_array
 
 FP4_STORAGES = ("int8", "uint4_lut", "float4e2m1")
 #: The integer each element format's values are multiplied by to become exact integer codes.
-_INT_FACTOR = {"fp4_e1m2": 4, "fp4_e2m1": 2}
+INT_FACTOR = {"fp4_e1m2": 4, "fp4_e2m1": 2}
 
 
 def lowbit_storage(
@@ -48,8 +48,8 @@ def lowbit_storage(
     name = fmt.name
     if name == "hif8":
         return np.asarray(codes, np.uint8), scale, None, "lut"
-    if name in _INT_FACTOR:
-        factor = _INT_FACTOR[name]
+    if name in INT_FACTOR:
+        factor = INT_FACTOR[name]
         ints = np.rint(fmt.decode(codes) * factor).astype(np.int8)
         if name == "fp4_e1m2":
             return ints.astype(ml_dtypes.int4), scale / np.float32(factor), np.zeros(scale.shape, ml_dtypes.int4), "dq"
@@ -68,7 +68,7 @@ def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
     dtype = {"int4": "int4", "uint4": "uint4", "float4_e2m1fn": "float4e2m1", "float8_e4m3fn": "float8e4m3fn"}.get(
         codes.dtype.name, codes.dtype.name
     )
-    factor = _INT_FACTOR.get(fmt_name) or _INT_FACTOR.get(get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0)
+    factor = INT_FACTOR.get(fmt_name) or INT_FACTOR.get(get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0)
     if kind == "lut":
         return f"uint8 codes + 256-entry table ({fmt_name})"
     if kind == "dq2":
@@ -99,42 +99,6 @@ def quantize_mx_weight(
     return qw
 
 
-def emit_lut_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat, layout: WeightLayout) -> ir.Tensor:
-    """HiF8 weights: uint8 codes -> Cast(int32) -> Gather(256-entry table) -> Mul(scale)."""
-    base = weight.name
-    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), np.asarray(qw.codes, np.uint8))
-    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_decode_table"), np.asarray(fmt.decode_table, np.float32))
-    scale = np.asarray(qw.scale, np.float32)
-    if scale.ndim == 1 and scale.size > 1:
-        shape = [1] * qw.dequantized.ndim
-        shape[layout.channel_axis] = scale.size
-        scale = scale.reshape(shape)
-    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale.reshape(scale.shape if scale.size > 1 else ()))
-    idx, vals = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_values")
-    out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(qw.dequantized.shape))
-    import onnx
-
-    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
-    ir.make_node(graph, "Gather", [table, idx], [vals], f"{base}_Gather", {"axis": 0})
-    ir.make_node(graph, "Mul", [vals, s], [out], f"{base}_Mul")
-    return out
-
-
-def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat) -> ir.Tensor:
-    """E2M1 in real 4-bit storage: uint4 codes -> Cast -> Gather(int8 table of 2*v) -> DequantizeLinear."""
-    import onnx
-
-    base = weight.name
-    factor = _INT_FACTOR[fmt.name]
-    table_values = np.rint(fmt.decode_table.astype(np.float64) * factor)
-    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_int_table"), np.nan_to_num(table_values).astype(np.int8))
-    codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
-    idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
-    ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
-    ir.make_node(graph, "Gather", [table, idx], [ints], f"{base}_Gather", {"axis": 0})
-    return emit_dq(graph, base, ints, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
-
-
 def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp4_storage: str = "int8") -> QuantizedWeight:
     """FP4 weights with FP8 group scales under a per-channel float32 scale (two levels).
 
@@ -144,14 +108,12 @@ def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp
     """
     import ml_dtypes
 
-    from onnxcomp.quant.weights import _unit_view
-
     if fp4_storage != "int8":
         raise ConfigError(f"fp4_storage {fp4_storage!r} cannot be combined with two-level scales (scale_format); use int8")
     elem = get_format(spec.dtype)
     fp8 = get_format(spec.scale_format)
-    factor = _INT_FACTOR[elem.name]
-    view, axes, padded = _unit_view(w, spec, layout)
+    factor = INT_FACTOR[elem.name]
+    view, axes, padded = unit_view(w, spec, layout)
     r, c = layout.reduction_axis, layout.channel_axis
     vc = c if c < r else c + 1  # channel axis inside the grouped view
     absv = np.abs(view)
@@ -182,11 +144,3 @@ def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp
     return qw
 
 
-def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
-    """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
-    import ml_dtypes
-
-    base = weight.name
-    gscale = emit_dq(graph, f"{base}_group_scale", qw.group_scale_codes, qw.scale,  # type: ignore[attr-defined]
-                     np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn), layout.channel_axis, 0, None)
-    return emit_dq(graph, base, qw.codes, gscale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxcomp import ir
+from onnxcomp.ir import WeightLayout, weight_layout
 from onnxcomp.quant.spec import NodeSpec, QuantConfig
-from onnxcomp.quant.weights import WeightLayout, weight_layout
 
 #: Ops a quantized output is carried through: ORT removes a Relu/Clip before a Q whose zero point
 #: is the grid's minimum, then fuses Conv+Q into QLinearConv.

@@ -13,17 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp.model_io import ALL_CORES, ort_session
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in have:
-            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return copy
+from onnxcomp.runtime import ALL_CORES, ort_session, with_outputs
 
 
 class _Acc:
@@ -64,8 +54,8 @@ def quantization_report(
     tensors = [t for t in node_outputs if t in quant_names]
     outputs = [o.name for o in float_model.graph.output if o.name in {q.name for q in quant_model.graph.output}]
     names = list(dict.fromkeys(tensors + outputs))
-    ref_sess = ort_session(_with_outputs(float_model, names), level="disable", threads=ALL_CORES)
-    test_sess = ort_session(_with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
+    ref_sess = ort_session(with_outputs(float_model, names), level="disable", threads=ALL_CORES)
+    test_sess = ort_session(with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
     accs = {n: _Acc() for n in names}
     seen = 0
     for batch in batches:

@@ -14,12 +14,13 @@ at run time).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from onnxcomp.errors import ConfigError
+from onnxcomp.formats import available_formats, get_format
+from onnxcomp.ir import match_glob
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 WEIGHT_OBSERVERS = ("minmax", "mse", "output_mse")
@@ -92,8 +93,6 @@ _SPEC_KEYS = ("dtype", "granularity", "symmetric", "observer", "scale_format")
 
 
 def _format_names() -> list[str]:
-    from onnxcomp.formats import available_formats
-
     return list(available_formats())
 
 
@@ -104,8 +103,6 @@ def _check_dtype(dtype: str, where: str) -> None:
 
 
 def _format_kind(dtype: str) -> str:
-    from onnxcomp.formats import get_format
-
     return get_format(dtype).kind
 
 
@@ -226,10 +223,10 @@ class QuantConfig:
 
     def for_node(self, name: str, op: str) -> NodeSpec | None:
         """The resolved spec of a node, or None when it is not quantized (skipped / op not listed)."""
-        if op not in self.ops or any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
+        if op not in self.ops or match_glob(name, self.skip):
             return None
         weights, activations = self.weights, self.activations
-        for table, key_matches in ((self.by_op, lambda k: k == op), (self.by_name, lambda k: fnmatch.fnmatchcase(name, k))):
+        for table, key_matches in ((self.by_op, lambda k: k == op), (self.by_name, lambda k: match_glob(name, (k,)) is not None)):
             for key, (w, a) in table.items():
                 if key_matches(key):
                     weights = w if w is not _INHERIT else weights

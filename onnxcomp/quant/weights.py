@@ -7,75 +7,18 @@ needs (``dequantized``, bit-identical to what DequantizeLinear computes at run t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from onnxcomp.errors import ConfigError, FormatError
 from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, get_format
+from onnxcomp.ir import WeightLayout
+from onnxcomp.quant.lowbit import lowbit_storage, quantize_mx_weight, quantize_two_level
 from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
+from onnxcomp.quant.qweight import QuantizedWeight, storage_array, unit_view
 from onnxcomp.quant.spec import TensorSpec
 
 #: Candidate clipping ratios of the weight "mse" observer (1.0 = plain amax).
 MSE_RATIOS = np.linspace(0.2, 1.0, 41)
-
-
-@dataclass(frozen=True)
-class WeightLayout:
-    """Where the output channels and the reduction (input) axis of a weight are."""
-
-    channel_axis: int
-    reduction_axis: int
-
-
-def weight_layout(op: str, rank: int, trans_b: bool = False) -> WeightLayout:
-    """Axes of a weight by op (``../shared/spec/formats.md``, 量化粒度: ONNX layouts)."""
-    if op == "Conv":
-        return WeightLayout(0, 1)  # (Cout, Cin/g, k...)
-    if op == "ConvTranspose":
-        return WeightLayout(1, 0)  # (Cin, Cout/g, k...)
-    if op == "Gemm":
-        return WeightLayout(0, 1) if trans_b else WeightLayout(1, 0)
-    if op == "MatMul":
-        return WeightLayout(rank - 1, rank - 2)  # (..., K, N)
-    raise ConfigError(f"no weight layout for op {op!r}")
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized weight: codes in ONNX storage dtype + DequantizeLinear parameters."""
-
-    codes: np.ndarray  # storage dtype (np.int8/uint8, ml_dtypes int4/uint4/float8)
-    scale: np.ndarray  # float32, shape () | (C,) | blocked shape (same rank as the weight)
-    zero_point: np.ndarray  # storage dtype, shape of scale
-    axis: int | None  # DQ axis (None for per-tensor)
-    block_size: int  # 0 unless per-group
-    dequantized: np.ndarray  # float32: exactly what DQ computes
-    spec: TensorSpec
-    storage: str = "dq"  # dq | lut (HiF8 table) | lut_dq (uint4 -> int8 table -> DQ); see quant.lowbit
-
-
-def _unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np.ndarray, tuple[int, ...], int]:
-    """``w`` arranged so that reducing over the returned axes gives one value per scaling unit.
-
-    Returns (array, reduce_axes, padded length of the reduction axis or 0).
-    Per-group pads the reduction axis with zeros to a multiple of the group size and splits it
-    into (groups, size): the padding never changes amax and is dropped after quantization.
-    """
-    g = spec.granularity
-    if g.kind == "tensor":
-        return w, tuple(range(w.ndim)), 0
-    if g.kind == "channel":
-        return w, tuple(a for a in range(w.ndim) if a != layout.channel_axis), 0
-    r, size = layout.reduction_axis, g.size
-    length = w.shape[r]
-    padded = -(-length // size) * size
-    if padded != length:
-        pad = [(0, 0)] * w.ndim
-        pad[r] = (0, padded - length)
-        w = np.pad(w, pad)
-    shape = w.shape[:r] + (padded // size, size) + w.shape[r + 1 :]
-    return w.reshape(shape), (r + 1,), padded
 
 
 def _unit_amax(view: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +50,6 @@ def quantize_weight(
     fmt = get_format(spec.dtype)
     w32 = np.asarray(w, dtype=np.float32)
     if isinstance(fmt, MXFormat):
-        from onnxcomp.quant.lowbit import quantize_mx_weight
-
         if not np.isfinite(w32).all():
             bad = int(np.count_nonzero(~np.isfinite(w32)))
             raise FormatError(f"weight {name!r}: {bad} NaN/Inf values; fix the model before quantizing")
@@ -118,10 +59,8 @@ def quantize_weight(
         raise FormatError(f"weight {name!r}: {bad} NaN/Inf values; fix the model before quantizing")
     if spec.granularity.kind == "group" and w32.shape[layout.reduction_axis] < 2:
         raise ConfigError(f"weight {name!r}: reduction axis too short for per-group quantization")
-    view, axes, padded = _unit_view(w32, spec, layout)
+    view, axes, padded = unit_view(w32, spec, layout)
     if spec.scale_format is not None:
-        from onnxcomp.quant.lowbit import quantize_two_level
-
         return quantize_two_level(w32, spec, layout, fp4_storage)
     lo, hi = _unit_amax(view, axes)
     codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
@@ -165,34 +104,10 @@ def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt, fp4
         axis, block = None, 0
     scale = np.asarray(scale, dtype=np.float32, order="C")
     if isinstance(fmt, ElementFormat):
-        from onnxcomp.quant.lowbit import lowbit_storage
-
         stored, scale, zero, kind = lowbit_storage(fmt, codes, scale, fp4_storage)
     else:
         stored, zero, kind = storage_array(codes, fmt), storage_array(np.asarray(zp, order="C"), fmt), "dq"
     return QuantizedWeight(stored, scale, zero, axis, block, np.ascontiguousarray(deq, dtype=np.float32), spec, kind)
-
-
-def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.ndarray:
-    """Codes as the numpy/ml_dtypes array numpy_helper writes as ``fmt.onnx_dtype``."""
-    import ml_dtypes
-
-    if fmt.onnx_dtype is None:
-        raise ConfigError(f"format {fmt.name!r} has no ONNX storage type; it is emitted by the low-bit emitters")
-    name = fmt.name
-    if name in ("int8", "uint8"):
-        return codes.astype(fmt.storage_dtype)
-    if name == "int4":
-        return codes.astype(np.int8).astype(ml_dtypes.int4)
-    if name == "uint4":
-        return codes.astype(np.uint8).astype(ml_dtypes.uint4)
-    if name == "fp8_e4m3":
-        return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e4m3fn)
-    if name == "fp8_e5m2":
-        return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e5m2)
-    if name == "fp4_e2m1":  # every code's value is exactly representable: a value cast is exact
-        return fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn)
-    raise ConfigError(f"no ONNX storage for format {name!r}")
 
 
 def min_opset_for(spec: TensorSpec) -> int:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import FLOAT_DTYPES, describe, is_onnx_op
-from onnxcomp.sparsity.layout import Layout, Shapes, folded_value
+from onnxcomp.ir import FLOAT_DTYPES, Shapes, describe, folded_value, is_onnx_op
+from onnxcomp.sparsity.layout import Layout
 from onnxcomp.sparsity.oprules import (
     ELEMENTWISE,
     NORMS,

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import describe
+from onnxcomp.ir import describe, folded_value
 from onnxcomp.sparsity.coupling import Sink
-from onnxcomp.sparsity.layout import folded_value
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import describe
-from onnxcomp.sparsity.layout import Layout, Shapes, folded_value, int_list, node_axes, raw_axes
+from onnxcomp.ir import Shapes, describe, folded_value, int_list, node_axes, raw_axes
+from onnxcomp.sparsity.layout import Layout
 
 #: Ops that map channel c to channel c elementwise (broadcasting their other operands).
 ELEMENTWISE = frozenset({

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from onnxcomp import ir
+from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.errors import CalibrationError
-from onnxcomp.model_io import ALL_CORES, ort_session
-from onnxcomp.pipeline import PassContext
-from onnxcomp.quant.calibrator import Calibrator
+from onnxcomp.framework.base import PassContext
+from onnxcomp.runtime import TensorRunner
 from onnxcomp.sparsity.gram import (
     Fanout,
     GramAccumulator,
@@ -97,39 +96,6 @@ def greedy_removal(gram: np.ndarray, count: int) -> np.ndarray:
 
 
 # --- reconstruction ----------------------------------------------------------------------------
-
-
-class TensorRunner:
-    """An onnxruntime session of a model exposing ``names`` as outputs (optionally truncated to them)."""
-
-    def __init__(self, model: onnx.ModelProto, names: list[str], truncate: bool = False) -> None:
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(model)
-        graph = augmented.graph
-        subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        has_subgraphs = any(a.type in subgraph for n in graph.node for a in n.attribute)
-        if truncate and not has_subgraphs:
-            needed, kept = set(names), []
-            for node in reversed(graph.node):
-                if needed.intersection(node.output):
-                    kept.append(node)
-                    needed.update(node.input)
-            del graph.node[:]
-            graph.node.extend(reversed(kept))
-            del graph.output[:]
-        existing = {o.name for o in graph.output}
-        graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
-        self.session = ort_session(augmented, level="disable", threads=ALL_CORES)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.names = names
-
-    def run(self, batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
-        try:
-            values = self.session.run(self.names, {n: batch[n] for n in self.inputs})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first}") from exc
-        return dict(zip(self.names, values, strict=True))
 
 
 def _batches(ctx: PassContext, max_batches: int | None) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:

@@ -7,10 +7,9 @@ from typing import Any
 
 import onnx
 
-from onnxcomp.pipeline import PassResult
-from onnxcomp.macs import with_input_shapes
-from onnxcomp.summary import human_bytes, human_count, summarize
-
+from onnxcomp.analysis.inspect import human_bytes, human_count, summarize
+from onnxcomp.analysis.macs import with_input_shapes
+from onnxcomp.framework.base import PassResult
 
 Shapes = Mapping[str, Sequence[int]]
 

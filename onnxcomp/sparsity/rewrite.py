@@ -5,7 +5,7 @@ channels shrink) and a source of another (its output channels shrink): first eve
 side (:func:`prune_inputs`), then every group's outputs side (:func:`prune_outputs`). Each phase
 reads the layer's current weight from the graph, so the edits compose. A least-squares refit
 (:mod:`onnxcomp.sparsity.reconstruct`) later replaces a sink's weight and bias (:func:`prune_sink`). Constants that
-other nodes also read get fresh copies (``write_input``); every member tensor's recorded shape is
+other nodes also read get fresh copies (``ir.write_input``); every member tensor's recorded shape is
 updated so the exported value_info stays true.
 """
 
@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.passes._affine import write_input
+from onnxcomp.ir import folded_value
 from onnxcomp.sparsity.coupling import ChannelGroup, Sink
-from onnxcomp.sparsity.layout import folded_value
 
 
 @dataclass
@@ -60,7 +59,7 @@ def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, dtype: np.dtype)
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
     if _has_input(node, 2):
-        write_input(graph, node, 2, bias)
+        ir.write_input(graph, node, 2, bias)
         return
     const = ir.make_constant(ir.unique_name(graph, f"{base}_bias"), bias)
     while len(node.inputs) < 2:
@@ -77,11 +76,11 @@ def prune_sink(graph: ir.Graph, sink: Sink, keep: np.ndarray, refit: Refit | Non
     weight = _current(node, 1)
     if refit is None:
         positions = sink.layout.positions(keep)
-        write_input(graph, node, 1, np.take(weight, positions, axis=sink_input_axis(node)))
+        ir.write_input(graph, node, 1, np.take(weight, positions, axis=sink_input_axis(node)))
         return
     if node.op == "Gemm":
         node.attrs["alpha"] = 1.0
-    write_input(graph, node, 1, refit.weight.astype(weight.dtype))
+    ir.write_input(graph, node, 1, refit.weight.astype(weight.dtype))
     if refit.bias is not None:
         _set_bias(graph, node, refit.bias, weight.dtype)
 
@@ -92,16 +91,16 @@ def prune_inputs(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray) -> None
         prune_sink(graph, sink, keep, None)
     for edit in group.consts:
         sliced = np.take(edit.value, edit.layout.positions(keep), axis=edit.layout.axis)
-        write_input(graph, edit.node, edit.index, sliced)
+        ir.write_input(graph, edit.node, edit.index, sliced)
     for node in group.depthwise:
-        write_input(graph, node, 1, np.take(_current(node, 1), keep, axis=0))
+        ir.write_input(graph, node, 1, np.take(_current(node, 1), keep, axis=0))
         if _has_input(node, 2):
-            write_input(graph, node, 2, np.take(_current(node, 2), keep, axis=0))
+            ir.write_input(graph, node, 2, np.take(_current(node, 2), keep, axis=0))
         node.attrs["group"] = len(keep)
     for node, shape, layout in group.reshapes:
         if shape and shape[-1] != -1:
             new = [*shape[:-1], len(layout.positions(keep))]
-            write_input(graph, node, 1, np.asarray(new, dtype=np.int64))
+            ir.write_input(graph, node, 1, np.asarray(new, dtype=np.int64))
     for tensor, layout in group.members.values():
         shape = tensor.shape
         if shape is not None and len(shape) == layout.rank and isinstance(shape[layout.axis], int):
@@ -114,11 +113,11 @@ def prune_outputs(graph: ir.Graph, group: ChannelGroup, keep: np.ndarray) -> Non
     """Phase 2: the sources' output channels (weight and bias)."""
     for source in group.sources:
         node = source.node
-        write_input(graph, node, 1, np.take(_current(node, 1), keep, axis=source.axis))
+        ir.write_input(graph, node, 1, np.take(_current(node, 1), keep, axis=source.axis))
         if not _has_input(node, 2):
             continue
         bias = _current(node, 2)
         if node.op == "Conv":
-            write_input(graph, node, 2, np.take(bias, keep, axis=0))
+            ir.write_input(graph, node, 2, np.take(bias, keep, axis=0))
         elif bias.ndim and bias.shape[-1] == group.channels:
-            write_input(graph, node, 2, np.take(bias, keep, axis=-1))
+            ir.write_input(graph, node, 2, np.take(bias, keep, axis=-1))

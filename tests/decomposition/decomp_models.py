@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.macs import model_macs
-from onnxcomp.manager import PassManager, RunReport
-from onnxcomp.pipeline import PassContext, PassResult, make_pass
+from onnxcomp.analysis.macs import model_macs
+from onnxcomp.framework.base import PassContext, PassResult
+from onnxcomp.framework.manager import PassManager, RunReport
+from onnxcomp.framework.registry import make_pass
 
 #: Options that turn every policy rule off: only structural declines remain.
 PERMISSIVE: dict[str, Any] = {

@@ -7,11 +7,24 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from decomp_models import CONV_PERMISSIVE, FULL_RANK, conv_macs, conv_model, make_model, run_pass, smooth_batches
+from decomp_models import (
+    CONV_PERMISSIVE,
+    FULL_RANK,
+    conv_macs,
+    conv_model,
+    make_model,
+    run_pass,
+    smooth_batches,
+)
 from onnx import helper, numpy_helper
 
 from onnxcomp.errors import PassError
-from onnxcomp.testing import assert_numerically_equal, op_counts, random_feeds, run_model
+from onnxcomp.testing import (
+    assert_numerically_equal,
+    op_counts,
+    random_feeds,
+    run_model,
+)
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "pad1": {"pads": [1, 1, 1, 1]},
@@ -164,7 +177,7 @@ def test_decline_non_constant_weight_and_1d_conv() -> None:
 
 def test_bad_rank_rule_is_a_recipe_error() -> None:
     from onnxcomp.errors import RecipeError
-    from onnxcomp.pipeline import make_pass
+    from onnxcomp.framework.registry import make_pass
 
     with pytest.raises(RecipeError, match="rank rule 'ratio:2'"):
         make_pass("decompose_conv", {"rank_rule": "ratio:2"})

@@ -9,8 +9,13 @@ import pytest
 from decomp_models import FULL_RANK, PERMISSIVE, make_model, run_pass, smooth_batches
 from onnx import helper, numpy_helper
 
-from onnxcomp.macs import model_macs
-from onnxcomp.testing import assert_numerically_equal, op_counts, random_feeds, run_model
+from onnxcomp.analysis.macs import model_macs
+from onnxcomp.testing import (
+    assert_numerically_equal,
+    op_counts,
+    random_feeds,
+    run_model,
+)
 
 PASS = "decompose_matmul"
 

@@ -109,7 +109,7 @@ def test_svd_signs_are_fixed_and_factors_rebuild_the_conv() -> None:
 
 
 def test_single_threaded_blas_restores_the_thread_count() -> None:
-    from onnxcomp.decomposition.blas import _openblas_threads, single_threaded_blas
+    from onnxcomp.blas import _openblas_threads, single_threaded_blas
 
     threads = _openblas_threads()
     if threads is None:

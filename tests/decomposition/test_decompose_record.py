@@ -11,12 +11,12 @@ import pytest
 from conftest import MODELS
 from decomp_models import conv_macs
 
+from onnxcomp.analysis.inspect import summarize
+from onnxcomp.analysis.metrics import accuracy, predict
 from onnxcomp.api import decompose
-from onnxcomp.cli import main
+from onnxcomp.cli.main import main
 from onnxcomp.decomposition import format_record
 from onnxcomp.errors import OnnxCompError, PassError
-from onnxcomp.evaluate import accuracy, predict
-from onnxcomp.summary import summarize
 
 DEMO = MODELS / "digits_cnn.onnx"
 CALIB = MODELS / "digits_calib.npz"
@@ -26,7 +26,7 @@ DEMO_OPTIONS = {"min_channels": 16}  # the demo's convs have 16..64 channels
 def test_record_is_saved_and_replays_byte_identically(tmp_path: Path) -> None:
     out, again = tmp_path / "out.onnx", tmp_path / "again.onnx"
     decompose(DEMO, out, calibration=CALIB, options=DEMO_OPTIONS)
-    record_path = tmp_path / "out.decomposition.json"
+    record_path = tmp_path / "out.decomposition_record.json"
     record = json.loads(record_path.read_text())
     assert record["format"] == "onnxcomp-decomposition/1"
     assert [(e["node"], e["factors"], e["rank"]) for e in record["nodes"]] == [
@@ -49,7 +49,7 @@ def test_record_is_saved_and_replays_byte_identically(tmp_path: Path) -> None:
 def test_replay_without_calibration_and_edited_ranks(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     decompose(DEMO, out, options=DEMO_OPTIONS)
-    record_path = tmp_path / "out.decomposition.json"
+    record_path = tmp_path / "out.decomposition_record.json"
     decompose(DEMO, tmp_path / "again.onnx", replay=record_path)
     assert (tmp_path / "again.onnx").read_bytes() == out.read_bytes()
     record = json.loads(record_path.read_text())
@@ -111,14 +111,14 @@ def test_cli_decompose_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["decompose", str(DEMO), "-o", str(out), "--rank-rule", "ratio:0.5", "--min-channels", "16"]) == 0
     text = capsys.readouterr().out
     assert "decompose_conv" in text and "32/192" in text and "decomposed nodes:" in text
-    assert (tmp_path / "d.decomposition.json").exists() and (tmp_path / "d.recipe.toml").exists()
+    assert (tmp_path / "d.decomposition_record.json").exists() and (tmp_path / "d.recipe.toml").exists()
     assert summarize(onnx.load(str(out))).ops["Conv"] == 7
     assert main(["inspect", "--json", str(out)]) == 0
     macs = json.loads(capsys.readouterr().out)["macs_by_op"]["Conv"]
     fp32 = decompose(DEMO, options={"min_channels": 10**6}).model
     assert macs == conv_macs(onnx.load(str(out))) < conv_macs(fp32)
     again = tmp_path / "again.onnx"
-    replay = str(tmp_path / "d.decomposition.json")
+    replay = str(tmp_path / "d.decomposition_record.json")
     assert main(["-q", "decompose", str(DEMO), "-o", str(again), "--replay", replay]) == 0
     assert again.read_bytes() == out.read_bytes()
 
@@ -134,9 +134,9 @@ def test_cli_usage_and_failures(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_matmul_and_conv_share_one_record(tmp_path: Path) -> None:
     out = tmp_path / "both.onnx"
-    decompose(DEMO, out, ops="all", rank_rule="rank:16", options={"min_channels": 16})
-    record = json.loads((tmp_path / "both.decomposition.json").read_text())
+    decompose(DEMO, out, layers="all", rank_rule="rank:16", options={"min_channels": 16})
+    record = json.loads((tmp_path / "both.decomposition_record.json").read_text())
     assert set(record["passes"]) == {"decompose_conv", "decompose_matmul"}
     assert {e["pass"] for e in record["nodes"]} == {"decompose_conv", "decompose_matmul"}
-    decompose(DEMO, tmp_path / "again.onnx", ops="all", replay=tmp_path / "both.decomposition.json")
+    decompose(DEMO, tmp_path / "again.onnx", layers="all", replay=tmp_path / "both.decomposition_record.json")
     assert (tmp_path / "again.onnx").read_bytes() == out.read_bytes()

@@ -6,10 +6,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from onnx import TensorProto, numpy_helper
+from packing import pack_nibbles, to_onnx_tensor, unpack_nibbles
 
 from onnxcomp.errors import FormatError
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
-from onnxcomp.formats.packing import pack_nibbles, to_onnx_tensor, unpack_nibbles
 
 
 def test_pack_layout_low_nibble_first() -> None:

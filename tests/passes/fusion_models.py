@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.manager import PassManager, RunReport
-from onnxcomp.pipeline import PassResult, make_pass
+from onnxcomp.framework.base import PassResult
+from onnxcomp.framework.manager import PassManager, RunReport
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import assert_numerically_equal, op_counts, random_feeds
 
 OPSET = 17

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
-
 from fusion_models import check_pass, init, model
+from onnx import helper
 
 PASS = "dedupe_initializers"
 

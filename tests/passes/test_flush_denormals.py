@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.manager import PassManager
-from onnxcomp.pipeline import make_pass
+from onnxcomp.framework.manager import PassManager
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import run_model
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
-
 from fusion_models import check_pass, counts, init, model, randn, rng
+from onnx import helper
 
 PASS = "fold_affine"
 

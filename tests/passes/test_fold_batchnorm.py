@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fusion_models import (
+    bn_node,
+    bn_params,
+    check_pass,
+    counts,
+    init,
+    initializer,
+    model,
+    randn,
+    rng,
+    run,
+)
 from onnx import helper
-
-from fusion_models import bn_node, bn_params, check_pass, counts, init, initializer, model, randn, rng, run
 
 PASS = "fold_batchnorm"
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from onnx import helper, numpy_helper
-
 from fusion_models import check_pass, counts, model, randn, rng
+from onnx import helper, numpy_helper
 
 PASS = "fuse_matmul_add"
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from fusion_models import bn_node, bn_params, counts, init, model, randn, rng
 from onnx import helper
 
-from fusion_models import bn_node, bn_params, counts, init, model, randn, rng
-from onnxcomp.manager import PassManager
-from onnxcomp.passes import FUSE_PIPELINE
-from onnxcomp.pipeline import make_pass
+from onnxcomp.flags import FUSE_PIPELINE
+from onnxcomp.framework.manager import PassManager
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import assert_numerically_equal, random_feeds
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from fusion_models import model, randn, rng
 from onnx import helper
 
-from fusion_models import model, randn, rng
 from onnxcomp import ir
 
 

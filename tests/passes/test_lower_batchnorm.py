@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fusion_models import (
+    bn_node,
+    bn_params,
+    check_pass,
+    counts,
+    initializer,
+    model,
+    rng,
+)
 from onnx import helper, numpy_helper
-
-from fusion_models import bn_node, bn_params, check_pass, counts, initializer, model, rng
 
 PASS = "lower_batchnorm"
 

@@ -12,9 +12,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp.calibration.collect import Calibrator
+from onnxcomp.calibration.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    make_observer,
+)
 from onnxcomp.errors import CalibrationError, ConfigError
-from onnxcomp.quant.calibrator import Calibrator
-from onnxcomp.quant.observers import HistogramObserver, MinMaxObserver, make_observer
 
 SHAPE = (4, 3, 12, 12)
 

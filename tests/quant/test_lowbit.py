@@ -12,10 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxcomp import ir
+from onnxcomp.analysis.inspect import weight_storage
 from onnxcomp.api import quantize
 from onnxcomp.formats import get_format
-from onnxcomp.quant.runtime import emit_cast_activation, emit_hif8_activation, emit_mx_activation
-from onnxcomp.summary import weight_storage
+from onnxcomp.quant.activation_subgraphs import (
+    emit_cast_activation,
+    emit_hif8_activation,
+    emit_mx_activation,
+)
 from onnxcomp.testing import run_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -238,7 +242,7 @@ FORMAT_SETTINGS = [
 
 @pytest.mark.parametrize("settings", FORMAT_SETTINGS, ids=lambda s: "-".join(str(v) for v in s.values()))
 def test_every_format_quantizes_the_demo(settings: dict, tmp_path: Path) -> None:
-    from onnxcomp.evaluate import accuracy, predict
+    from onnxcomp.analysis.metrics import accuracy, predict
 
     held = np.load(MODELS / "digits_heldout.npz")
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:64]}
@@ -289,7 +293,7 @@ def test_two_level_fp8_group_scales_are_exact(fmt: str) -> None:
 
 
 def test_two_level_with_fp8_activations_on_the_demo() -> None:
-    from onnxcomp.evaluate import accuracy, predict
+    from onnxcomp.analysis.metrics import accuracy, predict
 
     held = np.load(MODELS / "digits_heldout.npz")
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:32]}

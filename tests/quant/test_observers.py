@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxcomp.errors import CalibrationError, ConfigError
-from onnxcomp.quant.observers import (
+from onnxcomp.calibration.observers import (
     OBSERVER_POLICIES,
     HistogramObserver,
     MinMaxObserver,
@@ -24,6 +23,7 @@ from onnxcomp.quant.observers import (
     shrink_candidates,
     trim_candidates,
 )
+from onnxcomp.errors import CalibrationError, ConfigError
 
 
 def qdq_int8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

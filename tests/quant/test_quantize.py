@@ -11,13 +11,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp.analysis.metrics import accuracy, predict
 from onnxcomp.api import quantize
-from onnxcomp.cli import main
+from onnxcomp.cli.main import main
 from onnxcomp.errors import RecipeError
-from onnxcomp.evaluate import accuracy, predict
-from onnxcomp.pipeline import make_pass
+from onnxcomp.framework.registry import make_pass
+from onnxcomp.ir import weight_layout
 from onnxcomp.quant.spec import Granularity, TensorSpec
-from onnxcomp.quant.weights import quantize_weight, weight_layout
+from onnxcomp.quant.weights import quantize_weight
 from onnxcomp.testing import op_counts, run_model
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -14,7 +14,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.api import compress
-from onnxcomp.pipeline import PassResult, make_pass
+from onnxcomp.framework.base import PassResult
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import run_model
 
 
@@ -107,7 +108,7 @@ def feeds(model: onnx.ModelProto, n: int = 4, seed: int = 1) -> dict[str, np.nda
 
 def prune(model: onnx.ModelProto, calibration: Any = None, **options: Any) -> tuple[onnx.ModelProto, PassResult]:
     """Run ``prune_channels`` alone (validated: checker + onnxruntime); the model and the pass result."""
-    options.setdefault("reconstruct", calibration is not None)
+    options.setdefault("refit", calibration is not None)
     report = compress(model, [make_pass("prune_channels", options)], calibration=calibration, batch_size=8)
     return report.model, report.result("prune_channels")
 

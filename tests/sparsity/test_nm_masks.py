@@ -7,18 +7,18 @@ import itertools
 import numpy as np
 import pytest
 
+from onnxcomp.analysis.sparsity import weight_sparsity
 from onnxcomp.errors import ConfigError
-from onnxcomp.sparsity.masks import (
+from onnxcomp.formats.nm import (
     NMPattern,
     apply_nm,
     is_nm_sparse,
-    keep_count,
     nm_fraction,
     nm_mask,
     parse_pattern,
-    reduction_axis,
 )
-from onnxcomp.sparsity.stats import weight_sparsity
+from onnxcomp.ir import reduction_axis
+from onnxcomp.sparsity.masks import keep_count
 
 
 def brute_force_mask(w: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:

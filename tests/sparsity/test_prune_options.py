@@ -9,7 +9,7 @@ from sparse_models import Net, assert_same_outputs, declined, feeds, prune, weig
 
 from onnxcomp.api import compress
 from onnxcomp.errors import PassError, RecipeError
-from onnxcomp.pipeline import make_pass
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import run_model
 
 
@@ -35,7 +35,7 @@ def output_error(model: onnx.ModelProto, pruned: onnx.ModelProto, data: dict[str
 def test_reconstruction_strictly_lowers_the_consumer_error(depth: int) -> None:
     model = chain(depth)
     data = calib(model)
-    plain, _ = prune(model, data, ratio=0.5, reconstruct=False)
+    plain, _ = prune(model, data, ratio=0.5, refit=False)
     refit, result = prune(model, data, ratio=0.5)
     assert output_error(model, refit, data) < output_error(model, plain, data) * 0.9
     held_out = feeds(model, n=32, seed=99)
@@ -55,7 +55,7 @@ def test_refit_gemm_and_matmul_sinks() -> None:
     h = net.op("Relu", [net.gemm(h, 10, 8, "fc2", trans_b=0)])
     model = net.build([net.matmul(h, 8, 4, "mm")], {"x": ["N", 12]})
     data = calib(model, n=64)
-    plain, _ = prune(model, data, ratio=0.4, reconstruct=False)
+    plain, _ = prune(model, data, ratio=0.4, refit=False)
     refit, result = prune(model, data, ratio=0.4)
     assert output_error(model, refit, data) < output_error(model, plain, data)
     assert result.stats["refit"] == 2
@@ -74,7 +74,7 @@ def test_data_criterion_finds_channels_dead_after_relu() -> None:
     b.CopyFrom(onnx.numpy_helper.from_array(b_value, b.name))
     model = net.build([net.conv(net.op("Relu", [conv]), 8, 3, "head")])
     data = calib(model)
-    by_data, _ = prune(model, data, ratio=0.25, criterion="data", reconstruct=False)
+    by_data, _ = prune(model, data, ratio=0.25, criterion="data", refit=False)
     assert_same_outputs(model, by_data)
     np.testing.assert_array_equal(weight(by_data, "conv1"), np.delete(w_value, [0, 5], axis=0))
     by_norm, _ = prune(model, ratio=0.25, criterion="l1")
@@ -99,7 +99,7 @@ def test_ratios_rounding_skip_and_global_scope() -> None:
 
 def test_reconstruction_needs_calibration_data() -> None:
     with pytest.raises(PassError, match="needs calibration data"):
-        prune(chain(), ratio=0.25, reconstruct=True)
+        prune(chain(), ratio=0.25, refit=True)
     with pytest.raises(PassError, match="criterion 'data'"):
         prune(chain(), ratio=0.25, criterion="data")
 
@@ -116,7 +116,7 @@ def test_deterministic_and_input_untouched() -> None:
 
 def test_one_kind_of_sparsity_per_layer() -> None:
     model = chain(2)
-    prune_pass = make_pass("prune_channels", {"ratio": 0.25, "reconstruct": False})
+    prune_pass = make_pass("prune_channels", {"ratio": 0.25, "refit": False})
     report = compress(model, [make_pass("sparsify_2to4"), prune_pass])
     result = report.result("prune_channels")
     assert "n:m sparse" in declined(result, "conv1") and not result.modified

@@ -11,11 +11,11 @@ import pytest
 from onnx import numpy_helper
 from sparse_models import Net, declined, feeds, weight
 
+from onnxcomp.analysis.sparsity import layer_weights, weight_sparsity
 from onnxcomp.api import compress, sparsify
 from onnxcomp.errors import RecipeError
-from onnxcomp.pipeline import make_pass
-from onnxcomp.sparsity.masks import NMPattern, apply_nm, nm_fraction
-from onnxcomp.sparsity.stats import layer_weights, weight_sparsity
+from onnxcomp.formats.nm import NMPattern, apply_nm, nm_fraction
+from onnxcomp.framework.registry import make_pass
 from onnxcomp.testing import op_counts, run_model
 
 

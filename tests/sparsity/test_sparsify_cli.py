@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxcomp.analysis.metrics import accuracy, predict
 from onnxcomp.api import compress, fuse, sparsify
-from onnxcomp.cli import main
-from onnxcomp.evaluate import accuracy, predict
-from onnxcomp.model_io import load_model, ort_session
+from onnxcomp.cli.main import main
+from onnxcomp.model_io import load_model
+from onnxcomp.runtime import ort_session
 from onnxcomp.sparsity.report import compare_models
 from onnxcomp.testing import run_model
 
@@ -35,7 +36,7 @@ def test_cli_pattern(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_cli_prune_with_calibration_then_int4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "p.onnx"
-    args = ["sparsify", str(DEMO), "-o", str(out), "--prune-ratio", "0.25", "--calib", str(CALIB), "--round-to", "4",
+    args = ["sparsify", str(DEMO), "-o", str(out), "--ratio", "0.25", "--calib", str(CALIB), "--round-to", "4",
             "--quantize", "int4", "--layer-ratio", "fc1=0.5"]
     assert main(args) == 0
     text = capsys.readouterr().out
@@ -54,10 +55,10 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         main(["sparsify", str(DEMO), "-o", out])
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
-        main(["sparsify", str(DEMO), "-o", out, "--pattern", "2:4", "--prune-ratio", "0.3"])
+        main(["sparsify", str(DEMO), "-o", out, "--pattern", "2:4", "--ratio", "0.3"])
     assert exc.value.code == 2
-    assert main(["sparsify", str(DEMO), "-o", out, "--prune-ratio", "1.5"]) == 1
-    assert main(["sparsify", str(DEMO), "-o", out, "--prune-ratio", "0.3", "--criterion", "data"]) == 1
+    assert main(["sparsify", str(DEMO), "-o", out, "--ratio", "1.5"]) == 1
+    assert main(["sparsify", str(DEMO), "-o", out, "--ratio", "0.3", "--criterion", "data"]) == 1
     assert "needs calibration data" in capsys.readouterr().err
 
 
@@ -89,13 +90,13 @@ def test_demo_prune_25_with_reconstruction_keeps_accuracy_and_is_smaller_and_fas
     feeds = {"input": held["input"]}
     base = fuse(DEMO).model
     fp32 = accuracy(predict(base, feeds), held["label"])
-    exact = sparsify(DEMO, prune_ratio=0.25, calibration=CALIB).model  # 16/32/64/64/64 -> 12/24/48/48/48
+    exact = sparsify(DEMO, ratio=0.25, calibration=CALIB).model  # 16/32/64/64/64 -> 12/24/48/48/48
     assert accuracy(predict(exact, feeds), held["label"]) >= fp32 - 1.0
     figures = compare_models(base, exact)
     for key in ("params", "macs", "bytes"):
         assert figures[key]["after"] < 0.6 * figures[key]["before"], key
     # Kept counts rounded to 16 keep onnxruntime's NCHWc (AVX-512) conv layout end to end: 16/32/48/48/48
-    aligned = sparsify(DEMO, prune_ratio=0.25, round_to=16, calibration=CALIB).model
+    aligned = sparsify(DEMO, ratio=0.25, round_to=16, calibration=CALIB).model
     assert accuracy(predict(aligned, feeds), held["label"]) >= fp32 - 1.0
     assert compare_models(base, aligned)["macs"]["after"] < 0.85 * figures["macs"]["before"]
     fp32_ms, aligned_ms = _fastest_ms([base, aligned], {"input": held["input"][:64]})
@@ -108,7 +109,7 @@ def test_real_cnn_with_residuals_and_depthwise(tmp_path: Path) -> None:
 
     model = fuse(load_model(real_model("ppocr_cls"))).model
     x = make_inputs("ppocr_cls", n=4, seed=1)
-    report = sparsify(model, prune_ratio=0.25, fuse=False)
+    report = sparsify(model, ratio=0.25, fuse=False)
     result = report.result("prune_channels")
     reasons = " ".join(r for _, r in result.declined)
     assert "Shape" in reasons  # the classifier head's run-time reshape

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnxcomp.model_io import ort_session
+from onnxcomp.runtime import ort_session
 
 
 def predict(

@@ -2,14 +2,13 @@
 
 A pass subclasses :class:`Pass`, sets ``name`` (``verb_noun``) and ``Options`` (a frozen
 dataclass), documents what it rewrites and when it declines, and returns a :class:`PassResult`
-saying whether it modified the graph and what it did. ``@register_pass`` makes it available to
-recipes, the CLI and the Python API alike.
+saying whether it modified the graph and what it did. ``@register_pass`` (:mod:`onnxcomp.framework.registry`)
+makes it available to recipes, the CLI and the Python API alike.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.errors import RecipeError
-from onnxcomp.options import NoOptions, build_options, option_fields
+from onnxcomp.framework.options import NoOptions
+from onnxcomp.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ class Progress:
         self.enabled = enabled
 
     def __call__(self, total: int | None, desc: str) -> Any:
-        from onnxcomp.progress import progress_bar
-
         return progress_bar(total=total, desc=desc, enabled=self.enabled)
 
 
@@ -73,6 +70,17 @@ class PassContext:
     progress: Progress = field(default_factory=lambda: Progress(False))
     artifacts: dict[str, Any] = field(default_factory=dict)
     source_model: Any = None  # the original onnx.ModelProto (read-only), for passes that need it
+
+    def record(self, feature: str) -> dict[str, Any]:
+        """The run's record of ``feature``, saved beside the output as ``OUT.<feature>_record.json``.
+
+        The one channel for records: passes of one feature in one run share (and extend) it.
+        """
+        return self.artifacts.setdefault(f"{feature}_record", {})
+
+    def set_record(self, feature: str, data: Any) -> None:
+        """Replace the run's record of ``feature`` (any JSON-able value)."""
+        self.artifacts[f"{feature}_record"] = data
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded by the run's seed and a per-use salt (deterministic, independent)."""
@@ -97,53 +105,3 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         """Rewrite ``graph`` in place; never call ``ir.finalize`` (the manager does)."""
-
-
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its ``name``."""
-    if not dataclasses.is_dataclass(cls.Options):
-        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"pass name {cls.name!r} registered twice")
-    if not cls.summary:
-        cls.summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_passes() -> dict[str, type[Pass]]:
-    """Every registered pass by name (importing ``onnxcomp.passes`` registers the built-ins)."""
-    import onnxcomp.passes  # noqa: F401 - registers the built-in passes
-
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass(name: str) -> type[Pass]:
-    passes = available_passes()
-    if name not in passes:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(passes), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"unknown pass {name!r}{hint}; valid passes: {', '.join(passes)}")
-    return passes[name]
-
-
-def make_pass(name: str, options: Mapping[str, Any] | None = None, where: str | None = None) -> Pass:
-    """Instantiate a registered pass from plain option data, validating every key."""
-    cls = get_pass(name)
-    return cls(build_options(cls.Options, options, where or name))
-
-
-def describe_passes() -> list[tuple[str, str, list[tuple[str, str, Any]]]]:
-    """(name, summary, [(option, type, default)]) of every pass, for ``onnxcomp passes``."""
-    from onnxcomp.options import describe_type
-
-    out = []
-    for name, cls in available_passes().items():
-        opts = [(n, describe_type(tp), d) for n, tp, d in option_fields(cls.Options)]
-        out.append((name, cls.summary, opts))
-    return out

@@ -80,7 +80,9 @@ def unpack_nibbles(
 
 def _resolve_dtype(fmt: str | int) -> int:
     if isinstance(fmt, str):
-        from onnxcomp.formats import get_format  # late import: the registry imports this module
+        from onnxcomp.formats import (
+            get_format,  # late import: the registry imports this module
+        )
 
         dtype = get_format(fmt).onnx_dtype
         if dtype is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import shape_inference
 
-from onnxcomp.model_io import PROTOBUF_LIMIT
+from onnxcomp.runtime import PROTOBUF_LIMIT
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -12,8 +12,8 @@ from onnx import version_converter
 
 from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
+from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, validate_model
-from onnxcomp.pipeline import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 

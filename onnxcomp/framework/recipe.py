@@ -1,6 +1,7 @@
 """Pipelines as data: TOML recipes.
 
-A recipe lists passes with their options::
+A recipe lists passes with their options; a pass is named by its registered name or, for a pass
+defined in the user's own code, as ``package.module:ClassName``::
 
     seed = 0                      # optional: seeds every random choice
     [[passes]]
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from onnxcomp.errors import RecipeError
-from onnxcomp.options import options_to_dict
-from onnxcomp.pipeline import Pass, make_pass
+from onnxcomp.framework.base import Pass
+from onnxcomp.framework.options import options_to_dict
+from onnxcomp.framework.registry import make_pass, pass_reference
 
 _TOP_KEYS = ("seed", "validate", "passes", "meta")
 VALIDATE_MODES = ("each", "end", "none")
@@ -44,7 +46,7 @@ class Recipe:
         return {
             "seed": self.seed,
             "validate": self.validate,
-            "passes": [{"pass": p.name, **options_to_dict(p.options)} for p in self.passes],
+            "passes": [{"pass": pass_reference(type(p)), **options_to_dict(p.options)} for p in self.passes],
         }
 
 

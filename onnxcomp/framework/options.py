@@ -1,7 +1,9 @@
 """Typed pass options: dataclasses built from untrusted mappings (recipes, CLI) with strict checks.
 
 An unknown key, a value of the wrong type or outside a ``Literal`` is a :class:`RecipeError` that
-names the pass and lists what is valid, never a silent skip.
+names the pass and lists what is valid, never a silent skip. An options class may list renamed
+options in a ``RENAMED: ClassVar[dict[str, str]]`` (old name -> new name): the old spelling is
+accepted for one release with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -111,6 +114,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def build_options(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     """Build ``cls`` from ``values``, validating keys and types; ``where`` prefixes errors."""
     values = dict(values or {})
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in values:
+            warnings.warn(f"{where}: option {old!r} is deprecated and will be removed in the next release; use {new!r}",
+                          DeprecationWarning, stacklevel=2)
+            if new in values:
+                raise RecipeError(f"{where}: both {old!r} (deprecated) and {new!r} given; use {new!r} only")
+            values[new] = values.pop(old)
     fields = option_fields(cls)
     known = [name for name, _, _ in fields]
     unknown = [k for k in values if k not in known]

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.sparsity.masks import NMPattern, nm_fraction, reduction_axis
+from onnxcomp.formats.nm import NMPattern, nm_fraction
+from onnxcomp.ir import reduction_axis
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_PATTERN = NMPattern(2, 4)

@@ -42,17 +42,23 @@ __all__ = [
     "constant_value",
     "consumers",
     "default_opset",
+    "default_opset_of",
     "export_model",
     "finalize",
     "import_model",
+    "infer_shapes",
     "is_constant",
+    "is_graph_output",
+    "iter_nodes",
     "make_constant",
     "make_node",
     "make_variable",
+    "only_consumer_is",
     "producer",
     "replace_constant",
     "set_constant",
     "unique_name",
+    "write_input",
 ]
 
 # gs logs a warning for every FP8 constant and on many harmless situations; our own logging
@@ -165,6 +171,21 @@ def replace_constant(graph: Graph, node: Node, index: int, array: np.ndarray, su
     return new
 
 
+def write_input(graph: Graph, node: Node, index: int, array: np.ndarray) -> None:
+    """Set ``node`` input ``index`` to ``array``: in place if only this node reads it, else a new constant."""
+    tensor = node.inputs[index]
+    exclusive = (
+        isinstance(tensor, Constant)
+        and only_consumer_is(graph, tensor, node)
+        and sum(t is tensor for t in node.inputs) == 1
+        and not any(t is tensor for t in graph.inputs)
+    )
+    if exclusive:
+        set_constant(tensor, array)
+    else:
+        replace_constant(graph, node, index, array, "_folded")
+
+
 def make_variable(graph: Graph, base: str, dtype: np.dtype | None = None, shape: list | None = None) -> Variable:
     """A new intermediate tensor with a name unique in ``graph``."""
     return Variable(unique_name(graph, base), dtype=dtype, shape=shape)
@@ -272,9 +293,6 @@ def unique_name(graph: Graph, base: str) -> str:
 
 
 # --- shape information ---------------------------------------------------------------------
-
-__all__.append("infer_shapes")  # appended here to keep additions in one place
-
 
 def infer_shapes(graph: Graph) -> None:
     """Fill in unknown dtypes/shapes of ``graph``'s Variables with onnx shape inference.

@@ -1,8 +1,8 @@
 """Streaming activation calibration: one onnxruntime session, one observer per tensor.
 
-The model copy gets every requested intermediate tensor as an extra graph output (untyped
-``make_empty_tensor_value_info``: onnxruntime accepts it, so no shape inference is needed) and
-runs with ``ORT_DISABLE_ALL`` so intermediate names survive. Each batch's outputs are fed to their
+The model copy gets every requested intermediate tensor as an extra graph output
+(:func:`onnxcomp.runtime.with_outputs`) and runs with ``ORT_DISABLE_ALL`` so intermediate names
+survive. Each batch's outputs are fed to their
 observers and dropped at once, so memory is one batch's activations plus the observers' fixed
 state, whatever the number of batches. This is the fix for onnxruntime's calibrators, which keep
 every intermediate output of every batch (microsoft/onnxruntime#10503, #11020, #21979).
@@ -16,19 +16,13 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from onnxcomp.calibration.observers import Observer
 from onnxcomp.errors import CalibrationError, ConfigError
-from onnxcomp.model_io import ALL_CORES, ort_session
 from onnxcomp.progress import progress_bar
-from onnxcomp.quant.observers import Observer
+from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
 
 ObserverFactory = Callable[[], Observer]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 class Calibrator:
@@ -64,16 +58,11 @@ class Calibrator:
         self._session = None
         self._feed_names: tuple[str, ...] = tuple(inputs)
         if self._fetch:
-            augmented = onnx.ModelProto()
-            augmented.CopyFrom(model)
-            existing = set(outputs)
-            augmented.graph.output.extend(
-                helper.make_empty_tensor_value_info(n) for n in self._fetch if n not in existing
-            )
+            augmented = with_outputs(model, self._fetch)
             try:
                 self._session = ort_session(augmented, level="disable", threads=ALL_CORES)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-                raise CalibrationError(f"onnxruntime cannot load the calibration model: {_first_line(exc)}") from exc
+                raise CalibrationError(f"onnxruntime cannot load the calibration model: {first_line(exc)}") from exc
             del augmented  # only the session is kept (a >= 2 GB model is not held twice)
             self._feed_names = tuple(i.name for i in self._session.get_inputs())
 
@@ -126,7 +115,7 @@ class Calibrator:
         try:
             values = self._session.run(self._fetch, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {_first_line(exc)}") from exc
+            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first_line(exc)}") from exc
         for name, value in zip(self._fetch, values, strict=True):
             self._update(observers[name], name, value, index)
 

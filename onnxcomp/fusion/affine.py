@@ -1,4 +1,4 @@
-"""Math shared by the fusion passes: per-output-channel affine maps folded into linear producers.
+"""The fusion library: math shared by the fusion passes: per-output-channel affine maps folded into linear producers.
 
 A *linear producer* computes ``y = x ⊛ W + b`` with constant ``W`` (and optional constant ``b``)
 and a known output-channel axis:
@@ -27,51 +27,6 @@ from onnxcomp import ir
 
 LinearOp = Literal["Conv", "ConvTranspose", "Gemm", "MatMul"]
 LINEAR_OPS: tuple[LinearOp, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FLOAT_DTYPES: frozenset[str] = frozenset({"float16", "float32", "float64", "bfloat16"})
-
-
-class Ranks:
-    """Ranks of tensors from their shape info; runs ``ir.infer_shapes`` at most once, on demand."""
-
-    def __init__(self, graph: ir.Graph, infer: bool) -> None:
-        self.graph = graph
-        self.infer = infer
-        self._inferred = False
-
-    def __call__(self, tensor: ir.Tensor) -> int | None:
-        rank = _known_rank(tensor)
-        if rank is None and self.infer and not self._inferred:
-            self._inferred = True
-            ir.infer_shapes(self.graph)
-            rank = _known_rank(tensor)
-        return rank
-
-
-def _known_rank(tensor: ir.Tensor) -> int | None:
-    shape = tensor.shape
-    return None if shape is None else len(shape)
-
-
-def is_onnx_op(node: ir.Node) -> bool:
-    """True for an operator of the default (ai.onnx) domain."""
-    return node.domain in (None, "", "ai.onnx")
-
-
-def describe(node: ir.Node) -> str:
-    """``Conv 'name'`` (or ``Conv writing 'tensor'`` for an unnamed node) for messages."""
-    if node.name or not node.outputs:
-        return f"{node.op} {node.name!r}"
-    return f"{node.op} writing {node.outputs[0].name!r}"
-
-
-def exclusive_reason(graph: ir.Graph, tensor: ir.Tensor, node: ir.Node, owner: ir.Node) -> str | None:
-    """Why ``tensor`` (``owner``'s output) does not feed only ``node``, or None if it does."""
-    if ir.is_graph_output(graph, tensor):
-        return f"the output of {describe(owner)} is a graph output"
-    others = [n.name or n.op for n in ir.consumers(tensor) if n is not node]
-    if others:
-        return f"the output of {describe(owner)} also feeds {', '.join(sorted(others))}"
-    return None
 
 
 @dataclass
@@ -108,9 +63,9 @@ class Linear:
 def _float_constant(tensor: ir.Tensor, what: str, node: ir.Node) -> np.ndarray | str:
     value = ir.constant_value(tensor)
     if value is None:
-        return f"the {what} of {describe(node)} is not a constant"
-    if value.dtype.name not in FLOAT_DTYPES:
-        return f"the {what} of {describe(node)} is {value.dtype.name}, not floating point"
+        return f"the {what} of {ir.describe(node)} is not a constant"
+    if value.dtype.name not in ir.FLOAT_DTYPES:
+        return f"the {what} of {ir.describe(node)} is {value.dtype.name}, not floating point"
     return value
 
 
@@ -119,7 +74,7 @@ def _per_last_axis(shape: tuple[int, ...], channels: int) -> bool:
     return all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, channels))
 
 
-def match_linear(graph: ir.Graph, tensor: ir.Tensor, ranks: Ranks, ops: tuple[str, ...]) -> Linear | str | None:
+def match_linear(graph: ir.Graph, tensor: ir.Tensor, shapes: ir.Shapes, ops: tuple[str, ...]) -> Linear | str | None:
     """The linear producer of ``tensor``: a :class:`Linear`, a reason it cannot be folded, or None.
 
     None means ``tensor`` is not produced by one of ``ops`` at all. Whether ``tensor`` feeds only
@@ -132,13 +87,13 @@ def match_linear(graph: ir.Graph, tensor: ir.Tensor, ranks: Ranks, ops: tuple[st
     if node.op == "Add" and "MatMul" in ops:
         split = split_constant_operand(node)
         inner = ir.producer(split[0]) if split is not None else None
-        if split is None or inner is None or inner.op != "MatMul" or not is_onnx_op(node):
+        if split is None or inner is None or inner.op != "MatMul" or not ir.is_onnx_op(node):
             return None
-        reason = exclusive_reason(graph, split[0], node, inner)
+        reason = ir.exclusive_reason(graph, split[0], node, inner)
         if reason:
             return reason
         bias_add, node = node, inner
-    if node.op not in ops or len(node.inputs) < 2 or not is_onnx_op(node):
+    if node.op not in ops or len(node.inputs) < 2 or not ir.is_onnx_op(node):
         return None
     weight = _float_constant(node.inputs[1], "weight", node)
     if isinstance(weight, str):
@@ -147,7 +102,7 @@ def match_linear(graph: ir.Graph, tensor: ir.Tensor, ranks: Ranks, ops: tuple[st
         return _match_conv(node, weight)
     if node.op == "Gemm":
         return _match_gemm(node, weight)
-    return _match_matmul(node, weight, bias_add, ranks)
+    return _match_matmul(node, weight, bias_add, shapes)
 
 
 def split_constant_operand(node: ir.Node) -> tuple[ir.Tensor, int] | None:
@@ -168,13 +123,13 @@ def _optional_bias(node: ir.Node, index: int) -> tuple[ir.Node, int] | None:
 
 def _match_conv(node: ir.Node, weight: np.ndarray) -> Linear | str:
     if weight.ndim < 3:
-        return f"the weight of {describe(node)} is {weight.ndim}-D"
+        return f"the weight of {ir.describe(node)} is {weight.ndim}-D"
     group = int(node.attrs.get("group", 1))
     if node.op == "Conv":
         channels = weight.shape[0]
     else:
         if group < 1 or weight.shape[0] % group:
-            return f"{describe(node)}: weight of shape {weight.shape} does not split into {group} groups"
+            return f"{ir.describe(node)}: weight of shape {weight.shape} does not split into {group} groups"
         channels = weight.shape[1] * group
     lin = Linear(node, weight, channels, out_rank=weight.ndim, min_rank=weight.ndim)
     slot = _optional_bias(node, 2)
@@ -183,14 +138,14 @@ def _match_conv(node: ir.Node, weight: np.ndarray) -> Linear | str:
         if isinstance(bias, str):
             return bias
         if bias.shape != (channels,):
-            return f"the bias of {describe(node)} has shape {bias.shape}, expected ({channels},)"
+            return f"the bias of {ir.describe(node)} has shape {bias.shape}, expected ({channels},)"
         lin.bias, lin.bias_slot = bias, slot
     return lin
 
 
 def _match_gemm(node: ir.Node, weight: np.ndarray) -> Linear | str:
     if weight.ndim != 2:
-        return f"the weight B of {describe(node)} is {weight.ndim}-D"
+        return f"the weight B of {ir.describe(node)} is {weight.ndim}-D"
     channels = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
     lin = Linear(node, weight, channels, out_rank=2, min_rank=2)
     slot = _optional_bias(node, 2)
@@ -200,17 +155,17 @@ def _match_gemm(node: ir.Node, weight: np.ndarray) -> Linear | str:
             return bias
         if bias.ndim > 2 or not _per_last_axis(bias.shape, channels):
             return (
-                f"the bias C of {describe(node)} has shape {bias.shape}, not scalar, ({channels},) or (1, {channels})"
+                f"the bias C of {ir.describe(node)} has shape {bias.shape}, not scalar, ({channels},) or (1, {channels})"
             )
         lin.bias, lin.bias_slot = bias, slot
     return lin
 
 
-def _match_matmul(node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None, ranks: Ranks) -> Linear | str:
+def _match_matmul(node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None, shapes: ir.Shapes) -> Linear | str:
     if weight.ndim != 2:
-        return f"the weight of {describe(node)} is {weight.ndim}-D, not 2-D"
+        return f"the weight of {ir.describe(node)} is {weight.ndim}-D, not 2-D"
     channels = weight.shape[1]
-    x_rank = ranks(node.inputs[0])
+    x_rank = shapes.rank(node.inputs[0])
     out_rank = None if x_rank is None else max(x_rank, 1)
     lin = Linear(node, weight, channels, out_rank=out_rank, min_rank=1)
     if bias_add is not None:
@@ -220,7 +175,7 @@ def _match_matmul(node: ir.Node, weight: np.ndarray, bias_add: ir.Node | None, r
         if isinstance(bias, str):
             return bias
         if not _per_last_axis(bias.shape, channels) or (out_rank is not None and bias.ndim > out_rank):
-            return f"the bias of {describe(bias_add)} has shape {bias.shape}, not per output column"
+            return f"the bias of {ir.describe(bias_add)} has shape {bias.shape}, not per output column"
         lin.bias, lin.bias_slot, lin.bias_add = bias, (bias_add, split[1]), bias_add
         lin.min_rank = max(1, bias.ndim)
     return lin
@@ -234,12 +189,12 @@ def channel_vector(lin: Linear, value: np.ndarray) -> np.ndarray | str:
     """
     rank = lin.out_rank if lin.out_rank is not None else lin.min_rank
     if value.ndim > rank:
-        return f"a constant of shape {value.shape} would broadcast the {rank}-D output of {describe(lin.node)}"
+        return f"a constant of shape {value.shape} would broadcast the {rank}-D output of {ir.describe(lin.node)}"
     padded = (1,) * (rank - value.ndim) + tuple(value.shape)
     axis = lin.channel_axis % rank
     if any(d != 1 for i, d in enumerate(padded) if i != axis) or padded[axis] not in (1, lin.channels):
         return (
-            f"a constant of shape {value.shape} is not per output channel of {describe(lin.node)} "
+            f"a constant of shape {value.shape} is not per output channel of {ir.describe(lin.node)} "
             f"({lin.channels} channels on axis {axis} of {rank})"
         )
     return np.array(np.broadcast_to(value.astype(np.float64).reshape(-1), (lin.channels,)))
@@ -266,21 +221,6 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array.astype(np.float64)).all())
 
 
-def write_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    """Set ``node`` input ``index`` to ``array``: in place if only this node reads it, else a new constant."""
-    tensor = node.inputs[index]
-    exclusive = (
-        isinstance(tensor, ir.Constant)
-        and ir.only_consumer_is(graph, tensor, node)
-        and sum(t is tensor for t in node.inputs) == 1
-        and not any(t is tensor for t in graph.inputs)
-    )
-    if exclusive:
-        ir.set_constant(tensor, array)
-    else:
-        ir.replace_constant(graph, node, index, array, "_folded")
-
-
 def fold_into(graph: ir.Graph, lin: Linear, scale: np.ndarray, shift: np.ndarray, folded: ir.Node) -> str | None:
     """Fold ``folded`` (``z = y*scale + shift`` on ``lin``'s output ``y``) into ``lin``.
 
@@ -295,9 +235,9 @@ def fold_into(graph: ir.Graph, lin: Linear, scale: np.ndarray, shift: np.ndarray
     with np.errstate(over="ignore", invalid="ignore"):
         bias = ((old_bias if old_bias is not None else 0.0) * scale + shift).astype(bias_dtype)
     if not _all_finite(weight) or (need_bias and not _all_finite(bias)):
-        return f"folding into {describe(lin.node)} gives non-finite values"
+        return f"folding into {ir.describe(lin.node)} gives non-finite values"
 
-    write_input(graph, lin.node, 1, weight)
+    ir.write_input(graph, lin.node, 1, weight)
     out = folded.outputs[0]
     folded.inputs.clear()
     folded.outputs.clear()
@@ -308,7 +248,7 @@ def fold_into(graph: ir.Graph, lin: Linear, scale: np.ndarray, shift: np.ndarray
             assert lin.bias is not None  # a bias slot always has a bias
             shape = (1,) * (lin.bias.ndim - 1) + (lin.channels,) if lin.bias.ndim else (lin.channels,)
             bias = bias.reshape(shape)
-        write_input(graph, node, index, bias)
+        ir.write_input(graph, node, index, bias)
     elif need_bias and lin.op == "MatMul":
         const = ir.make_constant(ir.unique_name(graph, f"{base}_bias"), bias)
         ir.make_node(graph, "Add", [lin.node.outputs[0], const], [out], name=f"{base}_bias_add")
@@ -330,7 +270,7 @@ def batchnorm_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
 
     ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``, float64 of shape (C,).
     """
-    if not is_onnx_op(node):
+    if not ir.is_onnx_op(node):
         return f"it is in domain {node.domain!r}, not ai.onnx"
     if node.attrs.get("training_mode", 0):
         return "training_mode=1 (normalizes with batch statistics)"
@@ -345,7 +285,7 @@ def batchnorm_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         value = ir.constant_value(tensor)
         if value is None:
             return f"its {what} input {tensor.name!r} is not a constant"
-        if value.ndim != 1 or value.dtype.name not in FLOAT_DTYPES:
+        if value.ndim != 1 or value.dtype.name not in ir.FLOAT_DTYPES:
             return f"its {what} input {tensor.name!r} is {value.dtype.name} {value.shape}, expected a float vector"
         params.append(value.astype(np.float64))
     gamma, beta, mean, var = params

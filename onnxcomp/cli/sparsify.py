@@ -10,8 +10,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from onnxcomp.cli import _add_output, command, print_run_report
+from onnxcomp.api import sparsify
+from onnxcomp.cli.common import (
+    DeprecatedFlag,
+    add_run_options,
+    command,
+    print_run_report,
+    run_kwargs,
+)
 from onnxcomp.errors import OnnxCompError
+from onnxcomp.model_io import load_model
+from onnxcomp.sparsity.report import (
+    alignment_hint,
+    compare_models,
+    format_compare,
+    format_layers,
+    pattern_coverage,
+)
 
 
 def _layer_ratio(text: str) -> tuple[str, float]:
@@ -25,53 +40,38 @@ def _layer_ratio(text: str) -> tuple[str, float]:
     return glob, ratio
 
 
-@command("sparsify", "2:4 structured sparsity or channel pruning with reconstruction (then optionally quantize)")
 def _sparsify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
-    _add_output(p)
+    add_run_options(p, calibration="calibration data (.npz named by model input, or a directory); "
+                                   "enables the least-squares refit of the pruned layers' consumers")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pattern", metavar="N:M", help="n:m structured sparsity along input channels, e.g. 2:4")
-    kind.add_argument("--prune-ratio", type=float, metavar="R", help="fraction of output channels to remove, e.g. 0.3")
-    p.add_argument("--calib", type=Path, help="calibration data (.npz named by model input, or a directory); "
-                                              "enables least-squares reconstruction of the pruned layers' consumers")
+    kind.add_argument("--ratio", type=float, metavar="R", help="fraction of output channels to remove, e.g. 0.3")
+    kind.add_argument("--prune-ratio", dest="ratio", type=float, action=DeprecatedFlag, new="--ratio")
     p.add_argument("--global", dest="scope_global", action="store_true",
-                   help="spread --prune-ratio over the whole model instead of every layer")
+                   help="spread --ratio over the whole model instead of every layer")
     p.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio, metavar="GLOB=RATIO",
                    help="prune layers matching GLOB by RATIO instead")
     p.add_argument("--round-to", type=int, default=1, metavar="K",
                    help="round kept channels up to a multiple of K (16 keeps onnxruntime's NCHWc conv layout)")
     p.add_argument("--criterion", choices=("l1", "l2", "data"), default="l2",
                    help="channel importance: weight norm (l1, l2) or output error on calibration data (data)")
-    p.add_argument("--no-reconstruct", action="store_true", help="do not refit the consumers (even with --calib)")
+    p.add_argument("--no-refit", action="store_true", help="do not refit the consumers (even with --calib)")
+    p.add_argument("--no-reconstruct", dest="no_refit", action=DeprecatedFlag, nargs=0, const=True, new="--no-refit")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching GLOB alone")
     p.add_argument("--quantize", metavar="FORMAT", help="then quantize weights (int8, int4, ...): the combined recipe")
     p.add_argument("--activations", help="activation format for --quantize (default: none, weight-only)")
-    p.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
-    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size (default 16)")
-    p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
 
 
-@_sparsify_args.bind
+@command("sparsify", "2:4 structured sparsity or channel pruning with refit (then optionally quantize)", _sparsify_args)
 def _sparsify(args: argparse.Namespace) -> int:
-    from onnxcomp.api import sparsify
-    from onnxcomp.model_io import load_model
-    from onnxcomp.sparsity.report import (
-        alignment_hint,
-        compare_models,
-        format_compare,
-        format_layers,
-        pattern_coverage,
-    )
-
-    if args.prune_ratio is not None and not 0.0 < args.prune_ratio < 1.0:
-        raise OnnxCompError(f"--prune-ratio must be in (0, 1), got {args.prune_ratio}")
+    if args.ratio is not None and not 0.0 < args.ratio < 1.0:
+        raise OnnxCompError(f"--ratio must be in (0, 1), got {args.ratio}")
     report = sparsify(
-        args.model, args.output, pattern=args.pattern, prune_ratio=args.prune_ratio, calibration=args.calib,
+        args.model, args.output, pattern=args.pattern, ratio=args.ratio,
         scope="global" if args.scope_global else "layer", ratios=dict(args.layer_ratio), round_to=args.round_to,
-        criterion=args.criterion, reconstruct=False if args.no_reconstruct else None, skip=args.skip,
-        quantize=args.quantize, activations=args.activations, fuse=not args.no_fuse,
-        calib_samples=args.calib_samples, batch_size=args.batch_size, force=args.force,
-        progress=not args.quiet, external_data=args.external_data or None,
+        criterion=args.criterion, refit=False if args.no_refit else None, skip=args.skip,
+        quantize=args.quantize, activations=args.activations, **run_kwargs(args),
     )
     print_run_report(args, report, args.output)
     if args.quiet:

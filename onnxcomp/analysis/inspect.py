@@ -10,9 +10,9 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from onnxcomp.macs import model_macs
+from onnxcomp.analysis.macs import model_macs
+from onnxcomp.analysis.sparsity import sparsity_extra
 from onnxcomp.model_io import default_opset
-from onnxcomp.sparsity.stats import sparsity_extra
 
 
 @dataclass

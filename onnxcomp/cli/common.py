@@ -1,0 +1,100 @@
+"""What every ``onnxcomp`` subcommand shares: registration, the run-option group, global flags, reports.
+
+One argument group (:func:`add_run_options`) builds the run options every front end takes
+(output, ``--force``, ``--external-data``, calibration data and its bounds, ``--no-fuse``), and
+:func:`run_kwargs` turns them into the keywords of :mod:`onnxcomp.api`. Renamed flags keep their
+old spelling for one release (:class:`DeprecatedFlag`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxcomp.analysis.inspect import human_bytes
+from onnxcomp.framework import RunReport
+
+Handler = Callable[[argparse.Namespace], int]
+AddArgs = Callable[[argparse.ArgumentParser], None]
+COMMANDS: dict[str, tuple[AddArgs, Handler, str]] = {}
+
+
+def command(name: str, help_text: str, add_args: AddArgs) -> Callable[[Handler], Handler]:
+    """Register the decorated handler as subcommand ``name``; ``add_args`` adds its arguments."""
+
+    def bind(handler: Handler) -> Handler:
+        COMMANDS[name] = (add_args, handler, help_text)
+        return handler
+
+    return bind
+
+
+def global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """``--quiet``, ``--verbose``, ``--debug``: before the subcommand, or (``suppress``) after it."""
+    default: Any = argparse.SUPPRESS if suppress else False
+    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress or report, only errors")
+    parser.add_argument("--verbose", "-v", action="store_true", default=default, help="say why each candidate was declined")
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old flag spelling: warns once on stderr and stores into the new flag's destination."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"onnxcomp: warning: {option_string} is deprecated and will be removed in the next release; "
+              f"use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, fuse: bool = True) -> None:
+    """The run options every front end shares; ``calibration`` is the help text of ``--calib`` (None: no data)."""
+    group = p.add_argument_group("run options")
+    group.add_argument("-o", "--output", required=True, type=Path, help="output .onnx path")
+    group.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    group.add_argument("--external-data", action="store_true", help="save weights in OUTPUT.data (automatic >= 2 GB)")
+    if calibration is not None:
+        group.add_argument("--calib", type=Path, help=calibration)
+        group.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
+        group.add_argument("--batch-size", type=int, default=16, help="calibration samples per batch (default 16)")
+    if fuse:
+        group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+
+
+def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :mod:`onnxcomp.api` keywords of the run options a command declared."""
+    out: dict[str, Any] = {"force": args.force, "progress": not args.quiet, "external_data": args.external_data or None}
+    if hasattr(args, "calib"):
+        out.update(calibration=args.calib, calib_samples=args.calib_samples, batch_size=args.batch_size)
+    if hasattr(args, "no_fuse"):
+        out["fuse"] = not args.no_fuse
+    return out
+
+
+def print_run_report(args: argparse.Namespace, report: RunReport, output: Path | None) -> None:
+    """What each pass did (declines with ``--verbose``), then the output's size."""
+    if args.quiet:
+        return
+    for note in report.notes:
+        print(f"note: {note}")
+    width = max([len(s.name) for s in report.steps] + [4])
+    for step in report.steps:
+        flag = "changed" if step.result.modified else "no change"
+        print(f"  {step.name:<{width}}  {flag:<9}  {step.result.summary()}  ({step.seconds:.2f}s)")
+        if args.verbose:
+            for node, reason in step.result.declined:
+                print(f"      declined {node}: {reason}")
+            for note in step.result.notes:
+                print(f"      {note}")
+        elif step.result.declined:
+            print(f"      {len(step.result.declined)} declined (see --verbose)")
+    if output is not None:
+        print(f"wrote {output} ({human_bytes(output.stat().st_size)})")

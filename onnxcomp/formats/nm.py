@@ -1,0 +1,81 @@
+"""N:M structured sparsity as a weight format: masks along a reduction axis and pattern checks.
+
+An n:m mask keeps, in every group of ``m`` consecutive weights along the reduction (input-channel)
+axis, the ``n`` of largest magnitude. An axis whose length is not a multiple of ``m`` is padded
+with zeros to the next multiple for the selection (the padding is then dropped); an axis of length
+``<= n`` is left alone. Ties keep the lower index (a stable sort), so masks are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxcomp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep ``n`` of every ``m`` consecutive weights (2:4 by default)."""
+
+    n: int = 2
+    m: int = 4
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(text: str) -> NMPattern:
+    """``"2:4"`` -> NMPattern(2, 4); ConfigError for anything but ``n:m`` with 0 < n < m."""
+    head, sep, tail = str(text).strip().partition(":")
+    try:
+        n, m = int(head), int(tail)
+    except ValueError:
+        n = m = 0
+    if not sep or not 0 < n < m:
+        raise ConfigError(f"bad sparsity pattern {text!r}; use n:m with 0 < n < m, e.g. 2:4")
+    return NMPattern(n, m)
+
+
+def _grouped(w: np.ndarray, axis: int, m: int) -> tuple[np.ndarray, int]:
+    """``|w|`` with ``axis`` moved last, zero-padded to a multiple of ``m``, split as (..., G, m)."""
+    moved = np.moveaxis(np.abs(w.astype(np.float64)), axis, -1)
+    length = moved.shape[-1]
+    padded = -(-length // m) * m
+    if padded != length:
+        moved = np.concatenate([moved, np.zeros((*moved.shape[:-1], padded - length))], axis=-1)
+    return moved.reshape(*moved.shape[:-1], padded // m, m), length
+
+
+def nm_mask(w: np.ndarray, axis: int, pattern: NMPattern) -> np.ndarray:
+    """Boolean mask (True = keep) of the n:m pattern of ``w`` along ``axis`` (shape of ``w``)."""
+    axis = axis % w.ndim
+    if w.shape[axis] <= pattern.n:
+        return np.ones(w.shape, dtype=bool)
+    groups, length = _grouped(w, axis, pattern.m)
+    order = np.argsort(-groups, axis=-1, kind="stable")
+    keep = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(keep, order[..., : pattern.n], True, axis=-1)
+    keep = keep.reshape(*keep.shape[:-2], -1)[..., :length]
+    return np.moveaxis(keep, -1, axis)
+
+
+def apply_nm(w: np.ndarray, axis: int, pattern: NMPattern) -> np.ndarray:
+    """``w`` with the weights outside its n:m mask set to zero (same dtype and shape)."""
+    return np.where(nm_mask(w, axis, pattern), w, np.zeros((), dtype=w.dtype)).astype(w.dtype)
+
+
+def nm_fraction(w: np.ndarray, axis: int, pattern: NMPattern) -> float:
+    """Fraction of the (zero-padded) groups along ``axis`` with at most ``n`` non-zeros."""
+    axis = axis % w.ndim
+    groups, _ = _grouped(w, axis, pattern.m)
+    if groups.size == 0:
+        return 1.0
+    nonzero = np.count_nonzero(groups, axis=-1)
+    return float(np.mean(nonzero <= pattern.n))
+
+
+def is_nm_sparse(w: np.ndarray, axis: int, pattern: NMPattern = NMPattern()) -> bool:
+    """True when every group satisfies the pattern and the axis is long enough to be sparsified."""
+    return w.shape[axis % w.ndim] > pattern.n and nm_fraction(w, axis, pattern) == 1.0

@@ -1,0 +1,121 @@
+"""The one onnxruntime runner: CPU sessions, and "expose these tensors and run" for every collector.
+
+Calibration, the SQNR report, reconstruction and refits all need intermediate tensors of a model:
+:func:`with_outputs` adds them as extra graph outputs (untyped ``make_empty_tensor_value_info``:
+onnxruntime accepts it, so no shape inference is needed) and :class:`TensorRunner` runs that copy
+with ``ORT_DISABLE_ALL`` so intermediate names survive. ``docs/onnxruntime.md`` says what the CPU
+provider runs and fuses.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxcomp.errors import CalibrationError
+
+#: protobuf cannot serialise a message of 2 GiB or more.
+PROTOBUF_LIMIT = 2**31 - 1
+
+#: Intra-op threads for sessions that only compute (calibration, reports): 0 = every core.
+ALL_CORES = 0
+
+
+def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Serialise ``model`` to ``path`` (deterministic bytes), with every tensor in ``NAME.data`` if ``external``."""
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,  # every initializer: the .data file always exists
+        )
+    else:
+        with open(path, "wb") as fh:
+            fh.write(model.SerializeToString(deterministic=True))
+
+
+def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1, config: dict[str, str] | None = None):  # noqa: ANN201
+    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB).
+
+    ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
+    ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
+    try:
+        p = Path(tmp) / "model.onnx"
+        write_model_file(model, p, external=True)
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's are long), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str], truncate: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``names`` (optionally truncated to what they need).
+
+    ``truncate`` keeps only the nodes the named tensors depend on and drops the original outputs
+    (skipped for graphs with subgraphs, whose outer-scope reads are not followed).
+    """
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    graph = augmented.graph
+    subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    has_subgraphs = any(a.type in subgraph for n in graph.node for a in n.attribute)
+    if truncate and not has_subgraphs:
+        needed, kept = set(names), []
+        for node in reversed(graph.node):
+            if needed.intersection(node.output):
+                kept.append(node)
+                needed.update(node.input)
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+        del graph.output[:]
+    existing = {o.name for o in graph.output}
+    graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
+    return augmented
+
+
+class TensorRunner:
+    """An onnxruntime session of a model exposing ``names`` as outputs (optionally truncated to them)."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], truncate: bool = False) -> None:
+        self.session = ort_session(with_outputs(model, names, truncate), level="disable", threads=ALL_CORES)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.names = names
+
+    def run(self, batch: Mapping[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.names, {n: batch[n] for n in self.inputs})
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first_line(exc)}") from exc
+        return dict(zip(self.names, values, strict=True))
