@@ -387,7 +387,10 @@ def _page(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
         y1, x1 = int(rng.integers(y0 + 20, h)), int(rng.integers(x0 + 20, w))
         c = rng.uniform(30, 120)
-        img[y0, x0:x1] = c; img[y1 - 1, x0:x1] = c; img[y0:y1, x0] = c; img[y0:y1, x1 - 1] = c
+        img[y0, x0:x1] = c
+        img[y1 - 1, x0:x1] = c
+        img[y0:y1, x0] = c
+        img[y0:y1, x1 - 1] = c
     img = _blur(img) + rng.normal(0, 2.0, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

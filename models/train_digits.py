@@ -30,9 +30,9 @@ are written with fixed zip timestamps). Takes well under a minute on 2 CPU cores
 
 Re-run (torch must NOT go into the project's .venv; use a separate venv)::
 
-    python3 -m venv /work/venv-train
-    /work/venv-train/bin/pip install torch==2.13.0 scikit-learn numpy onnx==1.23.2 onnxruntime==1.32.0
-    /work/venv-train/bin/python models/train_digits.py
+    python3 -m venv .venv-train
+    .venv-train/bin/pip install torch==2.13.0 scikit-learn numpy onnx==1.23.2 onnxruntime==1.32.0
+    .venv-train/bin/python models/train_digits.py
 
 Options: ``--out-dir DIR`` (default: this file's folder), ``--epochs N`` (default 40).
 """

@@ -118,7 +118,11 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
     if out_path is not None:
         save_model(report.model, out_path, external_data=run.external_data, overwrite=run.force)
         paths = output_artifacts(out_path)
-        meta: dict[str, Any] = {"onnxcomp": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+        meta: dict[str, Any] = {
+            "onnxcomp": __version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        }
         if source is not None:
             meta["input"] = source.name
             meta["input_sha256"] = _sha256(source)
@@ -128,7 +132,9 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             meta.setdefault("notes", []).append(note)
         write_text_atomic(paths["recipe"], dump_recipe(plan, meta))
         for key, data in sorted(ctx.artifacts.items()):
-            write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
+            write_text_atomic(
+                out_path.with_name(f"{paths['stem']}.{key}.json"), json.dumps(data, indent=1, sort_keys=True) + "\n"
+            )
     return report
 
 
@@ -176,9 +182,18 @@ def quantize(
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
     options = quantize_options(
-        config, weights=weights, activations=activations, granularity=granularity, observer=observer,
-        weight_observer=weight_observer, dynamic=dynamic, symmetric_activations=symmetric_activations,
-        skip=skip, emit=emit, fp4_storage=fp4_storage, scale_format=scale_format,
+        config,
+        weights=weights,
+        activations=activations,
+        granularity=granularity,
+        observer=observer,
+        weight_observer=weight_observer,
+        dynamic=dynamic,
+        symmetric_activations=symmetric_activations,
+        skip=skip,
+        emit=emit,
+        fp4_storage=fp4_storage,
+        scale_format=scale_format,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
     report = _run(model, Recipe(quantize_passes(options, fuse)), output, run)
@@ -217,7 +232,9 @@ def decompose(
     ``ops`` is the deprecated spelling of ``layers``.
     """
     chosen = renamed_keyword(layers, ops, "ops", "layers") or "conv"
-    passes = decompose_passes(layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse)
+    passes = decompose_passes(
+        layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
+    )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
     return _run(model, Recipe(passes), output, run)
 
@@ -256,11 +273,22 @@ def sparsify(
     """
     ratio = renamed_keyword(ratio, prune_ratio, "prune_ratio", "ratio")
     refit = renamed_keyword(refit, reconstruct, "reconstruct", "refit")
-    options: dict[str, Any] = {"scope": scope, "round_to": round_to, "criterion": criterion,
-                               "refit": calibration is not None if refit is None else refit,
-                               "ratios": dict(ratios or {})}
-    passes = sparsify_passes(pattern=pattern, ratio=ratio, fuse=fuse, prune_options=options, skip=skip,
-                             quantize=quantize, activations=activations)
+    options: dict[str, Any] = {
+        "scope": scope,
+        "round_to": round_to,
+        "criterion": criterion,
+        "refit": calibration is not None if refit is None else refit,
+        "ratios": dict(ratios or {}),
+    }
+    passes = sparsify_passes(
+        pattern=pattern,
+        ratio=ratio,
+        fuse=fuse,
+        prune_options=options,
+        skip=skip,
+        quantize=quantize,
+        activations=activations,
+    )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
     return _run(model, Recipe(passes), output, run)
 

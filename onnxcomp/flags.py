@@ -74,8 +74,9 @@ def renamed_keyword(new_value: Any, old_value: Any, old: str, new: str, default:
     """The value of a renamed keyword: ``new_value``, or ``old_value`` with a DeprecationWarning."""
     if old_value is None:
         return new_value
-    warnings.warn(f"{old!r} is deprecated and will be removed in the next release; use {new!r}",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old!r} is deprecated and will be removed in the next release; use {new!r}", DeprecationWarning, stacklevel=3
+    )
     if new_value is not None and new_value != default and new_value != old_value:
         raise ConfigError(f"both {old!r} (deprecated) and {new!r} given; use {new!r} only")
     return old_value
@@ -187,8 +188,9 @@ def sparsify_passes(
         options = {"ratio": ratio, "skip": list(skip), **dict(prune_options or {})}
         passes.append(make_pass("prune_channels", options))
     if quantize is not None:
-        quant = quantize_options(weights=quantize, activations=activations or "none", granularity=granularity,
-                                 skip=skip)
+        quant = quantize_options(
+            weights=quantize, activations=activations or "none", granularity=granularity, skip=skip
+        )
         passes.append(make_pass("quantize", quant))
     return passes
 

@@ -71,7 +71,9 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
             f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)}); the file may be truncated"
         ) from exc
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind")
+        raise ModelLoadError(
+            f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind"
+        )
     if _uses_external(model):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -98,7 +100,8 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
 
 def _uses_external(model: onnx.ModelProto) -> bool:
     return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001
     )
 
 

@@ -149,7 +149,9 @@ def format_summary(s: ModelSummary, path: str = "") -> str:
         for op, n in sorted(s.macs_by_op.items()):
             lines.append(f"  {op:<14} {human_count(n):>10}")
     if s.macs_unknown:
-        lines.append(f"MACs unknown for {len(s.macs_unknown)} node(s) (shapes not inferable): {', '.join(s.macs_unknown[:5])}")
+        lines.append(
+            f"MACs unknown for {len(s.macs_unknown)} node(s) (shapes not inferable): {', '.join(s.macs_unknown[:5])}"
+        )
     lines.append(f"ops ({sum(s.ops.values())} nodes): " + ", ".join(f"{k} {v}" for k, v in s.ops.items()))
     for label, items in (("inputs", s.inputs), ("outputs", s.outputs)):
         lines.append(f"{label}:")
@@ -183,12 +185,22 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
             idx = producers.get(node.input[1])
             src = idx.input[0] if idx is not None and idx.op_type == "Cast" else node.input[1]
             if src in inits:
-                return src, f"{_dtype_name(inits[src].data_type)} + {math.prod(inits[node.input[0]].dims)}-entry table", bits(node.input[0])
+                return (
+                    src,
+                    f"{_dtype_name(inits[src].data_type)} + {math.prod(inits[node.input[0]].dims)}-entry table",
+                    bits(node.input[0]),
+                )
         return None, "", 0
 
     out: dict[str, dict[str, int]] = {}
     seen_tables: set[str] = set()
-    weight_inputs = {n.input[i] for n in model.graph.node if n.op_type in _WEIGHT_OPS for i in [_WEIGHT_OPS[n.op_type]] if len(n.input) > i}
+    weight_inputs = {
+        n.input[i]
+        for n in model.graph.node
+        if n.op_type in _WEIGHT_OPS
+        for i in [_WEIGHT_OPS[n.op_type]]
+        if len(n.input) > i
+    }
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.output[0] in weight_inputs | _feeds_mul(model, weight_inputs):
             src, label, table_bits = codes_of(node.input[0])
@@ -227,5 +239,7 @@ def storage_rows(storage: dict[str, dict[str, int]]) -> list[str]:
     rows = []
     for label, v in sorted(storage.items()):
         per = v["bits"] / v["weights"] if v["weights"] else 0.0
-        rows.append(f"{label:<34} {v['weights']:>12,} weights  {per:6.2f} bits/weight  {human_bytes(v['bits'] / 8):>12}")
+        rows.append(
+            f"{label:<34} {v['weights']:>12,} weights  {per:6.2f} bits/weight  {human_bytes(v['bits'] / 8):>12}"
+        )
     return rows

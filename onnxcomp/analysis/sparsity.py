@@ -39,8 +39,12 @@ def weight_sparsity(w: np.ndarray, axis: int | None = None, pattern: NMPattern =
         if frac > best:
             best_axis, best = a, frac
     holds = best == 1.0 and zeros > 0 and values.shape[best_axis] > pattern.n
-    return {"zero_fraction": round(zeros, 6), "pattern": str(pattern) if holds else None,
-            "pattern_fraction": round(best, 6), "axis": int(best_axis)}
+    return {
+        "zero_fraction": round(zeros, 6),
+        "pattern": str(pattern) if holds else None,
+        "pattern_fraction": round(best, 6),
+        "axis": int(best_axis),
+    }
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -43,7 +43,9 @@ class Calibrator:
         known = set(inputs) | produced | set(outputs)
         for name in tensors:
             if name in constants:
-                raise CalibrationError(f"tensor {name!r} is an initializer (a constant); it has no activation range to calibrate")
+                raise CalibrationError(
+                    f"tensor {name!r} is an initializer (a constant); it has no activation range to calibrate"
+                )
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=3)
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -79,7 +81,9 @@ class Calibrator:
         ids). Raises CalibrationError on empty data, a missing input, an onnxruntime failure, or a
         non-finite observed value (naming the tensor and the 0-based batch index).
         """
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        if max_batches is not None and (
+            isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+        ):
             raise ConfigError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         if total is None:
             total = len(batches) if isinstance(batches, Sized) else None

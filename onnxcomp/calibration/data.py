@@ -43,7 +43,11 @@ from onnxcomp.errors import CalibrationError
 Batch: TypeAlias = dict[str, np.ndarray]
 Factory: TypeAlias = Callable[[], Iterator[Batch]]
 CalibrationData: TypeAlias = (
-    str | os.PathLike[str] | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+    str
+    | os.PathLike[str]
+    | np.ndarray
+    | Mapping[str, Any]
+    | Iterable[Mapping[str, Any]]
     | Callable[[], Iterable[Mapping[str, Any]]]
 )
 # A "set" is one file, dict or batch of arrays with the same sample count: (label, loader).
@@ -96,15 +100,21 @@ def _model_inputs(model: onnx.ModelProto) -> dict[str, _Input]:
 def _check_set(label: str, arrays: Any, inputs: Mapping[str, _Input]) -> tuple[dict[str, np.ndarray], int]:
     """Check one set's names, ranks, fixed dims, dtype kinds and sample counts (no conversion)."""
     if not isinstance(arrays, Mapping):
-        raise CalibrationError(f"calibration {label} is not a dict of {{input name: array}} (got {type(arrays).__name__})")
+        raise CalibrationError(
+            f"calibration {label} is not a dict of {{input name: array}} (got {type(arrays).__name__})"
+        )
     found = ", ".join(map(str, arrays)) or "none"
     for name in inputs:
         if name not in arrays:
-            raise CalibrationError(f"calibration data has no array for model input {name!r} in {label}; arrays found: {found}")
+            raise CalibrationError(
+                f"calibration data has no array for model input {name!r} in {label}; arrays found: {found}"
+            )
     extra = [str(k) for k in arrays if k not in inputs]
     if extra:
-        raise CalibrationError(f"calibration data in {label} has arrays that are not model inputs: {', '.join(extra)}; "
-                               f"expected exactly: {', '.join(inputs)}")
+        raise CalibrationError(
+            f"calibration data in {label} has arrays that are not model inputs: {', '.join(extra)}; "
+            f"expected exactly: {', '.join(inputs)}"
+        )
     out: dict[str, np.ndarray] = {}
     for name, spec in inputs.items():
         value = arrays[name]
@@ -118,18 +128,27 @@ def _check_set(label: str, arrays: Any, inputs: Mapping[str, _Input]) -> tuple[d
             raise CalibrationError(f"input {name!r}: data in {label} is a scalar; its first axis must index samples")
         if spec.dims is not None:
             if arr.ndim != len(spec.dims):
-                raise CalibrationError(f"input {name!r}: data in {label} has rank {arr.ndim} (shape {_fmt(arr.shape)}) "
-                                       f"but the model expects rank {len(spec.dims)} {spec.shape_text()}")
+                raise CalibrationError(
+                    f"input {name!r}: data in {label} has rank {arr.ndim} (shape {_fmt(arr.shape)}) "
+                    f"but the model expects rank {len(spec.dims)} {spec.shape_text()}"
+                )
             for axis, want in enumerate(spec.dims[1:], start=1):
                 if isinstance(want, int) and arr.shape[axis] != want:
-                    raise CalibrationError(f"input {name!r}: sample shape {_fmt(arr.shape[1:])} does not match the model's "
-                                           f"{spec.shape_text(1)} at axis {axis} in {label}")
+                    raise CalibrationError(
+                        f"input {name!r}: sample shape {_fmt(arr.shape[1:])} does not match the model's "
+                        f"{spec.shape_text(1)} at axis {axis} in {label}"
+                    )
         src, tgt = arr.dtype, spec.dtype
-        if tgt is not None and src != tgt and not (_is_float(tgt) and _is_float(src)) and not (
-            tgt.kind in "iub" and src.kind in "iub" and np.can_cast(src, tgt, "safe")
+        if (
+            tgt is not None
+            and src != tgt
+            and not (_is_float(tgt) and _is_float(src))
+            and not (tgt.kind in "iub" and src.kind in "iub" and np.can_cast(src, tgt, "safe"))
         ):
-            raise CalibrationError(f"input {name!r}: data in {label} has dtype {src} but the model expects {tgt}; convert it "
-                                   "(float data converts to any float type, integer data only to a wider integer type)")
+            raise CalibrationError(
+                f"input {name!r}: data in {label} has dtype {src} but the model expects {tgt}; convert it "
+                "(float data converts to any float type, integer data only to a wider integer type)"
+            )
         out[name] = arr
     counts = {name: arr.shape[0] for name, arr in out.items()}
     if len(set(counts.values())) > 1:
@@ -155,8 +174,9 @@ def _convert(name: str, chunk: np.ndarray, spec: _Input, start: int, label: str)
     raise CalibrationError(f"calibration data for input {name!r} has {what} in sample {start + row} of {label}")
 
 
-def _stream(sets: Iterable[_Set], inputs: Mapping[str, _Input], batch: int, exact: bool,
-            limit: int | None, desc: str) -> Iterator[Batch]:
+def _stream(
+    sets: Iterable[_Set], inputs: Mapping[str, _Input], batch: int, exact: bool, limit: int | None, desc: str
+) -> Iterator[Batch]:
     """Validated, converted batches of at most ``batch`` samples (exactly ``batch`` if ``exact``)."""
     used = 0
     it = iter(sets)
@@ -167,8 +187,10 @@ def _stream(sets: Iterable[_Set], inputs: Mapping[str, _Input], batch: int, exac
         label, load = item
         arrays, n = _check_set(label, load(), inputs)
         if exact and n % batch:
-            raise CalibrationError(f"the model's inputs have a fixed batch size of {batch} but {label} holds {n} "
-                                   f"samples, not a multiple of {batch}")
+            raise CalibrationError(
+                f"the model's inputs have a fixed batch size of {batch} but {label} holds {n} "
+                f"samples, not a multiple of {batch}"
+            )
         for start in range(0, n, batch):
             stop = min(n, start + batch) if limit is None else min(n, start + batch, start + limit - used)
             if stop <= start:
@@ -185,8 +207,11 @@ def _load(path: Path, label: str, single: str | None) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, mmap_mode=None if npz else "r", allow_pickle=False)
         if npz != isinstance(loaded, np.lib.npyio.NpzFile):
-            raise CalibrationError(f"{label}: not an .npz archive (it holds a single array; name it .npy)" if npz
-                                   else f"{label}: not an .npy array file (it is an .npz archive; name it .npz)")
+            raise CalibrationError(
+                f"{label}: not an .npz archive (it holds a single array; name it .npy)"
+                if npz
+                else f"{label}: not an .npy array file (it is an .npz archive; name it .npz)"
+            )
         if not npz:
             return {str(single): loaded}
         with loaded:
@@ -201,26 +226,36 @@ def _file_sets(path: Path, inputs: Mapping[str, _Input]) -> tuple[Callable[[], I
         raise CalibrationError(f"{path}: no such file or directory")
     single = next(iter(inputs)) if len(inputs) == 1 else None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".npz", ".npy"))
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".npz", ".npy")
+        )
         if not files:
             raise CalibrationError(f"calibration data is empty: directory {path} has no .npz or .npy files")
         if single is None and any(p.suffix.lower() == ".npy" for p in files):
-            raise CalibrationError(f"{path}: .npy files are only accepted for single-input models; this model has inputs "
-                                   f"{', '.join(inputs)}: use .npz files with one array per input")
+            raise CalibrationError(
+                f"{path}: .npy files are only accepted for single-input models; this model has inputs "
+                f"{', '.join(inputs)}: use .npz files with one array per input"
+            )
         desc, detail = f"{path.name}/", f"{len(files)} file{'s' if len(files) > 1 else ''}, "
     elif path.suffix.lower() == ".npy" and single is None:
-        raise CalibrationError(f"{path}: .npy files are only accepted for single-input models; use an .npz with arrays "
-                               f"named {', '.join(inputs)}")
+        raise CalibrationError(
+            f"{path}: .npy files are only accepted for single-input models; use an .npz with arrays "
+            f"named {', '.join(inputs)}"
+        )
     elif path.suffix.lower() in (".npz", ".npy"):
         files, desc, detail = [path], path.name, ""
     else:
-        raise CalibrationError(f"{path}: unsupported calibration file; expected an .npz, an .npy or a directory of them")
+        raise CalibrationError(
+            f"{path}: unsupported calibration file; expected an .npz, an .npy or a directory of them"
+        )
 
     def sets() -> Iterator[_Set]:
         for p in files:
             label = f"{path.name}/{p.name}" if p is not path else p.name
             yield label, lambda p=p, label=label: _load(p, label, single)
+
     return sets, desc, detail
 
 
@@ -234,12 +269,15 @@ def _call(fn: Callable[[], Any]) -> Iterable[Any]:
     if isinstance(result, Mapping):
         return [result]
     if not isinstance(result, Iterable):
-        raise CalibrationError(f"calibration callable returned a {type(result).__name__}; expected an iterable of dicts")
+        raise CalibrationError(
+            f"calibration callable returned a {type(result).__name__}; expected an iterable of dicts"
+        )
     return result
 
 
-def calibration_source(data: CalibrationData, model: onnx.ModelProto, batch_size: int = 16,
-                       max_samples: int | None = None) -> tuple[Factory, str]:
+def calibration_source(
+    data: CalibrationData, model: onnx.ModelProto, batch_size: int = 16, max_samples: int | None = None
+) -> tuple[Factory, str]:
     """``(factory, name)``: ``factory()`` returns a fresh iterator of validated batches; ``name`` describes the data.
 
     See the module docstring for the accepted forms of ``data``. Raises :class:`CalibrationError`.
@@ -251,14 +289,18 @@ def calibration_source(data: CalibrationData, model: onnx.ModelProto, batch_size
     inputs = _model_inputs(model)
     fixed = {s.dims[0] for s in inputs.values() if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0}
     if len(fixed) > 1:
-        raise CalibrationError(f"the model's inputs have different fixed batch sizes {sorted(fixed)}; cannot batch calibration data")
+        raise CalibrationError(
+            f"the model's inputs have different fixed batch sizes {sorted(fixed)}; cannot batch calibration data"
+        )
     exact = bool(fixed)
     batch = fixed.pop() if fixed else batch_size
     limit = max_samples
     if exact and limit is not None:
         limit = limit // batch * batch
         if limit == 0:
-            raise CalibrationError(f"{max_samples} calibration samples are fewer than the model's fixed batch size of {batch}")
+            raise CalibrationError(
+                f"{max_samples} calibration samples are fewer than the model's fixed batch size of {batch}"
+            )
 
     sets: Callable[[], Iterable[_Set]]
     detail = ""
@@ -266,7 +308,9 @@ def calibration_source(data: CalibrationData, model: onnx.ModelProto, batch_size
         sets, desc, detail = _file_sets(Path(data), inputs)
     elif isinstance(data, np.ndarray):
         if len(inputs) != 1:
-            raise CalibrationError(f"a bare array can only calibrate a single-input model; pass a dict keyed by {', '.join(inputs)}")
+            raise CalibrationError(
+                f"a bare array can only calibrate a single-input model; pass a dict keyed by {', '.join(inputs)}"
+            )
         arrays = {next(iter(inputs)): data}
         sets, desc = (lambda: [("in-memory array", lambda: arrays)]), "in-memory array"
     elif isinstance(data, Mapping):
@@ -280,8 +324,10 @@ def calibration_source(data: CalibrationData, model: onnx.ModelProto, batch_size
         else:
             return _one_shot(iter(data), inputs, batch, exact, limit)
     else:
-        raise CalibrationError(f"unsupported calibration data of type {type(data).__name__}; expected a path, "
-                               "a dict of arrays, an iterable of {input name: array} dicts or a callable returning one")
+        raise CalibrationError(
+            f"unsupported calibration data of type {type(data).__name__}; expected a path, "
+            "a dict of arrays, an iterable of {input name: array} dicts or a callable returning one"
+        )
 
     def factory() -> Iterator[Batch]:
         return _stream(sets(), inputs, batch, exact, limit, desc)
@@ -291,8 +337,9 @@ def calibration_source(data: CalibrationData, model: onnx.ModelProto, batch_size
     return factory, f"{desc} ({detail}{head}{total} sample{'s' if total != 1 else ''})"
 
 
-def _one_shot(data: Iterator[Any], inputs: Mapping[str, _Input], batch: int, exact: bool,
-              limit: int | None) -> tuple[Factory, str]:
+def _one_shot(
+    data: Iterator[Any], inputs: Mapping[str, _Input], batch: int, exact: bool, limit: int | None
+) -> tuple[Factory, str]:
     """A one-shot iterator: check its first batch now, stream the rest once, refuse a second pass."""
     desc = "one-shot iterator of batches"
     first = next(data, None)
@@ -306,8 +353,10 @@ def _one_shot(data: Iterator[Any], inputs: Mapping[str, _Input], batch: int, exa
     def factory() -> Iterator[Batch]:
         nonlocal used
         if used:
-            raise CalibrationError("calibration data is a one-shot iterator and was already consumed; "
-                                   "pass a list or a callable returning a fresh iterator")
+            raise CalibrationError(
+                "calibration data is a one-shot iterator and was already consumed; "
+                "pass a list or a callable returning a fresh iterator"
+            )
         used = True
         return _stream(_batches(itertools.chain([first], data)), inputs, batch, exact, limit, desc)
 

@@ -207,7 +207,9 @@ def _require_data(obs: Observer) -> None:
 
 def _as_hist(obs: Observer, policy: str, need_data: bool = False) -> HistogramObserver:
     if not isinstance(obs, HistogramObserver):
-        raise ConfigError(f"range policy {policy!r} needs a HistogramObserver; create it with make_observer({policy!r})")
+        raise ConfigError(
+            f"range policy {policy!r} needs a HistogramObserver; create it with make_observer({policy!r})"
+        )
     if need_data:
         _require_data(obs)
     return obs

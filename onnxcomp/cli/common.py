@@ -35,8 +35,12 @@ def command(name: str, help_text: str, add_args: AddArgs) -> Callable[[Handler],
 def global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     """``--quiet``, ``--verbose``, ``--debug``: before the subcommand, or (``suppress``) after it."""
     default: Any = argparse.SUPPRESS if suppress else False
-    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress or report, only errors")
-    parser.add_argument("--verbose", "-v", action="store_true", default=default, help="say why each candidate was declined")
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", default=default, help="no progress or report, only errors"
+    )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", default=default, help="say why each candidate was declined"
+    )
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
 
 
@@ -48,10 +52,17 @@ class DeprecatedFlag(argparse.Action):
         kwargs.setdefault("help", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"onnxcomp: warning: {option_string} is deprecated and will be removed in the next release; "
-              f"use {self.new}", file=sys.stderr)
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"onnxcomp: warning: {option_string} is deprecated and will be removed in the next release; use {self.new}",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 

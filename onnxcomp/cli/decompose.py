@@ -35,24 +35,36 @@ def _rank_rule(text: str) -> str:
 def _decompose_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     add_run_options(p, calibration="calibration data (.npz by input name, or a directory): refit the second factors")
-    p.add_argument("--rank-rule", type=_rank_rule, default="auto", metavar="RULE",
-                   help="auto (EVBMF, clamped band), energy:E, ratio:R or rank:N (default auto)")
+    p.add_argument(
+        "--rank-rule",
+        type=_rank_rule,
+        default="auto",
+        metavar="RULE",
+        help="auto (EVBMF, clamped band), energy:E, ratio:R or rank:N (default auto)",
+    )
     p.add_argument("--align", type=int, default=16, help="round ranks to a multiple of N (default 16; 1 = exact)")
     p.add_argument("--replay", type=Path, metavar="FILE", help="apply exactly the ranks of a decomposition record")
-    p.add_argument("--layers", choices=("conv", "matmul", "all"), default="conv",
-                   help="decompose Conv (default), Gemm/MatMul weights, or both")
+    p.add_argument(
+        "--layers",
+        choices=("conv", "matmul", "all"),
+        default="conv",
+        help="decompose Conv (default), Gemm/MatMul weights, or both",
+    )
     p.add_argument("--ops", dest="layers", choices=("conv", "matmul", "all"), action=DeprecatedFlag, new="--layers")
-    p.add_argument("--min-channels", type=int,
-                   help="too-small rule: min(Cin, Cout) below this with a kernel < 7 (default 64)")
-    p.add_argument("--min-kernel-channels", type=int,
-                   help="too-small rule: min(k) * min(Cin, Cout) below this (default 16)")
+    p.add_argument(
+        "--min-channels", type=int, help="too-small rule: min(Cin, Cout) below this with a kernel < 7 (default 64)"
+    )
+    p.add_argument(
+        "--min-kernel-channels", type=int, help="too-small rule: min(k) * min(Cin, Cout) below this (default 16)"
+    )
     p.add_argument("--allow-dilation", action="store_true", help="also decompose dilated convolutions")
     p.add_argument("--no-refit", action="store_true", help="keep the SVD factors even with --calib")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave nodes matching GLOB alone")
 
 
-@command("decompose", "low-rank tensor decomposition: kxk Conv -> kx1 + 1xk pair (and Gemm/MatMul W ~= A@B)",
-         _decompose_args)
+@command(
+    "decompose", "low-rank tensor decomposition: kxk Conv -> kx1 + 1xk pair (and Gemm/MatMul W ~= A@B)", _decompose_args
+)
 def _decompose(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"skip": args.skip, "refit": not args.no_refit}
     if args.min_channels is not None:
@@ -62,8 +74,14 @@ def _decompose(args: argparse.Namespace) -> int:
     if args.allow_dilation:
         options["allow_dilation"] = True
     report = decompose(
-        args.model, args.output, layers=args.layers, rank_rule=args.rank_rule, align=args.align,
-        replay=args.replay, options=options, **run_kwargs(args),
+        args.model,
+        args.output,
+        layers=args.layers,
+        rank_rule=args.rank_rule,
+        align=args.align,
+        replay=args.replay,
+        options=options,
+        **run_kwargs(args),
     )
     print_run_report(args, report, args.output)
     record = next((s.result.data["record"] for s in report.steps if "record" in s.result.data), None)

@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     _, handler, _ = COMMANDS[args.command]
     try:
         return handler(args)
@@ -122,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"onnxcomp: internal error: {type(exc).__name__}: {first}; rerun with --debug and report it", file=sys.stderr)
+        print(
+            f"onnxcomp: internal error: {type(exc).__name__}: {first}; rerun with --debug and report it",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -23,7 +23,9 @@ from onnxcomp.quant.report import format_report
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     add_run_options(p, calibration="calibration data: .npz named by model input, or a directory")
-    p.add_argument("--config", type=Path, help="TOML with the quantize pass options (weights, activations, op_types, nodes, skip)")
+    p.add_argument(
+        "--config", type=Path, help="TOML with the quantize pass options (weights, activations, op_types, nodes, skip)"
+    )
     p.add_argument("--weights", help="weight format (int8, int4, fp8_e4m3, ...) or none")
     p.add_argument("--activations", help="activation format (int8, fp8_e4m3, ...) or none (weight-only)")
     p.add_argument("--granularity", help="weight granularity: tensor, channel or group:N")
@@ -32,26 +34,47 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-observer", help="weight range: minmax or mse (clipping search)")
     p.add_argument("--symmetric-activations", action="store_true", help="symmetric activation ranges (int formats)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave nodes matching GLOB in float")
-    p.add_argument("--emit", choices=("qdq", "simulate"), default="qdq", help="deployable Q/DQ (default) or fake-quant simulation")
+    p.add_argument(
+        "--emit", choices=("qdq", "simulate"), default="qdq", help="deployable Q/DQ (default) or fake-quant simulation"
+    )
     p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
-    p.add_argument("--fp4-storage", choices=("int8", "uint4_lut", "float4e2m1"),
-                   help="E2M1 weights: exact int8 codes (default, runs and fuses), uint4 codes + table, or FLOAT4E2M1")
-    p.add_argument("--scale-format", choices=("fp8_e4m3",),
-                   help="two-level scales for fp4 weights: per-group scales stored as FP8 under per-channel fp32 scales")
+    p.add_argument(
+        "--fp4-storage",
+        choices=("int8", "uint4_lut", "float4e2m1"),
+        help="E2M1 weights: exact int8 codes (default, runs and fuses), uint4 codes + table, or FLOAT4E2M1",
+    )
+    p.add_argument(
+        "--scale-format",
+        choices=("fp8_e4m3",),
+        help="two-level scales for fp4 weights: per-group scales stored as FP8 under per-channel fp32 scales",
+    )
     p.add_argument("--group-scale-format", dest="scale_format", action=DeprecatedFlag, new="--scale-format")
-    p.add_argument("--standard-types", action="store_true",
-                   help="write FP4 E2M1 as ONNX FLOAT4E2M1 (opset 23; valid ONNX, not runnable on ORT CPU)")
+    p.add_argument(
+        "--standard-types",
+        action="store_true",
+        help="write FP4 E2M1 as ONNX FLOAT4E2M1 (opset 23; valid ONNX, not runnable on ORT CPU)",
+    )
 
 
 @command("quantize", "post-training quantization (calibrated static or dynamic activations)", _quantize_args)
 def _quantize(args: argparse.Namespace) -> int:
     report = quantize(
-        args.model, args.output, config=args.config, weights=args.weights,
-        activations=args.activations, granularity=args.granularity, observer=args.observer,
-        weight_observer=args.weight_observer, dynamic=args.dynamic,
-        symmetric_activations=args.symmetric_activations or None, skip=args.skip, emit=args.emit,
+        args.model,
+        args.output,
+        config=args.config,
+        weights=args.weights,
+        activations=args.activations,
+        granularity=args.granularity,
+        observer=args.observer,
+        weight_observer=args.weight_observer,
+        dynamic=args.dynamic,
+        symmetric_activations=args.symmetric_activations or None,
+        skip=args.skip,
+        emit=args.emit,
         fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
-        scale_format=args.scale_format, simulation_output=args.simulation, **run_kwargs(args),
+        scale_format=args.scale_format,
+        simulation_output=args.simulation,
+        **run_kwargs(args),
     )
     print_run_report(args, report, args.output)
     step = report.result("quantize")

@@ -42,20 +42,42 @@ def _layer_ratio(text: str) -> tuple[str, float]:
 
 def _sparsify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
-    add_run_options(p, calibration="calibration data (.npz named by model input, or a directory); "
-                                   "enables the least-squares refit of the pruned layers' consumers")
+    add_run_options(
+        p,
+        calibration="calibration data (.npz named by model input, or a directory); "
+        "enables the least-squares refit of the pruned layers' consumers",
+    )
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pattern", metavar="N:M", help="n:m structured sparsity along input channels, e.g. 2:4")
     kind.add_argument("--ratio", type=float, metavar="R", help="fraction of output channels to remove, e.g. 0.3")
     kind.add_argument("--prune-ratio", dest="ratio", type=float, action=DeprecatedFlag, new="--ratio")
-    p.add_argument("--global", dest="scope_global", action="store_true",
-                   help="spread --ratio over the whole model instead of every layer")
-    p.add_argument("--layer-ratio", action="append", default=[], type=_layer_ratio, metavar="GLOB=RATIO",
-                   help="prune layers matching GLOB by RATIO instead")
-    p.add_argument("--round-to", type=int, default=1, metavar="K",
-                   help="round kept channels up to a multiple of K (16 keeps onnxruntime's NCHWc conv layout)")
-    p.add_argument("--criterion", choices=("l1", "l2", "data"), default="l2",
-                   help="channel importance: weight norm (l1, l2) or output error on calibration data (data)")
+    p.add_argument(
+        "--global",
+        dest="scope_global",
+        action="store_true",
+        help="spread --ratio over the whole model instead of every layer",
+    )
+    p.add_argument(
+        "--layer-ratio",
+        action="append",
+        default=[],
+        type=_layer_ratio,
+        metavar="GLOB=RATIO",
+        help="prune layers matching GLOB by RATIO instead",
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        metavar="K",
+        help="round kept channels up to a multiple of K (16 keeps onnxruntime's NCHWc conv layout)",
+    )
+    p.add_argument(
+        "--criterion",
+        choices=("l1", "l2", "data"),
+        default="l2",
+        help="channel importance: weight norm (l1, l2) or output error on calibration data (data)",
+    )
     p.add_argument("--no-refit", action="store_true", help="do not refit the consumers (even with --calib)")
     p.add_argument("--no-reconstruct", dest="no_refit", action=DeprecatedFlag, nargs=0, const=True, new="--no-refit")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching GLOB alone")
@@ -68,10 +90,19 @@ def _sparsify(args: argparse.Namespace) -> int:
     if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise OnnxCompError(f"--ratio must be in (0, 1), got {args.ratio}")
     report = sparsify(
-        args.model, args.output, pattern=args.pattern, ratio=args.ratio,
-        scope="global" if args.scope_global else "layer", ratios=dict(args.layer_ratio), round_to=args.round_to,
-        criterion=args.criterion, refit=False if args.no_refit else None, skip=args.skip,
-        quantize=args.quantize, activations=args.activations, **run_kwargs(args),
+        args.model,
+        args.output,
+        pattern=args.pattern,
+        ratio=args.ratio,
+        scope="global" if args.scope_global else "layer",
+        ratios=dict(args.layer_ratio),
+        round_to=args.round_to,
+        criterion=args.criterion,
+        refit=False if args.no_refit else None,
+        skip=args.skip,
+        quantize=args.quantize,
+        activations=args.activations,
+        **run_kwargs(args),
     )
     print_run_report(args, report, args.output)
     if args.quiet:

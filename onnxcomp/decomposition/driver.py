@@ -54,7 +54,11 @@ class DecomposeOptions:
         for name in ("align", "band_divisor_wide", "wide_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.band_divisor < 0 or self.refit_damping < 0 or (self.calib_batches is not None and self.calib_batches < 1):
+        if (
+            self.band_divisor < 0
+            or self.refit_damping < 0
+            or (self.calib_batches is not None and self.calib_batches < 1)
+        ):
             raise ValueError("band_divisor and refit_damping must be >= 0 and calib_batches >= 1")
 
 
@@ -112,8 +116,9 @@ class Decomposer(abc.ABC):
         """(second matrix factor, new bias or None) from a refit solution."""
 
     @abc.abstractmethod
-    def emit(self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray,
-             bias: np.ndarray | None) -> list[str]:
+    def emit(
+        self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray, bias: np.ndarray | None
+    ) -> list[str]:
         """Replace the node by its two factors; the names of the new nodes (first, second)."""
 
 
@@ -122,8 +127,10 @@ def too_small(options: DecomposeOptions, kernel: int, channels: int) -> str | No
     if kernel * channels < options.min_kernel_channels:
         return f"too small: min(kernel) * min(channels) = {kernel} * {channels} < {options.min_kernel_channels}"
     if kernel < options.small_kernel and channels < options.min_channels:
-        return (f"too small: min(kernel) {kernel} < {options.small_kernel} and "
-                f"min(channels) {channels} < {options.min_channels}")
+        return (
+            f"too small: min(kernel) {kernel} < {options.small_kernel} and "
+            f"min(channels) {channels} < {options.min_channels}"
+        )
     return None
 
 
@@ -137,8 +144,9 @@ class _Plan:
     fit: RefitResult | None = None
 
 
-def _choose(target: Target, options: DecomposeOptions, replay: dict[str, dict[str, Any]] | None,
-            factors: Svd) -> RankChoice | str:
+def _choose(
+    target: Target, options: DecomposeOptions, replay: dict[str, dict[str, Any]] | None, factors: Svd
+) -> RankChoice | str:
     cap = len(factors.s)
     if replay is not None:
         key = node_key(target.node)
@@ -147,20 +155,31 @@ def _choose(target: Target, options: DecomposeOptions, replay: dict[str, dict[st
             raise ConfigError(f"record: rank {rank} of node {key!r} exceeds its maximum {cap}")
         return RankChoice(rank, "replay", {"max_rank": cap})
     band = Band(options.band_divisor, options.band_divisor_wide, options.wide_channels)
-    choice = choose_rank(factors.s, target.matrix.shape, parse_rank_rule(options.rank_rule), target.kernel,
-                         target.channels, options.align, band)
+    choice = choose_rank(
+        factors.s,
+        target.matrix.shape,
+        parse_rank_rule(options.rank_rule),
+        target.kernel,
+        target.channels,
+        options.align,
+        band,
+    )
     after = choice.rank * target.macs_per_rank
     if options.require_saving and after >= target.macs_before:
-        return (f"rank {choice.rank} (rule {choice.rule}) would not save MACs: the pair needs {after} "
-                f"vs {target.macs_before}{'' if target.macs_exact else ' per output position'}")
+        return (
+            f"rank {choice.rank} (rule {choice.rule}) would not save MACs: the pair needs {after} "
+            f"vs {target.macs_before}{'' if target.macs_exact else ' per output position'}"
+        )
     return choice
 
 
 def _replay_check(target: Target, entry: dict[str, Any]) -> None:
     recorded = entry.get("weight_shape")
     if recorded is not None and list(recorded) != list(target.weight.shape):
-        raise ConfigError(f"record: node {node_key(target.node)!r} had weight shape {recorded}, "
-                          f"the model has {list(target.weight.shape)}")
+        raise ConfigError(
+            f"record: node {node_key(target.node)!r} had weight shape {recorded}, "
+            f"the model has {list(target.weight.shape)}"
+        )
 
 
 def _entry(decomposer: Decomposer, plan: _Plan) -> dict[str, Any]:
@@ -169,23 +188,47 @@ def _entry(decomposer: Decomposer, plan: _Plan) -> dict[str, Any]:
     approx = plan.first @ plan.second
     err = float(np.linalg.norm(t.matrix - approx) / max(np.linalg.norm(t.matrix), 1e-300))
     entry: dict[str, Any] = {
-        "pass": decomposer.pass_name, "node": node_key(t.node), "op": t.node.op, "factors": [],
-        "weight": t.node.inputs[1].name, "weight_shape": list(t.weight.shape),
-        "factor_shapes": decomposer.factor_shapes(t, rank), "rank": rank, "max_rank": len(plan.svd.s),
-        "rule": plan.choice.rule, "detail": plan.choice.detail, "weight_rel_error": err,
-        "macs_before": t.macs_before if t.macs_exact else None, "macs_after": after if t.macs_exact else None,
-        "macs_exact": t.macs_exact, "macs_saved": 1.0 - after / t.macs_before, **t.info,
+        "pass": decomposer.pass_name,
+        "node": node_key(t.node),
+        "op": t.node.op,
+        "factors": [],
+        "weight": t.node.inputs[1].name,
+        "weight_shape": list(t.weight.shape),
+        "factor_shapes": decomposer.factor_shapes(t, rank),
+        "rank": rank,
+        "max_rank": len(plan.svd.s),
+        "rule": plan.choice.rule,
+        "detail": plan.choice.detail,
+        "weight_rel_error": err,
+        "macs_before": t.macs_before if t.macs_exact else None,
+        "macs_after": after if t.macs_exact else None,
+        "macs_exact": t.macs_exact,
+        "macs_saved": 1.0 - after / t.macs_before,
+        **t.info,
     }
     fit = plan.fit
-    entry["refit"] = None if fit is None else {
-        "rows": fit.rows, "error_svd": fit.error_svd, "error_refit": fit.error_refit}
+    entry["refit"] = (
+        None if fit is None else {"rows": fit.rows, "error_svd": fit.error_svd, "error_refit": fit.error_refit}
+    )
     return entry
 
 
 def _settings(options: DecomposeOptions, refitted: bool, ctx: PassContext) -> dict[str, Any]:
-    out = {k: getattr(options, k) for k in ("rank_rule", "align", "band_divisor", "band_divisor_wide",
-                                            "wide_channels", "min_kernel_channels", "small_kernel",
-                                            "min_channels", "require_saving", "record")}
+    out = {
+        k: getattr(options, k)
+        for k in (
+            "rank_rule",
+            "align",
+            "band_divisor",
+            "band_divisor_wide",
+            "wide_channels",
+            "min_kernel_channels",
+            "small_kernel",
+            "min_channels",
+            "require_saving",
+            "record",
+        )
+    }
     out["refit"] = refitted
     if refitted:
         out["calibration"] = ctx.calibration_name
@@ -207,12 +250,15 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
     if replay is not None:
         missing = sorted(set(replay) - seen)
         if missing:
-            raise ConfigError(f"record names {', '.join(map(repr, missing))}, not a {'/'.join(decomposer.ops)} "
-                              "node of this model")
+            raise ConfigError(
+                f"record names {', '.join(map(repr, missing))}, not a {'/'.join(decomposer.ops)} node of this model"
+            )
     refitted = _refit(graph, ctx, decomposer, plans, result) if plans else False
     if plans and recorded.get("refit") and not refitted:
-        result.notes.append("the record was made with a refit on calibration data; without one this replay "
-                            "keeps the SVD factors and differs from the recorded model")
+        result.notes.append(
+            "the record was made with a refit on calibration data; without one this replay "
+            "keeps the SVD factors and differs from the recorded model"
+        )
     entries = []
     for plan in plans:
         second, bias = plan.second, None
@@ -228,14 +274,21 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
     if exact:
         before, after = sum(e["macs_before"] for e in exact), sum(e["macs_after"] for e in exact)
         result.notes.append(f"MACs of the decomposed nodes: {before} -> {after} (-{(1 - after / before) * 100:.1f}%)")
-    record = add_to_artifacts(ctx.artifacts, decomposer.pass_name, _settings(options, refitted, ctx),
-                              entries, result.declined)
+    record = add_to_artifacts(
+        ctx.artifacts, decomposer.pass_name, _settings(options, refitted, ctx), entries, result.declined
+    )
     result.data["record"] = record
     return result
 
 
-def _plan(graph: ir.Graph, node: ir.Node, decomposer: Decomposer, options: DecomposeOptions,
-          replay: dict[str, dict[str, Any]] | None, plans: list[_Plan]) -> str | None:
+def _plan(
+    graph: ir.Graph,
+    node: ir.Node,
+    decomposer: Decomposer,
+    options: DecomposeOptions,
+    replay: dict[str, dict[str, Any]] | None,
+    plans: list[_Plan],
+) -> str | None:
     """Add a plan for ``node`` to ``plans``, or say why it is declined."""
     key = node_key(node)
     if match_glob(node.name, options.skip):

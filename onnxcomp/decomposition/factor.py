@@ -58,4 +58,3 @@ def conv_factors(first: np.ndarray, second: np.ndarray, weight_shape: tuple[int,
     w1 = first.reshape(cin, kh, rank).transpose(2, 0, 1)[..., None]
     w2 = second.reshape(rank, cout, kw).transpose(1, 0, 2)[:, :, None, :]
     return np.ascontiguousarray(w1), np.ascontiguousarray(w2)
-

@@ -53,8 +53,14 @@ class ConvGeometry:
             return "its strides/dilations/pads are not 2-D"
         if min(strides) < 1 or min(dilations) < 1 or min(pads) < 0:
             return "its strides, dilations or pads are out of range"
-        return cls((kernel[0], kernel[1]), (strides[0], strides[1]), (dilations[0], dilations[1]),
-                   (pads[0], pads[1], pads[2], pads[3]), auto_pad, int(node.attrs.get("group", 1)))
+        return cls(
+            (kernel[0], kernel[1]),
+            (strides[0], strides[1]),
+            (dilations[0], dilations[1]),
+            (pads[0], pads[1], pads[2], pads[3]),
+            auto_pad,
+            int(node.attrs.get("group", 1)),
+        )
 
     def axis_attrs(self, axis: int) -> dict[str, Any]:
         """Attributes of the factor convolving along spatial ``axis`` (0 = h, 1 = w) only."""
@@ -113,8 +119,9 @@ def batch_of(shape: Any) -> int:
     return int(shape[0])
 
 
-def conv_macs(cin: int, cout: int, geometry: ConvGeometry, spatial: tuple[int, int, int, int] | None,
-              batch: int) -> tuple[int, int, bool]:
+def conv_macs(
+    cin: int, cout: int, geometry: ConvGeometry, spatial: tuple[int, int, int, int] | None, batch: int
+) -> tuple[int, int, bool]:
     """(MACs of the conv, MACs per unit of rank of the pair, exact?) for one batch.
 
     Unknown spatial sizes give per-output-pixel counts (the first factor's output width is

@@ -119,8 +119,9 @@ def energy_rank(s: np.ndarray, fraction: float) -> int:
     return int(np.searchsorted(power / power[-1], fraction - 1e-12) + 1)
 
 
-def choose_rank(s: np.ndarray, shape: tuple[int, int], rule: RankRule, kernel: int, channels: int,
-                align: int, band: Band) -> RankChoice:
+def choose_rank(
+    s: np.ndarray, shape: tuple[int, int], rule: RankRule, kernel: int, channels: int, align: int, band: Band
+) -> RankChoice:
     """The rank for singular values ``s`` (descending) of a matrix of ``shape``.
 
     ``kernel`` is ``min(kh, kw)`` (1 for a matrix) and ``channels`` ``min(Cin, Cout)``
@@ -191,8 +192,9 @@ def evbmf_rank(s: np.ndarray, shape: tuple[int, int]) -> tuple[int, float, float
     return int(np.sum(s > threshold)), sigma2, threshold
 
 
-def minimize_bounded(f: Callable[[float], float], lo: float, hi: float, xatol: float = 1e-5,
-                     maxiter: int = 500) -> float:
+def minimize_bounded(
+    f: Callable[[float], float], lo: float, hi: float, xatol: float = 1e-5, maxiter: int = 500
+) -> float:
     """Brent's bounded scalar minimisation (golden section + parabolic steps) on ``[lo, hi]``."""
     sqrt_eps, golden = math.sqrt(2.2e-16), 0.5 * (3.0 - math.sqrt(5.0))
     a, b = lo, hi

@@ -32,8 +32,13 @@ def new_record() -> dict[str, Any]:
     return {"format": FORMAT, "passes": {}, "nodes": [], "declined": []}
 
 
-def add_to_artifacts(artifacts: dict[str, Any], pass_name: str, settings: dict[str, Any],
-                     nodes: list[dict[str, Any]], declined: list[tuple[str, str]]) -> dict[str, Any]:
+def add_to_artifacts(
+    artifacts: dict[str, Any],
+    pass_name: str,
+    settings: dict[str, Any],
+    nodes: list[dict[str, Any]],
+    declined: list[tuple[str, str]],
+) -> dict[str, Any]:
     """Merge one pass's results into ``artifacts["decomposition_record"]`` (several passes may share it)."""
     record = artifacts.setdefault(ARTIFACT, new_record())
     record["passes"][pass_name] = settings
@@ -55,7 +60,7 @@ def load_replay(path: str, pass_name: str) -> tuple[dict[str, dict[str, Any]], d
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{file}: not a readable JSON decomposition record ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("nodes"), list):
-        raise ConfigError(f"{file}: not a decomposition record (expected \"format\": \"{FORMAT}\")")
+        raise ConfigError(f'{file}: not a decomposition record (expected "format": "{FORMAT}")')
     entries: dict[str, dict[str, Any]] = {}
     for i, entry in enumerate(data["nodes"]):
         if not isinstance(entry, dict) or entry.get("pass") != pass_name:
@@ -97,15 +102,23 @@ def describe_settings(name: str, settings: dict[str, Any]) -> str:
         rule = f"replay of {settings['record']}"
     elif settings["rank_rule"] == "auto":
         d, wide = settings["band_divisor"], settings["band_divisor_wide"]
-        band = (f"clamped to [L//{d + 1}, L//{d}] (d={wide} when min(C) >= {settings['wide_channels']}), "
-                "L = min(k)*min(C)") if d else "no clamp"
+        band = (
+            (
+                f"clamped to [L//{d + 1}, L//{d}] (d={wide} when min(C) >= {settings['wide_channels']}), "
+                "L = min(k)*min(C)"
+            )
+            if d
+            else "no clamp"
+        )
         rule = f"auto = EVBMF noise-floor rank, {band}"
     else:
         rule = settings["rank_rule"]
     align = settings["align"]
     text = f"{name}: {rule}; " + (f"aligned to {align}" if align > 1 else "no alignment")
-    text += (f"; too small: min(k)*min(C) < {settings['min_kernel_channels']} or min(k) < "
-             f"{settings['small_kernel']} and min(C) < {settings['min_channels']}")
+    text += (
+        f"; too small: min(k)*min(C) < {settings['min_kernel_channels']} or min(k) < "
+        f"{settings['small_kernel']} and min(C) < {settings['min_channels']}"
+    )
     if settings.get("refit"):
         text += f"; second factors refit on {settings.get('calibration') or 'calibration data'}"
     return text
@@ -114,8 +127,9 @@ def describe_settings(name: str, settings: dict[str, Any]) -> str:
 def format_record(record: dict[str, Any]) -> str:
     """The rules applied, a table of the decomposed nodes and the MAC totals."""
     lines = [f"  {describe_settings(name, settings)}" for name, settings in record["passes"].items()]
-    lines += [f"  {'node':<24} {'weight':<18} {'rank':>9}  {'rule':<26} {'MACs before -> after':<24} "
-              "out err² svd -> refit"]
+    lines += [
+        f"  {'node':<24} {'weight':<18} {'rank':>9}  {'rule':<26} {'MACs before -> after':<24} out err² svd -> refit"
+    ]
     before = after = 0
     for e in record["nodes"]:
         shape = "x".join(str(d) for d in e["weight_shape"])

@@ -132,15 +132,22 @@ def probe_model(model: onnx.ModelProto, probes: Iterable[Probe]) -> onnx.ModelPr
     return augmented
 
 
-def refit(model: onnx.ModelProto, probes: list[Probe], batches: Iterable[Mapping[str, np.ndarray]],
-          damping: float, max_batches: int | None = None, progress: bool = False) -> list[RefitResult]:
+def refit(
+    model: onnx.ModelProto,
+    probes: list[Probe],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    damping: float,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> list[RefitResult]:
     """Stream ``batches`` once through ``model`` (plus probe side branches); solve every probe."""
     joints = [_Joint(p) for p in probes]
     users: dict[str, list[_Joint]] = {}
     for joint in joints:
         for name in joint.probe.tensors:
             users.setdefault(name, []).append(joint)
-    factories: dict[str, Any] = {name: (lambda o=_Fanout(name, js): o) for name, js in users.items()}
+    fanouts = {name: _Fanout(name, js) for name, js in users.items()}
+    factories: dict[str, Any] = {name: (lambda o=fanout: o) for name, fanout in fanouts.items()}
     with single_threaded_blas():
         Calibrator(probe_model(model, probes), factories).run(batches, max_batches=max_batches, progress=progress)
     results = []
@@ -156,8 +163,9 @@ def refit(model: onnx.ModelProto, probes: list[Probe], batches: Iterable[Mapping
     return results
 
 
-def conv_rows(z: np.ndarray, y: np.ndarray, kernel: int, stride: int, dilation: int,
-              pads: tuple[int, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def conv_rows(
+    z: np.ndarray, y: np.ndarray, kernel: int, stride: int, dilation: int, pads: tuple[int, int]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Rows of a ``1 x kernel`` conv along the last axis: ``z (N, r, Ho, W)``, ``y (N, C, Ho, Wo)``.
 
     Columns are ordered ``(k, j)`` (input channel, kernel tap), matching weight ``[o, k, 0, j]``.

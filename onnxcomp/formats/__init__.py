@@ -1,4 +1,4 @@
-"""onnxcomp.formats: the numeric-format codecs (spec: /work/shared/spec/formats.md).
+"""onnxcomp.formats: the numeric-format codecs (spec: docs/formats.md).
 
 One registry, three codec families:
 
@@ -53,16 +53,32 @@ def _build() -> dict[str, Format]:
         IntegerFormat(name="uint4", bits=4, signed=False, onnx_dtype=TensorProto.UINT4),
         fp8_e4m3,
         MinifloatFormat(
-            name="fp8_e5m2", bits=8, onnx_dtype=TensorProto.FLOAT8E5M2, nonfinite="keep",
-            exp_bits=5, man_bits=2, bias=15, specials="ieee",
+            name="fp8_e5m2",
+            bits=8,
+            onnx_dtype=TensorProto.FLOAT8E5M2,
+            nonfinite="keep",
+            exp_bits=5,
+            man_bits=2,
+            bias=15,
+            specials="ieee",
         ),  # fmt: skip
         HiF8Format(
-            name="hif8", bits=8, onnx_dtype=None, default_rounding="rna", roundings=("rna", "rne"),
+            name="hif8",
+            bits=8,
+            onnx_dtype=None,
+            default_rounding="rna",
+            roundings=("rna", "rne"),
         ),  # fmt: skip
         fp4_e2m1,
         MinifloatFormat(
-            name="fp4_e1m2", bits=4, onnx_dtype=None, nonfinite="error",
-            exp_bits=1, man_bits=2, bias=1, specials="none",
+            name="fp4_e1m2",
+            bits=4,
+            onnx_dtype=None,
+            nonfinite="error",
+            exp_bits=1,
+            man_bits=2,
+            bias=1,
+            specials="none",
         ),  # fmt: skip
         MXFormat(name="mxfp8", element=fp8_e4m3, emax_elem=8),
         MXFormat(name="mxfp4", element=fp4_e2m1, emax_elem=2),
@@ -83,6 +99,4 @@ def get_format(name: str) -> Format:
     try:
         return _FORMATS[name]
     except (KeyError, TypeError):
-        raise FormatError(
-            f"unknown numeric format {name!r}; known formats: {', '.join(_FORMATS)}"
-        ) from None
+        raise FormatError(f"unknown numeric format {name!r}; known formats: {', '.join(_FORMATS)}") from None

@@ -1,6 +1,6 @@
 """Shared machinery of the numeric-format codecs.
 
-The binding rules live in ``/work/shared/spec/formats.md`` ("the spec"). This module holds what
+The binding rules live in ``docs/formats.md`` ("the spec"). This module holds what
 every element float format shares:
 
 * :class:`ElementFormat`, the table-driven codec base class (one code per element, <= 8 bits);
@@ -78,8 +78,7 @@ def nonfinite_error(fmt: str, x: np.ndarray, name: str | None, why: str) -> Form
     bad = ~np.isfinite(x)
     where = f" in tensor {name!r}" if name else ""
     return FormatError(
-        f"{fmt}: {int(np.count_nonzero(bad))} non-finite values{where} "
-        f"(first at index {first_index(bad)}); {why}"
+        f"{fmt}: {int(np.count_nonzero(bad))} non-finite values{where} (first at index {first_index(bad)}); {why}"
     )
 
 
@@ -146,9 +145,7 @@ _POS_INF_KEY, _NEG_INF_KEY = 0x7F80, 0xFF80
 
 
 def _contains_inf_entry(chunk: np.ndarray, table: np.ndarray) -> bool:
-    return bool(
-        np.equal(chunk, table[_POS_INF_KEY]).any() or np.equal(chunk, table[_NEG_INF_KEY]).any()
-    )
+    return bool(np.equal(chunk, table[_POS_INF_KEY]).any() or np.equal(chunk, table[_NEG_INF_KEY]).any())
 
 
 def round_magnitude(q: np.ndarray, rounding: Rounding) -> np.ndarray:
@@ -253,15 +250,11 @@ class ElementFormat:
         if rounding is None:
             return self.default_rounding
         if rounding not in self.roundings:
-            raise FormatError(
-                f"{self.name}: unknown rounding {rounding!r}; supported: {', '.join(self.roundings)}"
-            )
+            raise FormatError(f"{self.name}: unknown rounding {rounding!r}; supported: {', '.join(self.roundings)}")
         return rounding  # type: ignore[return-value]
 
     # ----------------------------------------------------------------- public codec
-    def encode(
-        self, x: npt.ArrayLike, rounding: str | None = None, *, name: str | None = None
-    ) -> np.ndarray:
+    def encode(self, x: npt.ArrayLike, rounding: str | None = None, *, name: str | None = None) -> np.ndarray:
         """Encode ``x`` (cast to float32) to one uint8 code per element, same shape.
 
         Rounding, saturation, underflow and NaN/Inf handling follow the spec section of this
@@ -272,9 +265,7 @@ class ElementFormat:
         self._encode_into(x32, out, self._check_rounding(rounding), name)
         return out
 
-    def _encode_into(
-        self, x32: np.ndarray, out: np.ndarray, rounding: Rounding, name: str | None
-    ) -> None:
+    def _encode_into(self, x32: np.ndarray, out: np.ndarray, rounding: Rounding, name: str | None) -> None:
         lut = self._lut(rounding)
         check = _has_reject if self.nonfinite == "error" else None
         try:

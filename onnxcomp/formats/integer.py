@@ -63,12 +63,8 @@ class IntegerFormat:
 
     def _zero_point(self, zero_point: npt.ArrayLike) -> np.ndarray:
         zp = np.asarray(zero_point)
-        if zp.dtype.kind not in "iu" or (
-            zp.size and (int(zp.min()) < self.qmin or int(zp.max()) > self.qmax)
-        ):
-            raise FormatError(
-                f"{self.name}: zero_point must be integers in [{self.qmin}, {self.qmax}]"
-            )
+        if zp.dtype.kind not in "iu" or (zp.size and (int(zp.min()) < self.qmin or int(zp.max()) > self.qmax)):
+            raise FormatError(f"{self.name}: zero_point must be integers in [{self.qmin}, {self.qmax}]")
         return zp
 
     # ----------------------------------------------------------------- codec
@@ -98,9 +94,7 @@ class IntegerFormat:
         np.clip(q, self.qmin, self.qmax, out=q)
         return q.astype(self.storage_dtype)
 
-    def dequantize(
-        self, q: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike = 0
-    ) -> np.ndarray:
+    def dequantize(self, q: npt.ArrayLike, scale: npt.ArrayLike, zero_point: npt.ArrayLike = 0) -> np.ndarray:
         """``float32(q - zero_point) * scale`` (ONNX DequantizeLinear), float32."""
         qa = np.asarray(q)
         if qa.dtype.kind not in "iu":

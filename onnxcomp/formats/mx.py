@@ -1,4 +1,4 @@
-"""Microscaling formats MXFP8 and MXFP4: the spec section "MXFP8 and MXFP4 (microscaling)".
+"""Microscaling formats MXFP8 and MXFP4: ``docs/formats.md#mxfp8-and-mxfp4-microscaling``.
 
 A block of 32 consecutive elements along ``axis`` shares one scale 2^X stored as the E8M0 byte
 X + 127; elements are FP8 E4M3FN (MXFP8) or FP4 E2M1 (MXFP4)::
@@ -128,9 +128,7 @@ class MXFormat:
         return xp, exps.reshape(xp.shape[:-1] + (-1,)), axis, k
 
     # ----------------------------------------------------------------- public codec
-    def scale_exponents(
-        self, x: npt.ArrayLike, axis: int = -1, scale_rule: ScaleRule = "ref"
-    ) -> np.ndarray:
+    def scale_exponents(self, x: npt.ArrayLike, axis: int = -1, scale_rule: ScaleRule = "ref") -> np.ndarray:
         """Shared exponent X (int32) per block; ``axis`` is replaced by the block count.
 
         The E8M0 byte is X + 127; a graph emitter stores the float32 scale 2^X.
@@ -160,9 +158,7 @@ class MXFormat:
             np.ascontiguousarray(np.moveaxis(scale_bytes, -1, axis)),
         )
 
-    def dequantize(
-        self, codes: npt.ArrayLike, scale_bytes: npt.ArrayLike, axis: int = -1
-    ) -> np.ndarray:
+    def dequantize(self, codes: npt.ArrayLike, scale_bytes: npt.ArrayLike, axis: int = -1) -> np.ndarray:
         """``2^(byte - 127) * decode(code)`` per element, float32, padded shape (caller trims).
 
         Scale byte 0xFF (E8M0 NaN) decodes its whole block to NaN.

@@ -74,7 +74,9 @@ class PassManager:
         opset = default_opset(model)
         if opset > MAX_EMIT_OPSET:
             model = convert_opset(model, MAX_EMIT_OPSET, f"onnxcomp emits opset <= {MAX_EMIT_OPSET}")
-            report.notes.append(f"converted opset {opset} -> {MAX_EMIT_OPSET} (onnxcomp emits opset <= {MAX_EMIT_OPSET})")
+            report.notes.append(
+                f"converted opset {opset} -> {MAX_EMIT_OPSET} (onnxcomp emits opset <= {MAX_EMIT_OPSET})"
+            )
         graph = ir.import_model(model)
         template = model
         done: list[str] = []

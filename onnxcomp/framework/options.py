@@ -116,8 +116,11 @@ def build_options(cls: type, values: Mapping[str, Any] | None, where: str) -> An
     values = dict(values or {})
     for old, new in getattr(cls, "RENAMED", {}).items():
         if old in values:
-            warnings.warn(f"{where}: option {old!r} is deprecated and will be removed in the next release; use {new!r}",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                f"{where}: option {old!r} is deprecated and will be removed in the next release; use {new!r}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             if new in values:
                 raise RecipeError(f"{where}: both {old!r} (deprecated) and {new!r} given; use {new!r} only")
             values[new] = values.pop(old)
@@ -153,4 +156,3 @@ def options_to_dict(options: Any) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
-

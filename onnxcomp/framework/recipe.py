@@ -63,12 +63,12 @@ def recipe_from_data(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: validate must be one of {', '.join(VALIDATE_MODES)}, got {validate!r}")
     entries = data.get("passes")
     if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"{source}: no passes; add at least one [[passes]] table with pass = \"NAME\"")
+        raise RecipeError(f'{source}: no passes; add at least one [[passes]] table with pass = "NAME"')
     passes = []
     for i, entry in enumerate(entries):
         where = f"{source}: passes[{i}]"
         if not isinstance(entry, Mapping) or "pass" not in entry:
-            raise RecipeError(f"{where}: each [[passes]] table needs pass = \"NAME\"")
+            raise RecipeError(f'{where}: each [[passes]] table needs pass = "NAME"')
         options = {k: v for k, v in entry.items() if k != "pass"}
         name = entry["pass"]
         try:
@@ -123,8 +123,11 @@ def _toml_value(value: Any) -> str:
 def dump_recipe(recipe: Recipe, meta: Mapping[str, Any] | None = None) -> str:
     """The resolved recipe as TOML text (round-trips through :func:`load_recipe`)."""
     data = recipe.to_data()
-    lines = ["# Resolved onnxcomp recipe: every option with its value. Re-run with:",
-             "#   onnxcomp run THIS_FILE MODEL.onnx -o OUT.onnx", ""]
+    lines = [
+        "# Resolved onnxcomp recipe: every option with its value. Re-run with:",
+        "#   onnxcomp run THIS_FILE MODEL.onnx -o OUT.onnx",
+        "",
+    ]
     lines.append(f"seed = {data['seed']}")
     lines.append(f"validate = {_toml_value(data['validate'])}")
     for entry in data["passes"]:

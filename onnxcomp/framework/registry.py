@@ -93,7 +93,9 @@ def _import_pass(spec: str) -> type[Pass]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise RecipeError(f"pass {spec!r}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?") from exc
+        raise RecipeError(
+            f"pass {spec!r}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

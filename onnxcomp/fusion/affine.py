@@ -154,9 +154,7 @@ def _match_gemm(node: ir.Node, weight: np.ndarray) -> Linear | str:
         if isinstance(bias, str):
             return bias
         if bias.ndim > 2 or not _per_last_axis(bias.shape, channels):
-            return (
-                f"the bias C of {ir.describe(node)} has shape {bias.shape}, not scalar, ({channels},) or (1, {channels})"
-            )
+            return f"the bias C of {ir.describe(node)} has shape {bias.shape}, not scalar, ({channels},) or (1, {channels})"
         lin.bias, lin.bias_slot = bias, slot
     return lin
 

@@ -24,13 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon import Constant, Graph, Node, Tensor, Variable
 from onnx_graphsurgeon.ir.tensor import LazyValues
-
-Graph = gs.Graph
-Node = gs.Node
-Tensor = gs.Tensor
-Variable = gs.Variable
-Constant = gs.Constant
 
 __all__ = [
     "Constant",
@@ -293,6 +288,7 @@ def unique_name(graph: Graph, base: str) -> str:
 
 
 # --- shape information ---------------------------------------------------------------------
+
 
 def infer_shapes(graph: Graph) -> None:
     """Fill in unknown dtypes/shapes of ``graph``'s Variables with onnx shape inference.

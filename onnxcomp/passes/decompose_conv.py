@@ -57,8 +57,18 @@ class _ConvDecomposer(Decomposer):
         self.known_shape(graph, node.inputs[0])
         spatial = conv_spatial(node, geometry)
         before, per_rank, exact = conv_macs(cin, cout, geometry, spatial, batch_of(node.inputs[0].shape))
-        return Target(node, weight, conv_matrix(weight), min(kh, kw), min(cin, cout), before, per_rank, exact,
-                      geometry, {"kernel": [kh, kw]})
+        return Target(
+            node,
+            weight,
+            conv_matrix(weight),
+            min(kh, kw),
+            min(cin, cout),
+            before,
+            per_rank,
+            exact,
+            geometry,
+            {"kernel": [kh, kw]},
+        )
 
     def policy(self, target: Target) -> str | None:
         o: DecomposeConv.Options = self.options
@@ -95,18 +105,26 @@ class _ConvDecomposer(Decomposer):
         x, y = target.node.inputs[0].name, target.node.outputs[0].name
         side = helper.make_node("Conv", [x, f"{prefix}_w"], [f"{prefix}_z"], name=prefix, **g.axis_attrs(0))
         bias = self._bias(target)
-        prior = np.concatenate([
-            second.reshape(rank, cout, kw).transpose(0, 2, 1).reshape(rank * kw, cout),
-            (bias.astype(np.float64) if bias is not None else np.zeros(cout))[None, :],
-        ])
+        prior = np.concatenate(
+            [
+                second.reshape(rank, cout, kw).transpose(0, 2, 1).reshape(rank * kw, cout),
+                (bias.astype(np.float64) if bias is not None else np.zeros(cout))[None, :],
+            ]
+        )
 
         def rows(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             z, out = arrays
             pads = g.axis_pads(1, z.shape[3])
             return conv_rows(z, out, kw, g.strides[1], g.dilations[1], pads)
 
-        return Probe((f"{prefix}_z", y), rows, prior, intercept=True, nodes=[side],
-                     initializers=[numpy_helper.from_array(w1, f"{prefix}_w")])
+        return Probe(
+            (f"{prefix}_z", y),
+            rows,
+            prior,
+            intercept=True,
+            nodes=[side],
+            initializers=[numpy_helper.from_array(w1, f"{prefix}_w")],
+        )
 
     def from_solution(self, target: Target, solution: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         cout, _, _, kw = target.weight.shape
@@ -114,8 +132,9 @@ class _ConvDecomposer(Decomposer):
         second = solution[:-1].reshape(rank, kw, cout).transpose(0, 2, 1).reshape(rank, cout * kw)
         return second, solution[-1]
 
-    def emit(self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray,
-             bias: np.ndarray | None) -> list[str]:
+    def emit(
+        self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray, bias: np.ndarray | None
+    ) -> list[str]:
         node, g = target.node, target.geometry
         kh, kw = g.kernel
         base = node.name or node.outputs[0].name

@@ -81,8 +81,9 @@ class _MatMulDecomposer(Decomposer):
     def from_solution(self, target: Target, solution: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return solution, None
 
-    def emit(self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray,
-             bias: np.ndarray | None) -> list[str]:
+    def emit(
+        self, graph: ir.Graph, target: Target, first: np.ndarray, second: np.ndarray, bias: np.ndarray | None
+    ) -> list[str]:
         node = target.node
         base = node.name or node.outputs[0].name
         dtype = target.weight.dtype
@@ -104,8 +105,9 @@ class _MatMulDecomposer(Decomposer):
             attrs1 = {"transA": int(node.attrs.get("transA", 0))}
             attrs2 = {"beta": float(node.attrs.get("beta", 1.0))}
             n1 = ir.make_node(graph, "Gemm", in1, [z], name=f"{base}_down", attrs=attrs1)
-            n2 = ir.make_node(graph, "Gemm", [z, c2, *([old_c] if old_c is not None else [])], [out],
-                              name=f"{base}_up", attrs=attrs2)
+            n2 = ir.make_node(
+                graph, "Gemm", [z, c2, *([old_c] if old_c is not None else [])], [out], name=f"{base}_up", attrs=attrs2
+            )
         node.inputs.clear()
         node.outputs.clear()
         return [n1.name, n2.name]

@@ -54,7 +54,9 @@ class FuseMatMulAdd(Pass):
             result.modified = True
         return result
 
-    def _try_fuse(self, graph: ir.Graph, matmul: ir.Node, add: ir.Node, bias_index: int, shapes: ir.Shapes) -> str | None:
+    def _try_fuse(
+        self, graph: ir.Graph, matmul: ir.Node, add: ir.Node, bias_index: int, shapes: ir.Shapes
+    ) -> str | None:
         """Fuse the pair; the reason it was declined, or None."""
         x, w = matmul.inputs[0], matmul.inputs[1]
         bias = add.inputs[bias_index]

@@ -82,8 +82,9 @@ class PruneChannels(Pass):
 
     def _run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        result = PassResult(modified=False, stats=dict.fromkeys(("groups", "layers", "channels_before",
-                                                                 "channels_after", "refit"), 0))
+        result = PassResult(
+            modified=False, stats=dict.fromkeys(("groups", "layers", "channels_before", "channels_after", "refit"), 0)
+        )
         plans = self._plans(graph, ctx, result)
         matrices: dict[int, SinkMatrix] = {}
         for group, _ in plans:
@@ -140,13 +141,21 @@ class PruneChannels(Pass):
         return ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
 
     def _reconstruct(
-        self, graph: ir.Graph, ctx: PassContext, original: onnx.ModelProto | None,
-        chosen: list[tuple[ChannelGroup, np.ndarray]], matrices: dict[int, SinkMatrix],
+        self,
+        graph: ir.Graph,
+        ctx: PassContext,
+        original: onnx.ModelProto | None,
+        chosen: list[tuple[ChannelGroup, np.ndarray]],
+        matrices: dict[int, SinkMatrix],
     ) -> dict[int, reconstruct.RefitResult | None]:
         assert original is not None
         out_keep = {id(s.node): (keep, s.axis) for group, keep in chosen for s in group.sources}
-        jobs = [reconstruct.SinkJob(matrices[id(sink.node)], keep, out_keep.get(id(sink.node)))
-                for group, keep in chosen for sink in group.sinks if id(sink.node) in matrices]
+        jobs = [
+            reconstruct.SinkJob(matrices[id(sink.node)], keep, out_keep.get(id(sink.node)))
+            for group, keep in chosen
+            for sink in group.sinks
+            if id(sink.node) in matrices
+        ]
         o = self.options
         return reconstruct.reconstruct_sinks(graph, original, jobs, ctx, o.damping, o.rows_per_batch, o.calib_batches)
 
@@ -158,8 +167,10 @@ class PruneChannels(Pass):
             if glob:
                 coupled = "" if len(group.sources) == 1 else f"coupled with {describe(source.node)}, "
                 return f"{coupled}skipped ({source.node.name!r} matches {glob!r})"
-        for node, axis in [(s.node, reduction_axis(s.node.op, s.weight.ndim, bool(s.node.attrs.get("transB", 0))))
-                           for s in group.sources] + [(s.node, -1) for s in group.sinks]:
+        for node, axis in [
+            (s.node, reduction_axis(s.node.op, s.weight.ndim, bool(s.node.attrs.get("transB", 0))))
+            for s in group.sources
+        ] + [(s.node, -1) for s in group.sinks]:
             weight = float_weight(node)
             if axis == -1 and weight is not None:
                 axis = reduction_axis(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
@@ -234,7 +245,15 @@ class PruneChannels(Pass):
             stats["channels_before"] += group.channels
             stats["channels_after"] += len(keep)
             result.changed.append(f"{source.node.name}: {group.channels} -> {len(keep)} channels")
-            entries.append({"node": source.node.name, "op": source.node.op, "kind": "channels",
-                            "channels_before": group.channels, "channels_after": len(keep),
-                            "coupled": [n for n in names if n != source.node.name], "sinks": sinks})
+            entries.append(
+                {
+                    "node": source.node.name,
+                    "op": source.node.op,
+                    "kind": "channels",
+                    "channels_before": group.channels,
+                    "channels_after": len(keep),
+                    "coupled": [n for n in names if n != source.node.name],
+                    "sinks": sinks,
+                }
+            )
         return entries

@@ -2,7 +2,7 @@
 
 Weights are quantized offline from their values; static activations get per-tensor ranges from
 calibration data streamed through one onnxruntime session; dynamic (per-token) activations get a
-run-time subgraph. The graph is written the way onnxruntime fuses it (``../shared/spec/ort.md``).
+run-time subgraph. The graph is written the way onnxruntime fuses it (``docs/onnxruntime.md#fused-patterns``).
 """
 
 from __future__ import annotations
@@ -65,8 +65,14 @@ class Quantize(Pass):
 
     def _config_data(self) -> dict[str, Any]:
         o = self.options
-        return {"weights": o.weights, "activations": o.activations, "ops": list(o.ops), "skip": list(o.skip),
-                "op_types": o.op_types, "nodes": o.nodes}
+        return {
+            "weights": o.weights,
+            "activations": o.activations,
+            "ops": list(o.ops),
+            "skip": list(o.skip),
+            "op_types": o.op_types,
+            "nodes": o.nodes,
+        }
 
     def _specs(self) -> list[TensorSpec]:
         c = self.config
@@ -109,7 +115,11 @@ class Quantize(Pass):
             ir.finalize(graph)  # the report runs the rewritten graph: it must be sorted
             outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}
             report = quantization_report(
-                float_model, ir.export_model(graph, float_model), outputs, ctx.calibration(), self.options.report_batches
+                float_model,
+                ir.export_model(graph, float_model),
+                outputs,
+                ctx.calibration(),
+                self.options.report_batches,
             )
             result.data["report"] = report
             ctx.artifacts["quant_report"] = report
@@ -135,4 +145,3 @@ def _stats(plans: list[NodePlan]) -> dict[str, int]:
         stats[key] = stats.get(key, 0) + 1
     stats["nodes"] = len(plans)
     return stats
-

@@ -78,9 +78,18 @@ class Sparsify2to4(Pass):
             result.stats["zeroed"] += zeroed
             result.changed.append(f"{node.name}: {self.pattern} along axis {axis}")
             zeros = round(float(np.mean(sparse == 0)), 6)
-            entries.append({"node": node.name, "op": node.op, "kind": "n:m", "pattern": str(self.pattern),
-                            "tensor": node.inputs[1].name, "axis": axis, "zero_fraction": zeros,
-                            "pattern_fraction": ok})
+            entries.append(
+                {
+                    "node": node.name,
+                    "op": node.op,
+                    "kind": "n:m",
+                    "pattern": str(self.pattern),
+                    "tensor": node.inputs[1].name,
+                    "axis": axis,
+                    "zero_fraction": zeros,
+                    "pattern_fraction": ok,
+                }
+            )
             result.modified = True
         result.data["layers"] = entries
         record.add_layers(ctx, entries)

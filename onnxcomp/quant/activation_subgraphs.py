@@ -73,13 +73,37 @@ class _Builder:
         pow2 = self.shared("onnxcomp_pow2_table", _pow2_table())
         safe = self.op("Max", [a, self.const(f"{name}_floor", np.float32(2.0**-140))], f"{name}_safe")
         log = self.op("Log", [safe], f"{name}_log")
-        est = self.op("Floor", [self.op("Div", [log, self.const(f"{name}_ln2", np.float32(np.log(2.0)))], f"{name}_log2")], f"{name}_est")
-        est = self.op("Clip", [est, self.const(f"{name}_lo", np.float32(-_E_OFF + 1)), self.const(f"{name}_hi", np.float32(_E_LEN - _E_OFF - 2))], f"{name}_clip")
-        idx = self.op("Cast", [self.op("Add", [est, self.const(f"{name}_off", np.float32(_E_OFF))], f"{name}_shift")], f"{name}_idx0", {"to": onnx.TensorProto.INT64})
+        est = self.op(
+            "Floor",
+            [self.op("Div", [log, self.const(f"{name}_ln2", np.float32(np.log(2.0)))], f"{name}_log2")],
+            f"{name}_est",
+        )
+        est = self.op(
+            "Clip",
+            [
+                est,
+                self.const(f"{name}_lo", np.float32(-_E_OFF + 1)),
+                self.const(f"{name}_hi", np.float32(_E_LEN - _E_OFF - 2)),
+            ],
+            f"{name}_clip",
+        )
+        idx = self.op(
+            "Cast",
+            [self.op("Add", [est, self.const(f"{name}_off", np.float32(_E_OFF))], f"{name}_shift")],
+            f"{name}_idx0",
+            {"to": onnx.TensorProto.INT64},
+        )
         p = self.op("Gather", [pow2, idx], f"{name}_p", {"axis": 0})
         p2 = self.op("Mul", [p, self.const(f"{name}_two", np.float32(2.0))], f"{name}_p2")
-        below = self.op("Cast", [self.op("Less", [safe, p], f"{name}_below_b")], f"{name}_below", {"to": onnx.TensorProto.INT64})
-        above = self.op("Cast", [self.op("GreaterOrEqual", [safe, p2], f"{name}_above_b")], f"{name}_above", {"to": onnx.TensorProto.INT64})
+        below = self.op(
+            "Cast", [self.op("Less", [safe, p], f"{name}_below_b")], f"{name}_below", {"to": onnx.TensorProto.INT64}
+        )
+        above = self.op(
+            "Cast",
+            [self.op("GreaterOrEqual", [safe, p2], f"{name}_above_b")],
+            f"{name}_above",
+            {"to": onnx.TensorProto.INT64},
+        )
         return self.op("Add", [self.op("Sub", [idx, below], f"{name}_fix1"), above], f"{name}_index")
 
 
@@ -112,8 +136,14 @@ def emit_hif8_activation(graph: ir.Graph, x: ir.Tensor, scale: float | None, nam
     b = _Builder(graph, name)
     if scale is None:
         amax = b.reduce_max(b.op("Abs", [x], "x_abs"), "amax", axis)
-        s = b.op("Max", [b.op("Div", [amax, b.const("target", np.float32(16.0))], "raw_scale"),
-                         b.const("tiny", np.float32(np.finfo(np.float32).tiny))], "scale")
+        s = b.op(
+            "Max",
+            [
+                b.op("Div", [amax, b.const("target", np.float32(16.0))], "raw_scale"),
+                b.const("tiny", np.float32(np.finfo(np.float32).tiny)),
+            ],
+            "scale",
+        )
     else:
         s = b.const("scale", np.float32(scale))
     y = b.op("Div", [x, s], "scaled")
@@ -160,20 +190,36 @@ def emit_mx_activation(
         src = b.op("Pad", [x, pads, b.const("pad_value", np.float32(0.0)), axes], "padded")
     shape = b.op("Shape", [src], "shape")
     head = b.op("Slice", [shape, b.const("s0", [0], np.int64), b.const("s1", [-1], np.int64)], "head")
-    blocked_shape = b.op("Concat", [head, b.const("tail", [padded // block, block], np.int64)], "blocked_shape", {"axis": 0})
+    blocked_shape = b.op(
+        "Concat", [head, b.const("tail", [padded // block, block], np.int64)], "blocked_shape", {"axis": 0}
+    )
     xb = b.op("Reshape", [src, blocked_shape], "blocks")
     absx = b.op("Abs", [xb], "abs")
-    finite = b.op("Not", [b.op("Or", [b.op("IsNaN", [xb], "isnan"), b.op("IsInf", [xb], "isinf")], "nonfinite")], "finite")
+    finite = b.op(
+        "Not", [b.op("Or", [b.op("IsNaN", [xb], "isnan"), b.op("IsInf", [xb], "isinf")], "nonfinite")], "finite"
+    )
     absx = b.op("Where", [finite, absx, b.const("zero", np.float32(0.0))], "abs_finite")
     amax = b.reduce_max(absx, "amax")
     idx = b.exponent_index(amax, "e")
     pow2 = b.shared("onnxcomp_pow2_table", _pow2_table())
     p = b.op("Gather", [pow2, idx], "p", {"axis": 0})
-    bump = b.op("Cast", [b.op("Greater", [amax, b.op("Mul", [p, b.const("r175", np.float32(1.75))], "p175")], "bump_b")], "bump", {"to": onnx.TensorProto.INT64})
+    bump = b.op(
+        "Cast",
+        [b.op("Greater", [amax, b.op("Mul", [p, b.const("r175", np.float32(1.75))], "p175")], "bump_b")],
+        "bump",
+        {"to": onnx.TensorProto.INT64},
+    )
     e = b.op("Add", [idx, bump], "e_ref")
     cap = fmt._max_exponent  # noqa: SLF001 - the codec's float32 overflow cap
-    x_idx = b.op("Clip", [b.op("Sub", [e, b.const("emax", fmt.emax_elem, np.int64)], "x_raw"),
-                          b.const("xmin", -127 + _E_OFF, np.int64), b.const("xmax", cap + _E_OFF, np.int64)], "x_clip")
+    x_idx = b.op(
+        "Clip",
+        [
+            b.op("Sub", [e, b.const("emax", fmt.emax_elem, np.int64)], "x_raw"),
+            b.const("xmin", -127 + _E_OFF, np.int64),
+            b.const("xmax", cap + _E_OFF, np.int64),
+        ],
+        "x_clip",
+    )
     is_zero = b.op("Equal", [amax, b.const("z", np.float32(0.0))], "is_zero")
     x_idx = b.op("Where", [is_zero, b.const("xzero", -127 + _E_OFF, np.int64), x_idx], "x_idx")
     inv = b.op("Gather", [b.shared("onnxcomp_inv_pow2_table", _pow2_table(-1)), x_idx], "inv_scale", {"axis": 0})
@@ -188,4 +234,8 @@ def emit_mx_activation(
     flat = b.op("Reshape", [deq, shape], "deq_padded")
     if padded == k:
         return flat
-    return b.op("Slice", [flat, b.const("k0", [0], np.int64), b.const("k1", [k], np.int64), b.const("kax", [-1], np.int64)], "dequantized")
+    return b.op(
+        "Slice",
+        [flat, b.const("k0", [0], np.int64), b.const("k1", [k], np.int64), b.const("kax", [-1], np.int64)],
+        "dequantized",
+    )

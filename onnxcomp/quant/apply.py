@@ -78,12 +78,18 @@ def collect_input_energies(
     for p in wanted:
         axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
         factories.setdefault(p.node.inputs[0].name, lambda axis=axis: InputEnergyObserver(axis))
-    observers = Calibrator(float_model, factories).run(ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled)
+    observers = Calibrator(float_model, factories).run(
+        ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled
+    )
     return {p.node.name: observers[p.node.inputs[0].name].energy() for p in wanted}
 
 
 def _tolist(a: np.ndarray) -> Any:
-    return np.asarray(a, dtype=np.float64).tolist() if np.asarray(a).dtype.kind == "f" else np.asarray(a).astype(np.int64).tolist()
+    return (
+        np.asarray(a, dtype=np.float64).tolist()
+        if np.asarray(a).dtype.kind == "f"
+        else np.asarray(a).astype(np.int64).tolist()
+    )
 
 
 def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
@@ -91,9 +97,17 @@ def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, 
     zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
     zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
     return {
-        "tensor": name, "dtype": spec.dtype, "granularity": str(spec.granularity), "symmetric": spec.symmetric,
-        "observer": spec.observer, "axis": qw.axis, "block_size": qw.block_size, "stored_as": stored_as,
-        "shape": list(qw.dequantized.shape), "scale": _tolist(qw.scale), "zero_point": _tolist(zp_values),
+        "tensor": name,
+        "dtype": spec.dtype,
+        "granularity": str(spec.granularity),
+        "symmetric": spec.symmetric,
+        "observer": spec.observer,
+        "axis": qw.axis,
+        "block_size": qw.block_size,
+        "stored_as": stored_as,
+        "shape": list(qw.dequantized.shape),
+        "scale": _tolist(qw.scale),
+        "zero_point": _tolist(zp_values),
         "sparsity": weight_sparsity(qw.dequantized),
     }
 
@@ -101,8 +115,12 @@ def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, 
 def _int8_pair(plan: NodePlan) -> bool:
     w, a = plan.spec.weights, plan.spec.activations
     return (
-        w is not None and a is not None and w.dtype in ("int8", "uint8") and a.dtype in ("int8", "uint8")
-        and w.granularity.kind in ("tensor", "channel") and a.granularity.kind == "tensor"
+        w is not None
+        and a is not None
+        and w.dtype in ("int8", "uint8")
+        and a.dtype in ("int8", "uint8")
+        and w.granularity.kind in ("tensor", "channel")
+        and a.granularity.kind == "tensor"
     )
 
 
@@ -153,8 +171,15 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
             axis = 1 if conv else (0 if node.op == "Gemm" and node.attrs.get("transA", 0) else -1)  # reduction axis
             where = "channels of each position" if conv else "the last axis"
             if a.dtype == "mxfp8":
-                node.inputs[0] = emit_mx_activation(graph, x, _reduction_length(x, node, plan), a.dtype,
-                                                    f"{x.name}_{node.name}_mx", axis, len(plan.weight_shape))
+                node.inputs[0] = emit_mx_activation(
+                    graph,
+                    x,
+                    _reduction_length(x, node, plan),
+                    a.dtype,
+                    f"{x.name}_{node.name}_mx",
+                    axis,
+                    len(plan.weight_shape),
+                )
                 how = f"dynamic 32-blocks along {where}"
             elif a.dtype == "hif8":
                 node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8", axis)
@@ -162,17 +187,27 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
             else:
                 emit_dynamic_per_token(graph, node, 0, a.dtype, axis)
                 how = f"dynamic, one scale per vector along {where}"
-            entry["activations"] = {"tensor": x.name, "dtype": a.dtype, "granularity": "token", "symmetric": True,
-                                    "dynamic": True, "computed": how}
+            entry["activations"] = {
+                "tensor": x.name,
+                "dtype": a.dtype,
+                "granularity": "token",
+                "symmetric": True,
+                "dynamic": True,
+                "computed": how,
+            }
         else:
-            entry["activations"] = [
-                _quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_inputs
-            ]
+            entry["activations"] = [_quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_inputs]
             entry["outputs"] = [_quantize_activation(graph, t, a, ranges, acts) for t in plan.activation_outputs]
     if (
-        options.emit == "qdq" and options.bias_int32 and plan.bias_index is not None and qw is not None
-        and node.op in ("Conv", "Gemm") and _int8_pair(plan) and plan.activation_inputs
-        and float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0
+        options.emit == "qdq"
+        and options.bias_int32
+        and plan.bias_index is not None
+        and qw is not None
+        and node.op in ("Conv", "Gemm")
+        and _int8_pair(plan)
+        and plan.activation_inputs
+        and float(node.attrs.get("alpha", 1.0)) == 1.0
+        and float(node.attrs.get("beta", 1.0)) == 1.0
     ):
         x_scale = acts[plan.activation_inputs[0].name]["scale"]
         bias = ir.constant_value(node.inputs[plan.bias_index]).astype(np.float32)
@@ -233,8 +268,13 @@ def _quantize_activation(graph, tensor, spec: TensorSpec, ranges, acts) -> dict[
             emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
         zp_value = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
         acts[name] = {
-            "tensor": name, "dtype": spec.dtype, "granularity": "tensor", "symmetric": spec.symmetric,
-            "observer": spec.observer, "range": [lo, hi], "scale": float(np.asarray(scale).reshape(-1)[0]),
+            "tensor": name,
+            "dtype": spec.dtype,
+            "granularity": "tensor",
+            "symmetric": spec.symmetric,
+            "observer": spec.observer,
+            "range": [lo, hi],
+            "scale": float(np.asarray(scale).reshape(-1)[0]),
             "zero_point": float(np.asarray(zp_value).reshape(-1)[0]),
         }
     return acts[name]

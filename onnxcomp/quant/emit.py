@@ -51,8 +51,9 @@ def emit_dq(
 
 def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> ir.Tensor:
     """codes + scale + zero point initializers and a DequantizeLinear; returns its output."""
-    return emit_dq(graph, weight.name, qw.codes, qw.scale, qw.zero_point, qw.axis, qw.block_size,
-                   list(qw.dequantized.shape))
+    return emit_dq(
+        graph, weight.name, qw.codes, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape)
+    )
 
 
 def emit_activation_qdq(
@@ -66,7 +67,9 @@ def emit_activation_qdq(
     base = tensor.name
     readers = [n for n in ir.consumers(tensor)]
     s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
-    z = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), storage_array(np.asarray(zero_point).reshape(()), fmt))
+    z = ir.make_constant(
+        ir.unique_name(graph, f"{base}_zero_point"), storage_array(np.asarray(zero_point).reshape(()), fmt)
+    )
     q = ir.make_variable(graph, f"{base}_quantized")
     dq = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     ir.make_node(graph, "QuantizeLinear", [tensor, s, z], [q], f"{base}_QuantizeLinear")
@@ -78,7 +81,9 @@ def emit_activation_qdq(
     return dq
 
 
-def emit_bias_int32(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray, x_scale: float, w_scale: np.ndarray) -> None:
+def emit_bias_int32(
+    graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray, x_scale: float, w_scale: np.ndarray
+) -> None:
     """Replace a float bias by int32 codes (scale s_x * s_w, zero point 0) + DequantizeLinear."""
     scale = (np.float32(x_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
     per_channel = scale.ndim == 1 and scale.size > 1
@@ -87,9 +92,13 @@ def emit_bias_int32(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray
     base = node.inputs[index].name
     codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), q)
     s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), scale if per_channel else scale.reshape(()))
-    z = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), np.zeros(scale.shape if per_channel else (), np.int32))
+    z = ir.make_constant(
+        ir.unique_name(graph, f"{base}_zero_point"), np.zeros(scale.shape if per_channel else (), np.int32)
+    )
     out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=list(bias.shape))
-    ir.make_node(graph, "DequantizeLinear", [codes, s, z], [out], f"{base}_DequantizeLinear", {"axis": 0} if per_channel else {})
+    ir.make_node(
+        graph, "DequantizeLinear", [codes, s, z], [out], f"{base}_DequantizeLinear", {"axis": 0} if per_channel else {}
+    )
     node.inputs[index] = out
 
 
@@ -115,7 +124,14 @@ def emit_dynamic_per_token(graph: ir.Graph, node: ir.Node, index: int, fmt_name:
     absx, amax, scale, safe = var("abs"), var("amax"), var("scale"), var("safe_scale")
     ir.make_node(graph, "Abs", [x], [absx], f"{base}_Abs")
     if opset >= 18:
-        ir.make_node(graph, "ReduceMax", [absx, const("axes", np.array([axis], np.int64))], [amax], f"{base}_ReduceMax", {"keepdims": 1})
+        ir.make_node(
+            graph,
+            "ReduceMax",
+            [absx, const("axes", np.array([axis], np.int64))],
+            [amax],
+            f"{base}_ReduceMax",
+            {"keepdims": 1},
+        )
     else:
         ir.make_node(graph, "ReduceMax", [absx], [amax], f"{base}_ReduceMax", {"axes": [axis], "keepdims": 1})
     if isinstance(fmt, IntegerFormat):
@@ -152,11 +168,15 @@ def activation_qparams(fmt_name: str, lo: float, hi: float, symmetric: bool) -> 
     return qparams_for_range(fmt, np.float64(lo), np.float64(hi), symmetric)
 
 
-def emit_lut_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat, layout: WeightLayout) -> ir.Tensor:
+def emit_lut_weight(
+    graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, fmt: ElementFormat, layout: WeightLayout
+) -> ir.Tensor:
     """HiF8 weights: uint8 codes -> Cast(int32) -> Gather(256-entry table) -> Mul(scale)."""
     base = weight.name
     codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), np.asarray(qw.codes, np.uint8))
-    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_decode_table"), np.asarray(fmt.decode_table, np.float32))
+    table = ir.make_constant(
+        ir.unique_name(graph, f"{fmt.name}_decode_table"), np.asarray(fmt.decode_table, np.float32)
+    )
     scale = np.asarray(qw.scale, np.float32)
     if scale.ndim == 1 and scale.size > 1:
         shape = [1] * qw.dequantized.ndim
@@ -176,7 +196,9 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
     base = weight.name
     factor = INT_FACTOR[fmt.name]
     table_values = np.rint(fmt.decode_table.astype(np.float64) * factor)
-    table = ir.make_constant(ir.unique_name(graph, f"{fmt.name}_int_table"), np.nan_to_num(table_values).astype(np.int8))
+    table = ir.make_constant(
+        ir.unique_name(graph, f"{fmt.name}_int_table"), np.nan_to_num(table_values).astype(np.int8)
+    )
     codes = ir.make_constant(ir.unique_name(graph, f"{base}_quantized"), qw.codes)
     idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
     ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
@@ -187,6 +209,14 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
 def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
     """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
     base = weight.name
-    gscale = emit_dq(graph, f"{base}_group_scale", qw.group_scale_codes, qw.scale,  # type: ignore[attr-defined]
-                     np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn), layout.channel_axis, 0, None)
+    gscale = emit_dq(
+        graph,
+        f"{base}_group_scale",
+        qw.group_scale_codes,
+        qw.scale,  # type: ignore[attr-defined]
+        np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn),
+        layout.channel_axis,
+        0,
+        None,
+    )
     return emit_dq(graph, base, qw.codes, gscale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))

@@ -56,9 +56,19 @@ def lowbit_storage(
         if fp4_storage == "int8":
             return ints, scale / np.float32(factor), np.zeros(scale.shape, np.int8), "dq"
         if fp4_storage == "uint4_lut":
-            return np.asarray(codes, np.uint8).astype(ml_dtypes.uint4), scale / np.float32(factor), np.zeros(scale.shape, np.int8), "lut_dq"
+            return (
+                np.asarray(codes, np.uint8).astype(ml_dtypes.uint4),
+                scale / np.float32(factor),
+                np.zeros(scale.shape, np.int8),
+                "lut_dq",
+            )
         if fp4_storage == "float4e2m1":
-            return fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn), scale, np.zeros(scale.shape, ml_dtypes.float4_e2m1fn), "dq"
+            return (
+                fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn),
+                scale,
+                np.zeros(scale.shape, ml_dtypes.float4_e2m1fn),
+                "dq",
+            )
         raise ConfigError(f"fp4_storage {fp4_storage!r} unknown; use one of {', '.join(FP4_STORAGES)}")
     return storage_array(codes, fmt), scale, storage_array(np.zeros(scale.shape, np.uint8), fmt), "dq"
 
@@ -68,7 +78,9 @@ def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
     dtype = {"int4": "int4", "uint4": "uint4", "float4_e2m1fn": "float4e2m1", "float8_e4m3fn": "float8e4m3fn"}.get(
         codes.dtype.name, codes.dtype.name
     )
-    factor = INT_FACTOR.get(fmt_name) or INT_FACTOR.get(get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0)
+    factor = INT_FACTOR.get(fmt_name) or INT_FACTOR.get(
+        get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0
+    )
     if kind == "lut":
         return f"uint8 codes + 256-entry table ({fmt_name})"
     if kind == "dq2":
@@ -99,7 +111,9 @@ def quantize_mx_weight(
     return qw
 
 
-def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp4_storage: str = "int8") -> QuantizedWeight:
+def quantize_two_level(
+    w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp4_storage: str = "int8"
+) -> QuantizedWeight:
     """FP4 weights with FP8 group scales under a per-channel float32 scale (two levels).
 
     s_c = amax_c / (448 * e4max); group scale g = amax_g / (e4max * s_c), stored as FP8 E4M3 (RNE);
@@ -109,7 +123,9 @@ def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp
     import ml_dtypes
 
     if fp4_storage != "int8":
-        raise ConfigError(f"fp4_storage {fp4_storage!r} cannot be combined with two-level scales (scale_format); use int8")
+        raise ConfigError(
+            f"fp4_storage {fp4_storage!r} cannot be combined with two-level scales (scale_format); use int8"
+        )
     elem = get_format(spec.dtype)
     fp8 = get_format(spec.scale_format)
     factor = INT_FACTOR[elem.name]
@@ -138,9 +154,15 @@ def quantize_two_level(w: np.ndarray, spec: TensorSpec, layout: WeightLayout, fp
     g_codes = np.squeeze(g_codes, axis=r + 1)
     stored = ints.astype(ml_dtypes.int4) if elem.name == "fp4_e1m2" else ints
     zero = np.zeros(g_codes.shape, stored.dtype)
-    qw = QuantizedWeight(stored, np.asarray(s_c.reshape(-1) / np.float32(factor), np.float32), zero, r,
-                         spec.granularity.size, np.ascontiguousarray(deq), spec, "dq2")
+    qw = QuantizedWeight(
+        stored,
+        np.asarray(s_c.reshape(-1) / np.float32(factor), np.float32),
+        zero,
+        r,
+        spec.granularity.size,
+        np.ascontiguousarray(deq),
+        spec,
+        "dq2",
+    )
     qw.group_scale_codes = g_codes.view(ml_dtypes.float8_e4m3fn)  # type: ignore[attr-defined]
     return qw
-
-

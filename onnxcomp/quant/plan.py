@@ -63,7 +63,9 @@ def _output_target(graph: ir.Graph, node: ir.Node) -> ir.Tensor | None:
     return out if users else None
 
 
-def plan_nodes(graph: ir.Graph, config: QuantConfig, output_quant: bool) -> tuple[list[NodePlan], list[tuple[str, str]]]:
+def plan_nodes(
+    graph: ir.Graph, config: QuantConfig, output_quant: bool
+) -> tuple[list[NodePlan], list[tuple[str, str]]]:
     """Plans for every node the config selects, plus (node, reason) for those declined."""
     plans: list[NodePlan] = []
     declined: list[tuple[str, str]] = []
@@ -78,8 +80,13 @@ def plan_nodes(graph: ir.Graph, config: QuantConfig, output_quant: bool) -> tupl
             continue
         assert index is not None
         value_shape = ir.constant_value(node.inputs[index]).shape
-        plan = NodePlan(node, spec, index, weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))),
-                        weight_shape=tuple(value_shape))
+        plan = NodePlan(
+            node,
+            spec,
+            index,
+            weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))),
+            weight_shape=tuple(value_shape),
+        )
         bias = 2 if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 else None
         if bias is not None and node.inputs[2].name and ir.is_constant(node.inputs[2]):
             plan.bias_index = bias

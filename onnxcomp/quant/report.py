@@ -67,12 +67,21 @@ def quantization_report(
                 accs[name].add(np.asarray(ref), np.asarray(test))
         seen += 1
     nodes = [
-        {"node": node_outputs[t][0], "op": node_outputs[t][1], "tensor": t, "sqnr_db": round(accs[t].sqnr(), 3),
-         "cosine": round(accs[t].cosine(), 6)}
+        {
+            "node": node_outputs[t][0],
+            "op": node_outputs[t][1],
+            "tensor": t,
+            "sqnr_db": round(accs[t].sqnr(), 3),
+            "cosine": round(accs[t].cosine(), 6),
+        }
         for t in tensors
     ]
     nodes.sort(key=lambda r: (r["sqnr_db"], r["node"]))
-    outs = [{"name": o, "sqnr_db": round(accs[o].sqnr(), 3), "cosine": round(accs[o].cosine(), 6)} for o in outputs if o in float_outs]
+    outs = [
+        {"name": o, "sqnr_db": round(accs[o].sqnr(), 3), "cosine": round(accs[o].cosine(), 6)}
+        for o in outputs
+        if o in float_outs
+    ]
     return {"batches": seen, "nodes": nodes, "outputs": outs}
 
 

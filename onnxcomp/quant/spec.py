@@ -5,7 +5,7 @@ granularity, symmetry, observer. A :class:`QuantConfig` holds the global default
 op type and by node-name glob, and a skip list; :meth:`QuantConfig.for_node` resolves the spec of
 one node. Invalid combinations are :class:`ConfigError` saying what is allowed.
 
-Granularity semantics follow ``../shared/spec/formats.md`` (量化粒度): per-tensor (weights and
+Granularity semantics follow ``docs/formats.md#granularity-量化粒度``: per-tensor (weights and
 static activations), per-channel (weights, one scale per output channel), per-group (weights,
 groups of ``size`` along the reduction axis), per-token (activations, one scale per row computed
 at run time).
@@ -44,8 +44,14 @@ class Granularity:
 def parse_granularity(text: str, where: str = "granularity") -> Granularity:
     """``tensor``, ``channel``, ``group:128`` (or ``group`` = 128) or ``token``."""
     value = text.strip().lower()
-    aliases = {"per-tensor": "tensor", "per_tensor": "tensor", "per-channel": "channel",
-               "per_channel": "channel", "per-token": "token", "per_token": "token"}
+    aliases = {
+        "per-tensor": "tensor",
+        "per_tensor": "tensor",
+        "per-channel": "channel",
+        "per_channel": "channel",
+        "per-token": "token",
+        "per_token": "token",
+    }
     value = aliases.get(value, value)
     if value in ("tensor", "channel", "token"):
         return Granularity(value)
@@ -56,7 +62,9 @@ def parse_granularity(text: str, where: str = "granularity") -> Granularity:
         except ValueError:
             n = -1
         if n <= 0 or n % 2:
-            raise ConfigError(f"{where}: bad group size in {text!r}; use group:N with N in {', '.join(map(str, GROUP_SIZES))}")
+            raise ConfigError(
+                f"{where}: bad group size in {text!r}; use group:N with N in {', '.join(map(str, GROUP_SIZES))}"
+            )
         return Granularity("group", n)
     raise ConfigError(f"{where}: unknown granularity {text!r}; use tensor, channel, group:N or token")
 
@@ -173,12 +181,18 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
     g = spec.granularity.kind
     if role == "weights":
         if g == "token":
-            raise ConfigError(f"{where}: per-token granularity is for activations; weights take tensor, channel or group:N")
+            raise ConfigError(
+                f"{where}: per-token granularity is for activations; weights take tensor, channel or group:N"
+            )
         if spec.observer not in WEIGHT_OBSERVERS:
-            raise ConfigError(f"{where}: weight observer {spec.observer!r} unknown; use one of {', '.join(WEIGHT_OBSERVERS)}")
+            raise ConfigError(
+                f"{where}: weight observer {spec.observer!r} unknown; use one of {', '.join(WEIGHT_OBSERVERS)}"
+            )
     else:
         if g in ("channel", "group"):
-            raise ConfigError(f"{where}: {g} granularity is for weights; activations take tensor (static) or token (dynamic)")
+            raise ConfigError(
+                f"{where}: {g} granularity is for weights; activations take tensor (static) or token (dynamic)"
+            )
         if spec.observer not in ACTIVATION_OBSERVERS:
             raise ConfigError(
                 f"{where}: activation observer {spec.observer!r} unknown; use one of {', '.join(ACTIVATION_OBSERVERS)}"
@@ -189,11 +203,14 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
             "omit granularity or set group:32"
         )
     if spec.scale_format is not None and not (
-        role == "weights" and spec.dtype in ("fp4_e2m1", "fp4_e1m2") and g == "group" and spec.scale_format == "fp8_e4m3"
+        role == "weights"
+        and spec.dtype in ("fp4_e2m1", "fp4_e1m2")
+        and g == "group"
+        and spec.scale_format == "fp8_e4m3"
     ):
         raise ConfigError(
             f"{where}: scale_format (two-level scales) is for fp4_e2m1/fp4_e1m2 weights with group:N granularity, "
-            "with scale_format = \"fp8_e4m3\""
+            'with scale_format = "fp8_e4m3"'
         )
     if role == "weights" and spec.dtype == "hif8" and g == "group":
         raise ConfigError(f"{where}: hif8 weights take a per-tensor or per-channel scale; use tensor or channel")
@@ -226,7 +243,10 @@ class QuantConfig:
         if op not in self.ops or match_glob(name, self.skip):
             return None
         weights, activations = self.weights, self.activations
-        for table, key_matches in ((self.by_op, lambda k: k == op), (self.by_name, lambda k: match_glob(name, (k,)) is not None)):
+        for table, key_matches in (
+            (self.by_op, lambda k: k == op),
+            (self.by_name, lambda k: match_glob(name, (k,)) is not None),
+        ):
             for key, (w, a) in table.items():
                 if key_matches(key):
                     weights = w if w is not _INHERIT else weights
@@ -268,15 +288,25 @@ def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfi
             if extra:
                 raise ConfigError(f"{w_where}: unknown key {extra[0]!r}; valid keys: weights, activations")
             if table == "op_types" and key not in QUANTIZABLE_OPS:
-                raise ConfigError(f"{w_where}: {key!r} is not a quantizable op; use one of {', '.join(QUANTIZABLE_OPS)}")
-            w = parse_tensor_spec(entry["weights"], "weights", weights or _DEFAULT_WEIGHTS, f"{w_where}.weights") if "weights" in entry else _INHERIT
+                raise ConfigError(
+                    f"{w_where}: {key!r} is not a quantizable op; use one of {', '.join(QUANTIZABLE_OPS)}"
+                )
+            w = (
+                parse_tensor_spec(entry["weights"], "weights", weights or _DEFAULT_WEIGHTS, f"{w_where}.weights")
+                if "weights" in entry
+                else _INHERIT
+            )
             a = (
-                parse_tensor_spec(entry["activations"], "activations", activations or _DEFAULT_ACTIVATIONS, f"{w_where}.activations")
+                parse_tensor_spec(
+                    entry["activations"], "activations", activations or _DEFAULT_ACTIVATIONS, f"{w_where}.activations"
+                )
                 if "activations" in entry
                 else _INHERIT
             )
             overrides[table][key] = (w, a)
-    return QuantConfig(weights, activations, ops, tuple(data.get("skip", ())), overrides["op_types"], overrides["nodes"])
+    return QuantConfig(
+        weights, activations, ops, tuple(data.get("skip", ())), overrides["op_types"], overrides["nodes"]
+    )
 
 
 #: Granularity a format implies when the config names the format but no granularity.

@@ -111,7 +111,7 @@ def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt, fp4
 
 
 def min_opset_for(spec: TensorSpec) -> int:
-    """The opset DequantizeLinear needs for this weight spec (../shared/spec/ort.md)."""
+    """The opset DequantizeLinear needs for this weight spec (``docs/onnxruntime.md#opset-limits``)."""
     if spec.dtype in ("int4", "uint4", "fp4_e1m2", "mxfp8", "mxfp4") or spec.granularity.kind == "group":
         return 21
     if spec.dtype.startswith("fp8"):
@@ -149,7 +149,9 @@ class InputEnergyObserver:
         return self.sum / self.count
 
 
-def _energy_view(h: np.ndarray, view_shape: tuple[int, ...], spec: TensorSpec, layout: WeightLayout, length: int) -> np.ndarray:
+def _energy_view(
+    h: np.ndarray, view_shape: tuple[int, ...], spec: TensorSpec, layout: WeightLayout, length: int
+) -> np.ndarray:
     """Input-channel energies arranged to broadcast against the weight's unit view."""
     r = layout.reduction_axis
     rank = len(view_shape)

@@ -330,8 +330,12 @@ class CouplingAnalysis:
             if tensor is not node.inputs[0]:
                 raise Blocked(f"channels reach {describe(node)} from its output side")
             rank = layout.rank - len(axes)
-            self._add(node.outputs[0], Layout(layout.axis - sum(a < layout.axis for a in axes), rank,
-                                              layout.channels, layout.outer, layout.inner))
+            self._add(
+                node.outputs[0],
+                Layout(
+                    layout.axis - sum(a < layout.axis for a in axes), rank, layout.channels, layout.outer, layout.inner
+                ),
+            )
             return
         data = list(node.inputs) if node.op == "Concat" else [node.inputs[0]]
         for t in [*data, *(o for o in node.outputs if o.name)]:

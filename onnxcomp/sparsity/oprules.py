@@ -14,15 +14,66 @@ from onnxcomp.ir import Shapes, describe, folded_value, int_list, node_axes, raw
 from onnxcomp.sparsity.layout import Layout
 
 #: Ops that map channel c to channel c elementwise (broadcasting their other operands).
-ELEMENTWISE = frozenset({
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
-    "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast", "Clip",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-})
+ELEMENTWISE = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "PRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Gelu",
+        "Erf",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "ThresholdedRelu",
+        "Abs",
+        "Neg",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Sin",
+        "Cos",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Clip",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Where",
+    }
+)
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
-REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
-                     "ReduceLogSumExp", "ReduceSumSquare"})
+REDUCES = frozenset(
+    {
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceSum",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
 #: Per-channel normalizations and the indices of their per-channel parameter inputs.
 NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
@@ -89,8 +140,9 @@ def _reshape_start(node: ir.Node, shape: list[int], layout: Layout, shapes: Shap
     dims = [shapes.dim(node.inputs[0], i) for i in range(layout.rank)]
     rest = [d for i, d in enumerate(dims[start:]) if i + start != layout.axis]
     total = None if any(d is None for d in rest) else math.prod(d for d in rest if d is not None) * layout.size
-    lead_ok = all(s == 0 or (s > 0 and s == dims[i]) or (s == -1 and shape[-1] != -1)
-                  for i, s in enumerate(shape[:start]))
+    lead_ok = all(
+        s == 0 or (s > 0 and s == dims[i]) or (s == -1 and shape[-1] != -1) for i, s in enumerate(shape[:start])
+    )
     if start < 1 or not lead_ok or shape[:start].count(-1) > 1 or shape[-1] not in (-1, total):
         raise Blocked(f"channels reach {describe(node)} to shape {shape}, which is not a flatten the pass can follow")
     return start

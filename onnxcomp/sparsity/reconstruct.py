@@ -50,8 +50,9 @@ from onnxcomp.sparsity.rewrite import Refit, prune_sink
 # --- selection ---------------------------------------------------------------------------------
 
 
-def collect(model: onnx.ModelProto, matrices: list[SinkMatrix], ctx: PassContext, max_rows: int,
-            max_batches: int | None) -> dict[int, GramAccumulator]:
+def collect(
+    model: onnx.ModelProto, matrices: list[SinkMatrix], ctx: PassContext, max_rows: int, max_batches: int | None
+) -> dict[int, GramAccumulator]:
     """One calibration pass over ``model``: ``H`` of every sink's input, by ``id(node)``."""
     accs = {id(sm.node): GramAccumulator(sm, max_rows, ctx.rng(f"prune_channels:{sm.node.name}")) for sm in matrices}
     by_tensor: dict[str, list[GramAccumulator]] = {}
@@ -209,8 +210,13 @@ def sink_levels(graph: ir.Graph, sinks: list[ir.Node]) -> list[list[ir.Node]]:
 
 
 def reconstruct_sinks(
-    graph: ir.Graph, original: onnx.ModelProto, jobs: list[SinkJob], ctx: PassContext,
-    damping: float, max_rows: int, max_batches: int | None,
+    graph: ir.Graph,
+    original: onnx.ModelProto,
+    jobs: list[SinkJob],
+    ctx: PassContext,
+    damping: float,
+    max_rows: int,
+    max_batches: int | None,
 ) -> dict[int, RefitResult | None]:
     """Refit every job's sink level by level (module docstring); the results by ``id(node)``."""
     if not jobs:

@@ -20,8 +20,9 @@ def model_figures(model: onnx.ModelProto, input_shapes: Shapes | None = None) ->
     return {"params": s.param_count, "macs": s.macs_total, "bytes": model.ByteSize()}
 
 
-def compare_models(before: onnx.ModelProto, after: onnx.ModelProto,
-                   input_shapes: Shapes | None = None) -> dict[str, dict[str, int | None]]:
+def compare_models(
+    before: onnx.ModelProto, after: onnx.ModelProto, input_shapes: Shapes | None = None
+) -> dict[str, dict[str, int | None]]:
     """``{"params"|"macs"|"bytes": {"before", "after"}}``."""
     b, a = model_figures(before, input_shapes), model_figures(after, input_shapes)
     return {key: {"before": b[key], "after": a[key]} for key in b}
@@ -30,8 +31,11 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto,
 def format_compare(figures: dict[str, dict[str, int | None]]) -> list[str]:
     """Text rows: ``parameters  127.26k -> 71.93k (-43.5%)`` for each figure."""
     rows = []
-    for key, label, fmt in (("params", "parameters", human_count), ("macs", "MACs (batch 1)", human_count),
-                            ("bytes", "size", human_bytes)):
+    for key, label, fmt in (
+        ("params", "parameters", human_count),
+        ("macs", "MACs (batch 1)", human_count),
+        ("bytes", "size", human_bytes),
+    ):
         b, a = figures[key]["before"], figures[key]["after"]
         if b is None or a is None:
             rows.append(f"{label:<15} unknown")
@@ -54,8 +58,10 @@ def format_layers(name: str, result: PassResult) -> list[str]:
                 fit = f", consumers' output error {before:.2%} -> {after:.2%} refit"
             rows.append(f"{entry['node']}: {entry['channels_before']} -> {entry['channels_after']} channels{fit}")
         else:
-            rows.append(f"{entry['node']}: {entry['pattern']} on {entry['pattern_fraction']:.1%} of groups, "
-                        f"{entry['zero_fraction']:.1%} zeros")
+            rows.append(
+                f"{entry['node']}: {entry['pattern']} on {entry['pattern_fraction']:.1%} of groups, "
+                f"{entry['zero_fraction']:.1%} zeros"
+            )
     return rows
 
 
@@ -72,13 +78,22 @@ ORT_CHANNEL_BLOCK = 16
 
 def alignment_hint(result: PassResult) -> str | None:
     """A hint when pruning took convs off a multiple of onnxruntime's NCHWc channel block."""
-    odd = sorted({e["node"] for e in result.data.get("layers", [])
-                  if e["kind"] == "channels" and e["op"] == "Conv" and e["channels_before"] % ORT_CHANNEL_BLOCK == 0
-                  and e["channels_after"] % ORT_CHANNEL_BLOCK})
+    odd = sorted(
+        {
+            e["node"]
+            for e in result.data.get("layers", [])
+            if e["kind"] == "channels"
+            and e["op"] == "Conv"
+            and e["channels_before"] % ORT_CHANNEL_BLOCK == 0
+            and e["channels_after"] % ORT_CHANNEL_BLOCK
+        }
+    )
     if not odd:
         return None
     shown = ", ".join(odd[:4]) + (", ..." if len(odd) > 4 else "")
-    return (f"hint: {len(odd)} pruned conv(s) ({shown}) keep a channel count that is not a multiple of "
-            f"{ORT_CHANNEL_BLOCK} any more; onnxruntime may run them outside its blocked (NCHWc) layout, "
-            "slower per MAC. "
-            f"--round-to {ORT_CHANNEL_BLOCK} keeps the layout")
+    return (
+        f"hint: {len(odd)} pruned conv(s) ({shown}) keep a channel count that is not a multiple of "
+        f"{ORT_CHANNEL_BLOCK} any more; onnxruntime may run them outside its blocked (NCHWc) layout, "
+        "slower per MAC. "
+        f"--round-to {ORT_CHANNEL_BLOCK} keeps the layout"
+    )

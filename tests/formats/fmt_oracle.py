@@ -1,4 +1,4 @@
-"""Independent test oracles for onnxcomp.formats, written from the spec's bit layouts.
+"""Independent test oracles for onnxcomp.formats, written from the bit layouts of docs/formats.md.
 
 Nothing here imports the implementation's tables: decoders parse bit strings, and the reference
 encoder is a brute-force nearest-value search over the decoded values with the spec's tie,

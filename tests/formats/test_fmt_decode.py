@@ -82,7 +82,7 @@ def test_hif8_counts_and_specials() -> None:
 
 
 def test_hif8_sorted_listing_amct_1_5() -> None:
-    """amct.md section 1.5: code blocks per binade, in increasing value order."""
+    """docs/formats.md#hif8-representable-values: code blocks per binade, in increasing value order."""
     blocks: list[tuple[int, list[int], list[float]]] = []
     blocks += [(e, [e + 23], [1.0]) for e in range(-22, -15)]
     for e, c in zip(range(-15, -7), range(0x7E, 0x6F, -2), strict=True):

@@ -1,4 +1,4 @@
-"""MXFP8 / MXFP4: padding, block layout, scale rules, NaN policy (spec "MXFP8 and MXFP4")."""
+"""MXFP8 / MXFP4: padding, block layout, scale rules, NaN policy (docs/formats.md#mxfp8-and-mxfp4-microscaling)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every test vector of formats.md, verbatim, plus amct.md section 1.8 (HiF8)."""
+"""Every test vector of docs/formats.md, verbatim (docs/formats.md#test-vector-index), incl. the AMCT HiF8 vectors."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SPEC_HIF8 = [
     (-5e-9, 0x00, 0.0),
 ]
 
-# amct.md section 1.8 (all checked there against both C++ implementations)
+# docs/formats.md#hif8-reference-vectors-amct (checked there against both C++ implementations)
 AMCT_HIF8 = [
     (0.0, 0x00, 0.0),
     (-0.0, 0x00, 0.0),
