@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -17,6 +17,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + format check) and mypy on the package; CI runs it before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check onnxcomp tests models bench
+	$(BIN)/ruff format --check onnxcomp tests models bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --select I --fix onnxcomp tests models bench
+	$(BIN)/ruff format onnxcomp tests models bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/formats.py
