@@ -37,11 +37,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _common as common  # noqa: E402 - after the sys.path insert
+
 from models.fetch import fetch, make_inputs  # noqa: E402
+from onnxcomp.analysis.inspect import summarize  # noqa: E402
+from onnxcomp.analysis.macs import model_macs, with_input_shapes  # noqa: E402
+from onnxcomp.analysis.metrics import accuracy, cosine, predict  # noqa: E402
 from onnxcomp.api import decompose, quantize  # noqa: E402
-from onnxcomp.evaluate import accuracy, cosine, predict  # noqa: E402
-from onnxcomp.macs import model_macs, with_input_shapes  # noqa: E402
-from onnxcomp.summary import summarize  # noqa: E402
 from onnxcomp.testing import run_model  # noqa: E402
 
 README = REPO / "bench" / "README.md"

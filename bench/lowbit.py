@@ -55,13 +55,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-
 from _common import environment_line, load_average, write_readme_section  # noqa: E402  (bench/_common.py)
+
 from models.fetch import MODELS, fetch, make_inputs  # noqa: E402
+from onnxcomp.analysis.inspect import weight_storage  # noqa: E402
+from onnxcomp.analysis.metrics import cosine  # noqa: E402
 from onnxcomp.api import quantize  # noqa: E402
-from onnxcomp.evaluate import cosine  # noqa: E402
-from onnxcomp.model_io import ort_session  # noqa: E402
-from onnxcomp.summary import weight_storage  # noqa: E402
+from onnxcomp.runtime import ort_session  # noqa: E402
 
 README = REPO / "bench" / "README.md"
 SECTION = "## Low-bit formats"
@@ -437,8 +437,9 @@ def fp4_weight_sqnr(benches: list[Bench]) -> list[tuple[str, str, float, float, 
 
     Model rows pool the error over every quantizable weight and give the median per-tensor kurtosis.
     """
+    from onnxcomp.ir import weight_layout
     from onnxcomp.quant.spec import Granularity, TensorSpec
-    from onnxcomp.quant.weights import quantize_weight, weight_layout
+    from onnxcomp.quant.weights import quantize_weight
 
     def sqnrs(pairs: list[tuple[np.ndarray, Any]]) -> list[float]:
         out = []

@@ -55,7 +55,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _common as common  # noqa: E402 - after the sys.path insert
-from onnxcomp.evaluate import cosine, predict  # noqa: E402
+
+from onnxcomp.analysis.metrics import cosine, predict  # noqa: E402
 
 README = REPO / "bench" / "README.md"
 SECTION = "## Post-training quantization"
@@ -76,11 +77,12 @@ def _imports(tool: str) -> None:
 
     if tool == "onnxcomp":
         import onnxruntime  # noqa: F401 - onnxcomp imports it lazily; every job uses it
+
         import onnxcomp.api  # noqa: F401
+        import onnxcomp.calibration.collect  # noqa: F401
+        import onnxcomp.calibration.observers  # noqa: F401
         import onnxcomp.passes  # noqa: F401
         import onnxcomp.quant.apply  # noqa: F401
-        import onnxcomp.quant.calibrator  # noqa: F401
-        import onnxcomp.quant.observers  # noqa: F401
         import onnxcomp.quant.report  # noqa: F401
     else:
         import logging
@@ -193,7 +195,12 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
 def child_ort_static(task: dict[str, Any]) -> dict[str, Any]:
     _imports("ort")
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     data = _load_npz(task["calib"], task["n"])
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -260,8 +267,9 @@ def child_onnxcomp_calib(task: dict[str, Any]) -> dict[str, Any]:
     from functools import partial
 
     import onnx
-    from onnxcomp.quant.calibrator import Calibrator
-    from onnxcomp.quant.observers import compute_range, make_observer
+
+    from onnxcomp.calibration.collect import Calibrator
+    from onnxcomp.calibration.observers import compute_range, make_observer
 
     data = _load_npz(task["calib"], task["n"])
     policy, options = task["policy"], task.get("oc_options", {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `onnxcomp passes | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces the closed pipe until exit
+        return 0
     except Exception as exc:  # noqa: BLE001 - last-resort: one line, not a traceback
         if args.debug:
             raise

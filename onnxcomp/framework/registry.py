@@ -80,13 +80,14 @@ def _load_builtin_passes() -> None:
             _add(cls, where)
             _SOURCES[cls.name] = where  # a module that also used @register_pass is still found by name
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break every command
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200].removeprefix(f"{where}: ")
             _BROKEN[ep.name] = f"{where}: {reason}"
             log.warning("cannot load pass %s: %s", where, reason)
 
 
 def _import_pass(spec: str) -> type[Pass]:
     """The Pass class named ``package.module:ClassName``."""
+    _load_builtin_passes()  # a user class may not take a built-in's name: load those first
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise RecipeError(f"pass {spec!r}: write an importable pass as 'package.module:ClassName'")
@@ -96,6 +97,9 @@ def _import_pass(spec: str) -> type[Pass]:
         raise RecipeError(
             f"pass {spec!r}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise RecipeError(f"pass {spec!r}: importing {module_name!r} failed with {type(exc).__name__}: {first}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -136,6 +140,8 @@ def get_pass(name: str) -> type[Pass]:
     if ":" in name:
         return _import_pass(name)
     passes = available_passes()
+    if name in _BROKEN:
+        raise RecipeError(f"pass {name!r} is installed but could not be loaded: {_BROKEN[name]}")
     if name not in passes:
         close = difflib.get_close_matches(name, list(passes), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
