@@ -231,7 +231,7 @@ def decompose(
     win). The record is saved beside ``output`` as ``OUT.decomposition_record.json``.
     ``ops`` is the deprecated spelling of ``layers``.
     """
-    chosen = renamed_keyword(layers, ops, "ops", "layers") or "conv"
+    chosen: DecomposeLayers = renamed_keyword(layers, ops, "ops", "layers") or "conv"
     passes = decompose_passes(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )

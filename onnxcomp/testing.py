@@ -25,7 +25,7 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[
     """Random inputs for every graph input that is not an initializer (symbolic dims -> ``batch``)."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for value in model.graph.input:
         if value.name in inits:
             continue

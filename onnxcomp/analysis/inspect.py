@@ -52,7 +52,7 @@ class ModelSummary:
         return data
 
 
-_BITS = {
+_BITS: dict[int, int] = {
     onnx.TensorProto.INT4: 4,
     onnx.TensorProto.UINT4: 4,
     onnx.TensorProto.FLOAT4E2M1: 4,

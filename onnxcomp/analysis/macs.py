@@ -58,8 +58,12 @@ def infer_static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-def _known(shape: list[int | None] | None) -> bool:
-    return shape is not None and all(d is not None for d in shape)
+def _static(shape: list[int | None] | None) -> list[int] | None:
+    """``shape`` if it is known and has no unknown dim, else None."""
+    if shape is None:
+        return None
+    dims = [d for d in shape if d is not None]
+    return dims if len(dims) == len(shape) else None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -72,30 +76,30 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int | None:
     """MACs of one node from known shapes, or None."""
     ins = [shapes.get(n) for n in node.input]
-    out = shapes.get(node.output[0]) if node.output else None
+    out = _static(shapes.get(node.output[0]) if node.output else None)
     if node.op_type == "Conv":
-        w = ins[1] if len(ins) > 1 else None
-        if not (_known(w) and _known(out)):
+        w = _static(ins[1] if len(ins) > 1 else None)
+        if w is None or out is None:
             return None
         group = _attr(node, "group", 1)
-        cout, cin_g, *k = w
-        return out[0] * cout * math.prod(out[2:]) * cin_g * math.prod(k) if group > 0 else None
+        cout, cin_g, *kernel = w
+        return out[0] * cout * math.prod(out[2:]) * cin_g * math.prod(kernel) if group > 0 else None
     if node.op_type == "ConvTranspose":
-        x, w = ins[0], ins[1] if len(ins) > 1 else None
-        if not (_known(x) and _known(w)):
+        x, w = _static(ins[0]), _static(ins[1] if len(ins) > 1 else None)
+        if x is None or w is None:
             return None
-        cin, cout_g, *k = w
-        return x[0] * cin * math.prod(x[2:]) * cout_g * math.prod(k)
+        cin, cout_g, *kernel = w
+        return x[0] * cin * math.prod(x[2:]) * cout_g * math.prod(kernel)
     if node.op_type == "Gemm":
-        a, b = ins[0], ins[1] if len(ins) > 1 else None
-        if not (_known(a) and _known(b)) or len(a) != 2 or len(b) != 2:
+        a, b = _static(ins[0]), _static(ins[1] if len(ins) > 1 else None)
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
         m, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
         n = b[0] if _attr(node, "transB", 0) else b[1]
         return m * k * n
     if node.op_type == "MatMul":
-        a, b = ins[0], ins[1] if len(ins) > 1 else None
-        if not (_known(a) and _known(b)) or not a or not b:
+        a, b = _static(ins[0]), _static(ins[1] if len(ins) > 1 else None)
+        if a is None or b is None or not a or not b:
             return None
         a2 = [1] + a if len(a) == 1 else a
         b2 = b + [1] if len(b) == 1 else b

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sized
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -25,16 +26,25 @@ from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
 ObserverFactory = Callable[[], Observer]
 
 
-class Calibrator:
+class SupportsUpdate(Protocol):
+    """What the calibrator needs of an observer: ``update(x)`` with each observed array."""
+
+    def update(self, x: np.ndarray, /) -> None: ...
+
+
+ObserverT = TypeVar("ObserverT", bound=SupportsUpdate)
+
+
+class Calibrator(Generic[ObserverT]):
     """Collect activation statistics of ``tensors`` over a stream of calibration batches.
 
     ``tensors`` maps a tensor name (a graph input or any node output of the main graph) to an
-    observer factory; each :meth:`run` makes fresh observers. Graph inputs are observed from the
-    feeds directly. Unknown names, and initializers (weights are observed from the constants, not
-    here), raise :class:`CalibrationError`.
+    observer factory (an observer is anything with ``update(x)``); each :meth:`run` makes fresh
+    observers. Graph inputs are observed from the feeds directly. Unknown names, and initializers
+    (weights are observed from the constants, not here), raise :class:`CalibrationError`.
     """
 
-    def __init__(self, model: onnx.ModelProto, tensors: Mapping[str, ObserverFactory]) -> None:
+    def __init__(self, model: onnx.ModelProto, tensors: Mapping[str, Callable[[], ObserverT]]) -> None:
         graph = model.graph
         constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
         inputs = [i.name for i in graph.input if i.name not in constants]
@@ -51,7 +61,7 @@ class Calibrator:
                 hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise CalibrationError(f"tensor {name!r} is not a graph input or a node output of the model{hint}")
         self.tensors: tuple[str, ...] = tuple(tensors)
-        self._factories: dict[str, ObserverFactory] = dict(tensors)
+        self._factories: dict[str, Callable[[], ObserverT]] = dict(tensors)
         self._inputs: tuple[str, ...] = tuple(n for n in self.tensors if n in inputs)
         self._required: tuple[str, ...] = tuple(inputs)
         self._fetch: list[str] = [n for n in self.tensors if n not in self._inputs]
@@ -74,7 +84,7 @@ class Calibrator:
         max_batches: int | None = None,
         progress: bool = False,
         total: int | None = None,
-    ) -> dict[str, Observer]:
+    ) -> dict[str, ObserverT]:
         """Stream ``batches`` (at most ``max_batches``) through the session; the filled observers.
 
         A batch maps input names to arrays; keys that are not model inputs are ignored (labels,
@@ -101,7 +111,7 @@ class Calibrator:
             raise CalibrationError("calibration data is empty")
         return observers
 
-    def _observe(self, index: int, batch: Mapping[str, np.ndarray], observers: dict[str, Observer]) -> None:
+    def _observe(self, index: int, batch: Mapping[str, np.ndarray], observers: dict[str, ObserverT]) -> None:
         if not isinstance(batch, Mapping):
             raise CalibrationError(
                 f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
@@ -124,7 +134,7 @@ class Calibrator:
             self._update(observers[name], name, value, index)
 
     @staticmethod
-    def _update(observer: Observer, name: str, value: np.ndarray, index: int) -> None:
+    def _update(observer: SupportsUpdate, name: str, value: np.ndarray, index: int) -> None:
         try:
             observer.update(np.asarray(value))
         except CalibrationError as exc:

@@ -26,6 +26,7 @@ Graph inputs that are initializers need no data; symbolic or unknown dims accept
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import zipfile
@@ -254,14 +255,18 @@ def _file_sets(path: Path, inputs: Mapping[str, _Input]) -> tuple[Callable[[], I
     def sets() -> Iterator[_Set]:
         for p in files:
             label = f"{path.name}/{p.name}" if p is not path else p.name
-            yield label, lambda p=p, label=label: _load(p, label, single)
+            yield label, functools.partial(_load, p, label, single)
 
     return sets, desc, detail
 
 
 def _batches(source: Iterable[Any]) -> Iterator[_Set]:
     for i, item in enumerate(source):
-        yield f"batch {i}", lambda item=item: item
+        yield f"batch {i}", functools.partial(_identity, item)
+
+
+def _identity(item: Any) -> Any:
+    return item
 
 
 def _call(fn: Callable[[], Any]) -> Iterable[Any]:

@@ -186,7 +186,7 @@ def _entry(decomposer: Decomposer, plan: _Plan) -> dict[str, Any]:
     t, rank = plan.target, plan.choice.rank
     after = rank * t.macs_per_rank
     approx = plan.first @ plan.second
-    err = float(np.linalg.norm(t.matrix - approx) / max(np.linalg.norm(t.matrix), 1e-300))
+    err = float(np.linalg.norm(t.matrix - approx) / max(float(np.linalg.norm(t.matrix)), 1e-300))
     entry: dict[str, Any] = {
         "pass": decomposer.pass_name,
         "node": node_key(t.node),

@@ -251,7 +251,7 @@ class ElementFormat:
             return self.default_rounding
         if rounding not in self.roundings:
             raise FormatError(f"{self.name}: unknown rounding {rounding!r}; supported: {', '.join(self.roundings)}")
-        return rounding  # type: ignore[return-value]
+        return rounding  # narrowed to Rounding by the `in self.roundings` check
 
     # ----------------------------------------------------------------- public codec
     def encode(self, x: npt.ArrayLike, rounding: str | None = None, *, name: str | None = None) -> np.ndarray:

@@ -79,8 +79,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
-        args = [a for a in get_args(tp) if a is not Ellipsis]
-        items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        item_args = [a for a in get_args(tp) if a is not Ellipsis]
+        items = [_coerce(v, item_args[0], f"{where}[{i}]") for i, v in enumerate(value)] if item_args else list(value)
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
@@ -102,7 +102,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise RecipeError(f"{where}: expected a string, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a type hint is a class, never an instance
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):

@@ -18,6 +18,7 @@ what produced it) is written beside each output so a run can be reproduced with 
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def recipe_from_data(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
     return Recipe(passes=passes, seed=seed, validate=validate, meta=dict(data.get("meta", {})))
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and validate a TOML recipe file."""
     path = Path(path)
     if not path.exists():

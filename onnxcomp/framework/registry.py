@@ -99,7 +99,9 @@ def _import_pass(spec: str) -> type[Pass]:
         ) from exc
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise RecipeError(f"pass {spec!r}: importing {module_name!r} failed with {type(exc).__name__}: {first}") from exc
+        raise RecipeError(
+            f"pass {spec!r}: importing {module_name!r} failed with {type(exc).__name__}: {first}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

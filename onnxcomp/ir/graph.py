@@ -181,7 +181,9 @@ def write_input(graph: Graph, node: Node, index: int, array: np.ndarray) -> None
         replace_constant(graph, node, index, array, "_folded")
 
 
-def make_variable(graph: Graph, base: str, dtype: np.dtype | None = None, shape: list | None = None) -> Variable:
+def make_variable(
+    graph: Graph, base: str, dtype: np.dtype | type[np.generic] | None = None, shape: list | None = None
+) -> Variable:
     """A new intermediate tensor with a name unique in ``graph``."""
     return Variable(unique_name(graph, base), dtype=dtype, shape=shape)
 

@@ -146,7 +146,9 @@ class _ConvDecomposer(Decomposer):
         inputs2: list[ir.Tensor] = [c2]
         old_bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         if bias is not None:
-            dtype = (self._bias(target) if old_bias is not None else target.weight).dtype
+            source = self._bias(target) if old_bias is not None else target.weight
+            assert source is not None  # match() declined a bias that is not a constant float (float_weight)
+            dtype = source.dtype
             inputs2.append(ir.make_constant(ir.unique_name(graph, f"{base}_bias_1x{kw}"), bias.astype(dtype)))
         elif old_bias is not None:
             inputs2.append(old_bias)

@@ -103,6 +103,7 @@ class Quantize(Pass):
                     f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
                     "(an .npz named by model input), or --activations none for weight-only quantization"
                 )
+            assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
             ranges = calibrate_activations(float_model, static, ctx, self.options.calib_batches)
         energies = collect_input_energies(float_model, plans, ctx, self.options.calib_batches)
         record = apply_plans(graph, plans, ranges, self.options, ctx, energies)

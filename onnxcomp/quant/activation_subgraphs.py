@@ -19,10 +19,11 @@ block (NaN/Inf ignored, as the codec does), X from the exact exponent with the r
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
 from onnxcomp import ir
-from onnxcomp.formats import get_format
+from onnxcomp.formats import MXFormat, get_format
 
 _E_OFF = 160  # exponent tables cover e in [-160, 160)
 _E_LEN = 320
@@ -48,7 +49,7 @@ class _Builder:
     def __init__(self, graph: ir.Graph, prefix: str) -> None:
         self.graph, self.prefix = graph, prefix
 
-    def const(self, name: str, value: np.ndarray | float | int, dtype: type = np.float32) -> ir.Constant:
+    def const(self, name: str, value: npt.ArrayLike, dtype: npt.DTypeLike = np.float32) -> ir.Constant:
         return ir.make_constant(ir.unique_name(self.graph, f"{self.prefix}_{name}"), np.asarray(value, dtype))
 
     def shared(self, name: str, value: np.ndarray) -> ir.Tensor:
@@ -179,6 +180,8 @@ def emit_mx_activation(
         out = emit_mx_activation(graph, moved, k, fmt_name, name)
         return _Builder(graph, name).op("Transpose", [out], "from_last", {"perm": inverse})
     fmt = get_format(fmt_name)
+    if not isinstance(fmt, MXFormat):
+        raise ValueError(f"{fmt_name} activations are not supported")
     elem = fmt.element
     b = _Builder(graph, name)
     block = fmt.block_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,8 +48,6 @@ def calibrate_activations(
     float_model: onnx.ModelProto, static: dict[str, TensorSpec], ctx: PassContext, batch_num: int | None
 ) -> dict[str, tuple[float, float]]:
     """Stream the calibration batches through one session; a range per activation tensor."""
-    from functools import partial
-
     factories = {}
     for name, spec in static.items():
         stat_opts = {k: v for k, v in spec.options().items() if k in _STAT_OPTIONS}
@@ -66,18 +66,22 @@ def calibrate_activations(
 
 
 def collect_input_energies(
-    float_model: onnx.ModelProto, plans: list[NodePlan], ctx: PassContext, batch_num: int | None
+    float_model: onnx.ModelProto | None, plans: list[NodePlan], ctx: PassContext, batch_num: int | None
 ) -> dict[str, np.ndarray]:
-    """Mean x^2 per input channel of each node whose weight observer is output_mse (node -> array)."""
+    """Mean x^2 per input channel of each node whose weight observer is output_mse (node -> array).
+
+    ``float_model`` may be None when no node needs energies.
+    """
     wanted = [p for p in plans if p.spec.weights is not None and p.spec.weights.observer == "output_mse"]
     if not wanted:
         return {}
     if ctx.calibration is None:
         raise CalibrationError("weight observer output_mse needs calibration data: pass --calib DATA")
-    factories = {}
+    assert float_model is not None  # the quantize pass has it: PassManager.run sets ctx.source_model
+    factories: dict[str, Callable[[], InputEnergyObserver]] = {}
     for p in wanted:
         axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
-        factories.setdefault(p.node.inputs[0].name, lambda axis=axis: InputEnergyObserver(axis))
+        factories.setdefault(p.node.inputs[0].name, partial(InputEnergyObserver, axis))
     observers = Calibrator(float_model, factories).run(
         ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled
     )
@@ -133,7 +137,7 @@ def apply_plans(
     energies: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Emit every plan into ``graph``; returns the record (one entry per quantized node)."""
-    weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor]] = {}
+    weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor, str]] = {}
     acts: dict[str, dict[str, Any]] = {}
     record = []
     with ctx.progress(len(plans), "quantizing") as bar:
@@ -152,7 +156,9 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
         key = (w.name, spec.weights, plan.layout)
         if key not in weights:
             energy = energies.get(node.name)
-            qw = quantize_weight(ir.constant_value(w), spec.weights, plan.layout, w.name, options.fp4_storage, energy)
+            value = ir.constant_value(w)
+            assert value is not None  # plan_nodes declines nodes whose weight is not a constant
+            qw = quantize_weight(value, spec.weights, plan.layout, w.name, options.fp4_storage, energy)
             if options.emit == "qdq":
                 out = _emit_weight(graph, w, qw, plan)
                 stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
@@ -210,7 +216,9 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
         and float(node.attrs.get("beta", 1.0)) == 1.0
     ):
         x_scale = acts[plan.activation_inputs[0].name]["scale"]
-        bias = ir.constant_value(node.inputs[plan.bias_index]).astype(np.float32)
+        bias_value = ir.constant_value(node.inputs[plan.bias_index])
+        assert bias_value is not None  # plan_nodes sets bias_index only for a constant bias
+        bias = bias_value.astype(np.float32)
         if bias.ndim == 1:
             emit_bias_int32(graph, node, plan.bias_index, bias, x_scale, qw.scale)
             entry["bias"] = "int32"

@@ -49,10 +49,16 @@ def emit_dq(
     return out
 
 
+def _dq_zero_point(qw: QuantizedWeight) -> np.ndarray:
+    """The zero point of a weight stored for DequantizeLinear (only the HiF8 ``lut`` storage has none)."""
+    assert qw.zero_point is not None, f"storage {qw.storage!r} has no zero point"
+    return qw.zero_point
+
+
 def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> ir.Tensor:
     """codes + scale + zero point initializers and a DequantizeLinear; returns its output."""
     return emit_dq(
-        graph, weight.name, qw.codes, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape)
+        graph, weight.name, qw.codes, qw.scale, _dq_zero_point(qw), qw.axis, qw.block_size, list(qw.dequantized.shape)
     )
 
 
@@ -203,20 +209,23 @@ def emit_lut_dq_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, 
     idx, ints = ir.make_variable(graph, f"{base}_index"), ir.make_variable(graph, f"{base}_int_codes")
     ir.make_node(graph, "Cast", [codes], [idx], f"{base}_Cast", {"to": onnx.TensorProto.INT32})
     ir.make_node(graph, "Gather", [table, idx], [ints], f"{base}_Gather", {"axis": 0})
-    return emit_dq(graph, base, ints, qw.scale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
+    return emit_dq(graph, base, ints, qw.scale, _dq_zero_point(qw), qw.axis, qw.block_size, list(qw.dequantized.shape))
 
 
 def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight, layout: WeightLayout) -> ir.Tensor:
     """DQ(FP8 group-scale codes, per-channel scale) -> blocked DQ(element int codes)."""
     base = weight.name
+    assert qw.group_scale_codes is not None, "two-level weights carry group-scale codes (quantize_two_level)"
     gscale = emit_dq(
         graph,
         f"{base}_group_scale",
         qw.group_scale_codes,
-        qw.scale,  # type: ignore[attr-defined]
+        qw.scale,
         np.zeros(qw.scale.shape, ml_dtypes.float8_e4m3fn),
         layout.channel_axis,
         0,
         None,
     )
-    return emit_dq(graph, base, qw.codes, gscale, qw.zero_point, qw.axis, qw.block_size, list(qw.dequantized.shape))
+    return emit_dq(
+        graph, base, qw.codes, gscale, _dq_zero_point(qw), qw.axis, qw.block_size, list(qw.dequantized.shape)
+    )

@@ -78,9 +78,8 @@ def stored_as(fmt_name: str, kind: str, codes: np.ndarray) -> str:
     dtype = {"int4": "int4", "uint4": "uint4", "float4_e2m1fn": "float4e2m1", "float8_e4m3fn": "float8e4m3fn"}.get(
         codes.dtype.name, codes.dtype.name
     )
-    factor = INT_FACTOR.get(fmt_name) or INT_FACTOR.get(
-        get_format(fmt_name).element.name if fmt_name.startswith("mx") else "", 0
-    )
+    mx = get_format(fmt_name) if fmt_name.startswith("mx") else None
+    factor = INT_FACTOR.get(fmt_name) or INT_FACTOR.get(mx.element.name if isinstance(mx, MXFormat) else "", 0)
     if kind == "lut":
         return f"uint8 codes + 256-entry table ({fmt_name})"
     if kind == "dq2":
@@ -106,9 +105,7 @@ def quantize_mx_weight(
     values = elem.decode(codes)
     deq = (values * np.repeat(scale, fmt.block_size, axis=r).take(np.arange(k), axis=r)).astype(np.float32)
     stored, s, zp, kind = lowbit_storage(elem, codes, scale, fp4_storage)
-    qw = QuantizedWeight(stored, np.asarray(s, np.float32), zp, r, fmt.block_size, deq, spec)
-    qw.storage = kind  # type: ignore[attr-defined]
-    return qw
+    return QuantizedWeight(stored, np.asarray(s, np.float32), zp, r, fmt.block_size, deq, spec, kind)
 
 
 def quantize_two_level(
@@ -126,8 +123,12 @@ def quantize_two_level(
         raise ConfigError(
             f"fp4_storage {fp4_storage!r} cannot be combined with two-level scales (scale_format); use int8"
         )
+    # Callers use two levels only when spec.scale_format is set, and spec validation allows it only
+    # for fp4_e2m1/fp4_e1m2 elements with fp8_e4m3 scales: both element formats.
+    assert spec.scale_format is not None
     elem = get_format(spec.dtype)
     fp8 = get_format(spec.scale_format)
+    assert isinstance(elem, ElementFormat) and isinstance(fp8, ElementFormat)
     factor = INT_FACTOR[elem.name]
     view, axes, padded = unit_view(w, spec, layout)
     r, c = layout.reduction_axis, layout.channel_axis
@@ -154,7 +155,7 @@ def quantize_two_level(
     g_codes = np.squeeze(g_codes, axis=r + 1)
     stored = ints.astype(ml_dtypes.int4) if elem.name == "fp4_e1m2" else ints
     zero = np.zeros(g_codes.shape, stored.dtype)
-    qw = QuantizedWeight(
+    return QuantizedWeight(
         stored,
         np.asarray(s_c.reshape(-1) / np.float32(factor), np.float32),
         zero,
@@ -163,6 +164,5 @@ def quantize_two_level(
         np.ascontiguousarray(deq),
         spec,
         "dq2",
+        group_scale_codes=g_codes.view(ml_dtypes.float8_e4m3fn),
     )
-    qw.group_scale_codes = g_codes.view(ml_dtypes.float8_e4m3fn)  # type: ignore[attr-defined]
-    return qw

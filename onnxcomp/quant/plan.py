@@ -79,7 +79,9 @@ def plan_nodes(
             declined.append((node.name, reason))
             continue
         assert index is not None
-        value_shape = ir.constant_value(node.inputs[index]).shape
+        value = ir.constant_value(node.inputs[index])
+        assert value is not None  # _decline_weight declined a non-constant weight
+        value_shape = value.shape
         plan = NodePlan(
             node,
             spec,

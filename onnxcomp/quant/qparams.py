@@ -53,6 +53,8 @@ def range_qdq(dtype: str, symmetric: bool) -> Callable[[np.ndarray, float, float
     fmt = get_format(dtype)
 
     def qdq(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        # Static activation formats are integer or element formats (spec validation makes MX dynamic).
+        assert isinstance(fmt, (IntegerFormat, ElementFormat)), f"no static range quantization for {dtype}"
         scale, zp = qparams_for_range(fmt, lo, hi, symmetric)
         return dequantize(fmt, quantize(fmt, values, scale, zp), scale, zp).astype(np.float64)
 

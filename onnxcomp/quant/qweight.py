@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp.errors import ConfigError
-from onnxcomp.formats import ElementFormat, IntegerFormat
+from onnxcomp.formats import ElementFormat, Format, IntegerFormat
 from onnxcomp.ir import WeightLayout
 from onnxcomp.quant.spec import TensorSpec
 
@@ -22,12 +22,13 @@ class QuantizedWeight:
 
     codes: np.ndarray  # storage dtype (np.int8/uint8, ml_dtypes int4/uint4/float8)
     scale: np.ndarray  # float32, shape () | (C,) | blocked shape (same rank as the weight)
-    zero_point: np.ndarray  # storage dtype, shape of scale
+    zero_point: np.ndarray | None  # storage dtype, shape of scale; None for the HiF8 table (storage "lut")
     axis: int | None  # DQ axis (None for per-tensor)
     block_size: int  # 0 unless per-group
     dequantized: np.ndarray  # float32: exactly what DQ computes
     spec: TensorSpec
-    storage: str = "dq"  # dq | lut (HiF8 table) | lut_dq (uint4 -> int8 table -> DQ); see quant.lowbit
+    storage: str = "dq"  # dq | lut (HiF8 table) | lut_dq (uint4 -> int8 table -> DQ) | dq2; see quant.lowbit
+    group_scale_codes: np.ndarray | None = None  # storage "dq2" (two-level): FP8 E4M3 group-scale codes
 
 
 def unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np.ndarray, tuple[int, ...], int]:
@@ -53,14 +54,14 @@ def unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np
     return w.reshape(shape), (r + 1,), padded
 
 
-def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.ndarray:
+def storage_array(codes: np.ndarray, fmt: Format) -> np.ndarray:
     """Codes as the numpy/ml_dtypes array numpy_helper writes as ``fmt.onnx_dtype``."""
     import ml_dtypes
 
     if fmt.onnx_dtype is None:
         raise ConfigError(f"format {fmt.name!r} has no ONNX storage type; it is emitted by the low-bit emitters")
     name = fmt.name
-    if name in ("int8", "uint8"):
+    if isinstance(fmt, IntegerFormat) and name in ("int8", "uint8"):
         return codes.astype(fmt.storage_dtype)
     if name == "int4":
         return codes.astype(np.int8).astype(ml_dtypes.int4)
@@ -70,6 +71,7 @@ def storage_array(codes: np.ndarray, fmt: IntegerFormat | ElementFormat) -> np.n
         return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e4m3fn)
     if name == "fp8_e5m2":
         return np.asarray(codes, dtype=np.uint8, order="C").view(ml_dtypes.float8_e5m2)
-    if name == "fp4_e2m1":  # every code's value is exactly representable: a value cast is exact
+    if isinstance(fmt, ElementFormat) and name == "fp4_e2m1":
+        # every code's value is exactly representable: a value cast is exact
         return fmt.decode(codes).astype(ml_dtypes.float4_e2m1fn)
     raise ConfigError(f"no ONNX storage for format {name!r}")

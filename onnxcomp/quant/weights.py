@@ -65,7 +65,7 @@ def quantize_weight(
     lo, hi = _unit_amax(view, axes)
     codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
     if spec.observer in ("mse", "output_mse"):
-        weight = 1.0
+        weight: float | np.ndarray = 1.0
         if spec.observer == "output_mse":
             if input_energy is None:
                 raise ConfigError(f"weight {name!r}: observer output_mse needs calibration data (input energies)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,8 +64,13 @@ def sink_matrix(sink: Sink) -> SinkMatrix | str:
         kernel = math.prod(w.shape[2:])
         wm = w.reshape(cout, -1).T
         owner = np.repeat(owner, kernel)
-        bias = folded_value(node.inputs[2]).astype(np.float64) if len(node.inputs) > 2 and node.inputs[2].name else None
-        return SinkMatrix(sink, wm, bias, owner, w.shape)
+        conv_bias = None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            b = folded_value(node.inputs[2])
+            if b is None:
+                return f"the bias of {describe(node)} is not constant"
+            conv_bias = b.astype(np.float64)
+        return SinkMatrix(sink, wm, conv_bias, owner, w.shape)
     if node.op == "Gemm":
         wm = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
         bias = _gemm_bias(node, wm.shape[1])
@@ -105,7 +111,9 @@ Ints = list[int]
 
 def _conv_geometry(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[Ints, Ints, Ints, Ints, Ints]:
     """(kernel, strides, dilations, pads, output spatial size) of a Conv on an input of ``x_shape``."""
-    kernel = list(folded_value(node.inputs[1]).shape[2:])
+    weight = folded_value(node.inputs[1])
+    assert weight is not None  # only sinks with a SinkMatrix get here: sink_matrix checked the weight
+    kernel = list(weight.shape[2:])
     nd = len(kernel)
     strides = [int(s) for s in node.attrs.get("strides", [1] * nd)]
     dil = [int(d) for d in node.attrs.get("dilations", [1] * nd)]
@@ -127,7 +135,8 @@ def conv_patches(node: ir.Node, x: np.ndarray, index: np.ndarray) -> np.ndarray:
         coords.append(c.reshape((len(index),) + (1,) * i + (kernel[i],) + (1,) * (nd - 1 - i)))
     batch = n.reshape((len(index),) + (1,) * nd)
     # the advanced indices are separated by the slice: numpy puts their broadcast dims first -> (S, k..., C)
-    patches = padded[(batch, slice(None), *coords)]
+    where: tuple[Any, ...] = (batch, slice(None), *coords)
+    patches = padded[where]
     return np.moveaxis(patches, -1, 1).reshape(len(index), -1)
 
 

@@ -60,7 +60,7 @@ def collect(
         by_tensor.setdefault(acc.sm.node.inputs[0].name, []).append(acc)
     factories = {name: (lambda group=group: Fanout(group)) for name, group in by_tensor.items()}
     assert ctx.calibration is not None
-    calibrator = Calibrator(model, factories)  # type: ignore[arg-type]  # duck-typed observers (update(x))
+    calibrator = Calibrator(model, factories)
     calibrator.run(ctx.calibration(), max_batches=max_batches, progress=ctx.progress.enabled)
     return accs
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from sparse_models import Net, assert_same_outputs, declined, prune, weight
+from sparse_models import Net, assert_same_outputs, declined, feeds, prune, weight
 
 DEAD = [1, 4]  # of 8 channels: ratio 0.25 removes exactly these
 
@@ -193,3 +193,19 @@ def test_a_broadcast_operand_is_not_coupled() -> None:
     out, result = prune(model, ratio=0.25)
     _assert_pruned(model, out, {"c1": (0, 8, 6), "out": (1, 8, 6), "gate": (0, 1, 1)})
     assert "has 8 entries on axis 1, expected 1" in declined(result, "gate")
+
+
+def test_consumer_with_a_non_constant_bias_is_pruned_and_refit_declined() -> None:
+    """A Conv consumer whose bias is computed (not a constant) has no matrix form for the refit: no crash."""
+    net = Net()
+    h = net.op("Relu", [net.conv("x", 4, 8, "conv1", zero=DEAD)])
+    w = net.const(net.rng.standard_normal((6, 8, 3, 3)) * 0.4, "conv2.w")
+    b = net.op("Add", [net.const(np.ones(6)), net.const(np.full(6, 0.5))])
+    h = net.op("Conv", [h, w, b], name="conv2", pads=[1, 1, 1, 1])
+    model = net.build([h])
+    for calibration in (None, [feeds(model, seed=s) for s in range(3)]):
+        out, result = prune(model, calibration, ratio=0.25)
+        assert weight(out, "conv1").shape[0] == 6 and weight(out, "conv2").shape[1] == 6
+        assert_same_outputs(model, out)  # the pruned channels were dead: same outputs
+        if calibration is not None:
+            assert "the bias of Conv 'conv2' is not constant" in str(result.declined + result.notes), result
