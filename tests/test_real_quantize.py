@@ -32,6 +32,13 @@ def minilm() -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict[str, np.ndarr
     return model, feeds, names.index(MODELS["minilm_l3"]["primary_output"])
 
 
+@pytest.fixture(scope="module")
+def minilm_ref(minilm) -> np.ndarray:  # noqa: ANN001
+    """The fp32 model's primary output on the shared feeds, run once for every format."""
+    model, feeds, primary = minilm
+    return run_model(model, feeds, level="disable")[primary]
+
+
 def _matmul_fp32_bytes(model: onnx.ModelProto) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     return sum(math.prod(inits[n.input[1]].dims) * 4 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
@@ -48,14 +55,14 @@ def _matmul_fp32_bytes(model: onnx.ModelProto) -> int:
     ],
     ids=lambda s: f"{s['weights']}-{s['activations']}",
 )
-def test_minilm_every_format(minilm, settings: dict, tmp_path: Path) -> None:  # noqa: ANN001
+def test_minilm_every_format(minilm, minilm_ref, settings: dict, tmp_path: Path) -> None:  # noqa: ANN001
     model, feeds, primary = minilm
     out, sim = tmp_path / "q.onnx", tmp_path / "sim.onnx"
     report = quantize(model, out, simulation_output=sim, **settings)
     record = report.result("quantize").data["record"]
     assert sum(r["op"] == "MatMul" for r in record) >= 18  # every weight MatMul of the encoder
     deployed = onnx.load(str(out))
-    ref = run_model(model, feeds, level="disable")[primary]
+    ref = minilm_ref
     a = run_model(deployed, feeds, level="disable")[primary]
     b = run_model(deployed, feeds, level="all")[primary]
     c = run_model(onnx.load(str(sim)), feeds, level="disable")[primary]

@@ -103,11 +103,13 @@ def test_demo_prune_25_with_reconstruction_keeps_accuracy_and_is_smaller_and_fas
     assert aligned_ms < fp32_ms
 
 
-def test_real_cnn_with_residuals_and_depthwise(tmp_path: Path) -> None:
+def test_real_cnn_with_residuals_and_depthwise(tmp_path: Path, fused_real_model) -> None:  # noqa: ANN001
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from real_models import make_inputs, real_model
+    from real_models import make_inputs
 
-    model = fuse(load_model(real_model("ppocr_cls"))).model
+    # ppocr_cls fused once per session (conftest), shared with test_real_fuse; the same bytes
+    # as fuse(load_model(real_model("ppocr_cls"))).model
+    model = load_model(fused_real_model("ppocr_cls")[1])
     x = make_inputs("ppocr_cls", n=4, seed=1)
     report = sparsify(model, ratio=0.25, fuse=False)
     result = report.result("prune_channels")
