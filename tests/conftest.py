@@ -40,7 +40,8 @@ def conv_bn_model(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "conv_bn",
+        nodes,
+        "conv_bn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         inits,

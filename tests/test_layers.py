@@ -104,8 +104,11 @@ def test_imports_point_down() -> None:
 
 
 def test_no_function_level_imports() -> None:
-    hidden = [f"{importer}:{line} imports {imported} inside a function" for importer, imported, line, inside in IMPORTS
-              if inside]
+    hidden = [
+        f"{importer}:{line} imports {imported} inside a function"
+        for importer, imported, line, inside in IMPORTS
+        if inside
+    ]
     assert not hidden, "\n".join(hidden)
 
 
@@ -126,7 +129,7 @@ def test_no_cycles() -> None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)

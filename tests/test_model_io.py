@@ -104,7 +104,9 @@ def test_missing_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "external data" in _cli_error(capsys, ["inspect", str(src)])
 
 
-def test_input_never_modified_and_no_overwrite(conv_bn_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_input_never_modified_and_no_overwrite(
+    conv_bn_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = hashlib.sha256(conv_bn_path.read_bytes()).hexdigest()
     out = tmp_path / "out.onnx"
     assert main(["fuse", str(conv_bn_path), "-o", str(out)]) == 0

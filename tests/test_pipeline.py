@@ -45,7 +45,9 @@ class NeedsOpset21(Pass):
 
 
 def test_failing_pass_is_named() -> None:
-    with pytest.raises(PassError, match=r"pass 'break_graph' \(step 2 of 2\) produced an invalid model \(after remove_identity\)"):
+    with pytest.raises(
+        PassError, match=r"pass 'break_graph' \(step 2 of 2\) produced an invalid model \(after remove_identity\)"
+    ):
         PassManager([make_pass("remove_identity"), BreakGraph()]).run(conv_bn_model())
 
 
@@ -76,12 +78,17 @@ def test_caller_model_untouched() -> None:
 
 
 def test_unknown_pass_lists_valid() -> None:
-    with pytest.raises(RecipeError, match=r"unknown pass 'remove_identit' \(did you mean 'remove_identity'\?\); valid passes: .*remove_identity"):
+    with pytest.raises(
+        RecipeError,
+        match=r"unknown pass 'remove_identit' \(did you mean 'remove_identity'\?\); valid passes: .*remove_identity",
+    ):
         recipe_from_data({"passes": [{"pass": "remove_identit"}]})
 
 
 def test_unknown_option_lists_valid() -> None:
-    with pytest.raises(RecipeError, match=r"unknown option 'dropuot' \(did you mean 'dropout'\?\); valid options: dropout"):
+    with pytest.raises(
+        RecipeError, match=r"unknown option 'dropuot' \(did you mean 'dropout'\?\); valid options: dropout"
+    ):
         recipe_from_data({"passes": [{"pass": "remove_identity", "dropuot": False}]})
 
 

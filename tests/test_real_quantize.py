@@ -41,7 +41,9 @@ def minilm_ref(minilm) -> np.ndarray:  # noqa: ANN001
 
 def _matmul_fp32_bytes(model: onnx.ModelProto) -> int:
     inits = {t.name: t for t in model.graph.initializer}
-    return sum(math.prod(inits[n.input[1]].dims) * 4 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    return sum(
+        math.prod(inits[n.input[1]].dims) * 4 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+    )
 
 
 @pytest.mark.parametrize(

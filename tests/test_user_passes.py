@@ -84,10 +84,14 @@ def clip_model() -> onnx.ModelProto:
             helper.make_node("Identity", ["w1"], ["w1_out"], name="keep"),
         ],
         "clip",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2]),
-         helper.make_tensor_value_info("w1_out", TensorProto.FLOAT, [4, 3])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2]),
+            helper.make_tensor_value_info("w1_out", TensorProto.FLOAT, [4, 3]),
+        ],
         [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2"), numpy_helper.from_array(B2, "b2")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
@@ -128,8 +132,15 @@ def run_cli(args: list[str], src: Path, cwd: Path) -> subprocess.CompletedProces
     """``python -m onnxcomp ARGS`` in a fresh process with ``src`` on PYTHONPATH."""
     paths = [str(src), str(REPO), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    return subprocess.run([sys.executable, "-m", "onnxcomp", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "onnxcomp", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def forget_my_package() -> None:
@@ -208,9 +219,15 @@ def test_options_are_typed_and_skip_works(user_src: Path) -> None:
     [
         ({"max_abs": 0}, f"recipe: passes[0] ({SPEC}): max_abs must be > 0, got 0.0"),
         ({"max_abs": "big"}, f"recipe: passes[0] ({SPEC}).max_abs: expected a number, got 'big'"),
-        ({"max_ab": 0.5}, f"recipe: passes[0] ({SPEC}): unknown option 'max_ab' (did you mean 'max_abs'?); "
-                          "valid options: max_abs, ops, skip"),
-        ({"ops": ["Conv", "Relu"]}, f"recipe: passes[0] ({SPEC}).ops[1]: 'Relu' is not one of 'Conv', 'Gemm', 'MatMul'"),
+        (
+            {"max_ab": 0.5},
+            f"recipe: passes[0] ({SPEC}): unknown option 'max_ab' (did you mean 'max_abs'?); "
+            "valid options: max_abs, ops, skip",
+        ),
+        (
+            {"ops": ["Conv", "Relu"]},
+            f"recipe: passes[0] ({SPEC}).ops[1]: 'Relu' is not one of 'Conv', 'Gemm', 'MatMul'",
+        ),
     ],
 )
 def test_bad_options_are_one_line_recipe_errors(user_src: Path, options: dict, message: str) -> None:
@@ -229,9 +246,13 @@ def test_register_pass_on_import(user_src: Path) -> None:
     assert pass_source("clip_weights") == SPEC
     described = {name: (source, summary, options) for name, source, summary, options in describe_passes()}
     assert described["clip_weights"] == (
-        SPEC, SUMMARY,
-        [("max_abs", "float", 1.0), ("ops", "list of 'Conv' | 'Gemm' | 'MatMul'", ("Conv", "Gemm", "MatMul")),
-         ("skip", "list of str", ())],
+        SPEC,
+        SUMMARY,
+        [
+            ("max_abs", "float", 1.0),
+            ("ops", "list of 'Conv' | 'Gemm' | 'MatMul'", ("Conv", "Gemm", "MatMul")),
+            ("skip", "list of str", ()),
+        ],
     )
     report = onnxcomp.compress(clip_model(), ["remove_identity", "clip_weights"])
     result = report.result("clip_weights")
@@ -263,14 +284,16 @@ def test_entry_point_is_listed_and_runs_by_name(tmp_path: Path) -> None:
     head = f"clip_weights [entry point clip_weights ({SPEC})]: {SUMMARY}"
     assert head in lines, listed.stdout
     at = lines.index(head)
-    assert lines[at + 1: at + 4] == OPTION_LINES
+    assert lines[at + 1 : at + 4] == OPTION_LINES
     assert "[not loaded]" not in listed.stdout
     assert "remove_identity: " in listed.stdout  # built-ins still listed, without a source
 
     (tmp_path / "recipe.toml").write_text('[[passes]]\npass = "clip_weights"\nmax_abs = 0.5\n', encoding="utf-8")
     ran = run_cli(["run", "recipe.toml", "model.onnx", "-o", "out.onnx", "--verbose"], src, tmp_path)
     assert ran.returncode == 0, ran.stderr
-    assert re.search(r"^  clip_weights  changed    weights=2, values=4, declined=1  \(\d+\.\d\ds\)$", ran.stdout, re.M), ran.stdout
+    assert re.search(
+        r"^  clip_weights  changed    weights=2, values=4, declined=1  \(\d+\.\d\ds\)$", ran.stdout, re.M
+    ), ran.stdout
     assert f"      declined {DECLINED_MM2[0]}: {DECLINED_MM2[1]}" in ran.stdout.splitlines()
     assert_clipped(onnx.load(str(tmp_path / "out.onnx")), 0.5)
     resolved = tomllib.loads((tmp_path / "out.recipe.toml").read_text(encoding="utf-8"))
@@ -281,15 +304,21 @@ def test_entry_point_is_listed_and_runs_by_name(tmp_path: Path) -> None:
 def test_broken_entry_points_do_not_break_other_commands(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "broken_pkg").mkdir(parents=True)
-    (src / "broken_pkg" / "__init__.py").write_text('raise RuntimeError("broken_pkg needs a licence key")\n', encoding="utf-8")
-    write_dist_info(src, "broken_pkg", {"broken_pass": "broken_pkg:BrokenPass",
-                                        "not_a_pass": "onnxcomp.framework:PassResult"})
+    (src / "broken_pkg" / "__init__.py").write_text(
+        'raise RuntimeError("broken_pkg needs a licence key")\n', encoding="utf-8"
+    )
+    write_dist_info(
+        src, "broken_pkg", {"broken_pass": "broken_pkg:BrokenPass", "not_a_pass": "onnxcomp.framework:PassResult"}
+    )
     save_model(tmp_path)
 
     listed = run_cli(["passes"], src, tmp_path)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert "broken_pass [not loaded]: entry point broken_pass (broken_pkg:BrokenPass): broken_pkg needs a licence key" in lines
+    assert (
+        "broken_pass [not loaded]: entry point broken_pass (broken_pkg:BrokenPass): broken_pkg needs a licence key"
+        in lines
+    )
     not_a_pass = [line for line in lines if line.startswith("not_a_pass [not loaded]: ")]
     assert len(not_a_pass) == 1, listed.stdout
     assert not_a_pass[0].startswith("not_a_pass [not loaded]: entry point not_a_pass (onnxcomp.framework:PassResult): ")
@@ -302,7 +331,9 @@ def test_broken_entry_points_do_not_break_other_commands(tmp_path: Path) -> None
     ran = run_cli(["run", "recipe.toml", "model.onnx", "-o", "out.onnx"], src, tmp_path)
     assert ran.returncode == 0, ran.stderr
     # the Identity reads a constant that is a graph output: declined, so the model is unchanged
-    assert re.search(r"^  remove_identity  no change  identity=0, dropout=0, declined=1  \(", ran.stdout, re.M), ran.stdout
+    assert re.search(r"^  remove_identity  no change  identity=0, dropout=0, declined=1  \(", ran.stdout, re.M), (
+        ran.stdout
+    )
     assert_clipped(onnx.load(str(tmp_path / "out.onnx")), np.inf)  # clipping to inf: the original model
     inspected = run_cli(["inspect", "model.onnx", "--json"], src, tmp_path)
     assert inspected.returncode == 0, inspected.stderr
@@ -317,10 +348,15 @@ def test_broken_entry_points_do_not_break_other_commands(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
-        ("nonexistent.module:Cls",
-         "cannot import module 'nonexistent.module' (No module named 'nonexistent'); is it installed or on PYTHONPATH?"),
+        (
+            "nonexistent.module:Cls",
+            "cannot import module 'nonexistent.module' (No module named 'nonexistent'); is it installed or on PYTHONPATH?",
+        ),
         ("onnxcomp.passes.quantize:NotAClass", "module 'onnxcomp.passes.quantize' has no attribute 'NotAClass'"),
-        ("onnxcomp.framework:PassResult", "<class 'onnxcomp.framework.base.PassResult'> is not a subclass of onnxcomp.Pass"),
+        (
+            "onnxcomp.framework:PassResult",
+            "<class 'onnxcomp.framework.base.PassResult'> is not a subclass of onnxcomp.Pass",
+        ),
         ("my_package.passes:", "write an importable pass as 'package.module:ClassName'"),
     ],
 )
@@ -360,7 +396,7 @@ def test_module_raising_on_import_is_a_recipe_error(tmp_path: Path, monkeypatch:
 def test_module_class_cannot_take_a_builtin_name(tmp_path: Path) -> None:
     (tmp_path / "collide.py").write_text(
         "from onnxcomp.framework import Pass, PassResult\n\n\n"
-        "class Q(Pass):\n    \"\"\"Collides.\"\"\"\n\n    name = \"quantize\"\n\n"
+        'class Q(Pass):\n    """Collides."""\n\n    name = "quantize"\n\n'
         "    def run(self, graph, ctx):\n        return PassResult(False)\n",
         encoding="utf-8",
     )
@@ -374,8 +410,9 @@ def test_module_class_cannot_take_a_builtin_name(tmp_path: Path) -> None:
         "print(available_passes()['quantize'].__module__)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
     assert done.stdout.splitlines() == [
         "RecipeError: recipe: passes[0]: pass name 'quantize' of collide:Q is already taken by built-in; rename one of them",
@@ -390,8 +427,10 @@ def test_rejected_entry_point_is_named_once(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(registry, "_BROKEN", {})
     monkeypatch.setattr(registry, "_loaded", False)
     fake = [importlib.metadata.EntryPoint("not_a_pass", "onnxcomp.framework:PassResult", registry.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: fake if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group=None: fake if group == registry.ENTRY_POINT_GROUP else []
+    )
     assert registry.broken_passes() == {
         "not_a_pass": "entry point not_a_pass (onnxcomp.framework:PassResult): "
-                      "<class 'onnxcomp.framework.base.PassResult'> is not a subclass of onnxcomp.Pass"
+        "<class 'onnxcomp.framework.base.PassResult'> is not a subclass of onnxcomp.Pass"
     }

@@ -16,16 +16,25 @@ from onnxcomp.framework.registry import make_pass
 
 #: Options that turn every policy rule off: only structural declines remain.
 PERMISSIVE: dict[str, Any] = {
-    "align": 1, "require_saving": False, "min_channels": 0, "min_kernel_channels": 0,
+    "align": 1,
+    "require_saving": False,
+    "min_channels": 0,
+    "min_kernel_channels": 0,
 }
 CONV_PERMISSIVE: dict[str, Any] = {**PERMISSIVE, "allow_dilation": True, "max_stride": 8, "min_kernel": 1}
 FULL_RANK = "rank:100000"  # capped at the number of singular values
 
 
-def make_model(nodes: Sequence[onnx.NodeProto], inputs: dict[str, Sequence[int | str]],
-               inits: Sequence[onnx.TensorProto], outputs: Sequence[str] = ("y",), opset: int = 17) -> onnx.ModelProto:
+def make_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: dict[str, Sequence[int | str]],
+    inits: Sequence[onnx.TensorProto],
+    outputs: Sequence[str] = ("y",),
+    opset: int = 17,
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        list(nodes), "decomp",
+        list(nodes),
+        "decomp",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         list(inits),
@@ -39,9 +48,18 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: dict[str, Sequence[int |
     return model
 
 
-def conv_model(cin: int = 4, cout: int = 6, kernel: tuple[int, int] = (3, 3), hw: tuple[int, int] = (10, 11),
-               bias: bool = True, seed: int = 0, group: int = 1, batch: int | str = "N",
-               weight: np.ndarray | None = None, **attrs: Any) -> onnx.ModelProto:
+def conv_model(
+    cin: int = 4,
+    cout: int = 6,
+    kernel: tuple[int, int] = (3, 3),
+    hw: tuple[int, int] = (10, 11),
+    bias: bool = True,
+    seed: int = 0,
+    group: int = 1,
+    batch: int | str = "N",
+    weight: np.ndarray | None = None,
+    **attrs: Any,
+) -> onnx.ModelProto:
     """x[batch, cin, H, W] -> Conv(cout, kernel, **attrs) -> y."""
     r = np.random.default_rng(seed)
     w = weight if weight is not None else r.standard_normal((cout, cin // group, *kernel)) * 0.3
@@ -54,8 +72,9 @@ def conv_model(cin: int = 4, cout: int = 6, kernel: tuple[int, int] = (3, 3), hw
     return make_model([node], {"x": [batch, cin, *hw]}, inits)
 
 
-def run_pass(model: onnx.ModelProto, name: str = "decompose_conv", calibration: Any = None,
-             **options: Any) -> tuple[RunReport, PassResult]:
+def run_pass(
+    model: onnx.ModelProto, name: str = "decompose_conv", calibration: Any = None, **options: Any
+) -> tuple[RunReport, PassResult]:
     """Run one decomposition pass through a PassManager (validating the result)."""
     ctx = PassContext()
     if calibration is not None:

@@ -105,8 +105,10 @@ def test_refit_on_calibration_data_reduces_output_error() -> None:
     assert fit["rows"] == 6 * 4 * 12 * 6 and fit["error_refit"] < 0.7 * fit["error_svd"]
 
     def error(m: onnx.ModelProto) -> float:
-        errs = [np.linalg.norm(run_model(m, b)[0] - run_model(model, b)[0]) / np.linalg.norm(run_model(model, b)[0])
-                for b in held_out]
+        errs = [
+            np.linalg.norm(run_model(m, b)[0] - run_model(model, b)[0]) / np.linalg.norm(run_model(model, b)[0])
+            for b in held_out
+        ]
         return float(np.mean(errs))
 
     assert error(refit.model) < 0.85 * error(plain.model)
@@ -185,7 +187,8 @@ def test_bad_rank_rule_is_a_recipe_error() -> None:
 
 def test_record_of_a_missing_node_is_a_one_line_error(tmp_path: Any) -> None:
     record = tmp_path / "r.json"
-    record.write_text('{"format": "onnxcomp-decomposition/1", "nodes": '
-                      '[{"pass": "decompose_conv", "node": "nope", "rank": 16}]}')
+    record.write_text(
+        '{"format": "onnxcomp-decomposition/1", "nodes": [{"pass": "decompose_conv", "node": "nope", "rank": 16}]}'
+    )
     with pytest.raises(PassError, match="record names 'nope', not a Conv node"):
         run_pass(conv_model(cin=64, cout=64), record=str(record))

@@ -99,8 +99,9 @@ def test_declines() -> None:
     attention = helper.make_node("MatMul", ["x", "k"], ["y"], name="qk")
     dynamic = make_model([attention], {"x": ["N", 4, 64], "k": ["N", 64, 4]}, [])
     assert "'k' of MatMul 'qk' is not a constant" in run_pass(dynamic, PASS)[1].declined[0][1]
-    batched = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")], {"x": [2, 4, 64]},
-                         [_w("w", (2, 64, 64))])
+    batched = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")], {"x": [2, 4, 64]}, [_w("w", (2, 64, 64))]
+    )
     assert "B operand is 3-D, not 2-D" in run_pass(batched, PASS)[1].declined[0][1]
     small = run_pass(matmul_model(k=48, n=256), PASS)[1]
     assert "min(channels) 48 < 64" in small.declined[0][1]

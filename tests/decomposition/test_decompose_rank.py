@@ -19,28 +19,45 @@ from onnxcomp.decomposition.refit import NormalEquations
 from onnxcomp.errors import ConfigError
 
 
-@pytest.mark.parametrize(("text", "kind", "value"), [
-    ("auto", "auto", 0.0), ("energy:0.9", "energy", 0.9), ("ratio:0.5", "ratio", 0.5),
-    ("rank:32", "rank", 32), ("RANK:7", "rank", 7),
-])
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("auto", "auto", 0.0),
+        ("energy:0.9", "energy", 0.9),
+        ("ratio:0.5", "ratio", 0.5),
+        ("rank:32", "rank", 32),
+        ("RANK:7", "rank", 7),
+    ],
+)
 def test_parse_rank_rule(text: str, kind: str, value: float) -> None:
     rule = parse_rank_rule(text)
     assert (rule.kind, rule.value) == (kind, value)
     assert parse_rank_rule(str(rule)) == rule
 
 
-@pytest.mark.parametrize("text", ["", "auto:1", "energy", "energy:0", "energy:1.5", "ratio:x", "rank:0", "rank:2.5",
-                                  "svd"])
+@pytest.mark.parametrize(
+    "text", ["", "auto:1", "energy", "energy:0", "energy:1.5", "ratio:x", "rank:0", "rank:2.5", "svd"]
+)
 def test_parse_rank_rule_rejects(text: str) -> None:
     with pytest.raises(ConfigError, match="rank rule"):
         parse_rank_rule(text)
 
 
-@pytest.mark.parametrize(("rank", "align", "cap", "expected"), [
-    (27, 16, 192, 32), (32, 16, 192, 32), (8, 16, 48, 16), (40, 16, 999, 48), (23, 16, 999, 32),
-    (17, 16, 999, 16), (20, 16, 999, 32),
-    (5, 1, 3, 3), (0, 1, 10, 1), (200, 16, 96, 96),
-])
+@pytest.mark.parametrize(
+    ("rank", "align", "cap", "expected"),
+    [
+        (27, 16, 192, 32),
+        (32, 16, 192, 32),
+        (8, 16, 48, 16),
+        (40, 16, 999, 48),
+        (23, 16, 999, 32),
+        (17, 16, 999, 16),
+        (20, 16, 999, 32),
+        (5, 1, 3, 3),
+        (0, 1, 10, 1),
+        (200, 16, 96, 96),
+    ],
+)
 def test_align_rank_is_amct_make_divisible(rank: int, align: int, cap: int, expected: int) -> None:
     # AMCT: max(16, (r + 8) // 16 * 16), + 16 when below 0.9 r (23 -> 16 < 20.7 -> 32), capped
     assert align_rank(rank, align, cap) == expected

@@ -30,19 +30,35 @@ def test_record_is_saved_and_replays_byte_identically(tmp_path: Path) -> None:
     record = json.loads(record_path.read_text())
     assert record["format"] == "onnxcomp-decomposition/1"
     assert [(e["node"], e["factors"], e["rank"]) for e in record["nodes"]] == [
-        ("conv2", ["conv2_3x1", "conv2_1x3"], 16), ("conv3", ["conv3_3x1", "conv3_1x3"], 16),
-        ("conv4", ["conv4_3x1", "conv4_1x3"], 32)]
+        ("conv2", ["conv2_3x1", "conv2_1x3"], 16),
+        ("conv3", ["conv3_3x1", "conv3_1x3"], 16),
+        ("conv4", ["conv4_3x1", "conv4_1x3"], 32),
+    ]
     assert all(e["macs_after"] < e["macs_before"] for e in record["nodes"])
-    assert record["declined"] == [{"pass": "decompose_conv", "node": "conv1",
-                                   "reason": "too small: min(kernel) * min(channels) = 3 * 1 < 16"}]
+    assert record["declined"] == [
+        {"pass": "decompose_conv", "node": "conv1", "reason": "too small: min(kernel) * min(channels) = 3 * 1 < 16"}
+    ]
     # the replay ignores the rank rule and the policy: exactly the recorded ranks, nodes
     decompose(DEMO, again, calibration=CALIB, replay=record_path, rank_rule="rank:64")
     assert again.read_bytes() == out.read_bytes()
     without = decompose(DEMO, replay=record_path).result("decompose_conv")  # no calibration data
     assert any("differs from the recorded model" in note for note in without.notes)
     # and the resolved recipe reproduces it too
-    assert main(["-q", "run", str(tmp_path / "out.recipe.toml"), str(DEMO), "-o", str(tmp_path / "r.onnx"),
-                 "--calib", str(CALIB)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "run",
+                str(tmp_path / "out.recipe.toml"),
+                str(DEMO),
+                "-o",
+                str(tmp_path / "r.onnx"),
+                "--calib",
+                str(CALIB),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r.onnx").read_bytes() == out.read_bytes()
 
 
@@ -71,8 +87,14 @@ def test_replay_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(PassError, match="no such decomposition record"):
         decompose(DEMO, replay=tmp_path / "missing.json")
     wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({"format": "onnxcomp-decomposition/1", "nodes": [
-        {"pass": "decompose_conv", "node": "conv4", "rank": 16, "weight_shape": [64, 32, 3, 3]}]}))
+    wrong.write_text(
+        json.dumps(
+            {
+                "format": "onnxcomp-decomposition/1",
+                "nodes": [{"pass": "decompose_conv", "node": "conv4", "rank": 16, "weight_shape": [64, 32, 3, 3]}],
+            }
+        )
+    )
     shapes = r"node 'conv4' had weight shape \[64, 32, 3, 3\], the model has \[64, 64, 3, 3\]"
     with pytest.raises(PassError, match=shapes):
         decompose(DEMO, replay=wrong)

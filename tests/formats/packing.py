@@ -54,9 +54,7 @@ def pack_nibbles(codes: npt.ArrayLike) -> np.ndarray:
     return nib[0::2] | (nib[1::2] << np.uint8(4))
 
 
-def unpack_nibbles(
-    packed: npt.ArrayLike | bytes, count: int, *, signed: bool = False
-) -> np.ndarray:
+def unpack_nibbles(packed: npt.ArrayLike | bytes, count: int, *, signed: bool = False) -> np.ndarray:
     """Inverse of :func:`pack_nibbles`: the first ``count`` nibbles, low nibble first.
 
     Returns uint8 nibbles 0..15, or sign-extended int8 codes -8..7 with ``signed=True``.
@@ -107,9 +105,7 @@ def to_onnx_tensor(
     """
     dtype = _resolve_dtype(fmt)
     if dtype not in _STORAGE:
-        raise FormatError(
-            f"to_onnx_tensor: unsupported ONNX element type {onnx.helper.tensor_dtype_to_string(dtype)}"
-        )
+        raise FormatError(f"to_onnx_tensor: unsupported ONNX element type {onnx.helper.tensor_dtype_to_string(dtype)}")
     np_type, lo, hi, view = _STORAGE[dtype]
     c = _int_codes(codes, lo, hi, f"to_onnx_tensor({name!r})").astype(np_type)
     if dims is not None:

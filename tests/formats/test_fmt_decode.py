@@ -22,8 +22,7 @@ def _same_floats(a: np.ndarray, b: np.ndarray) -> bool:
     a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
     nan_a, nan_b = np.isnan(a32), np.isnan(b32)
     return bool(
-        np.array_equal(nan_a, nan_b)
-        and np.array_equal(a32[~nan_a].view(np.uint32), b32[~nan_b].view(np.uint32))
+        np.array_equal(nan_a, nan_b) and np.array_equal(a32[~nan_a].view(np.uint32), b32[~nan_b].view(np.uint32))
     )
 
 

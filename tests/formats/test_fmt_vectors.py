@@ -116,9 +116,7 @@ def test_hif8_worked_decode(code: int, value: float) -> None:
 def test_hif8_rne_option_ties() -> None:
     """RNE (ties to even code) differs from the default RNA exactly at ties with an odd upper code."""
     fmt = _hif8()
-    x = np.array(
-        [1.0625, 1.1875, 1.9375, 15.5, 28672.0, 1.5 * 2.0**-22, 1.5 * 2.0**-21, 2.0**-23], np.float32
-    )
+    x = np.array([1.0625, 1.1875, 1.9375, 15.5, 28672.0, 1.5 * 2.0**-22, 1.5 * 2.0**-21, 2.0**-23], np.float32)
     assert fmt.encode(x, "rna").tolist() == [0x09, 0x0A, 0x10, 0x40, 0x6E, 0x02, 0x03, 0x01]
     assert fmt.encode(x, "rne").tolist() == [0x08, 0x0A, 0x10, 0x40, 0x6E, 0x02, 0x02, 0x01]
 

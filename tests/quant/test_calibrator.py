@@ -37,7 +37,8 @@ def conv_relu_matmul() -> onnx.ModelProto:
         helper.make_node("MatMul", ["r", "m"], ["y"], name="matmul"),
     ]
     graph = helper.make_graph(
-        nodes, "crm",
+        nodes,
+        "crm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 12, 5])],
         inits,

@@ -53,7 +53,8 @@ def _weight() -> np.ndarray:
 
 def _matmul(w: np.ndarray) -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
         [numpy_helper.from_array(w, "w")],
@@ -94,8 +95,9 @@ WEIGHT_CASES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray], str]] = [
 @pytest.mark.parametrize(("fmt", "granularity", "reference", "storage"), WEIGHT_CASES)
 def test_weight_dequant_subgraph_is_bit_exact(fmt: str, granularity: str, reference: Callable, storage: str) -> None:
     w = _weight()
-    model = quantize(_matmul(w), weights=fmt, granularity=granularity, activations="none", fuse=False,
-                     fp4_storage=storage).model
+    model = quantize(
+        _matmul(w), weights=fmt, granularity=granularity, activations="none", fuse=False, fp4_storage=storage
+    ).model
     eye = np.eye(K, dtype=np.float32)  # x = I: the output is the dequantized weight, exactly
     got = run_model(model, {"x": eye}, level="disable")[0]
     want = reference(w)
@@ -128,7 +130,8 @@ def test_storage_bits() -> None:
 
 def _activation_model(width: int, emit: Callable[[ir.Graph, ir.Tensor], ir.Tensor], opset: int = 21) -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "act",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "act",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", width])],
     )
@@ -146,7 +149,10 @@ def _hard_inputs(fmt: str, width: int) -> np.ndarray:
     parts = [
         np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32),
         (np.arange(65536, dtype=np.uint32) << 16).view(np.float32),
-        values.astype(np.float32), mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+        values.astype(np.float32),
+        mids,
+        np.nextafter(mids, np.float32(np.inf)),
+        np.nextafter(mids, np.float32(-np.inf)),
         np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3e38], np.float32),
     ]
     data = np.concatenate(parts)
@@ -215,12 +221,22 @@ def test_ort_drops_relu_before_fp8_quantizelinear() -> None:
     """
     import ml_dtypes
 
-    inits = [numpy_helper.from_array(np.array(0.01, np.float32), "s"),
-             numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), "z")]
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], inits)
+    inits = [
+        numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+        numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), "z"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.array([-1.0, 1.0], np.float32)
     assert run_model(model, {"x": x}, level="disable")[0][0] == 0.0
@@ -260,8 +276,12 @@ def test_every_format_quantizes_the_demo(settings: dict, tmp_path: Path) -> None
 
 def test_mixed_formats_in_one_model() -> None:
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:32]}
-    config = {"weights": "int8", "activations": "hif8", "op_types": {"Gemm": {"weights": "mxfp4"}},
-              "nodes": {"conv1": {"activations": "none"}}}
+    config = {
+        "weights": "int8",
+        "activations": "hif8",
+        "op_types": {"Gemm": {"weights": "mxfp4"}},
+        "nodes": {"conv1": {"activations": "none"}},
+    }
     report = quantize(DEMO, calibration=calib, config=config)
     record = {r["node"]: r for r in report.result("quantize").data["record"]}
     assert record["fc1"]["weights"]["dtype"] == "mxfp4" and record["conv2"]["weights"]["dtype"] == "int8"
@@ -287,7 +307,9 @@ def test_two_level_fp8_group_scales_are_exact(fmt: str) -> None:
         g = (np.abs(block).max(0, keepdims=True) / (elem.max_value * s_c.astype(np.float64))).astype(np.float32)
         eff = np.multiply(s_c, fp8.quantize_dequantize(g), dtype=np.float32)
         safe = np.where(eff > 0, eff, 1).astype(np.float32)
-        want[start : start + 32] = np.where(eff > 0, elem.quantize_dequantize(np.divide(block, safe, dtype=np.float32)) * eff, 0)
+        want[start : start + 32] = np.where(
+            eff > 0, elem.quantize_dequantize(np.divide(block, safe, dtype=np.float32)) * eff, 0
+        )
     assert _values_equal(got, want).all()
     assert _values_equal(run_model(model, {"x": np.eye(K, dtype=np.float32)}, level="all")[0], got).all()
 
@@ -297,18 +319,35 @@ def test_two_level_with_fp8_activations_on_the_demo() -> None:
 
     held = np.load(MODELS / "digits_heldout.npz")
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:32]}
-    config = {"weights": {"dtype": "fp4_e2m1", "granularity": "group:32", "scale_format": "fp8_e4m3"},
-              "activations": "fp8_e4m3"}
+    config = {
+        "weights": {"dtype": "fp4_e2m1", "granularity": "group:32", "scale_format": "fp8_e4m3"},
+        "activations": "fp8_e4m3",
+    }
     model = quantize(DEMO, calibration=calib, config=config).model
     assert accuracy(predict(model, {"input": held["input"]}), held["label"]) >= 98.5
 
 
 def test_two_level_storage_counts_group_scales() -> None:
-    model = quantize(_matmul(_weight()), config={"weights": {"dtype": "fp4_e1m2", "granularity": "group:32",
-                     "scale_format": "fp8_e4m3"}, "activations": "none"}, fuse=False).model
+    model = quantize(
+        _matmul(_weight()),
+        config={
+            "weights": {"dtype": "fp4_e1m2", "granularity": "group:32", "scale_format": "fp8_e4m3"},
+            "activations": "none",
+        },
+        fuse=False,
+    ).model
     (entry,) = weight_storage(model).values()
-    total = sum(np.prod(t.dims) * (4 if t.data_type == TensorProto.INT4 else 8 if t.data_type in
-                (TensorProto.INT8, TensorProto.FLOAT8E4M3FN) else 32) for t in model.graph.initializer)
+    total = sum(
+        np.prod(t.dims)
+        * (
+            4
+            if t.data_type == TensorProto.INT4
+            else 8
+            if t.data_type in (TensorProto.INT8, TensorProto.FLOAT8E4M3FN)
+            else 32
+        )
+        for t in model.graph.initializer
+    )
     assert entry["bits"] == total  # codes, FP8 group scales + zero points, fp32 channel scales
 
 
@@ -316,8 +355,15 @@ def test_two_level_rejects_other_fp4_storage() -> None:
     from onnxcomp.errors import PassError
 
     with pytest.raises(PassError, match="cannot be combined with two-level scales"):
-        quantize(_matmul(_weight()), config={"weights": {"dtype": "fp4_e2m1", "granularity": "group:32",
-                 "scale_format": "fp8_e4m3"}, "activations": "none"}, fuse=False, fp4_storage="uint4_lut")
+        quantize(
+            _matmul(_weight()),
+            config={
+                "weights": {"dtype": "fp4_e2m1", "granularity": "group:32", "scale_format": "fp8_e4m3"},
+                "activations": "none",
+            },
+            fuse=False,
+            fp4_storage="uint4_lut",
+        )
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "hif8", "int8"])
@@ -325,10 +371,13 @@ def test_conv_dynamic_activations_scale_along_channels(fmt: str) -> None:
     """Per-token / MX scales of a Conv input run along its channels (the reduction axis)."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((8, 40, 3, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "c",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40, "H", "W"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        "c",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])],
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     sim = quantize(model, weights="int8", activations=fmt, dynamic=True, fuse=False, emit="simulate").model
     x = (rng.standard_normal((2, 40, 5, 7)) * np.exp(rng.uniform(-4, 4, (2, 1, 5, 7)))).astype(np.float32)
@@ -338,13 +387,23 @@ def test_conv_dynamic_activations_scale_along_channels(fmt: str) -> None:
         xq = get_format("mxfp8").quantize_dequantize(moved, axis=-1)
     else:
         top = {"hif8": 16.0, "int8": 127.0}[fmt]
-        s = np.maximum(np.abs(moved).max(-1, keepdims=True) / np.float32(top), np.finfo(np.float32).tiny).astype(np.float32)
+        s = np.maximum(np.abs(moved).max(-1, keepdims=True) / np.float32(top), np.finfo(np.float32).tiny).astype(
+            np.float32
+        )
         y = np.divide(moved, s, dtype=np.float32)
         xq = (get_format("hif8").quantize_dequantize(y) if fmt == "hif8" else np.clip(np.rint(y), -128, 127)) * s
-    ref_model = helper.make_model(helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "r",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(wq, "w")]), opset_imports=[helper.make_opsetid("", 21)])
-    want = run_model(ref_model, {"x": np.ascontiguousarray(np.moveaxis(xq, -1, 1)).astype(np.float32)}, level="disable")[0]
+    ref_model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+            "r",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(wq, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    want = run_model(
+        ref_model, {"x": np.ascontiguousarray(np.moveaxis(xq, -1, 1)).astype(np.float32)}, level="disable"
+    )[0]
     got = run_model(sim, {"x": x}, level="disable")[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -102,10 +102,15 @@ def _parts(x: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
 def test_merge_is_exact(cls: type) -> None:
     rng = np.random.default_rng(7)
     # ranges that grow (and shrink) across batches: k changes several times, both signs
-    x = np.concatenate([
-        rng.standard_normal(5000) * 1e-3, rng.laplace(size=5000) * 10, rng.uniform(0, 1, 5000),
-        rng.standard_normal(5000) * 1e4, np.array([2.0**20, -(2.0**20), 0.0, -0.0, 1e-30, -1e-30]),
-    ]).astype(np.float32)
+    x = np.concatenate(
+        [
+            rng.standard_normal(5000) * 1e-3,
+            rng.laplace(size=5000) * 10,
+            rng.uniform(0, 1, 5000),
+            rng.standard_normal(5000) * 1e4,
+            np.array([2.0**20, -(2.0**20), 0.0, -0.0, 1e-30, -1e-30]),
+        ]
+    ).astype(np.float32)
     single = cls()
     single.update(x)
     halves = np.array_split(x, 2)
@@ -284,7 +289,9 @@ def test_mse_vs_brute_force(name: str, symmetric: bool) -> None:
     obs = observe(x, parts=2)
     grid = shrink_candidates(obs, symmetric, 50)
     m = float(np.abs(x).max())
-    expect = [(-f * m, f * m) if symmetric else (f * float(x.min()), f * float(x.max())) for f in np.arange(50, 0, -1) / 50]
+    expect = [
+        (-f * m, f * m) if symmetric else (f * float(x.min()), f * float(x.max())) for f in np.arange(50, 0, -1) / 50
+    ]
     np.testing.assert_allclose([(c.lo, c.hi) for c in grid], expect, rtol=1e-12)
     truth = [true_mse(x, c) for c in grid]
     chosen = mse_range(obs, qdq_int8, symmetric, steps=50)

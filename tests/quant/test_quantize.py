@@ -57,7 +57,9 @@ def test_per_tensor_asymmetric_int8_matches_spec_example() -> None:
     assert qw.codes[0, 1] == 127 and qw.codes[0, 0] == -128
 
 
-@pytest.mark.parametrize(("op", "shape", "axis"), [("MatMul", (70, 5), 0), ("Gemm-T", (5, 70), 1), ("Conv", (4, 70, 1, 1), 1)])
+@pytest.mark.parametrize(
+    ("op", "shape", "axis"), [("MatMul", (70, 5), 0), ("Gemm-T", (5, 70), 1), ("Conv", (4, 70, 1, 1), 1)]
+)
 def test_per_group_scales_along_reduction_axis(op: str, shape: tuple[int, ...], axis: int) -> None:
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     layout = weight_layout("Gemm", 2, trans_b=True) if op == "Gemm-T" else weight_layout(op, len(shape))
@@ -116,19 +118,25 @@ def test_invalid_config_is_an_error(options: dict, message: str) -> None:
 
 def _mlp(k: int = 64, n: int = 48, shared: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(4)
-    inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.2, "w1"),
-             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32) * 0.1, "b1"),
-             numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32) * 0.2, "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
-             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.2, "w1"),
+        numpy_helper.from_array(rng.standard_normal(n).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32) * 0.2, "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
     if shared:
         nodes.append(helper.make_node("MatMul", ["x", "w1"], ["z"], name="mm_shared"))
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", k])]
     if shared:
         outs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", n]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])], outs, inits)
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])], outs, inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -169,8 +177,22 @@ def test_determinism_same_bytes(tmp_path: Path) -> None:
 def demo_w8a8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, onnx.ModelProto]:
     tmp = tmp_path_factory.mktemp("w8a8")
     out = tmp / "demo_int8.onnx"
-    assert main(["-q", "quantize", str(DEMO), "-o", str(out), "--calib", str(MODELS / "digits_calib.npz"),
-                 "--simulation", str(tmp / "demo_sim.onnx")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "quantize",
+                str(DEMO),
+                "-o",
+                str(out),
+                "--calib",
+                str(MODELS / "digits_calib.npz"),
+                "--simulation",
+                str(tmp / "demo_sim.onnx"),
+            ]
+        )
+        == 0
+    )
     return out, onnx.load(str(out))
 
 
@@ -213,7 +235,9 @@ def test_demo_record_and_report_beside_output(demo_w8a8: tuple[Path, onnx.ModelP
 
 def test_int32_bias_on_fully_int8_conv(demo_w8a8: tuple[Path, onnx.ModelProto]) -> None:
     inits = {t.name: t for t in demo_w8a8[1].graph.initializer}
-    biases = [t for n, t in inits.items() if n.endswith("bias_quantized") or "bias" in n and t.data_type == TensorProto.INT32]
+    biases = [
+        t for n, t in inits.items() if n.endswith("bias_quantized") or "bias" in n and t.data_type == TensorProto.INT32
+    ]
     assert biases and all(t.data_type == TensorProto.INT32 for t in biases)
 
 
@@ -224,15 +248,25 @@ def test_output_mse_observer_lowers_layer_output_error() -> None:
     w = rng.standard_normal((k, n)).astype(np.float32)
     gains = np.exp(rng.uniform(-3, 3, k)).astype(np.float32)  # input channels of very different energy
     calib = [{"x": (rng.standard_normal((64, k)) * gains).astype(np.float32)} for _ in range(4)]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.concatenate([b["x"] for b in calib])
     errors = {}
     for observer in ("minmax", "mse", "output_mse"):
-        q = quantize(model, calibration=calib, weights="int4", granularity="channel", activations="none",
-                     weight_observer=observer, fuse=False).model
+        q = quantize(
+            model,
+            calibration=calib,
+            weights="int4",
+            granularity="channel",
+            activations="none",
+            weight_observer=observer,
+            fuse=False,
+        ).model
         errors[observer] = float(((run_model(q, {"x": x}, level="disable")[0] - x @ w) ** 2).mean())
     assert errors["output_mse"] < errors["mse"] <= errors["minmax"], errors

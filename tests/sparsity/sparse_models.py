@@ -51,8 +51,18 @@ class Net:
         w[tuple(index)] = 0.0
         return w
 
-    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 3, group: int = 1, zero: Iterable[int] = (),
-             bias: bool = True, **attrs: Any) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        name: str,
+        k: int = 3,
+        group: int = 1,
+        zero: Iterable[int] = (),
+        bias: bool = True,
+        **attrs: Any,
+    ) -> str:
         zero = list(zero)
         w = self.const(self._weight((cout, cin // group, k, k), zero), f"{name}.w")
         inputs = [x, w]
@@ -82,7 +92,8 @@ class Net:
 
     def build(self, outputs: Sequence[str], inputs: Mapping[str, Sequence[int | str]] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "sparsity",
+            self.nodes,
+            "sparsity",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (inputs or {"x": self.shape}).items()],
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
             self.inits,

@@ -107,8 +107,16 @@ def test_reduction_axes() -> None:
 
 @pytest.mark.parametrize(
     ("channels", "ratio", "round_to", "expected"),
-    [(20, 0.25, 1, 15), (20, 0.25, 16, 16), (16, 0.25, 16, 16), (64, 0.3, 16, 48), (64, 0.3, 1, 45),
-     (4, 0.9, 1, 1), (10, 0.0, 1, 10), (7, 0.5, 4, 4)],
+    [
+        (20, 0.25, 1, 15),
+        (20, 0.25, 16, 16),
+        (16, 0.25, 16, 16),
+        (64, 0.3, 16, 48),
+        (64, 0.3, 1, 45),
+        (4, 0.9, 1, 1),
+        (10, 0.0, 1, 10),
+        (7, 0.5, 4, 4),
+    ],
 )
 def test_keep_count(channels: int, ratio: float, round_to: int, expected: int) -> None:
     assert keep_count(channels, ratio, round_to) == expected

@@ -37,8 +37,9 @@ def test_conv_bn_relu_pool_conv_chain() -> None:
     assert summary == ("conv1", 8, 6, "channels")
 
 
-@pytest.mark.parametrize("reshape", [None, [0, -1], [-1, 72], [0, 72]],
-                         ids=["flatten", "reshape0-1", "reshape-1K", "reshape0K"])
+@pytest.mark.parametrize(
+    "reshape", [None, [0, -1], [-1, 72], [0, 72]], ids=["flatten", "reshape0-1", "reshape-1K", "reshape0K"]
+)
 def test_flatten_to_gemm_expands_channels(reshape: list[int] | None) -> None:
     net = Net(shape=("N", 4, 3, 3) if reshape != [-1, 72] else (2, 4, 3, 3))
     h = net.op("Relu", [net.conv("x", 4, 8, "conv1", zero=DEAD)])
@@ -58,8 +59,7 @@ def test_residual_add_prunes_both_branches_in_lock_step() -> None:
     s2 = net.op("Add", [s, net.conv(s, 8, 8, "inner", zero=DEAD)])  # a second residual on the same stream
     model = net.build([net.conv(s2, 8, 3, "head")])
     out, result = prune(model, ratio=0.25, skip=["stem"])
-    _assert_pruned(model, out, {"branch_a": (0, 8, 6), "branch_b": (0, 8, 6), "inner": (0, 8, 6),
-                                "head": (1, 8, 6)})
+    _assert_pruned(model, out, {"branch_a": (0, 8, 6), "branch_b": (0, 8, 6), "inner": (0, 8, 6), "head": (1, 8, 6)})
     assert weight(out, "inner").shape == (6, 6, 3, 3)  # a sink and a source of the same group
     coupled = next(e for e in result.data["layers"] if e["node"] == "branch_a")["coupled"]
     assert sorted(coupled) == ["branch_b", "inner"]

@@ -74,8 +74,9 @@ def test_shared_weight_gets_its_own_copy() -> None:
     assert nm_fraction(weight(out, "gemm_b"), 1, NMPattern()) == 1.0
 
 
-@pytest.mark.parametrize(("fmt", "granularity"), [("int8", "channel"), ("int4", "channel"), ("int4", "group:32"),
-                                                  ("uint8", "channel")])
+@pytest.mark.parametrize(
+    ("fmt", "granularity"), [("int8", "channel"), ("int4", "channel"), ("int4", "group:32"), ("uint8", "channel")]
+)
 def test_quantized_zeros_stay_exact(fmt: str, granularity: str, tmp_path: Path) -> None:
     net = Net(shape=("N", 64))
     h = net.op("Relu", [net.gemm("x", 64, 32, "fc1")])
@@ -102,8 +103,11 @@ def test_quantized_zeros_stay_exact(fmt: str, granularity: str, tmp_path: Path) 
 
 def test_simulated_dequantized_weights_keep_the_pattern() -> None:
     model = mixed_model()
-    options = {"weights": {"dtype": "int8", "granularity": "tensor", "symmetric": False}, "activations": "none",
-               "emit": "simulate"}
+    options = {
+        "weights": {"dtype": "int8", "granularity": "tensor", "symmetric": False},
+        "activations": "none",
+        "emit": "simulate",
+    }
     out = compress(model, [make_pass("sparsify_2to4"), make_pass("quantize", options)]).model
     init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     fake = next(v for k, v in init.items() if k.startswith("conv_a") and "fakequant" in k)

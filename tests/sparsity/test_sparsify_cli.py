@@ -36,14 +36,33 @@ def test_cli_pattern(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 def test_cli_prune_with_calibration_then_int4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "p.onnx"
-    args = ["sparsify", str(DEMO), "-o", str(out), "--ratio", "0.25", "--calib", str(CALIB), "--round-to", "4",
-            "--quantize", "int4", "--layer-ratio", "fc1=0.5"]
+    args = [
+        "sparsify",
+        str(DEMO),
+        "-o",
+        str(out),
+        "--ratio",
+        "0.25",
+        "--calib",
+        str(CALIB),
+        "--round-to",
+        "4",
+        "--quantize",
+        "int4",
+        "--layer-ratio",
+        "fc1=0.5",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "conv2: 32 -> 24 channels, consumers' output error" in text and "fc1: 64 -> 32 channels" in text
     record = json.loads(out.with_name("p.sparsity_record.json").read_text())
-    assert {e["node"]: e["channels_after"] for e in record["layers"]} == {"conv1": 12, "conv2": 24, "conv3": 48,
-                                                                          "conv4": 48, "fc1": 32}
+    assert {e["node"]: e["channels_after"] for e in record["layers"]} == {
+        "conv1": 12,
+        "conv2": 24,
+        "conv3": 48,
+        "conv4": 48,
+        "fc1": 32,
+    }
     quant = json.loads(out.with_name("p.quant_record.json").read_text())
     assert {e["weights"]["dtype"] for e in quant} == {"int4"}
     assert "prune_channels" in out.with_name("p.recipe.toml").read_text()
@@ -64,9 +83,11 @@ def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_recipe_toml(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[passes]]\npass = "fold_batchnorm"\n\n[[passes]]\npass = "prune_channels"\nratio = 0.5\n'
-                      'criterion = "data"\nround_to = 8\n\n[[passes]]\npass = "quantize"\nactivations = "none"\n'
-                      'weights = { dtype = "int8", granularity = "channel" }\n')
+    recipe.write_text(
+        '[[passes]]\npass = "fold_batchnorm"\n\n[[passes]]\npass = "prune_channels"\nratio = 0.5\n'
+        'criterion = "data"\nround_to = 8\n\n[[passes]]\npass = "quantize"\nactivations = "none"\n'
+        'weights = { dtype = "int8", granularity = "channel" }\n'
+    )
     report = compress(DEMO, recipe, tmp_path / "r.onnx", calibration=CALIB)
     assert report.result("prune_channels").stats["channels_after"] == 8 + 16 + 32 + 32 + 32
     again = compress(DEMO, tmp_path / "r.recipe.toml", tmp_path / "r2.onnx", calibration=CALIB)
