@@ -110,10 +110,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def model_size(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
-
-
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker (with full_check); large models are checked through a temporary file."""
     try:

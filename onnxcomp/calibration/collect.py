@@ -18,12 +18,9 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 import onnx
 
-from onnxcomp.calibration.observers import Observer
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.progress import progress_bar
 from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
-
-ObserverFactory = Callable[[], Observer]
 
 
 class SupportsUpdate(Protocol):
