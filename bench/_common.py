@@ -95,10 +95,15 @@ def versions(*modules: str) -> dict[str, str]:
 def git_revision(repo: str | os.PathLike[str] = REPO) -> str:
     """Short HEAD commit of ``repo``, with '+ uncommitted changes' when the tree is dirty."""
     try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" + uncommitted changes" if dirty else "")
@@ -109,8 +114,10 @@ def environment_line(modules: Sequence[str]) -> str:
     v = versions(*modules)
     parts = ", ".join(f"{k} {val}" for k, val in v.items())
     today = _dt.date.today().isoformat()
-    return (f"Measured {today} at commit {git_revision()}; {parts}; {nproc()} CPUs (`nproc`), {cpu_model()}, "
-            f"{mem_total_gb():.0f} GB RAM, {platform.system()} {platform.machine()}.")
+    return (
+        f"Measured {today} at commit {git_revision()}; {parts}; {nproc()} CPUs (`nproc`), {cpu_model()}, "
+        f"{mem_total_gb():.0f} GB RAM, {platform.system()} {platform.machine()}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,16 +146,26 @@ def as_proto(model: Any) -> Any:
     return onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
 
 
-def ort_session(model: str | os.PathLike[str] | bytes | Any, threads: int = 1, level: str = "all",
-                config: Mapping[str, str] | None = None):  # -> onnxruntime.InferenceSession
+def ort_session(
+    model: str | os.PathLike[str] | bytes | Any,
+    threads: int = 1,
+    level: str = "all",
+    config: Mapping[str, str] | None = None,
+):  # -> onnxruntime.InferenceSession
     """``onnxcomp.model_io.ort_session`` for a model given as a path, bytes or ModelProto."""
-    from onnxcomp.model_io import ort_session as session
+    from onnxcomp.runtime import ort_session as session
 
     return session(as_proto(model), level=level, threads=threads, config=dict(config or {}))
 
 
-def interleaved_latency_ms(models: Sequence[Any], feeds: Mapping[str, Any], threads: int = 1, runs: int = 20,
-                           warmup: int = 5, level: str = "all") -> list[float]:
+def interleaved_latency_ms(
+    models: Sequence[Any],
+    feeds: Mapping[str, Any],
+    threads: int = 1,
+    runs: int = 20,
+    warmup: int = 5,
+    level: str = "all",
+) -> list[float]:
     """Median ``session.run`` time (ms) of each model, measured round-robin.
 
     Each of the ``runs`` rounds runs every model once, so a burst of load from other processes
@@ -210,9 +227,15 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def run_child(script: str | os.PathLike[str], task: Mapping[str, Any], *, cwd: str | os.PathLike[str] | None = None,
-              env: Mapping[str, str] | None = None, timeout: float = 600.0,
-              python: str = sys.executable) -> ChildResult:
+def run_child(
+    script: str | os.PathLike[str],
+    task: Mapping[str, Any],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600.0,
+    python: str = sys.executable,
+) -> ChildResult:
     """Run ``python script --child TASK.json RESULT.json`` in a fresh process; measure its peak RSS.
 
     ``cwd`` defaults to a fresh temporary directory (removed afterwards), so whatever the job
@@ -233,7 +256,10 @@ def run_child(script: str | os.PathLike[str], task: Mapping[str, Any], *, cwd: s
     start = time.perf_counter()
     proc = subprocess.Popen(
         [python, str(Path(script).resolve()), "--child", str(task_path), str(result_path)],
-        cwd=workdir, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=workdir,
+        env=child_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     stderr_chunks: list[bytes] = []
@@ -323,15 +349,13 @@ def fmt(value: Any, digits: int = 2) -> str:
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one char per column: l (default) or r."""
     align = align or "l" * len(headers)
-    out = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     for row in rows:
         out.append("| " + " | ".join(str(c) for c in row) + " |")
     return "\n".join(out)
 
 
-def write_readme_section(readme: str | os.PathLike[str], heading: str, body: str,
-                         title: str = "# Benchmarks") -> None:
+def write_readme_section(readme: str | os.PathLike[str], heading: str, body: str, title: str = "# Benchmarks") -> None:
     """Replace the ``heading`` section (up to the next heading of the same or a higher level) of
     ``readme`` with ``heading`` + ``body``; append it if missing; create the file if needed.
 
@@ -361,3 +385,99 @@ def write_readme_section(readme: str | os.PathLike[str], heading: str, body: str
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# ORT optimized graphs and latency distributions (added for bench/latency.py)
+# --------------------------------------------------------------------------------------------
+
+
+def ort_optimized_model(
+    model: str | os.PathLike[str] | bytes | Any, level: str = "all", config: Mapping[str, str] | None = None
+) -> Any:  # -> onnx.ModelProto
+    """The graph onnxruntime's CPU provider actually runs: the model after ORT's graph optimizations
+    at ``level`` (disable | basic | extended | all), saved through ``optimized_model_filepath``.
+
+    Plain onnxruntime (no onnxcomp import), so it shows ORT's own fusions and nothing else.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    with tempfile.TemporaryDirectory(prefix="bench-ortopt-") as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        if isinstance(model, (str, os.PathLike)):
+            ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        else:
+            data = model if isinstance(model, bytes) else as_proto(model).SerializeToString()
+            ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+@dataclass
+class LatencyStats:
+    """Per-run times (ms) of one session in an interleaved measurement."""
+
+    times_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms) if self.times_ms else float("nan")
+
+    def percentile(self, q: float) -> float:
+        """The q-th percentile (0-100, linear interpolation) of the run times."""
+        if not self.times_ms:
+            return float("nan")
+        xs = sorted(self.times_ms)
+        pos = (len(xs) - 1) * q / 100.0
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    @property
+    def p10(self) -> float:
+        return self.percentile(10)
+
+
+def interleaved_latency_stats(
+    sessions: Sequence[Any],
+    feeds: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    runs: int = 20,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    min_runs: int = 5,
+) -> list[LatencyStats]:
+    """``session.run`` times of every session, measured round-robin in ONE loop.
+
+    ``sessions`` are ready onnxruntime sessions (e.g. one per model x thread count); ``feeds`` is
+    one feed dict for all or one per session. Round ``i`` starts at session ``i mod n`` so no
+    session always runs right after the same neighbour; a burst of load from other processes hits
+    all sessions alike. Stops after ``runs`` rounds, or earlier (but after ``min_runs``) once
+    ``budget_s`` seconds of timed rounds have passed.
+    """
+    n = len(sessions)
+    per = [dict(f) for f in feeds] if isinstance(feeds, Sequence) else [dict(feeds)] * n
+    for _ in range(warmup):
+        for s, f in zip(sessions, per):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    for i in range(runs):
+        for k in range(n):
+            j = (i + k) % n
+            t0 = time.perf_counter()
+            sessions[j].run(None, per[j])
+            times[j].append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and i + 1 >= min_runs and time.perf_counter() - start > budget_s:
+            break
+    return [LatencyStats(t) for t in times]

@@ -51,9 +51,9 @@ NOTHING = {"min_channels": 10**9}  # a decompose run that declines everything: t
 INTRO = (
     "Low-rank tensor decomposition (`onnxcomp decompose`): each rank rule with SVD factors only (svd),\n"
     "with the second factors refit by least squares on calibration data (refit), and refit followed\n"
-    "by INT8 quantization (`onnxcomp quantize` defaults). \"saved\" is the reduction of conv MACs\n"
+    'by INT8 quantization (`onnxcomp quantize` defaults). "saved" is the reduction of conv MACs\n'
     "(MatMul weight MACs per token for MiniLM) against fp32. Latency: onnxruntime CPU, one thread,\n"
-    "median of the runs, each timed round-robin with the fp32 model (\"vs fp32\" = the ratio of the\n"
+    'median of the runs, each timed round-robin with the fp32 model ("vs fp32" = the ratio of the\n'
     "two medians; < 1 is faster). Regenerate with `python bench/decompose.py`."
 )
 NOTES = (
@@ -64,7 +64,7 @@ NOTES = (
     "convs); it is tuned for convs and too aggressive for MiniLM's MatMuls, where `energy:0.9` + refit\n"
     "keeps the embeddings close. PP-OCRv6 det has only 3 dense convs with k >= 3 (61 of its 83 convs\n"
     "are 1x1, 17 depthwise), so the 3x3 decomposition saves little there; `min_kernel = 1` also factors\n"
-    "1x1 convs (a 1x1 conv is a matrix). Its large \"vs fp32\" gain is mostly an onnxruntime effect: two\n"
+    '1x1 convs (a 1x1 conv is a matrix). Its large "vs fp32" gain is mostly an onnxruntime effect: two\n'
     "768->384 1x1 convs (`Conv.50`, `Conv.53`, ~5% of the MACs) take ~45% of the fp32 run time in\n"
     "onnxruntime 1.32 (NCHWc Conv with a fused Add), and their low-rank pairs avoid that path.\n"
     "Latencies on this shared 2-CPU machine vary by up to 2x between runs of the same model."
@@ -126,8 +126,7 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, decomposed: int | str,
-        runs: int) -> str:
+def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, decomposed: int | str, runs: int) -> str:
     one = {k: v[:1] for k, v in case.timing.items()}  # MACs per sample
     if case.ops == "conv":
         (kind, total), (base_kind, _) = macs(model, one), macs(fp32, one)
@@ -137,8 +136,10 @@ def row(case: Case, label: str, model: onnx.ModelProto, fp32: onnx.ModelProto, d
     saved = f"{(1 - kind / base_kind) * 100:.1f}%" if base_kind else "-"
     params = summarize(model).param_count
     ms, ratio = timing(model, fp32, case.timing, runs)
-    text = (f"| {label} | {decomposed} | {fmt_count(kind)} | {saved} | {total_text} | {fmt_count(params)} "
-            f"| {ms:.2f} | {ratio:.2f} | {case.score(model, fp32)} |")
+    text = (
+        f"| {label} | {decomposed} | {fmt_count(kind)} | {saved} | {total_text} | {fmt_count(params)} "
+        f"| {ms:.2f} | {ratio:.2f} | {case.score(model, fp32)} |"
+    )
     print(text, flush=True)
     return text
 
@@ -147,10 +148,12 @@ def run_case(case: Case, runs: int) -> str:
     print(f"\n{case.title}", flush=True)
     fp32 = decompose(case.path, ops=case.ops, options=NOTHING).model
     head = "conv MACs" if case.ops == "conv" else "MatMul MACs / token"
-    lines = [f"### {case.title}", "",
-             f"| variant | decomposed | {head} | saved | all MACs | params | latency ms | vs fp32 "
-             f"| {case.quality} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### {case.title}",
+        "",
+        f"| variant | decomposed | {head} | saved | all MACs | params | latency ms | vs fp32 | {case.quality} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     lines.append(row(case, "fp32 (fused)", fp32, fp32, 0, runs))
     if case.int8:
         lines.append(row(case, "int8 only", quantize(fp32, calibration=case.calib).model, fp32, 0, runs))
@@ -159,8 +162,9 @@ def run_case(case: Case, runs: int) -> str:
     for label, rule, options in variants:
         opts = {k: v for k, v in options.items() if k != "rank_rule"}
         for refit in (False, True):
-            report = decompose(case.path, ops=case.ops, rank_rule=rule, options=opts,
-                               calibration=case.calib if refit else None)
+            report = decompose(
+                case.path, ops=case.ops, rank_rule=rule, options=opts, calibration=case.calib if refit else None
+            )
             count = len(report.steps[-1].result.data["record"]["nodes"])
             if count == 0:  # nothing decomposed: the model is the fp32 one, one row says so
                 lines.append(f"| {label} | 0 | - | 0.0% | - | - | - | - | = fp32 |")
@@ -181,11 +185,19 @@ def demo_case() -> Case:
         out, ref = predict(model, test), predict(fp32, test)
         return f"{accuracy(out, held['label']):.2f}% / {cosine(out, ref):.5f}"
 
-    return Case("digits demo CNN (4 Conv 3x3, 16-64 channels), `min_channels = 16`",
-                REPO / "models" / "digits_cnn.onnx", "conv",
-                ("auto", "energy:0.6", "ratio:0.25", "ratio:0.5", "rank:16"), {"min_channels": 16}, calib, test,
-                {"input": held["input"][:64]}, score, "accuracy / cosine",
-                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),))
+    return Case(
+        "digits demo CNN (4 Conv 3x3, 16-64 channels), `min_channels = 16`",
+        REPO / "models" / "digits_cnn.onnx",
+        "conv",
+        ("auto", "energy:0.6", "ratio:0.25", "ratio:0.5", "rank:16"),
+        {"min_channels": 16},
+        calib,
+        test,
+        {"input": held["input"][:64]},
+        score,
+        "accuracy / cosine",
+        extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),),
+    )
 
 
 def ppocr_case() -> Case:
@@ -198,12 +210,23 @@ def ppocr_case() -> Case:
         iou = (a & b).sum() / max((a | b).sum(), 1)
         return f"{cosine(out, ref):.5f} / {iou:.4f}"
 
-    return Case("PP-OCRv6 small text detector (`ppocr_det`, 83 Conv: 61 1x1, 17 depthwise), `min_channels = 16`",
-                fetch("ppocr_det"), "conv", ("auto", "rank:32", "energy:0.9"), {"min_channels": 16}, calib, test,
-                {"x": test["x"][:1]}, score, "cosine / text-map IoU",
-                extra=(("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),
-                       ("auto, 1x1 convs too (min_kernel 1)", {"rank_rule": "auto", "min_kernel": 1}),
-                       ("energy:0.9, 1x1 convs too (min_kernel 1)", {"rank_rule": "energy:0.9", "min_kernel": 1})))
+    return Case(
+        "PP-OCRv6 small text detector (`ppocr_det`, 83 Conv: 61 1x1, 17 depthwise), `min_channels = 16`",
+        fetch("ppocr_det"),
+        "conv",
+        ("auto", "rank:32", "energy:0.9"),
+        {"min_channels": 16},
+        calib,
+        test,
+        {"x": test["x"][:1]},
+        score,
+        "cosine / text-map IoU",
+        extra=(
+            ("auto, default thresholds (min_channels 64)", {"rank_rule": "auto", "min_channels": 64}),
+            ("auto, 1x1 convs too (min_kernel 1)", {"rank_rule": "auto", "min_kernel": 1}),
+            ("energy:0.9, 1x1 convs too (min_kernel 1)", {"rank_rule": "energy:0.9", "min_kernel": 1}),
+        ),
+    )
 
 
 def minilm_case() -> Case:
@@ -216,9 +239,19 @@ def minilm_case() -> Case:
         rows = np.sum(out * ref, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
         return f"{rows.mean():.4f} / {rows.min():.4f}"
 
-    return Case("MiniLM-L3 sentence encoder (`minilm_l3`, 18 MatMul weights 384x384 / 384x1536), `decompose_matmul`",
-                fetch("minilm_l3"), "matmul", ("auto", "energy:0.9", "ratio:0.25"), {}, calib, test,
-                {k: v[:16] for k, v in test.items()}, score, "embedding cosine mean / min", int8=False)
+    return Case(
+        "MiniLM-L3 sentence encoder (`minilm_l3`, 18 MatMul weights 384x384 / 384x1536), `decompose_matmul`",
+        fetch("minilm_l3"),
+        "matmul",
+        ("auto", "energy:0.9", "ratio:0.25"),
+        {},
+        calib,
+        test,
+        {k: v[:16] for k, v in test.items()},
+        score,
+        "embedding cosine mean / min",
+        int8=False,
+    )
 
 
 def main() -> None:
@@ -230,8 +263,10 @@ def main() -> None:
     cases = {"demo": (demo_case, 200), "ppocr_det": (ppocr_case, 10), "minilm_l3": (minilm_case, 50)}
     tables = [run_case(make(), runs) for name, (make, runs) in cases.items() if name in args.models.split(",")]
     env = common.environment_line(["onnxcomp", "onnx", "onnxruntime", "numpy"])
-    env += (f" Load average {common.load_average()} at the end of the run (a shared machine); "
-            f"{time.perf_counter() - started:.0f} s.")
+    env += (
+        f" Load average {common.load_average()} at the end of the run (a shared machine); "
+        f"{time.perf_counter() - started:.0f} s."
+    )
     body = INTRO + "\n\n" + "\n\n".join(tables) + "\n\n" + NOTES + "\n\n" + env
     print("\n" + body)
     if not args.no_write:

@@ -107,10 +107,20 @@ ROWS: list[Row] = [
     _wa("int8 / int8 static", True, True, weights="int8", granularity="channel", activations="int8"),
     _wa("fp8_e4m3 / fp8_e4m3 static", True, weights="fp8_e4m3", granularity="channel", activations="fp8_e4m3"),
     _wa("hif8 / hif8 static", True, weights="hif8", granularity="channel", activations="hif8"),
-    _wa("hif8 / hif8 dynamic per-token", False, True, weights="hif8", granularity="channel", activations="hif8", dynamic=True),
+    _wa(
+        "hif8 / hif8 dynamic per-token",
+        False,
+        True,
+        weights="hif8",
+        granularity="channel",
+        activations="hif8",
+        dynamic=True,
+    ),
     _wa("mxfp8 / mxfp8 (dynamic blocks)", False, weights="mxfp8", activations="mxfp8"),
     _wa("mxfp4 / mxfp8 (dynamic blocks)", False, weights="mxfp4", activations="mxfp8"),
-    _wa("fp4_e2m1 group:32 / fp8_e4m3 static", True, weights="fp4_e2m1", granularity="group:32", activations="fp8_e4m3"),
+    _wa(
+        "fp4_e2m1 group:32 / fp8_e4m3 static", True, weights="fp4_e2m1", granularity="group:32", activations="fp8_e4m3"
+    ),
     _wa("mixed: MatMul mxfp4, Conv/Gemm int8, hif8 static act.", True, True, config=MIXED),
 ]
 
@@ -187,12 +197,23 @@ def bench_minilm(quick: bool) -> Bench:
     cal = {k: v[64:] for k, v in cal.items()}
     lat = {k: v[:16] for k, v in eval_feeds.items()}  # 16 sentences x 18 tokens
     return Bench(
-        "minilm_l3", "transformer `minilm_l3` (paraphrase-MiniLM-L3-v2)", onnx.load(path), path.stat().st_size,
-        MODELS["minilm_l3"]["primary_output"], eval_feeds, _split(cal, 16), lat, 10 if quick else 20,
-        "retrieval %", _paraphrase_retrieval(meta["sentences"]), transformer=True,
-        notes=[f"eval: the 64 corpus sentences (seed 0, {eval_feeds['input_ids'].shape[1]} tokens padded); "
-               f"calibration: {len(cal['input_ids'])} two-sentence joins (seed 1) in batches of 16; "
-               "latency: 16 sentences x 18 tokens"],
+        "minilm_l3",
+        "transformer `minilm_l3` (paraphrase-MiniLM-L3-v2)",
+        onnx.load(path),
+        path.stat().st_size,
+        MODELS["minilm_l3"]["primary_output"],
+        eval_feeds,
+        _split(cal, 16),
+        lat,
+        10 if quick else 20,
+        "retrieval %",
+        _paraphrase_retrieval(meta["sentences"]),
+        transformer=True,
+        notes=[
+            f"eval: the 64 corpus sentences (seed 0, {eval_feeds['input_ids'].shape[1]} tokens padded); "
+            f"calibration: {len(cal['input_ids'])} two-sentence joins (seed 1) in batches of 16; "
+            "latency: 16 sentences x 18 tokens"
+        ],
     )
 
 
@@ -205,11 +226,23 @@ def bench_ppocr(quick: bool) -> Bench:
     lat = {k: v[:1] for k, v in eval_feeds.items()}
     model = onnx.load(path)
     return Bench(
-        "ppocr_det", f"CNN `ppocr_det` (PP-OCRv6 small detector) at {h}x{w}", model, path.stat().st_size,
-        MODELS["ppocr_det"]["primary_output"], eval_feeds, _split(cal, 2), lat, 5 if quick else 12, eval_batch=2,
-        notes=[f"eval: {n_eval} synthetic pages (seed 1) at {h}x{w}; calibration: 4 pages (seed 0) in batches of 2; "
-               f"latency: 1 page"],
-        lat_budget=4.0 if quick else 8.0, static_model=fix_spatial(model, h, w), static_desc=f"N x 3 x {h} x {w}",
+        "ppocr_det",
+        f"CNN `ppocr_det` (PP-OCRv6 small detector) at {h}x{w}",
+        model,
+        path.stat().st_size,
+        MODELS["ppocr_det"]["primary_output"],
+        eval_feeds,
+        _split(cal, 2),
+        lat,
+        5 if quick else 12,
+        eval_batch=2,
+        notes=[
+            f"eval: {n_eval} synthetic pages (seed 1) at {h}x{w}; calibration: 4 pages (seed 0) in batches of 2; "
+            f"latency: 1 page"
+        ],
+        lat_budget=4.0 if quick else 8.0,
+        static_model=fix_spatial(model, h, w),
+        static_desc=f"N x 3 x {h} x {w}",
     )
 
 
@@ -232,11 +265,21 @@ def bench_digits(quick: bool) -> Bench:
     calib = np.load(REPO / "models" / "digits_calib.npz")
     labels = held["label"]
     return Bench(
-        "digits_cnn", "demo CNN `models/digits_cnn.onnx`", onnx.load(path), path.stat().st_size,
-        "logits", {"input": held["input"]}, _split({"input": calib["input"]}, 64), {"input": held["input"][:1]},
-        20 if quick else 100, "accuracy %", lambda logits: float((logits.argmax(1) == labels).mean() * 100),
-        notes=["eval: 540 held-out digits (`digits_heldout.npz`); calibration: `digits_calib.npz` (128 training "
-               "samples); latency: 1 image. Its Gemm layers are not MatMul, so the mixed config is int8 everywhere"],
+        "digits_cnn",
+        "demo CNN `models/digits_cnn.onnx`",
+        onnx.load(path),
+        path.stat().st_size,
+        "logits",
+        {"input": held["input"]},
+        _split({"input": calib["input"]}, 64),
+        {"input": held["input"][:1]},
+        20 if quick else 100,
+        "accuracy %",
+        lambda logits: float((logits.argmax(1) == labels).mean() * 100),
+        notes=[
+            "eval: 540 held-out digits (`digits_heldout.npz`); calibration: `digits_calib.npz` (128 training "
+            "samples); latency: 1 image. Its Gemm layers are not MatMul, so the mixed config is int8 everywhere"
+        ],
     )
 
 
@@ -253,9 +296,16 @@ def run_output(model: onnx.ModelProto, feeds: dict[str, np.ndarray], output: str
 
 #: ops of ORT's optimized graph worth reporting (fused quantized kernels and what stays unfused)
 KERNELS = {
-    "MatMulNBits": "MatMulNBits", "QLinearConv": "QLinearConv", "QLinearMatMul": "QLinearMatMul",
-    "MatMulIntegerToFloat": "MatMulIntegerToFloat", "QGemm": "QGemm", "DynamicQuantizeMatMul": "DynQMatMul",
-    "DequantizeLinear": "DQ", "QuantizeLinear": "Q", "Cast": "Cast", "Floor": "Floor",
+    "MatMulNBits": "MatMulNBits",
+    "QLinearConv": "QLinearConv",
+    "QLinearMatMul": "QLinearMatMul",
+    "MatMulIntegerToFloat": "MatMulIntegerToFloat",
+    "QGemm": "QGemm",
+    "DynamicQuantizeMatMul": "DynQMatMul",
+    "DequantizeLinear": "DQ",
+    "QuantizeLinear": "Q",
+    "Cast": "Cast",
+    "Floor": "Floor",
 }
 
 
@@ -270,7 +320,9 @@ def ort_kernels(model: onnx.ModelProto) -> Counter:
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         opt = onnx.load(opts.optimized_model_filepath)
     ops = Counter(n.op_type for n in opt.graph.node)
-    ops["LUT Gather"] = sum(1 for n in opt.graph.node if n.op_type == "Gather" and re.search(r"(decode|int)_table", n.input[0]))
+    ops["LUT Gather"] = sum(
+        1 for n in opt.graph.node if n.op_type == "Gather" and re.search(r"(decode|int)_table", n.input[0])
+    )
     return ops
 
 
@@ -314,8 +366,9 @@ class Result:
     error: str | None = None
 
 
-def timed_rounds(sessions: list[Any], feeds: dict[str, np.ndarray], runs: int, budget_s: float,
-                 warmup: int = 2) -> list[float]:
+def timed_rounds(
+    sessions: list[Any], feeds: dict[str, np.ndarray], runs: int, budget_s: float, warmup: int = 2
+) -> list[float]:
     """Median ms of ``run`` for each session, timed in rotating order (round i starts at session i mod n).
 
     Interleaving keeps the ratios meaningful on a machine shared with other jobs. ``runs`` rounds, or fewer
@@ -328,7 +381,7 @@ def timed_rounds(sessions: list[Any], feeds: dict[str, np.ndarray], runs: int, b
     t_start = time.perf_counter()
     for i in range(runs):
         order = list(range(len(sessions)))
-        order = order[i % len(order):] + order[: i % len(order)]
+        order = order[i % len(order) :] + order[: i % len(order)]
         for j in order:
             t0 = time.perf_counter()
             sessions[j].run(None, feeds)
@@ -355,8 +408,9 @@ def flush_denormals(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return out, count
 
 
-def measure(b: Bench, model: onnx.ModelProto, ref: np.ndarray, label: str, group: str, qtime: float,
-            ref_sessions: list[Any]) -> Result:
+def measure(
+    b: Bench, model: onnx.ModelProto, ref: np.ndarray, label: str, group: str, qtime: float, ref_sessions: list[Any]
+) -> Result:
     r = Result(label, group, qtime=qtime)
     all_session = ort_session(model, level="all", threads=1)  # as onnxcomp.evaluate.latency_ms builds it
     out_all = np.concatenate([all_session.run([b.output], part)[0] for part in _split(b.eval_feeds, b.eval_batch)])
@@ -417,8 +471,10 @@ def bench_model(b: Bench, rows: list[Row], log: Callable[[str], None]) -> list[R
             res = Result(label, row.group, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             log(traceback.format_exc(limit=3))
         results.append(res)
-        log(f"  {b.name}: {label}: " + (res.error or f"cos {res.cos:.5f} lat {res.lat:.1f} ms (x{res.lat_ratio:.2f}) "
-                                          f"q {res.qtime:.1f}s"))
+        log(
+            f"  {b.name}: {label}: "
+            + (res.error or f"cos {res.cos:.5f} lat {res.lat:.1f} ms (x{res.lat_ratio:.2f}) q {res.qtime:.1f}s")
+        )
     return results
 
 
@@ -460,9 +516,11 @@ def fp4_weight_sqnr(benches: list[Bench]) -> list[tuple[str, str, float, float, 
     rows = []
     rng = np.random.default_rng(0)
     mm = weight_layout("MatMul", 2)
-    for name, data in (("synthetic uniform U(-1,1) 1024x1024", rng.uniform(-1, 1, (1024, 1024))),
-                       ("synthetic Gaussian N(0,1) 1024x1024", rng.standard_normal((1024, 1024))),
-                       ("synthetic Laplace 1024x1024", rng.laplace(0, 1, (1024, 1024)))):
+    for name, data in (
+        ("synthetic uniform U(-1,1) 1024x1024", rng.uniform(-1, 1, (1024, 1024))),
+        ("synthetic Gaussian N(0,1) 1024x1024", rng.standard_normal((1024, 1024))),
+        ("synthetic Laplace 1024x1024", rng.laplace(0, 1, (1024, 1024))),
+    ):
         w = data.astype(np.float32)
         rows.append((name, f"{kurt(w):.2f}", *sqnrs([(w, mm)])))
     from onnxcomp.api import fuse
@@ -501,8 +559,13 @@ def table(b: Bench, results: list[Result]) -> list[str]:
     wcol = "MatMul weights vs fp32" if b.transformer else "weights vs fp32"
     lines = [
         f"| config (weights / activations) | cosine{metric} | file MB | file vs fp32 | bits/weight | {wcol} "
-        "| stored as | ORT ms | vs fp32 |" + (" vs flushed |" if flushed else "") + " ORT ALL graph | max abs ALL-DISABLE | cosine at DISABLE_ALL | quantize s |",
-        "|---|---:" + ("|---:" if metric else "") + "|---:|---:|---:|---:|---|---:|---:" + ("|---:" if flushed else "")
+        "| stored as | ORT ms | vs fp32 |"
+        + (" vs flushed |" if flushed else "")
+        + " ORT ALL graph | max abs ALL-DISABLE | cosine at DISABLE_ALL | quantize s |",
+        "|---|---:"
+        + ("|---:" if metric else "")
+        + "|---:|---:|---:|---:|---|---:|---:"
+        + ("|---:" if flushed else "")
         + "|---|---:|---:|---:|",
     ]
     for r in results:
@@ -512,23 +575,31 @@ def table(b: Bench, results: list[Result]) -> list[str]:
         m = f" | {_f(r.metric, '.1f')}" if metric else ""
         lines.append(
             f"| {r.row} | {r.cos:.5f}{m} | {r.mb:.2f} | {r.size_ratio:.3f} | {_f(r.bits, '.2f')} | {_f(r.w_ratio, '.3f')} "
-            f"| {r.storage} | {r.lat:.1f} | {r.lat_ratio:.2f} |" + (f" {r.lat_ratio_flushed:.2f} |" if flushed else "")
+            f"| {r.storage} | {r.lat:.1f} | {r.lat_ratio:.2f} |"
+            + (f" {r.lat_ratio_flushed:.2f} |" if flushed else "")
             + f" {r.kernels} | {r.diff:.2g} | {r.cos_dis:.5f} | {r.qtime:.1f} |"
         )
     return lines
 
 
 def fp4_table(rows: list[tuple[str, str, float, float, float]]) -> list[str]:
-    lines = ["| data | excess kurtosis (median per tensor) | SQNR fp4_e1m2 dB | SQNR fp4_e2m1 dB | SQNR int4 dB |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| data | excess kurtosis (median per tensor) | SQNR fp4_e1m2 dB | SQNR fp4_e2m1 dB | SQNR int4 dB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [f"| {d} | {k} | {a:.2f} | {b:.2f} | {c:.2f} |" for d, k, a, b, c in rows]
     return lines
 
 
 def footer(total: float, load0: str, quick: bool) -> str:
-    return (environment_line(("onnxcomp", "onnx", "onnxruntime", "numpy")) + f" Whole run {total:.0f} s"
-            + (" (--quick)" if quick else "") + f"; 1-minute load average {load0} at the start and {load_average()} "
-            "at the end (a shared machine: read the latency ratios, not the absolute ms, and treat ratios within "
-            "about 25% of 1 as noise; the fp32 row, timed against itself, shows the run's noise).")
+    return (
+        environment_line(("onnxcomp", "onnx", "onnxruntime", "numpy"))
+        + f" Whole run {total:.0f} s"
+        + (" (--quick)" if quick else "")
+        + f"; 1-minute load average {load0} at the start and {load_average()} "
+        "at the end (a shared machine: read the latency ratios, not the absolute ms, and treat ratios within "
+        "about 25% of 1 as noise; the fp32 row, timed against itself, shows the run's noise)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -583,8 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         notes = list(b.notes)
         if b.static_failures:
             err, *labels = b.static_failures
-            notes.append(f"† {', '.join(f'`{x}`' for x in labels)}: on the dynamic-shape model `quantize` fails with "
-                         f"\"{err}\"; these rows quantize a copy whose input shape is fixed to {b.static_desc}")
+            notes.append(
+                f"† {', '.join(f'`{x}`' for x in labels)}: on the dynamic-shape model `quantize` fails with "
+                f'"{err}"; these rows quantize a copy whose input shape is fixed to {b.static_desc}'
+            )
         out += [f"### {b.title}", "", *(f"{n}." for n in notes), ""]
         out += table(b, results)
         out.append("")

@@ -173,18 +173,40 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
     mode = task["mode"]
     start = time.perf_counter()
     if mode == "static":
-        acts = {"dtype": "int8", "granularity": "tensor", "symmetric": False, "observer": task["observer"],
-                **task.get("observer_options", {})}
-        config = {"weights": {"dtype": "int8", "granularity": "channel", "symmetric": True, "observer": "minmax"},
-                  "activations": acts}
-        report = api.quantize(task["model"], task["out"], calibration=data, config=config,
-                              calib_samples=task["n"], batch_size=task["bs"], force=True)
+        acts = {
+            "dtype": "int8",
+            "granularity": "tensor",
+            "symmetric": False,
+            "observer": task["observer"],
+            **task.get("observer_options", {}),
+        }
+        config = {
+            "weights": {"dtype": "int8", "granularity": "channel", "symmetric": True, "observer": "minmax"},
+            "activations": acts,
+        }
+        report = api.quantize(
+            task["model"],
+            task["out"],
+            calibration=data,
+            config=config,
+            calib_samples=task["n"],
+            batch_size=task["bs"],
+            force=True,
+        )
     elif mode == "dynamic":
-        report = api.quantize(task["model"], task["out"], weights="int8", granularity="channel", dynamic=True,
-                              force=True)
+        report = api.quantize(
+            task["model"], task["out"], weights="int8", granularity="channel", dynamic=True, force=True
+        )
     elif mode == "int4":
-        report = api.quantize(task["model"], task["out"], weights="int4", granularity="group:32",
-                              activations="none", weight_observer=task.get("weight_observer"), force=True)
+        report = api.quantize(
+            task["model"],
+            task["out"],
+            weights="int4",
+            granularity="group:32",
+            activations="none",
+            weight_observer=task.get("weight_observer"),
+            force=True,
+        )
     else:
         raise ValueError(mode)
     elapsed = time.perf_counter() - start
@@ -203,18 +225,31 @@ def child_ort_static(task: dict[str, Any]) -> dict[str, Any]:
     )
 
     data = _load_npz(task["calib"], task["n"])
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[task["observer"]]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[task["observer"]]
     extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if task["observer"] == "percentile":
         extra["CalibPercentile"] = task["observer_options"]["percentile"]
     start = time.perf_counter()
     src = _ort_prepare(task["model"], pre_process=True)
     exclude = _act_act_matmuls(onnx.load(src, load_external_data=False))
-    quantize_static(src, task["out"], _ort_reader(data, task["bs"]), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=QUANT_OPS, per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                    calibrate_method=method, extra_options=extra)
+    quantize_static(
+        src,
+        task["out"],
+        _ort_reader(data, task["bs"]),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=QUANT_OPS,
+        per_channel=True,
+        reduce_range=False,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
+        calibrate_method=method,
+        extra_options=extra,
+    )
     return {"time_s": time.perf_counter() - start, "excluded": len(exclude)}
 
 
@@ -226,8 +261,15 @@ def child_ort_dynamic(task: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     src = _ort_prepare(task["model"], pre_process=True)
     exclude = _act_act_matmuls(onnx.load(src, load_external_data=False))
-    quantize_dynamic(src, task["out"], op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
-                     reduce_range=False, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    quantize_dynamic(
+        src,
+        task["out"],
+        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
+    )
     return {"time_s": time.perf_counter() - start, "excluded": len(exclude)}
 
 
@@ -237,8 +279,14 @@ def child_ort_nbits(task: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     start = time.perf_counter()
-    quantizer = MatMulNBitsQuantizer(onnx.load(task["model"]), bits=4, block_size=32, is_symmetric=True,
-                                     accuracy_level=task.get("accuracy_level"), op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(task["model"]),
+        bits=4,
+        block_size=32,
+        is_symmetric=True,
+        accuracy_level=task.get("accuracy_level"),
+        op_types_to_quantize=("MatMul",),
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(task["out"], False)
     return {"time_s": time.perf_counter() - start}
@@ -252,8 +300,13 @@ def child_ort_calib(task: dict[str, Any]) -> dict[str, Any]:
     data = _load_npz(task["calib"], task["n"])
     method = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[task["policy"]]
     start = time.perf_counter()
-    calibrator = create_calibrator(task["model"], QUANT_OPS, augmented_model_path="augmented.onnx",
-                                   calibrate_method=method, extra_options=task.get("ort_options", {}))
+    calibrator = create_calibrator(
+        task["model"],
+        QUANT_OPS,
+        augmented_model_path="augmented.onnx",
+        calibrate_method=method,
+        extra_options=task.get("ort_options", {}),
+    )
     calibrator.collect_data(_ort_reader(data, task["bs"]))
     ranges = calibrator.compute_data()
     elapsed = time.perf_counter() - start
@@ -354,8 +407,11 @@ def _peer_env() -> dict[str, str]:
     if not stamp.exists():
         print(f"installing {', '.join(PEER_PINS)} into {target} (for ORT's MatMulNBitsQuantizer only)", flush=True)
         shutil.rmtree(target, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                               *PEER_PINS], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), *PEER_PINS],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             print("  pip failed; the MatMulNBits rows will be missing:", done.stderr.strip().splitlines()[-1:])
             return {}
@@ -391,14 +447,24 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
         logits = _session_outputs(path, {"input": held["input"]}, None, 540)
         return float((logits.argmax(1) == held["label"]).mean() * 100), _cos_flat(ref_logits, logits)
 
-    benches.append(ModelBench(
-        key="digits_cnn", title="Demo model `models/digits_cnn.onnx`", src=src,
-        calib=str(REPO / "models" / "digits_calib.npz"), n=128, bs=16,
-        calib_text="`digits_calib.npz`, all 128 samples, batches of 16",
-        eval_text="held-out top-1 accuracy on the 540 images of `digits_heldout.npz` "
-                  "(1 image = 0.19 points); second metric: cosine of the logits vs fp32",
-        latency_feeds={"input": held["input"][:64]}, latency_text="a batch of 64 images [64,1,16,16]",
-        metric_name="top-1 %", metric2_name="logits cos", evaluate=eval_digits))
+    benches.append(
+        ModelBench(
+            key="digits_cnn",
+            title="Demo model `models/digits_cnn.onnx`",
+            src=src,
+            calib=str(REPO / "models" / "digits_calib.npz"),
+            n=128,
+            bs=16,
+            calib_text="`digits_calib.npz`, all 128 samples, batches of 16",
+            eval_text="held-out top-1 accuracy on the 540 images of `digits_heldout.npz` "
+            "(1 image = 0.19 points); second metric: cosine of the logits vs fp32",
+            latency_feeds={"input": held["input"][:64]},
+            latency_text="a batch of 64 images [64,1,16,16]",
+            metric_name="top-1 %",
+            metric2_name="logits cos",
+            evaluate=eval_digits,
+        )
+    )
 
     # ---- 2. ppocr_det CNN -----------------------------------------------------------------------
     det = str(fetch("ppocr_det"))
@@ -414,14 +480,25 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
         out = _session_outputs(path, held_det, [det_out], 4)
         return _cos_flat(ref_det, out), float(np.abs(out - ref_det).mean())
 
-    benches.append(ModelBench(
-        key="ppocr_det", title="Real CNN `ppocr_det` (PP-OCRv6 small text detector, opset 11)", src=det,
-        calib=str(work / "calib_ppocr_det.npz"), n=n_cal, bs=4,
-        calib_text=f"{n_cal} synthetic pages `make_inputs('ppocr_det', {n_cal}, seed=1)` at {side}x{side}, batches of 4",
-        eval_text=f"cosine of the probability map `{det_out}` vs fp32 over {n_eval} held-out pages (seed=2, "
-                  f"{side}x{side}); second metric: mean |p - p_fp32|",
-        latency_feeds={"x": held_det["x"][:1]}, latency_text=f"one page [1,3,{side},{side}]",
-        metric_name="cos vs fp32", metric2_name="mean abs err", evaluate=eval_det, higher_better=True))
+    benches.append(
+        ModelBench(
+            key="ppocr_det",
+            title="Real CNN `ppocr_det` (PP-OCRv6 small text detector, opset 11)",
+            src=det,
+            calib=str(work / "calib_ppocr_det.npz"),
+            n=n_cal,
+            bs=4,
+            calib_text=f"{n_cal} synthetic pages `make_inputs('ppocr_det', {n_cal}, seed=1)` at {side}x{side}, batches of 4",
+            eval_text=f"cosine of the probability map `{det_out}` vs fp32 over {n_eval} held-out pages (seed=2, "
+            f"{side}x{side}); second metric: mean |p - p_fp32|",
+            latency_feeds={"x": held_det["x"][:1]},
+            latency_text=f"one page [1,3,{side},{side}]",
+            metric_name="cos vs fp32",
+            metric2_name="mean abs err",
+            evaluate=eval_det,
+            higher_better=True,
+        )
+    )
 
     # ---- 3. minilm_l3 transformer -------------------------------------------------------------
     lm = str(fetch("minilm_l3"))
@@ -436,15 +513,25 @@ def build_models(work: Path, quick: bool) -> list[ModelBench]:
 
     seq = corpus["input_ids"].shape[1]
     lm_batch = 4 if quick else 16
-    benches.append(ModelBench(
-        key="minilm_l3", title="Transformer encoder `minilm_l3` (paraphrase-MiniLM-L3-v2)", src=lm,
-        calib=str(work / "calib_minilm_l3.npz"), n=64, bs=16,
-        calib_text=f"the 64 corpus sentences `make_inputs('minilm_l3', 64, seed=0)` (padded to {seq} tokens), "
-                   "batches of 16",
-        eval_text=f"mean cosine of the sentence embedding `{lm_out}` vs fp32 over the same 64 sentences; "
-                  "second metric: the minimum over the sentences",
-        latency_feeds={k: v[:lm_batch] for k, v in corpus.items()}, latency_text=f"{lm_batch} sentences [{lm_batch},{seq}]",
-        metric_name="mean cos", metric2_name="min cos", evaluate=eval_lm))
+    benches.append(
+        ModelBench(
+            key="minilm_l3",
+            title="Transformer encoder `minilm_l3` (paraphrase-MiniLM-L3-v2)",
+            src=lm,
+            calib=str(work / "calib_minilm_l3.npz"),
+            n=64,
+            bs=16,
+            calib_text=f"the 64 corpus sentences `make_inputs('minilm_l3', 64, seed=0)` (padded to {seq} tokens), "
+            "batches of 16",
+            eval_text=f"mean cosine of the sentence embedding `{lm_out}` vs fp32 over the same 64 sentences; "
+            "second metric: the minimum over the sentences",
+            latency_feeds={k: v[:lm_batch] for k, v in corpus.items()},
+            latency_text=f"{lm_batch} sentences [{lm_batch},{seq}]",
+            metric_name="mean cos",
+            metric2_name="min cos",
+            evaluate=eval_lm,
+        )
+    )
     return benches
 
 
@@ -457,53 +544,123 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
     for obs in observers:
         opts = {"percentile": PERCENTILE} if obs == "percentile" else {}
         label = f"static int8, {obs}" + (f" {PERCENTILE:g}" if obs == "percentile" else "")
-        bench.jobs.append(Job(label, "onnxcomp", {**common_task, "kind": "onnxcomp_quant", "mode": "static",
-                                                  "observer": obs, "observer_options": opts,
-                                                  "out": out(f"oc_{obs}")}, "onnxcomp"))
-        bench.jobs.append(Job(label, "onnxruntime", {**common_task, "kind": "ort_static", "observer": obs,
-                                                     "observer_options": opts, "out": out(f"ort_{obs}")}, "ort"))
+        bench.jobs.append(
+            Job(
+                label,
+                "onnxcomp",
+                {
+                    **common_task,
+                    "kind": "onnxcomp_quant",
+                    "mode": "static",
+                    "observer": obs,
+                    "observer_options": opts,
+                    "out": out(f"oc_{obs}"),
+                },
+                "onnxcomp",
+            )
+        )
+        bench.jobs.append(
+            Job(
+                label,
+                "onnxruntime",
+                {
+                    **common_task,
+                    "kind": "ort_static",
+                    "observer": obs,
+                    "observer_options": opts,
+                    "out": out(f"ort_{obs}"),
+                },
+                "ort",
+            )
+        )
     if bench.key != "minilm_l3":
         return
     nocal = {"model": bench.src}
-    bench.jobs.append(Job("dynamic int8 (W per-channel)", "onnxcomp",
-                          {**nocal, "kind": "onnxcomp_quant", "mode": "dynamic", "out": out("oc_dynamic")},
-                          "onnxcomp", note="per-token symmetric activations"))
-    bench.jobs.append(Job("dynamic int8 (W per-channel)", "onnxruntime",
-                          {**nocal, "kind": "ort_dynamic", "out": out("ort_dynamic")}, "ort",
-                          note="per-tensor uint8 activations (the only dynamic form ORT has)"))
-    bench.jobs.append(Job("int4 weight-only, block 32", "onnxcomp",
-                          {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "out": out("oc_int4")}, "onnxcomp",
-                          note="defaults (4-bit weights: MSE clipping search); DQ(int4) -> MatMul, ORT fuses it "
-                          "to MatMulNBits (accuracy level 4)"))
+    bench.jobs.append(
+        Job(
+            "dynamic int8 (W per-channel)",
+            "onnxcomp",
+            {**nocal, "kind": "onnxcomp_quant", "mode": "dynamic", "out": out("oc_dynamic")},
+            "onnxcomp",
+            note="per-token symmetric activations",
+        )
+    )
+    bench.jobs.append(
+        Job(
+            "dynamic int8 (W per-channel)",
+            "onnxruntime",
+            {**nocal, "kind": "ort_dynamic", "out": out("ort_dynamic")},
+            "ort",
+            note="per-tensor uint8 activations (the only dynamic form ORT has)",
+        )
+    )
+    bench.jobs.append(
+        Job(
+            "int4 weight-only, block 32",
+            "onnxcomp",
+            {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "out": out("oc_int4")},
+            "onnxcomp",
+            note="defaults (4-bit weights: MSE clipping search); DQ(int4) -> MatMul, ORT fuses it "
+            "to MatMulNBits (accuracy level 4)",
+        )
+    )
     if have_nbits:
-        bench.jobs.append(Job("int4 weight-only, block 32", "onnxruntime",
-                              {**nocal, "kind": "ort_nbits", "out": out("ort_nbits")}, "ort_nbits",
-                              note="MatMulNBits, accuracy_level unset"))
+        bench.jobs.append(
+            Job(
+                "int4 weight-only, block 32",
+                "onnxruntime",
+                {**nocal, "kind": "ort_nbits", "out": out("ort_nbits")},
+                "ort_nbits",
+                note="MatMulNBits, accuracy_level unset",
+            )
+        )
         if not quick:
-            bench.jobs.append(Job("int4 weight-only, block 32", "onnxruntime acc=4",
-                                  {**nocal, "kind": "ort_nbits", "accuracy_level": 4, "out": out("ort_nbits4")},
-                                  "ort_nbits", note="MatMulNBits, accuracy_level=4 (as onnxcomp's fused output)"))
+            bench.jobs.append(
+                Job(
+                    "int4 weight-only, block 32",
+                    "onnxruntime acc=4",
+                    {**nocal, "kind": "ort_nbits", "accuracy_level": 4, "out": out("ort_nbits4")},
+                    "ort_nbits",
+                    note="MatMulNBits, accuracy_level=4 (as onnxcomp's fused output)",
+                )
+            )
     if quick:
         return
-    bench.jobs.append(Job("int4 weight-only, block 32", "onnxcomp amax", {
-        **nocal, "kind": "onnxcomp_quant", "mode": "int4", "weight_observer": "minmax", "out": out("oc_int4_amax")},
-        "onnxcomp", matched=False, note="onnxcomp with the plain amax rule (scale = amax/7) instead of its default "
-        "MSE clipping search for 4-bit weights"))
+    bench.jobs.append(
+        Job(
+            "int4 weight-only, block 32",
+            "onnxcomp amax",
+            {
+                **nocal,
+                "kind": "onnxcomp_quant",
+                "mode": "int4",
+                "weight_observer": "minmax",
+                "out": out("oc_int4_amax"),
+            },
+            "onnxcomp",
+            matched=False,
+            note="onnxcomp with the plain amax rule (scale = amax/7) instead of its default "
+            "MSE clipping search for 4-bit weights",
+        )
+    )
 
 
-def run_bench(bench: ModelBench, repeats: int, lat_runs: int, peer_env: dict[str, str], log: Callable[[str], None]) -> None:
+def run_bench(
+    bench: ModelBench, repeats: int, lat_runs: int, peer_env: dict[str, str], log: Callable[[str], None]
+) -> None:
     # baselines: one per tool environment
     for env_tool in sorted({j.env_tool for j in bench.jobs}):
         tool = {"onnxcomp": "onnxcomp", "ort": "ort", "ort_nbits": "ort_nbits"}[env_tool]
-        res = common.run_child(__file__, {"kind": "baseline", "tool": tool, "model": bench.src,
-                                          "calib": bench.calib, "n": bench.n},
-                               env=peer_env if env_tool != "onnxcomp" else None)
+        res = common.run_child(
+            __file__,
+            {"kind": "baseline", "tool": tool, "model": bench.src, "calib": bench.calib, "n": bench.n},
+            env=peer_env if env_tool != "onnxcomp" else None,
+        )
         bench.baselines[env_tool] = res.peak_rss_mb if res.ok else float("nan")
         log(f"  baseline {env_tool}: {res.peak_rss_mb:.0f} MB" + ("" if res.ok else f" FAILED {res.error}"))
     # fp32 reference row
     m1, m2 = bench.evaluate(bench.src)
-    fp32 = Row("fp32 (reference)", "-", size_mb=os.path.getsize(bench.src) / 1e6, metric=m1, metric2=m2,
-               matched=False)
+    fp32 = Row("fp32 (reference)", "-", size_mb=os.path.getsize(bench.src) / 1e6, metric=m1, metric2=m2, matched=False)
     bench.rows.append(fp32)
     paths = {id(fp32): bench.src}
     for job in bench.jobs:
@@ -527,13 +684,16 @@ def run_bench(bench: ModelBench, repeats: int, lat_runs: int, peer_env: dict[str
         row.metric, row.metric2 = bench.evaluate(path)
         bench.rows.append(row)
         paths[id(row)] = path
-        log(f"  {job.setting:32s} {job.tool:18s} {row.time_s:6.2f} s {row.peak_mb:6.0f} MB "
-            f"{row.size_mb:6.2f} MB  {bench.metric_name} {row.metric:.5f}")
+        log(
+            f"  {job.setting:32s} {job.tool:18s} {row.time_s:6.2f} s {row.peak_mb:6.0f} MB "
+            f"{row.size_mb:6.2f} MB  {bench.metric_name} {row.metric:.5f}"
+        )
     # latency: all models of this benchmark round-robin, per thread count
     timed = [r for r in bench.rows if id(r) in paths]
     for threads, attr in ((1, "lat1"), (2, "lat2")):
-        lats = common.interleaved_latency_ms([paths[id(r)] for r in timed], bench.latency_feeds, threads,
-                                             lat_runs, LAT_WARMUP)
+        lats = common.interleaved_latency_ms(
+            [paths[id(r)] for r in timed], bench.latency_feeds, threads, lat_runs, LAT_WARMUP
+        )
         for r, ms in zip(timed, lats, strict=True):
             setattr(r, attr, ms)
     log("  latency ms (1T/2T): " + ", ".join(f"{r.tool}:{r.lat1:.2f}/{r.lat2:.2f}" for r in timed))
@@ -564,15 +724,31 @@ def run_calibration_only(work: Path, quick: bool, log: Callable[[str], None]) ->
     n_lm = 64 if quick else 256
     lm = make_inputs("minilm_l3", n_lm, seed=3)
     np.savez(work / "calonly_minilm.npz", **lm)
-    specs.append(("minilm_l3", str(fetch("minilm_l3")), str(work / "calonly_minilm.npz"), n_lm, 16,
-                  f"{n_lm} sentences (the corpus + joined pairs, seed=3) padded to {lm['input_ids'].shape[1]} tokens, "
-                  "batches of 16"))
+    specs.append(
+        (
+            "minilm_l3",
+            str(fetch("minilm_l3")),
+            str(work / "calonly_minilm.npz"),
+            n_lm,
+            16,
+            f"{n_lm} sentences (the corpus + joined pairs, seed=3) padded to {lm['input_ids'].shape[1]} tokens, "
+            "batches of 16",
+        )
+    )
     if not quick:
         n_det, side = 32, 320
         det = make_inputs("ppocr_det", n_det, seed=4, height=side, width=side)
         np.savez(work / "calonly_det.npz", **det)
-        specs.append(("ppocr_det", str(fetch("ppocr_det")), str(work / "calonly_det.npz"), n_det, 4,
-                      f"{n_det} pages at {side}x{side} (seed=4), batches of 4"))
+        specs.append(
+            (
+                "ppocr_det",
+                str(fetch("ppocr_det")),
+                str(work / "calonly_det.npz"),
+                n_det,
+                4,
+                f"{n_det} pages at {side}x{side} (seed=4), batches of 4",
+            )
+        )
     settings = {
         "percentile": ({"percentile": PERCENTILE, "num_bins": 2048}, {"percentile": PERCENTILE, "num_bins": 2048}),
         "entropy": ({}, {"num_bins": 2048, "num_quant_bins": 128}),
@@ -584,23 +760,38 @@ def run_calibration_only(work: Path, quick: bool, log: Callable[[str], None]) ->
         ort_base = common.run_child(__file__, {**base, "kind": "baseline", "tool": "ort"})
         oc_base = common.run_child(__file__, {**base, "kind": "baseline", "tool": "onnxcomp"})
         for policy, (ort_opts, oc_opts) in settings.items():
-            ort = common.run_child(__file__, {**base, "kind": "ort_calib", "policy": policy, "bs": bs,
-                                              "ort_options": ort_opts}, timeout=900)
+            ort = common.run_child(
+                __file__,
+                {**base, "kind": "ort_calib", "policy": policy, "bs": bs, "ort_options": ort_opts},
+                timeout=900,
+            )
             tensors = ort.result.get("tensors", []) if ort.ok else []
             row = CalibRow(key, policy, n, len(tensors), ort_base=ort_base.peak_rss_mb, oc_base=oc_base.peak_rss_mb)
             if not ort.ok:
                 row.error = f"ORT: {ort.error}"
             else:
                 row.ort_time, row.ort_peak = ort.result["time_s"], ort.peak_rss_mb
-                oc = common.run_child(__file__, {**base, "kind": "onnxcomp_calib", "policy": policy, "bs": bs,
-                                                 "tensors": tensors, "oc_options": oc_opts}, timeout=900)
+                oc = common.run_child(
+                    __file__,
+                    {
+                        **base,
+                        "kind": "onnxcomp_calib",
+                        "policy": policy,
+                        "bs": bs,
+                        "tensors": tensors,
+                        "oc_options": oc_opts,
+                    },
+                    timeout=900,
+                )
                 if oc.ok:
                     row.oc_time, row.oc_peak = oc.result["time_s"], oc.peak_rss_mb
                 else:
                     row.error = f"onnxcomp: {oc.error}"
             rows.append(row)
-            log(f"  calib {key} {policy}: onnxcomp {row.oc_time:.2f} s {row.oc_peak:.0f} MB | "
-                f"ORT {row.ort_time:.2f} s {row.ort_peak:.0f} MB {row.error}")
+            log(
+                f"  calib {key} {policy}: onnxcomp {row.oc_time:.2f} s {row.oc_peak:.0f} MB | "
+                f"ORT {row.ort_time:.2f} s {row.ort_peak:.0f} MB {row.error}"
+            )
     return rows, texts
 
 
@@ -621,17 +812,38 @@ def _pairs(bench: ModelBench) -> list[tuple[Row, Row]]:
 
 def model_table(bench: ModelBench) -> str:
     d1, d2 = (2, 5) if bench.key == "digits_cnn" else (5, 5)
-    headers = ["setting", "tool", "quant time s", "peak RSS MB", "above baseline MB", "size MB",
-               "latency 1T ms", "latency 2T ms", bench.metric_name, bench.metric2_name]
+    headers = [
+        "setting",
+        "tool",
+        "quant time s",
+        "peak RSS MB",
+        "above baseline MB",
+        "size MB",
+        "latency 1T ms",
+        "latency 2T ms",
+        bench.metric_name,
+        bench.metric2_name,
+    ]
     rows = []
     for r in bench.rows:
         tool = r.tool + ("" if r.matched or r.tool == "-" else " *")
         if r.error:
             rows.append([r.setting, tool, f"failed: {r.error}"] + ["-"] * 7)
             continue
-        rows.append([r.setting, tool, common.fmt(r.time_s), common.fmt(r.peak_mb, 0), common.fmt(r.above_mb, 0),
-                     common.fmt(r.size_mb, 3), common.fmt(r.lat1), common.fmt(r.lat2), common.fmt(r.metric, d1),
-                     common.fmt(r.metric2, d2)])
+        rows.append(
+            [
+                r.setting,
+                tool,
+                common.fmt(r.time_s),
+                common.fmt(r.peak_mb, 0),
+                common.fmt(r.above_mb, 0),
+                common.fmt(r.size_mb, 3),
+                common.fmt(r.lat1),
+                common.fmt(r.lat2),
+                common.fmt(r.metric, d1),
+                common.fmt(r.metric2, d2),
+            ]
+        )
     return common.markdown_table(headers, rows, "llrrrrrrrr")
 
 
@@ -660,28 +872,43 @@ def summary(benches: list[ModelBench], cal_rows: list[CalibRow]) -> tuple[str, l
             if d < -tol:
                 losses.append(f"{b.key} {what} [{b.metric_name}]")
         main = [(oc, ort) for oc, ort in pairs if ort.tool == "onnxruntime"]
-        text = (f"- **{b.key}** ({b.metric_name}): onnxcomp better in {len(better)}, equal in {len(equal)}, "
-                f"worse in {len(worse)} of {len(pairs)} matched pairs")
+        text = (
+            f"- **{b.key}** ({b.metric_name}): onnxcomp better in {len(better)}, equal in {len(equal)}, "
+            f"worse in {len(worse)} of {len(pairs)} matched pairs"
+        )
         details = [f"better: {'; '.join(better)}" if better else "", f"worse: {'; '.join(worse)}" if worse else ""]
         details = [d for d in details if d]
         text += (" (" + " / ".join(details) + ")") if details else ""
-        text += (f". onnxcomp's quantization takes {_ratio_range([oc.time_s / ort.time_s for oc, ort in main])} "
-                 f"ORT's time and {_ratio_range([oc.peak_mb / ort.peak_mb for oc, ort in main])} its peak RSS; "
-                 f"its output is {_ratio_range([oc.size_mb / ort.size_mb for oc, ort in main])} the size; "
-                 f"its model's latency is {_ratio_range([oc.lat1 / ort.lat1 for oc, ort in main])} ORT's model's "
-                 f"with 1 thread and {_ratio_range([oc.lat2 / ort.lat2 for oc, ort in main])} with 2 threads "
-                 "(ratios onnxcomp / ORT, < 1 means onnxcomp is smaller or faster).")
+        text += (
+            f". onnxcomp's quantization takes {_ratio_range([oc.time_s / ort.time_s for oc, ort in main])} "
+            f"ORT's time and {_ratio_range([oc.peak_mb / ort.peak_mb for oc, ort in main])} its peak RSS; "
+            f"its output is {_ratio_range([oc.size_mb / ort.size_mb for oc, ort in main])} the size; "
+            f"its model's latency is {_ratio_range([oc.lat1 / ort.lat1 for oc, ort in main])} ORT's model's "
+            f"with 1 thread and {_ratio_range([oc.lat2 / ort.lat2 for oc, ort in main])} with 2 threads "
+            "(ratios onnxcomp / ORT, < 1 means onnxcomp is smaller or faster)."
+        )
         lines.append(text)
     cal_ok = [r for r in cal_rows if not r.error]
     if cal_ok:
-        t = [f"{r.model} {r.policy} {r.oc_time / r.ort_time:.2f}x the time and {r.oc_peak / r.ort_peak:.2f}x the "
-             "peak RSS" for r in cal_ok]
+        t = [
+            f"{r.model} {r.policy} {r.oc_time / r.ort_time:.2f}x the time and {r.oc_peak / r.ort_peak:.2f}x the "
+            "peak RSS"
+            for r in cal_ok
+        ]
         lines.append("- **Calibration alone** (onnxcomp / ORT, same tensors and batches): " + "; ".join(t) + ".")
     return "\n".join(lines), losses
 
 
-def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[str, str], args: argparse.Namespace,
-           repeats: int, lat_runs: int, runtime_s: float, load: tuple[str, str]) -> tuple[str, list[str]]:
+def render(
+    benches: list[ModelBench],
+    cal_rows: list[CalibRow],
+    cal_texts: dict[str, str],
+    args: argparse.Namespace,
+    repeats: int,
+    lat_runs: int,
+    runtime_s: float,
+    load: tuple[str, str],
+) -> tuple[str, list[str]]:
     env = common.environment_line(["onnxcomp", "onnx", "onnxruntime", "numpy"])
     flag = " --quick" if args.quick else " --full" if args.full else ""
     para, losses = summary(benches, cal_rows)
@@ -733,35 +960,70 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
         "",
     ]
     for b in benches:
-        base = ", ".join(f"{'onnxcomp' if k == 'onnxcomp' else 'ORT' if k == 'ort' else 'ORT + onnx_ir'} "
-                         f"{v:.0f} MB" for k, v in sorted(b.baselines.items()))
-        out += [f"### {b.title}", "",
-                f"Calibration: {b.calib_text}. Metric: {b.eval_text}. Latency input: {b.latency_text}. "
-                f"Baseline process peak RSS: {base}.", "", model_table(b), ""]
+        base = ", ".join(
+            f"{'onnxcomp' if k == 'onnxcomp' else 'ORT' if k == 'ort' else 'ORT + onnx_ir'} {v:.0f} MB"
+            for k, v in sorted(b.baselines.items())
+        )
+        out += [
+            f"### {b.title}",
+            "",
+            f"Calibration: {b.calib_text}. Metric: {b.eval_text}. Latency input: {b.latency_text}. "
+            f"Baseline process peak RSS: {base}.",
+            "",
+            model_table(b),
+            "",
+        ]
         notes = [f"- {r.setting} / {r.tool}: {r.note}" for r in b.rows if r.note]
         if notes:
             out += notes + [""]
     if cal_rows:
-        out += ["### Calibration alone: percentile and entropy, onnxcomp vs ORT", "",
-                "onnxcomp: `onnx.load` + `Calibrator(model, {tensor: observer}).run(batches)` + `compute_range` per "
-                "tensor (streaming histograms, one onnxruntime session with 1 intra-op thread). ORT: "
-                "`create_calibrator(path, ops)` + `collect_data(reader)` + `compute_data()` (keeps every batch's "
-                "intermediate outputs until the end; its session uses ORT's default thread count). Same tensors "
-                "(the ones ORT selects for Conv/ConvTranspose/Gemm/MatMul), same batches, each in a fresh "
-                f"subprocess. Percentile: {PERCENTILE:g}, 2048 bins for both. Entropy: ORT's defaults (128 bins, "
-                "128 quantized bins: with so few bins its search has a single candidate, the full range) and "
-                "onnxcomp's defaults (2048 bins, 128 quantized bins).", ""]
+        out += [
+            "### Calibration alone: percentile and entropy, onnxcomp vs ORT",
+            "",
+            "onnxcomp: `onnx.load` + `Calibrator(model, {tensor: observer}).run(batches)` + `compute_range` per "
+            "tensor (streaming histograms, one onnxruntime session with 1 intra-op thread). ORT: "
+            "`create_calibrator(path, ops)` + `collect_data(reader)` + `compute_data()` (keeps every batch's "
+            "intermediate outputs until the end; its session uses ORT's default thread count). Same tensors "
+            "(the ones ORT selects for Conv/ConvTranspose/Gemm/MatMul), same batches, each in a fresh "
+            f"subprocess. Percentile: {PERCENTILE:g}, 2048 bins for both. Entropy: ORT's defaults (128 bins, "
+            "128 quantized bins: with so few bins its search has a single candidate, the full range) and "
+            "onnxcomp's defaults (2048 bins, 128 quantized bins).",
+            "",
+        ]
         out += [f"- {k}: {v}" for k, v in cal_texts.items()] + [""]
-        headers = ["model", "policy", "samples", "tensors", "onnxcomp s", "ORT s", "time ratio oc/ORT",
-                   "onnxcomp peak MB", "ORT peak MB", "RSS ratio oc/ORT", "baseline MB oc / ORT"]
+        headers = [
+            "model",
+            "policy",
+            "samples",
+            "tensors",
+            "onnxcomp s",
+            "ORT s",
+            "time ratio oc/ORT",
+            "onnxcomp peak MB",
+            "ORT peak MB",
+            "RSS ratio oc/ORT",
+            "baseline MB oc / ORT",
+        ]
         rows = []
         for r in cal_rows:
             if r.error:
                 rows.append([r.model, r.policy, r.samples, r.tensors, f"failed: {r.error}"] + ["-"] * 6)
                 continue
-            rows.append([r.model, r.policy, r.samples, r.tensors, common.fmt(r.oc_time), common.fmt(r.ort_time),
-                         common.fmt(r.oc_time / r.ort_time), common.fmt(r.oc_peak, 0), common.fmt(r.ort_peak, 0),
-                         common.fmt(r.oc_peak / r.ort_peak), f"{r.oc_base:.0f} / {r.ort_base:.0f}"])
+            rows.append(
+                [
+                    r.model,
+                    r.policy,
+                    r.samples,
+                    r.tensors,
+                    common.fmt(r.oc_time),
+                    common.fmt(r.ort_time),
+                    common.fmt(r.oc_time / r.ort_time),
+                    common.fmt(r.oc_peak, 0),
+                    common.fmt(r.ort_peak, 0),
+                    common.fmt(r.oc_peak / r.ort_peak),
+                    f"{r.oc_base:.0f} / {r.ort_base:.0f}",
+                ]
+            )
         out += [common.markdown_table(headers, rows, "llrrrrrrrrr"), ""]
     out += ["### Where onnxcomp is better or worse", "", para, ""]
     return "\n".join(out), losses
@@ -769,10 +1031,18 @@ def render(benches: list[ModelBench], cal_rows: list[CalibRow], cal_texts: dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer samples, smaller inputs, no percentile rows on the real models, no extra rows, calibration-only on minilm_l3 only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: fewer samples, smaller inputs, no percentile rows on the real models, no extra rows, calibration-only on minilm_l3 only",
+    )
     parser.add_argument("--full", action="store_true", help="quantization time = median of 3 runs")
-    parser.add_argument("--only", choices=["digits_cnn", "ppocr_det", "minilm_l3"], action="append",
-                        help="only these models (repeatable); the README is not written")
+    parser.add_argument(
+        "--only",
+        choices=["digits_cnn", "ppocr_det", "minilm_l3"],
+        action="append",
+        help="only these models (repeatable); the README is not written",
+    )
     parser.add_argument("--no-calibration", action="store_true", help="skip the calibration-only comparison")
     parser.add_argument("--no-readme", action="store_true", help="print only; leave bench/README.md alone")
     args = parser.parse_args()
@@ -793,10 +1063,13 @@ def main() -> int:
             log(f"{b.key}")
             plan_jobs(b, work, have_nbits, args.quick)
             run_bench(b, repeats, lat_runs, peer_env, log)
-        cal_rows, cal_texts = ([], {}) if args.no_calibration or args.only else run_calibration_only(work, args.quick, log)
+        cal_rows, cal_texts = (
+            ([], {}) if args.no_calibration or args.only else run_calibration_only(work, args.quick, log)
+        )
         runtime = time.perf_counter() - start
-        body, losses = render(benches, cal_rows, cal_texts, args, repeats, lat_runs, runtime,
-                              (load_start, common.load_average()))
+        body, losses = render(
+            benches, cal_rows, cal_texts, args, repeats, lat_runs, runtime, (load_start, common.load_average())
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{SECTION}\n\n{body}")

@@ -84,8 +84,16 @@ def digits(quick: bool) -> Case:
     calib = np.load(REPO / "models" / "digits_calib.npz")["input"]
     n = 270 if quick else len(held["label"])
     model = fuse(REPO / "models" / "digits_cnn.onnx").model
-    return Case("digits", "Digits demo CNN (`models/digits_cnn.onnx`)", model, {"input": held["input"][:n]},
-                held["label"][:n], {"input": calib}, {"input": held["input"][:256]}, {"input": [1, 1, 16, 16]})
+    return Case(
+        "digits",
+        "Digits demo CNN (`models/digits_cnn.onnx`)",
+        model,
+        {"input": held["input"][:n]},
+        held["label"][:n],
+        {"input": calib},
+        {"input": held["input"][:256]},
+        {"input": [1, 1, 16, 16]},
+    )
 
 
 def ppocr_cls(quick: bool) -> Case:
@@ -93,8 +101,16 @@ def ppocr_cls(quick: bool) -> Case:
     x, meta = make_inputs("ppocr_cls", n=n, seed=1, return_meta=True)
     calib = make_inputs("ppocr_cls", n=32 if quick else 64, seed=2)
     model = fuse(load_model(fetch("ppocr_cls"))).model
-    return Case("ppocr_cls", "PP-OCR text-orientation classifier (`ppocr_cls`, MobileNetV3, rapidocr 3.10.0)", model,
-                x, meta["labels"], calib, {"x": x["x"][:16]}, {"x": [1, 3, 48, 192]})
+    return Case(
+        "ppocr_cls",
+        "PP-OCR text-orientation classifier (`ppocr_cls`, MobileNetV3, rapidocr 3.10.0)",
+        model,
+        x,
+        meta["labels"],
+        calib,
+        {"x": x["x"][:16]},
+        {"x": [1, 3, 48, 192]},
+    )
 
 
 W8A8 = {"quantize": "int8", "activations": "int8"}
@@ -102,11 +118,16 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("INT8 (W8A8)", {"int8_only": True}),
     ("2:4", {"pattern": "2:4"}),
     ("2:4 + INT8 (W8A8)", {"pattern": "2:4", **W8A8}),
-    *[(f"prune {int(r * 100)}%{' + reconstruction' if rec else ''}", {"ratio": r, "refit": rec})
-      for r in (0.10, 0.25, 0.50) for rec in (False, True)],
+    *[
+        (f"prune {int(r * 100)}%{' + reconstruction' if rec else ''}", {"ratio": r, "refit": rec})
+        for r in (0.10, 0.25, 0.50)
+        for rec in (False, True)
+    ],
     ("prune 25% + reconstruction, round_to 16", {"ratio": 0.25, "refit": True, "round_to": 16}),
-    ("prune 25% global + reconstruction, round_to 16", {"ratio": 0.25, "refit": True, "round_to": 16,
-                                                        "scope": "global"}),
+    (
+        "prune 25% global + reconstruction, round_to 16",
+        {"ratio": 0.25, "refit": True, "round_to": 16, "scope": "global"},
+    ),
     ("prune 25% + reconstruction + INT8 (W8A8)", {"ratio": 0.25, "refit": True, **W8A8}),
     ("prune 25% + reconstruction + INT4 (W4)", {"ratio": 0.25, "refit": True, "quantize": "int4"}),
 ]
@@ -115,8 +136,14 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
 def compress(case: Case, settings: dict[str, Any]) -> tuple[onnx.ModelProto, float]:
     start = time.perf_counter()
     if settings.get("int8_only"):
-        model = quantize(case.model, calibration=case.calibration, weights="int8", granularity="channel",
-                         activations="int8", fuse=False).model
+        model = quantize(
+            case.model,
+            calibration=case.calibration,
+            weights="int8",
+            granularity="channel",
+            activations="int8",
+            fuse=False,
+        ).model
     else:
         model = sparsify(case.model, calibration=case.calibration, fuse=False, batch_size=16, **settings).model
     return model, time.perf_counter() - start
@@ -166,11 +193,29 @@ def table(rows: list[Row]) -> str:
         text = common.fmt(value / 1e3, 1) + "k" if key != "bytes" else common.fmt(value / 1024, 1)
         return text if row is base else f"{text} ({value / ref - 1:+.0%})"
 
-    body = [[r.setting, common.fmt(r.accuracy, 2), f"{r.cosine:.4f}", rel("params", r), rel("macs", r), rel("bytes", r),
-             f"{r.latency[0]:.2f} / {r.latency[1]:.2f}", common.fmt(r.seconds, 1) if r is not base else "-"]
-            for r in rows]
-    headers = ["setting", "top-1 %", "cosine vs fp32", "params", "MACs", "size KiB", "latency ms (median / min)",
-               "compress s"]
+    body = [
+        [
+            r.setting,
+            common.fmt(r.accuracy, 2),
+            f"{r.cosine:.4f}",
+            rel("params", r),
+            rel("macs", r),
+            rel("bytes", r),
+            f"{r.latency[0]:.2f} / {r.latency[1]:.2f}",
+            common.fmt(r.seconds, 1) if r is not base else "-",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "setting",
+        "top-1 %",
+        "cosine vs fp32",
+        "params",
+        "MACs",
+        "size KiB",
+        "latency ms (median / min)",
+        "compress s",
+    ]
     return common.markdown_table(headers, body, "lrrrrrrr")
 
 
