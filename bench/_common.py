@@ -347,7 +347,7 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
-    """A GitHub markdown table; ``align`` is one char per column: l (default) or r."""
+        pattern = re.compile(rf"^(#{{1,{level}}})\s")
     align = align or "l" * len(headers)
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     for row in rows:
