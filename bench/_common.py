@@ -347,7 +347,7 @@ def fmt(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
-        pattern = re.compile(rf"^(#{{1,{level}}})\s")
+    """A GitHub markdown table; ``align`` is one char per column: l (default) or r."""
     align = align or "l" * len(headers)
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     for row in rows:
@@ -371,7 +371,7 @@ def write_readme_section(readme: str | os.PathLike[str], heading: str, body: str
         new = text.rstrip("\n") + "\n\n" + section
     else:
         end = len(lines)
-        pattern = re.compile(r"^(#{1,%d})\s" % level)
+        pattern = re.compile(rf"^(#{{1,{level}}})\s")
         in_fence = False
         for j in range(start + 1, len(lines)):
             if lines[j].lstrip().startswith("```"):
