@@ -43,11 +43,18 @@ def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None
             fh.write(model.SerializeToString(deterministic=True))
 
 
-def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1, config: dict[str, str] | None = None):  # noqa: ANN201
+def ort_session(  # noqa: ANN201
+    model: onnx.ModelProto,
+    level: str = "all",
+    threads: int = 1,
+    config: dict[str, str] | None = None,
+    optimized_path: str | None = None,
+):
     """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB).
 
     ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
-    ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``).
+    ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``);
+    ``optimized_path``: where onnxruntime saves the graph it optimized (what it will really run).
     """
     import onnxruntime as ort
 
@@ -63,6 +70,8 @@ def ort_session(model: onnx.ModelProto, level: str = "all", threads: int = 1, co
     opts.log_severity_level = 3
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
+    if optimized_path is not None:
+        opts.optimized_model_filepath = optimized_path
     if model.ByteSize() < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
