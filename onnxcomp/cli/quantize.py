@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from onnxcomp.analysis.kernels import format_kernel_report
 from onnxcomp.api import quantize
 from onnxcomp.cli.common import (
     DeprecatedFlag,
@@ -80,4 +81,6 @@ def _quantize(args: argparse.Namespace) -> int:
     step = report.result("quantize")
     if not args.quiet and "report" in step.data:
         print(format_report(step.data["report"]))
+    if not args.quiet and "kernels" in step.data:
+        print(format_kernel_report(step.data["kernels"]))
     return 0

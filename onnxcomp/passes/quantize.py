@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from onnxcomp import ir
+from onnxcomp.analysis.kernels import kernel_report
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
+from onnxcomp.formats import get_format
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
+from onnxcomp.model_io import runs_on_ort
 from onnxcomp.quant.apply import (
     apply_plans,
     calibrate_activations,
@@ -21,7 +24,7 @@ from onnxcomp.quant.apply import (
 )
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.report import quantization_report
-from onnxcomp.quant.spec import QUANTIZABLE_OPS, QuantConfig, TensorSpec, parse_config
+from onnxcomp.quant.spec import DEFAULT_OPS, QuantConfig, TensorSpec, parse_config
 from onnxcomp.quant.weights import min_opset_for
 
 
@@ -44,8 +47,8 @@ class Quantize(Pass):
     class Options:
         RENAMED: ClassVar[dict[str, str]] = {"batch_num": "calib_batches"}
         weights: str | dict[str, Any] = "int8"
-        activations: str | dict[str, Any] = "int8"
-        ops: tuple[str, ...] = QUANTIZABLE_OPS
+        activations: str | dict[str, Any] = "uint8"
+        ops: tuple[str, ...] = DEFAULT_OPS
         skip: tuple[str, ...] = ()
         op_types: dict[str, Any] = field(default_factory=dict)
         nodes: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +58,7 @@ class Quantize(Pass):
         bias_int32: bool = True
         calib_batches: int | None = None  # calibration batches used (None: all)
         report_batches: int = 4
+        kernel_report: bool = True  # say which kernel onnxruntime runs for each quantized node
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -124,7 +128,25 @@ class Quantize(Pass):
             )
             result.data["report"] = report
             ctx.artifacts["quant_report"] = report
+        if self.options.kernel_report and self.options.emit == "qdq":
+            ir.finalize(graph)
+            nodes = [(p.node.name, p.node.op, _emulated(p)) for p in plans]
+            quantized = ir.export_model(graph, ctx.source_model)
+            if runs_on_ort(quantized):
+                kernels = kernel_report(quantized, nodes)
+                result.data["kernels"] = kernels
+                ctx.artifacts.setdefault("quant_report", {})["kernels"] = kernels
+            else:
+                result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+
+def _emulated(plan: NodePlan) -> str | None:
+    """The format of a node with no integer kernel on onnxruntime's CPU provider, or None."""
+    spec = plan.spec.activations
+    if spec is not None and get_format(spec.dtype).kind != "int":
+        return f"{spec.dtype} activations"
+    return None
 
 
 def _static_tensors(plans: list[NodePlan]) -> dict[str, TensorSpec]:

@@ -23,6 +23,9 @@ from onnxcomp.formats import available_formats, get_format
 from onnxcomp.ir import match_glob
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: Ops quantized by default: onnxruntime's CPU provider has no integer ConvTranspose kernel, so a
+#: quantized ConvTranspose only adds dequantization work there (list it in ``ops`` to quantize it).
+DEFAULT_OPS = ("Conv", "Gemm", "MatMul")
 WEIGHT_OBSERVERS = ("minmax", "mse", "output_mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "entropy", "mse", "histogram")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -233,7 +236,7 @@ class QuantConfig:
 
     weights: TensorSpec | None
     activations: TensorSpec | None
-    ops: tuple[str, ...] = QUANTIZABLE_OPS
+    ops: tuple[str, ...] = DEFAULT_OPS
     skip: tuple[str, ...] = ()
     by_op: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     by_name: dict[str, tuple[Any, Any]] = field(default_factory=dict)
@@ -272,9 +275,9 @@ def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfi
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(known)}")
     weights = parse_tensor_spec(data.get("weights", "int8"), "weights", _DEFAULT_WEIGHTS, f"{where}.weights")
     activations = parse_tensor_spec(
-        data.get("activations", "int8"), "activations", _DEFAULT_ACTIVATIONS, f"{where}.activations"
+        data.get("activations", "uint8"), "activations", _DEFAULT_ACTIVATIONS, f"{where}.activations"
     )
-    ops = tuple(data.get("ops", QUANTIZABLE_OPS))
+    ops = tuple(data.get("ops", DEFAULT_OPS))
     bad = [o for o in ops if o not in QUANTIZABLE_OPS]
     if bad:
         raise ConfigError(f"{where}.ops: {bad[0]!r} cannot be quantized; quantizable ops: {', '.join(QUANTIZABLE_OPS)}")
@@ -324,4 +327,6 @@ _DEFAULT_GRANULARITY = {
 _DEFAULT_OBSERVER = {("weights", "int4"): "mse", ("weights", "uint4"): "mse"}
 
 _DEFAULT_WEIGHTS = TensorSpec("int8", Granularity("channel"), True, "minmax")
-_DEFAULT_ACTIVATIONS = TensorSpec("int8", Granularity("tensor"), False, "minmax")
+#: uint8, not int8: on x86, onnxruntime fuses int8 activations only where a tensor has a single
+#: reader (docs/onnxruntime.md#int8-activations-with-several-readers-stay-float); the grids are equal.
+_DEFAULT_ACTIVATIONS = TensorSpec("uint8", Granularity("tensor"), False, "minmax")

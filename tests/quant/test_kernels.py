@@ -1,0 +1,109 @@
+"""The fused-kernel report: which kernel onnxruntime runs for each quantized node (the deploy oracle).
+
+Default W8A8 must run every quantized node of the demo and of the real models as an integer
+kernel in onnxruntime's optimized graph (docs/onnxruntime.md#fused-patterns).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS
+from onnx import TensorProto, helper, numpy_helper
+from real_models import make_inputs, real_model
+
+from onnxcomp import quantize
+from onnxcomp.analysis.kernels import format_kernel_report, kernel_report
+from onnxcomp.cli.main import main
+
+DEMO = MODELS / "digits_cnn.onnx"
+CALIB = MODELS / "digits_calib.npz"
+
+
+def _left_in_float(kernels: dict) -> list[str]:
+    return [f"{r['node']} ({r['op']} -> {r['kernel']}): {r['reason']}" for r in kernels["nodes"] if not r["integer"]]
+
+
+def test_default_w8a8_runs_every_quantized_node_as_an_integer_kernel_on_the_demo(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(DEMO), "-o", str(out), "--calib", str(CALIB), "--calib-samples", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime kernels (CPU, ORT_ENABLE_ALL): 6 integer, 0 float (QGemm 2, QLinearConv 4)" in printed
+    report = json.loads(out.with_name("q.quant_report.json").read_text())
+    assert report["kernels"]["integer"] == 6 and not _left_in_float(report["kernels"])
+    record = json.loads(out.with_name("q.quant_record.json").read_text())
+    assert {e["activations"][0]["dtype"] for e in record} == {"uint8"}  # the default that fuses on x86
+
+
+@pytest.mark.parametrize("name", ["ppocr_cls", "ppocr_rec", "minilm_l3"])
+def test_default_w8a8_runs_every_quantized_node_as_an_integer_kernel(name: str) -> None:
+    """MobileNetV3 (hard-swish, SE, residuals), a CNN+transformer recognizer, a BERT encoder."""
+    path = real_model(name)
+    feeds = make_inputs(name, 4, 0)
+    feeds = feeds[0] if isinstance(feeds, tuple) else feeds
+    report = quantize(path, calibration=[feeds])
+    kernels = report.result("quantize").data["kernels"]
+    quantized = len(report.result("quantize").changed)
+    assert kernels["integer"] == quantized > 0 and not _left_in_float(kernels), _left_in_float(kernels)
+
+
+def test_int8_activation_fan_out_is_reported() -> None:
+    """int8 activations read by two nodes: onnxruntime leaves producer and readers in float, and says so."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), f"w{i}") for i in range(3)
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="c0"),
+        helper.make_node("Conv", ["a", "w1"], ["b"], name="c1"),
+        helper.make_node("Conv", ["a", "w2"], ["c"], name="c2"),
+        helper.make_node("Add", ["b", "c"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fanout",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.standard_normal((4, 8, 4, 4)).astype(np.float32)}]
+    s8 = quantize(model, calibration=calib, activations="int8", fuse=False).result("quantize").data["kernels"]
+    left = {r["node"]: r["reason"] for r in s8["nodes"] if not r["integer"]}
+    assert set(left) == {"c0", "c1", "c2"}, s8
+    assert all("int8 activation 'a' has several readers" in r for r in left.values())
+    text = format_kernel_report(s8)
+    assert text.startswith("onnxruntime kernels (CPU, ORT_ENABLE_ALL): 0 integer, 3 float") and "use uint8" in text
+    u8 = quantize(model, calibration=calib, fuse=False).result("quantize").data["kernels"]
+    assert u8["integer"] == 3 and u8["counts"] == {"QLinearConv": 3}
+
+
+def test_conv_transpose_is_opt_in_and_reported_as_float() -> None:
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array((rng.standard_normal((8, 4, 2, 2)) * 0.3).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])],
+        "up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.standard_normal((2, 8, 4, 4)).astype(np.float32)}]
+    default = quantize(model, calibration=calib, fuse=False)
+    assert not default.result("quantize").modified  # not in the default ops
+    opted = quantize(model, calibration=calib, fuse=False, config={"ops": ["ConvTranspose"]})
+    kernels = opted.result("quantize").data["kernels"]
+    assert kernels["float"] == 1 and "no integer ConvTranspose kernel" in kernels["nodes"][0]["reason"]
+
+
+def test_kernel_report_on_a_model_it_did_not_write() -> None:
+    """The report is a plain function of a model and node names (usable on any QDQ model)."""
+    model = onnx.load(DEMO)
+    kernels = kernel_report(model, [(n.name, n.op_type, None) for n in model.graph.node if n.op_type == "Conv"])
+    assert kernels["integer"] == 0 and kernels["float"] == 4
+    assert all(r["kernel"] in ("Conv", "FusedConv") for r in kernels["nodes"])
