@@ -166,6 +166,8 @@ def quantize(
     emit: str | None = None,
     fp4_storage: str | None = None,
     scale_format: str | None = None,
+    weight_only_format: str | None = None,
+    reports: bool = True,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
@@ -178,7 +180,10 @@ def quantize(
     """Post-training quantization: fusions (unless ``fuse=False``) then the ``quantize`` pass.
 
     The format keywords are those of :func:`onnxcomp.flags.quantize_options`; ``config`` is a
-    TOML file or mapping of ``quantize`` pass options that they override. With
+    TOML file or mapping of ``quantize`` pass options that they override.
+    ``weight_only_format`` writes weight-only MatMul/Gemm as ``matmulnbits`` (onnxruntime's packed
+    kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``reports=False`` skips the SQNR
+    and fused-kernel reports. With
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
     options = quantize_options(
@@ -194,6 +199,8 @@ def quantize(
         emit=emit,
         fp4_storage=fp4_storage,
         scale_format=scale_format,
+        weight_only_format=weight_only_format,
+        reports=reports,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
     report = _run(model, Recipe(quantize_passes(options, fuse)), output, run)

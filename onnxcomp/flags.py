@@ -101,6 +101,8 @@ def quantize_options(
     emit: str | None = None,
     fp4_storage: str | None = None,
     scale_format: str | None = None,
+    weight_only_format: str | None = None,
+    reports: bool = True,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     if config is None:
@@ -151,6 +153,11 @@ def quantize_options(
         data["emit"] = emit
     if fp4_storage is not None:
         data["fp4_storage"] = fp4_storage
+    if weight_only_format is not None:
+        data["weight_only_format"] = weight_only_format
+    if not reports:
+        data["report_batches"] = 0
+        data["kernel_report"] = False
     return data
 
 

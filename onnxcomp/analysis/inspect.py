@@ -222,6 +222,12 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
         if table_bits and table is not None and table.input[0] not in seen_tables:
             seen_tables.add(table.input[0])
             entry["bits"] += table_bits
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            attrs = {a.name: a.i for a in node.attribute}
+            entry = out.setdefault(f"MatMulNBits {attrs.get('bits', 4)}-bit", {"weights": 0, "bits": 0})
+            entry["weights"] += attrs.get("K", 0) * attrs.get("N", 0)
+            entry["bits"] += sum(bits(i) for i in node.input[1:4] if i)
     for name in weight_inputs:
         if name in inits and inits[name].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             entry = out.setdefault(f"{_dtype_name(inits[name].data_type)} (not quantized)", {"weights": 0, "bits": 0})

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxcomp.formats.nbits import unpack_rows
 from onnxcomp.formats.nm import NMPattern, nm_fraction
 from onnxcomp.ir import reduction_axis
 
@@ -57,6 +58,25 @@ def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return table
 
 
+def _matmulnbits_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """Where a MatMulNBits weight is exactly zero, in MatMul layout ``(K, N)`` (None if unknown)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, bits, block = attrs.get("K", 0), attrs.get("N", 0), attrs.get("bits", 4), attrs.get("block_size", 0)
+    if node.input[1] not in constants or not (k and n and block):
+        return None
+    blocks = -(-k // block)
+    codes = unpack_rows(numpy_helper.to_array(constants[node.input[1]]).reshape(n, blocks, -1), bits, block)
+    zp_name = node.input[3] if len(node.input) > 3 else ""
+    if zp_name:
+        if zp_name not in constants or constants[zp_name].data_type != onnx.TensorProto.UINT8:
+            return None
+        zp = unpack_rows(numpy_helper.to_array(constants[zp_name]).reshape(n, -1), bits, blocks)
+    else:
+        zp = np.full((n, blocks), 1 << (bits - 1), np.uint8)
+    zero = codes == zp[:, :, None]
+    return zero.reshape(n, blocks * block)[:, :k].T
+
+
 def _dequantized_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
     """Where the output of a DequantizeLinear of constant codes is exactly zero (None if unknown)."""
     if node.input[0] not in constants:
@@ -80,9 +100,15 @@ def layer_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, np.
     producers = {o: n for n in model.graph.node for o in n.output}
     out = []
     for node in model.graph.node:
-        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        nbits = node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+        if (node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx")) and not nbits or len(node.input) < 2:
             continue
         name = node.input[1]
+        if node.op_type == "MatMulNBits":
+            zero = _matmulnbits_zeros(node, constants)
+            if zero is not None:
+                out.append((node, name, np.where(zero, 0.0, 1.0)))
+            continue
         if name in constants:
             value = numpy_helper.to_array(constants[name])
             if value.dtype.kind == "f":
@@ -103,7 +129,8 @@ def sparsity_extra(model: onnx.ModelProto) -> dict[str, list[str]]:
         if w.ndim < 2:
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        info = weight_sparsity(w, reduction_axis(node.op_type, w.ndim, trans_b))
+        op = "MatMul" if node.op_type == "MatMulNBits" else node.op_type  # its zero mask is in MatMul layout
+        info = weight_sparsity(w, reduction_axis(op, w.ndim, trans_b))
         if info["zero_fraction"] < REPORT_MIN_ZEROS:
             continue
         pattern = f", 2:4 on {info['pattern_fraction']:.1%} of groups"

@@ -51,6 +51,12 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--group-scale-format", dest="scale_format", action=DeprecatedFlag, new="--scale-format")
     p.add_argument(
+        "--weight-only-format",
+        choices=("matmulnbits", "dq"),
+        help="weight-only MatMul/Gemm: onnxruntime's MatMulNBits kernel (default) or DequantizeLinear (any runtime)",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip the SQNR and fused-kernel reports (faster)")
+    p.add_argument(
         "--standard-types",
         action="store_true",
         help="write FP4 E2M1 as ONNX FLOAT4E2M1 (opset 23; valid ONNX, not runnable on ORT CPU)",
@@ -74,6 +80,8 @@ def _quantize(args: argparse.Namespace) -> int:
         emit=args.emit,
         fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
         scale_format=args.scale_format,
+        weight_only_format=args.weight_only_format,
+        reports=not args.no_report,
         simulation_output=args.simulation,
         **run_kwargs(args),
     )

@@ -48,6 +48,7 @@ __all__ = [
     "make_constant",
     "make_node",
     "make_variable",
+    "omitted",
     "only_consumer_is",
     "producer",
     "replace_constant",
@@ -186,6 +187,11 @@ def make_variable(
 ) -> Variable:
     """A new intermediate tensor with a name unique in ``graph``."""
     return Variable(unique_name(graph, base), dtype=dtype, shape=shape)
+
+
+def omitted() -> Variable:
+    """The empty tensor that stands for an omitted optional input."""
+    return Variable.empty()
 
 
 def make_node(

@@ -59,6 +59,9 @@ class Quantize(Pass):
         calib_batches: int | None = None  # calibration batches used (None: all)
         report_batches: int = 4
         kernel_report: bool = True  # say which kernel onnxruntime runs for each quantized node
+        # weight-only MatMul/Gemm: com.microsoft MatMulNBits (onnxruntime) or DequantizeLinear (any runtime)
+        weight_only_format: Literal["matmulnbits", "dq"] = "matmulnbits"
+        matmulnbits_accuracy_level: int = 4  # 4: int8 compute (onnxruntime's default); 0: float compute
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,7 @@ from onnxcomp.quant.emit import (
     emit_weight_dq,
 )
 from onnxcomp.quant.lowbit import stored_as
+from onnxcomp.quant.matmulnbits import bias_add, emit_matmulnbits, pack_weight, weight_constants
 from onnxcomp.quant.plan import NodePlan
 from onnxcomp.quant.qparams import range_qdq
 from onnxcomp.quant.qweight import QuantizedWeight
@@ -137,20 +139,45 @@ def apply_plans(
     energies: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Emit every plan into ``graph``; returns the record (one entry per quantized node)."""
-    weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor, str]] = {}
-    acts: dict[str, dict[str, Any]] = {}
+    state = _Written()
     record = []
     with ctx.progress(len(plans), "quantizing") as bar:
         for plan in plans:
-            record.append(_apply_one(graph, plan, ranges, options, weights, acts, energies or {}))
+            record.append(_apply_one(graph, plan, ranges, options, state, energies or {}))
             bar.update(1)
     return record
 
 
-def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[str, Any]:  # noqa: ANN001
+@dataclass
+class _Written:
+    """What one run has written so far: each weight, activation and packed weight is written once."""
+
+    weights: dict[tuple[str, TensorSpec, Any], tuple[QuantizedWeight, ir.Tensor, str]] = field(default_factory=dict)
+    acts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized: dict[tuple[str, TensorSpec, Any], QuantizedWeight] = field(default_factory=dict)
+    packed: dict[tuple[int, bool], list[ir.Tensor]] = field(default_factory=dict)
+
+
+def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[str, Any]:  # noqa: ANN001
     node, spec = plan.node, plan.spec
+    weights, acts = state.weights, state.acts
     entry: dict[str, Any] = {"node": node.name, "op": node.op}
     qw = None
+    if spec.weights is not None and plan.weight_index is not None and _wants_matmulnbits(plan, options):
+        w = node.inputs[plan.weight_index]
+        value = ir.constant_value(w)
+        assert value is not None  # plan_nodes declines nodes whose weight is not a constant
+        key = (w.name, spec.weights, plan.layout)
+        if key not in state.quantized:
+            state.quantized[key] = quantize_weight(
+                value, spec.weights, plan.layout, w.name, options.fp4_storage, energies.get(node.name)
+            )
+        qw = state.quantized[key]
+        written = _emit_matmulnbits(graph, plan, qw, options, state.packed)
+        if written is not None:
+            entry["weights"] = _weight_record(w.name, qw, written)
+            entry["kernel"] = "MatMulNBits"
+            return entry
     if spec.weights is not None and plan.weight_index is not None:
         w = node.inputs[plan.weight_index]
         key = (w.name, spec.weights, plan.layout)
@@ -223,6 +250,59 @@ def _apply_one(graph, plan, ranges, options, weights, acts, energies) -> dict[st
             emit_bias_int32(graph, node, plan.bias_index, bias, x_scale, qw.scale)
             entry["bias"] = "int32"
     return entry
+
+
+def _wants_matmulnbits(plan: NodePlan, options: Any) -> bool:
+    """Weight-only MatMul/Gemm for onnxruntime: written as MatMulNBits (``weight_only_format``)."""
+    return (
+        options.emit == "qdq"
+        and options.weight_only_format == "matmulnbits"
+        and plan.spec.activations is None
+        and plan.node.op in ("MatMul", "Gemm")
+        and len(plan.weight_shape) == 2
+    )
+
+
+def _emit_matmulnbits(
+    graph: ir.Graph,
+    plan: NodePlan,
+    qw: QuantizedWeight,
+    options: Any,
+    packed_weights: dict[tuple[int, bool], list[ir.Tensor]],
+) -> str | None:
+    """Replace the node by MatMulNBits (folding a bias); its storage description, or None if it has no such form."""
+    node = plan.node
+    attrs = node.attrs
+    if node.op == "Gemm" and (attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0):
+        return None
+    transposed = node.op == "Gemm" and bool(attrs.get("transB", 0))
+    packed = pack_weight(qw, transposed)
+    if isinstance(packed, str):
+        return None
+    bias: np.ndarray | None = None
+    output = node.outputs[0]
+    fused_add = None
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        c = ir.constant_value(node.inputs[2])
+        if c is None or c.size != packed.n or float(attrs.get("beta", 1.0)) != 1.0:
+            return None
+        bias = c.astype(np.float32).reshape(-1)
+    elif node.op == "MatMul":
+        found = bias_add(graph, node, packed.n)
+        if found is not None:
+            fused_add, bias = found
+            output = fused_add.outputs[0]
+    key = (id(qw), transposed)
+    if key not in packed_weights:  # a weight several nodes read is stored once
+        packed_weights[key] = weight_constants(graph, packed, node.inputs[plan.weight_index or 1].name)
+    level = options.matmulnbits_accuracy_level
+    plan.node = emit_matmulnbits(graph, node, packed, packed_weights[key], bias, output, level)
+    if fused_add is not None:
+        fused_add.inputs.clear()
+        fused_add.outputs.clear()
+    signed = "" if qw.codes.dtype.name.startswith("u") else f", signed codes + {1 << (packed.bits - 1)}"
+    folded = " + bias" if bias is not None else ""
+    return f"MatMulNBits {packed.bits}-bit, block {packed.block_size}{signed}{folded}"
 
 
 def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodePlan) -> ir.Tensor:

@@ -96,10 +96,37 @@ WEIGHT_CASES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray], str]] = [
 def test_weight_dequant_subgraph_is_bit_exact(fmt: str, granularity: str, reference: Callable, storage: str) -> None:
     w = _weight()
     model = quantize(
-        _matmul(w), weights=fmt, granularity=granularity, activations="none", fuse=False, fp4_storage=storage
+        _matmul(w),
+        weights=fmt,
+        granularity=granularity,
+        activations="none",
+        fuse=False,
+        fp4_storage=storage,
+        weight_only_format="dq",
     ).model
     eye = np.eye(K, dtype=np.float32)  # x = I: the output is the dequantized weight, exactly
     got = run_model(model, {"x": eye}, level="disable")[0]
+    want = reference(w)
+    assert _values_equal(got, want).all(), (fmt, np.argwhere(~_values_equal(got, want))[:5])
+
+
+NBITS_CASES = [c for c in WEIGHT_CASES if c[0] in ("fp4_e2m1", "fp4_e1m2", "mxfp4") and c[3] == "int8"]
+
+
+@pytest.mark.parametrize(("fmt", "granularity", "reference", "storage"), NBITS_CASES)
+def test_matmulnbits_weights_are_bit_exact(fmt: str, granularity: str, reference: Callable, storage: str) -> None:
+    """The packed MatMulNBits form (float compute, accuracy level 0) dequantizes to the codec's values."""
+    w = _weight()
+    out = quantize(
+        _matmul(w),
+        weights=fmt,
+        granularity=granularity,
+        activations="none",
+        fuse=False,
+        config={"matmulnbits_accuracy_level": 0},
+    ).model
+    assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
+    got = run_model(out, {"x": np.eye(K, dtype=np.float32)}, level="disable")[0]
     want = reference(w)
     assert _values_equal(got, want).all(), (fmt, np.argwhere(~_values_equal(got, want))[:5])
 
@@ -117,7 +144,9 @@ def test_storage_bits() -> None:
     w = _weight()
     sizes = {}
     for fmt, storage in (("fp4_e1m2", "int8"), ("fp4_e2m1", "int8"), ("fp4_e2m1", "uint4_lut"), ("mxfp4", "int8")):
-        model = quantize(_matmul(w), weights=fmt, activations="none", fuse=False, fp4_storage=storage).model
+        model = quantize(
+            _matmul(w), weights=fmt, activations="none", fuse=False, fp4_storage=storage, weight_only_format="dq"
+        ).model
         (entry,) = weight_storage(model).values()
         sizes[(fmt, storage)] = entry["bits"] / entry["weights"]
     # 4-bit codes + one fp32 scale and a 4/8-bit zero point per 32 weights (the 3rd group is short)
@@ -263,7 +292,8 @@ def test_every_format_quantizes_the_demo(settings: dict, tmp_path: Path) -> None
     held = np.load(MODELS / "digits_heldout.npz")
     calib = {"input": np.load(MODELS / "digits_calib.npz")["input"][:64]}
     out, sim = tmp_path / "q.onnx", tmp_path / "sim.onnx"
-    quantize(DEMO, out, calibration=calib, simulation_output=sim, **settings)
+    exact = {"matmulnbits_accuracy_level": 0}  # weight-only Gemms become MatMulNBits: float compute, exact
+    quantize(DEMO, out, calibration=calib, simulation_output=sim, config=exact, **settings)
     deployed, simulated = onnx.load(str(out)), onnx.load(str(sim))
     x = {"input": held["input"]}
     a, b = predict(deployed, x, level="disable"), predict(deployed, x, level="all")

@@ -140,9 +140,12 @@ def _mlp(k: int = 64, n: int = 48, shared: bool = False) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_int4_weight_only_matmul_becomes_matmulnbits(tmp_path: Path) -> None:
+def test_int4_weight_only_dq_form_and_the_fusedgemm_trap(tmp_path: Path) -> None:
+    """The DequantizeLinear form (other runtimes): ORT fuses MatMul+bias before MatMulNBits."""
     model = _mlp()
-    report = quantize(model, weights="int4", granularity="group:32", activations="none", fuse=False)
+    report = quantize(
+        model, weights="int4", granularity="group:32", activations="none", fuse=False, weight_only_format="dq"
+    )
     out = report.model
     assert out.opset_import[0].version == 21 and "converted opset 17 -> 21 for quantize" in report.notes
     assert op_counts(out)["DequantizeLinear"] == 2
@@ -157,10 +160,43 @@ def test_int4_weight_only_matmul_becomes_matmulnbits(tmp_path: Path) -> None:
     assert np.corrcoef(disabled.ravel(), ref.ravel())[0, 1] > 0.98  # int4 on a random 2-layer MLP: 0.987
 
 
-def test_shared_weight_is_quantized_once() -> None:
-    out = quantize(_mlp(shared=True), weights="int8", activations="none", fuse=False).model
-    dq_inputs = [n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear"]
-    assert sorted(dq_inputs) == ["w1_quantized", "w2_quantized"]
+def test_int4_weight_only_matmul_with_bias_runs_as_matmulnbits(tmp_path: Path) -> None:
+    """Written directly as MatMulNBits with the bias folded in: every weight-only MatMul keeps the kernel."""
+    model = _mlp()
+    out = quantize(model, weights="int4", granularity="group:32", activations="none", fuse=False).model
+    assert op_counts(out) == {"MatMulNBits": 2, "Relu": 1}
+    first = next(n for n in out.graph.node if n.name == "mm1")
+    assert len(first.input) == 6 and first.input[5]  # bias input, the Add is gone
+    assert _optimized_ops(out, tmp_path).get("MatMulNBits") == 2
+    dq = quantize(
+        model, weights="int4", granularity="group:32", activations="none", fuse=False, weight_only_format="dq"
+    ).model
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    exact = quantize(
+        model,
+        weights="int4",
+        granularity="group:32",
+        activations="none",
+        fuse=False,
+        config={"matmulnbits_accuracy_level": 0},
+    ).model
+    np.testing.assert_allclose(
+        run_model(exact, {"x": x})[0], run_model(dq, {"x": x}, level="disable")[0], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        run_model(out, {"x": x})[0], run_model(dq, {"x": x}, level="disable")[0], rtol=0.02, atol=0.02
+    )
+
+
+@pytest.mark.parametrize("form", ["dq", "matmulnbits"])
+def test_shared_weight_is_quantized_once(form: str) -> None:
+    out = quantize(_mlp(shared=True), weights="int8", activations="none", fuse=False, weight_only_format=form).model
+    if form == "dq":
+        dq_inputs = [n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear"]
+        assert sorted(dq_inputs) == ["w1_quantized", "w2_quantized"]
+    else:
+        users = [n.input[1] for n in out.graph.node if n.op_type == "MatMulNBits"]
+        assert len(users) == 3 and len(set(users)) == 2  # mm1 and mm_shared read one packed w1
 
 
 def test_determinism_same_bytes(tmp_path: Path) -> None:

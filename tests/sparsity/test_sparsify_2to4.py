@@ -74,15 +74,16 @@ def test_shared_weight_gets_its_own_copy() -> None:
     assert nm_fraction(weight(out, "gemm_b"), 1, NMPattern()) == 1.0
 
 
+@pytest.mark.parametrize("form", ["dq", "matmulnbits"])
 @pytest.mark.parametrize(
     ("fmt", "granularity"), [("int8", "channel"), ("int4", "channel"), ("int4", "group:32"), ("uint8", "channel")]
 )
-def test_quantized_zeros_stay_exact(fmt: str, granularity: str, tmp_path: Path) -> None:
+def test_quantized_zeros_stay_exact(fmt: str, granularity: str, form: str, tmp_path: Path) -> None:
     net = Net(shape=("N", 64))
     h = net.op("Relu", [net.gemm("x", 64, 32, "fc1")])
     model = net.build([net.gemm(h, 32, 8, "fc2")], {"x": ["N", 64]})
     weights = {"dtype": fmt, "granularity": granularity, "symmetric": fmt != "uint8"}
-    options = {"weights": weights, "activations": "none"}
+    options = {"weights": weights, "activations": "none", "weight_only_format": form}
     out_path = tmp_path / "sq.onnx"
     report = compress(model, [make_pass("sparsify_2to4"), make_pass("quantize", options)], out_path)
     sparse = compress(model, [make_pass("sparsify_2to4")]).model
@@ -90,8 +91,9 @@ def test_quantized_zeros_stay_exact(fmt: str, granularity: str, tmp_path: Path) 
     for name in ("fc1", "fc2"):
         zero = weight(sparse, name) == 0
         assert zero.mean() == 0.5
-        assert (rows[name][zero] == 0).all()  # every pruned zero is a zero code (small weights may join them)
-        assert weight_sparsity(rows[name], 1)["pattern"] == "2:4"
+        row = rows[name] if form == "dq" else rows[name].T  # MatMulNBits zeros come in MatMul layout (K, N)
+        assert (row[zero] == 0).all()  # every pruned zero is a zero code (small weights may join them)
+        assert weight_sparsity(row, 1)["pattern"] == "2:4"
     record = json.loads(out_path.with_name("sq.quant_record.json").read_text())
     assert [e["weights"]["sparsity"]["pattern"] for e in record] == ["2:4", "2:4"]
     sparse_record = json.loads(out_path.with_name("sq.sparsity_record.json").read_text())
