@@ -96,6 +96,7 @@ def quantize_options(
     observer: str | None = None,
     weight_observer: str | None = None,
     dynamic: bool = False,
+    dynamic_granularity: str = "token",
     symmetric_activations: bool | None = None,
     skip: Sequence[str] = (),
     emit: str | None = None,
@@ -140,8 +141,13 @@ def quantize_options(
     role("weights", weights, w_extra)
     a_extra: dict[str, Any] = {}
     if dynamic:
-        a_extra["granularity"] = "token"
-        a_extra["symmetric"] = True
+        if dynamic_granularity not in ("token", "tensor"):
+            raise ConfigError(f"dynamic_granularity must be 'token' or 'tensor', got {dynamic_granularity!r}")
+        per_token = dynamic_granularity == "token"
+        a_extra["granularity"] = "token" if per_token else "dynamic"
+        a_extra["symmetric"] = per_token  # per tensor: uint8 asymmetric, as DynamicQuantizeLinear computes
+        if not per_token and activations is None:
+            activations = "uint8"
     if observer is not None:
         a_extra["observer"] = observer
     if symmetric_activations is not None:

@@ -30,7 +30,13 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="weight format (int8, int4, fp8_e4m3, ...) or none")
     p.add_argument("--activations", help="activation format (int8, fp8_e4m3, ...) or none (weight-only)")
     p.add_argument("--granularity", help="weight granularity: tensor, channel or group:N")
-    p.add_argument("--dynamic", action="store_true", help="per-token activations computed at run time (no calibration)")
+    p.add_argument("--dynamic", action="store_true", help="activations quantized at run time (no calibration)")
+    p.add_argument(
+        "--dynamic-granularity",
+        choices=("token", "tensor"),
+        default="token",
+        help="--dynamic: one scale per token (accurate, emulated) or per tensor (onnxruntime's fused integer kernels)",
+    )
     p.add_argument("--observer", help="activation range: minmax, percentile, entropy, mse, histogram")
     p.add_argument("--weight-observer", help="weight range: minmax or mse (clipping search)")
     p.add_argument("--symmetric-activations", action="store_true", help="symmetric activation ranges (int formats)")
@@ -75,6 +81,7 @@ def _quantize(args: argparse.Namespace) -> int:
         observer=args.observer,
         weight_observer=args.weight_observer,
         dynamic=args.dynamic,
+        dynamic_granularity=args.dynamic_granularity,
         symmetric_activations=args.symmetric_activations or None,
         skip=args.skip,
         emit=args.emit,

@@ -113,6 +113,7 @@ class Quantize(Pass):
             assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
             ranges = calibrate_activations(float_model, static, ctx, self.options.calib_batches)
         energies = collect_input_energies(float_model, plans, ctx, self.options.calib_batches)
+        outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
         record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
         result.modified = True
         result.stats = _stats(plans)
@@ -121,7 +122,6 @@ class Quantize(Pass):
         ctx.set_record("quant", record)
         if self.options.report_batches > 0 and ctx.calibration is not None and float_model is not None:
             ir.finalize(graph)  # the report runs the rewritten graph: it must be sorted
-            outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}
             report = quantization_report(
                 float_model,
                 ir.export_model(graph, float_model),

@@ -24,6 +24,7 @@ from onnxcomp.quant.activation_subgraphs import (
     emit_hif8_activation,
     emit_mx_activation,
 )
+from onnxcomp.quant.dynamic import emit_dynamic_fake_quant, emit_dynamic_tensor
 from onnxcomp.quant.emit import (
     activation_qparams,
     emit_activation_qdq,
@@ -39,7 +40,7 @@ from onnxcomp.quant.matmulnbits import bias_add, emit_matmulnbits, pack_weight, 
 from onnxcomp.quant.plan import NodePlan
 from onnxcomp.quant.qparams import range_qdq
 from onnxcomp.quant.qweight import QuantizedWeight
-from onnxcomp.quant.spec import TensorSpec
+from onnxcomp.quant.spec import Granularity, NodeSpec, TensorSpec
 from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight
 
 #: Observer options that configure the statistics (the rest configure the range policy).
@@ -163,16 +164,30 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
     weights, acts = state.weights, state.acts
     entry: dict[str, Any] = {"node": node.name, "op": node.op}
     qw = None
+    a = spec.activations
+    dynamic_tensor = a is not None and a.granularity.kind == "dynamic"
+    if dynamic_tensor and spec.weights is not None and plan.weight_index is not None and options.emit == "qdq":
+        w = node.inputs[plan.weight_index]
+        qw = _quantized(plan, options, state, energies)
+        done = emit_dynamic_tensor(graph, node, qw)
+        if not isinstance(done, str):
+            plan.node = done
+            stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
+            entry["weights"] = _weight_record(w.name, qw, stored)
+            entry["activations"] = {
+                "tensor": node.inputs[0].name if node.inputs else "",
+                "dtype": "uint8",
+                "granularity": "dynamic",
+                "symmetric": False,
+                "dynamic": True,
+                "computed": "DynamicQuantizeLinear: one uint8 scale per tensor at run time",
+            }
+            return entry
+        entry["note"] = f"{done}: per-token dynamic int8 activations instead"
+        spec = plan.spec = NodeSpec(spec.weights, TensorSpec("int8", Granularity("token"), True, "minmax"))
     if spec.weights is not None and plan.weight_index is not None and _wants_matmulnbits(plan, options):
         w = node.inputs[plan.weight_index]
-        value = ir.constant_value(w)
-        assert value is not None  # plan_nodes declines nodes whose weight is not a constant
-        key = (w.name, spec.weights, plan.layout)
-        if key not in state.quantized:
-            state.quantized[key] = quantize_weight(
-                value, spec.weights, plan.layout, w.name, options.fp4_storage, energies.get(node.name)
-            )
-        qw = state.quantized[key]
+        qw = _quantized(plan, options, state, energies)
         written = _emit_matmulnbits(graph, plan, qw, options, state.packed)
         if written is not None:
             entry["weights"] = _weight_record(w.name, qw, written)
@@ -198,7 +213,11 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
         entry["weights"] = _weight_record(key[0], qw, stored)
     a = spec.activations
     if a is not None:
-        if a.granularity.kind == "token":
+        if a.granularity.kind == "dynamic":  # the simulation of the fused pattern (the deploy form returned above)
+            x = node.inputs[0]
+            node.inputs[0] = emit_dynamic_fake_quant(graph, x, f"{x.name}_{node.name}")
+            entry["activations"] = {"tensor": x.name, "dtype": "uint8", "granularity": "dynamic", "dynamic": True}
+        elif a.granularity.kind == "token":
             x = node.inputs[0]
             conv = node.op in ("Conv", "ConvTranspose")
             axis = 1 if conv else (0 if node.op == "Gemm" and node.attrs.get("transA", 0) else -1)  # reduction axis
@@ -250,6 +269,20 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
             emit_bias_int32(graph, node, plan.bias_index, bias, x_scale, qw.scale)
             entry["bias"] = "int32"
     return entry
+
+
+def _quantized(plan: NodePlan, options: Any, state: _Written, energies: dict[str, np.ndarray]) -> QuantizedWeight:
+    """The node's weight quantized by its spec (once per weight and spec)."""
+    assert plan.spec.weights is not None and plan.weight_index is not None and plan.layout is not None  # callers check
+    w = plan.node.inputs[plan.weight_index]
+    key = (w.name, plan.spec.weights, plan.layout)
+    if key not in state.quantized:
+        value = ir.constant_value(w)
+        assert value is not None  # plan_nodes declines nodes whose weight is not a constant
+        state.quantized[key] = quantize_weight(
+            value, plan.spec.weights, plan.layout, w.name, options.fp4_storage, energies.get(plan.node.name)
+        )
+    return state.quantized[key]
 
 
 def _wants_matmulnbits(plan: NodePlan, options: Any) -> bool:

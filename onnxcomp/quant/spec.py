@@ -35,7 +35,11 @@ ACTIVATION_FORMATS = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", 
 
 @dataclass(frozen=True)
 class Granularity:
-    """``kind`` in tensor | channel | group | token; ``size`` is the group size for ``group``."""
+    """``kind`` in tensor | channel | group | token | dynamic; ``size`` is the group size for ``group``.
+
+    ``token`` and ``dynamic`` are activation granularities computed at run time: one scale per row
+    (per token), or one per tensor (``dynamic``: onnxruntime's fused DynamicQuantizeLinear pattern).
+    """
 
     kind: str
     size: int = 0
@@ -45,7 +49,7 @@ class Granularity:
 
 
 def parse_granularity(text: str, where: str = "granularity") -> Granularity:
-    """``tensor``, ``channel``, ``group:128`` (or ``group`` = 128) or ``token``."""
+    """``tensor``, ``channel``, ``group:128`` (or ``group`` = 128), ``token`` or ``dynamic``."""
     value = text.strip().lower()
     aliases = {
         "per-tensor": "tensor",
@@ -54,9 +58,11 @@ def parse_granularity(text: str, where: str = "granularity") -> Granularity:
         "per_channel": "channel",
         "per-token": "token",
         "per_token": "token",
+        "dynamic-tensor": "dynamic",
+        "dynamic_tensor": "dynamic",
     }
     value = aliases.get(value, value)
-    if value in ("tensor", "channel", "token"):
+    if value in ("tensor", "channel", "token", "dynamic"):
         return Granularity(value)
     if value.startswith(("group", "per-group", "per_group")):
         _, _, size = value.partition(":")
@@ -69,7 +75,7 @@ def parse_granularity(text: str, where: str = "granularity") -> Granularity:
                 f"{where}: bad group size in {text!r}; use group:N with N in {', '.join(map(str, GROUP_SIZES))}"
             )
         return Granularity("group", n)
-    raise ConfigError(f"{where}: unknown granularity {text!r}; use tensor, channel, group:N or token")
+    raise ConfigError(f"{where}: unknown granularity {text!r}; use tensor, channel, group:N, token or dynamic")
 
 
 @dataclass(frozen=True)
@@ -183,9 +189,10 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
     kind = _format_kind(spec.dtype)
     g = spec.granularity.kind
     if role == "weights":
-        if g == "token":
+        if g in ("token", "dynamic"):
             raise ConfigError(
-                f"{where}: per-token granularity is for activations; weights take tensor, channel or group:N"
+                f"{where}: {'per-token' if g == 'token' else 'dynamic'} granularity is for activations; "
+                "weights take tensor, channel or group:N"
             )
         if spec.observer not in WEIGHT_OBSERVERS:
             raise ConfigError(
@@ -194,7 +201,7 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
     else:
         if g in ("channel", "group"):
             raise ConfigError(
-                f"{where}: {g} granularity is for weights; activations take tensor (static) or token (dynamic)"
+                f"{where}: {g} granularity is for weights; activations take tensor (static), token or dynamic"
             )
         if spec.observer not in ACTIVATION_OBSERVERS:
             raise ConfigError(
@@ -221,6 +228,11 @@ def validate_spec(spec: TensorSpec, role: str, where: str) -> None:
         if spec.dtype not in ACTIVATION_FORMATS:
             raise ConfigError(
                 f"{where}: {spec.dtype} activations are not supported; use one of {', '.join(ACTIVATION_FORMATS)}"
+            )
+        if g == "dynamic" and spec.dtype not in ("int8", "uint8"):
+            raise ConfigError(
+                f"{where}: dynamic per-tensor activations are 8-bit integers (onnxruntime's DynamicQuantizeLinear "
+                "is uint8); use int8/uint8, or granularity token for other formats"
             )
         if spec.dtype == "mxfp8" and g != "token":
             raise ConfigError(
