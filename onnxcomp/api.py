@@ -50,6 +50,10 @@ RecipeLike = Recipe | str | os.PathLike[str] | Sequence[Pass | str]
 CalibrationLike = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
 
 
+#: Front ends check the result once and locate a broken pass only when the result is invalid.
+LOCATE = "locate"
+
+
 def _as_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
     if isinstance(model, onnx.ModelProto):
         return model, None
@@ -63,7 +67,7 @@ def _as_recipe(recipe: RecipeLike) -> Recipe:
         return recipe
     if isinstance(recipe, (str, os.PathLike)):
         return load_recipe(recipe)
-    return Recipe(passes=[make_pass(p) if isinstance(p, str) else p for p in recipe])
+    return Recipe(passes=[make_pass(p) if isinstance(p, str) else p for p in recipe], validate=LOCATE)
 
 
 def output_artifacts(output: Path) -> dict[str, Path]:
@@ -205,10 +209,10 @@ def quantize(
         reports=reports,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
-    report = _run(model, Recipe(quantize_passes(options, fuse)), output, run)
+    report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0}
-        _run(model, Recipe(quantize_passes(sim, fuse)), simulation_output, run)
+        _run(model, Recipe(quantize_passes(sim, fuse), validate=LOCATE), simulation_output, run)
     return report
 
 
@@ -245,7 +249,7 @@ def decompose(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
-    return _run(model, Recipe(passes), output, run)
+    return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
 def sparsify(
@@ -299,7 +303,7 @@ def sparsify(
         activations=activations,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
-    return _run(model, Recipe(passes), output, run)
+    return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
 __all__ = ["compress", "decompose", "fuse", "quantize", "quantize_options", "sparsify", "with_fusions"]

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from conftest import conv_bn_model
 
+import onnxcomp.framework.manager as manager
 from onnxcomp import ir
 from onnxcomp.api import compress
 from onnxcomp.cli.main import main
@@ -44,11 +45,26 @@ class NeedsOpset21(Pass):
         return PassResult(modified=False)
 
 
-def test_failing_pass_is_named() -> None:
+@pytest.mark.parametrize("validate", ["each", "locate"])
+def test_failing_pass_is_named(validate: str) -> None:
+    """``locate`` validates once, then replays the pipeline to name the pass that broke the model."""
     with pytest.raises(
-        PassError, match=r"pass 'break_graph' \(step 2 of 2\) produced an invalid model \(after remove_identity\)"
+        PassError, match=r"pass 'break_graph' \(step 2 of 3\) produced an invalid model \(after remove_identity\)"
     ):
-        PassManager([make_pass("remove_identity"), BreakGraph()]).run(conv_bn_model())
+        passes = [make_pass("remove_identity"), BreakGraph(), make_pass("dedupe_initializers")]
+        PassManager(passes, validate=validate).run(conv_bn_model())
+
+
+def test_locate_validates_once_when_the_model_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = manager.validate_model
+    monkeypatch.setattr(manager, "validate_model", lambda m: calls.append(1) or real(m))
+    passes = [make_pass("remove_identity"), make_pass("fold_batchnorm"), make_pass("dedupe_initializers")]
+    PassManager(passes, validate="locate").run(conv_bn_model())
+    each = len(calls)
+    calls.clear()
+    PassManager(passes, validate="each").run(conv_bn_model())
+    assert each == 1 and len(calls) >= 2
 
 
 def test_exception_in_pass_is_named() -> None:

@@ -59,7 +59,9 @@ class PassManager:
 
     After each pass that modified the graph it removes dead nodes and sorts the graph; with
     ``validate="each"`` it also checks the model (onnx.checker + onnxruntime session), so a
-    broken rewrite is reported with the pass that made it. The caller's model is never touched.
+    broken rewrite is reported with the pass that made it. ``"locate"`` checks only the result
+    and, if it is invalid, runs the pipeline again checking after each pass to name the culprit:
+    the same diagnosis, paid for only when something is wrong. The caller's model is never touched.
     """
 
     def __init__(self, passes: Sequence[Pass], validate: str = "each") -> None:
@@ -67,6 +69,17 @@ class PassManager:
         self.validate = validate
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
+        if self.validate != "locate":
+            return self._run(model, ctx)
+        fresh = PassContext(**{**vars(ctx), "artifacts": {}}) if ctx is not None else None
+        try:
+            return PassManager(self.passes, "end")._run(model, ctx)
+        except PassError as exc:
+            if "produced an invalid model" not in str(exc):
+                raise
+        return PassManager(self.passes, "each")._run(model, fresh)  # raises, naming the pass
+
+    def _run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
         ctx = ctx or PassContext()
         if ctx.source_model is None:
             ctx.source_model = model

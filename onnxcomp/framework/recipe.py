@@ -31,7 +31,7 @@ from onnxcomp.framework.options import options_to_dict
 from onnxcomp.framework.registry import make_pass, pass_reference
 
 _TOP_KEYS = ("seed", "validate", "passes", "meta")
-VALIDATE_MODES = ("each", "end", "none")
+VALIDATE_MODES = ("each", "locate", "end", "none")
 
 
 @dataclass
