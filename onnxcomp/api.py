@@ -76,6 +76,19 @@ def output_artifacts(output: Path) -> dict[str, Path]:
     return {"recipe": output.with_name(f"{stem}.recipe.toml"), "dir": output.parent, "stem": Path(stem)}
 
 
+def _json(data: Any) -> str:
+    """Records as JSON: one entry per line at the top level, compact inside (records hold every scale)."""
+    if isinstance(data, list):
+        rows = ",\n".join(json.dumps(item, sort_keys=True, separators=(",", ":")) for item in data)
+        return f"[\n{rows}\n]\n"
+    if isinstance(data, dict):
+        rows = ",\n".join(
+            f"{json.dumps(k)}:{json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(data.items())
+        )
+        return f"{{\n{rows}\n}}\n"
+    return json.dumps(data) + "\n"
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -136,9 +149,7 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             meta.setdefault("notes", []).append(note)
         write_text_atomic(paths["recipe"], dump_recipe(plan, meta))
         for key, data in sorted(ctx.artifacts.items()):
-            write_text_atomic(
-                out_path.with_name(f"{paths['stem']}.{key}.json"), json.dumps(data, indent=1, sort_keys=True) + "\n"
-            )
+            write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), _json(data))
     return report
 
 
