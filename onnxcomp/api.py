@@ -183,6 +183,7 @@ def quantize(
     fp4_storage: str | None = None,
     scale_format: str | None = None,
     weight_only_format: str | None = None,
+    embeddings: str | None = None,
     reports: bool = True,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
@@ -198,7 +199,8 @@ def quantize(
     The format keywords are those of :func:`onnxcomp.flags.quantize_options`; ``config`` is a
     TOML file or mapping of ``quantize`` pass options that they override.
     ``weight_only_format`` writes weight-only MatMul/Gemm as ``matmulnbits`` (onnxruntime's packed
-    kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``reports=False`` skips the SQNR
+    kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``embeddings`` (``int8`` per row,
+    ``int4`` per group of 32) also stores Gather tables in low bits; ``reports=False`` skips the SQNR
     and fused-kernel reports. With
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
@@ -217,6 +219,7 @@ def quantize(
         fp4_storage=fp4_storage,
         scale_format=scale_format,
         weight_only_format=weight_only_format,
+        embeddings=embeddings,
         reports=reports,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)

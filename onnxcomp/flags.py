@@ -103,6 +103,7 @@ def quantize_options(
     fp4_storage: str | None = None,
     scale_format: str | None = None,
     weight_only_format: str | None = None,
+    embeddings: str | None = None,
     reports: bool = True,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
@@ -161,6 +162,8 @@ def quantize_options(
         data["fp4_storage"] = fp4_storage
     if weight_only_format is not None:
         data["weight_only_format"] = weight_only_format
+    if embeddings is not None:
+        data["embeddings"] = embeddings
     if not reports:
         data["report_batches"] = 0
         data["kernel_report"] = False

@@ -61,6 +61,12 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         choices=("matmulnbits", "dq"),
         help="weight-only MatMul/Gemm: onnxruntime's MatMulNBits kernel (default) or DequantizeLinear (any runtime)",
     )
+    p.add_argument(
+        "--quantize-embeddings",
+        metavar="FORMAT",
+        choices=("int8", "int4"),
+        help="also store embedding tables (Gather on a constant table): int8 per row, or int4 per group of 32",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the SQNR and fused-kernel reports (faster)")
     p.add_argument(
         "--standard-types",
@@ -88,6 +94,7 @@ def _quantize(args: argparse.Namespace) -> int:
         fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
         scale_format=args.scale_format,
         weight_only_format=args.weight_only_format,
+        embeddings=args.quantize_embeddings,
         reports=not args.no_report,
         simulation_output=args.simulation,
         **run_kwargs(args),

@@ -21,10 +21,12 @@ from onnxcomp.quant.apply import (
     apply_plans,
     calibrate_activations,
     collect_input_energies,
+    weight_record,
 )
+from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.report import quantization_report
-from onnxcomp.quant.spec import DEFAULT_OPS, QuantConfig, TensorSpec, parse_config
+from onnxcomp.quant.spec import DEFAULT_OPS, QuantConfig, TensorSpec, parse_config, parse_embedding_spec
 from onnxcomp.quant.weights import min_opset_for
 
 
@@ -58,6 +60,7 @@ class Quantize(Pass):
         bias_int32: bool = True
         calib_batches: int | None = None  # calibration batches used (None: all)
         report_batches: int = 4
+        embeddings: str | dict[str, Any] = "none"  # Gather tables: none, int8 (per row) or int4 (per group)
         kernel_report: bool = True  # say which kernel onnxruntime runs for each quantized node
         # weight-only MatMul/Gemm: com.microsoft MatMulNBits (onnxruntime) or DequantizeLinear (any runtime)
         weight_only_format: Literal["matmulnbits", "dq"] = "matmulnbits"
@@ -67,6 +70,7 @@ class Quantize(Pass):
         super().__init__(options)
         try:
             self.config: QuantConfig = parse_config(self._config_data())
+            self.embeddings: TensorSpec | None = parse_embedding_spec(self.options.embeddings)
         except ConfigError as exc:
             raise RecipeError(str(exc)) from exc
 
@@ -88,9 +92,13 @@ class Quantize(Pass):
             specs += [w, a]
         return [s for s in specs if isinstance(s, TensorSpec)]
 
+    def _quantize_embeddings(self, graph: ir.Graph, result: PassResult) -> list[dict[str, Any]]:
+        assert self.embeddings is not None
+        return _embedding_entries(graph, self.embeddings, tuple(self.options.skip), result)
+
     def min_opset(self) -> int | None:
         need = 23 if self.options.fp4_storage == "float4e2m1" else 13
-        for spec in self._specs():
+        for spec in self._specs() + ([self.embeddings] if self.embeddings is not None else []):
             need = max(need, min_opset_for(spec))
         return need
 
@@ -98,8 +106,13 @@ class Quantize(Pass):
         result = PassResult(modified=False)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant)
         result.declined.extend(declined)
+        tables = self._quantize_embeddings(graph, result) if self.embeddings is not None else []
         if not plans:
-            result.notes.append("no node to quantize")
+            if tables:
+                ctx.set_record("quant", tables)
+                result.data["record"] = tables
+            else:
+                result.notes.append("no node to quantize")
             return result
         float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
         static = _static_tensors(plans)
@@ -114,10 +127,10 @@ class Quantize(Pass):
             ranges = calibrate_activations(float_model, static, ctx, self.options.calib_batches)
         energies = collect_input_energies(float_model, plans, ctx, self.options.calib_batches)
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
-        record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
+        record = apply_plans(graph, plans, ranges, self.options, ctx, energies) + tables
         result.modified = True
-        result.stats = _stats(plans)
-        result.changed = [p.node.name for p in plans]
+        result.stats = {**_stats(plans), **result.stats}
+        result.changed = [p.node.name for p in plans] + result.changed
         result.data["record"] = record
         ctx.set_record("quant", record)
         if self.options.report_batches > 0 and ctx.calibration is not None and float_model is not None:
@@ -142,6 +155,28 @@ class Quantize(Pass):
             else:
                 result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+
+def _embedding_entries(
+    graph: ir.Graph, spec: TensorSpec, skip: tuple[str, ...], result: PassResult
+) -> list[dict[str, Any]]:
+    entries = []
+    for node in ir.iter_nodes(graph, ("Gather",)):
+        table = embedding_table(graph, node)
+        if isinstance(table, str):
+            continue  # most Gathers are not table lookups: nothing to report
+        if ir.match_glob(node.name, skip):
+            result.declined.append((node.name, "matches a skip pattern"))
+            continue
+        name = node.inputs[0].name
+        qw = quantize_table(table, spec, name)
+        stored = emit_embedding(graph, node, qw)
+        entries.append({"node": node.name, "op": "Gather", "weights": weight_record(name, qw, stored)})
+        result.changed.append(node.name)
+    if entries:
+        result.modified = True
+        result.stats["embeddings"] = len(entries)
+    return entries
 
 
 def _emulated(plan: NodePlan) -> str | None:

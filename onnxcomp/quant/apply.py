@@ -99,7 +99,7 @@ def _tolist(a: np.ndarray) -> Any:
     )
 
 
-def _weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
+def weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
     spec = qw.spec
     zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
     zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
@@ -173,7 +173,7 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
         if not isinstance(done, str):
             plan.node = done
             stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
-            entry["weights"] = _weight_record(w.name, qw, stored)
+            entry["weights"] = weight_record(w.name, qw, stored)
             entry["activations"] = {
                 "tensor": node.inputs[0].name if node.inputs else "",
                 "dtype": "uint8",
@@ -190,7 +190,7 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
         qw = _quantized(plan, options, state, energies)
         written = _emit_matmulnbits(graph, plan, qw, options, state.packed)
         if written is not None:
-            entry["weights"] = _weight_record(w.name, qw, written)
+            entry["weights"] = weight_record(w.name, qw, written)
             entry["kernel"] = "MatMulNBits"
             return entry
     if spec.weights is not None and plan.weight_index is not None:
@@ -210,7 +210,7 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
             weights[key] = (qw, out, stored)
         qw, out, stored = weights[key]
         node.inputs[plan.weight_index] = out
-        entry["weights"] = _weight_record(key[0], qw, stored)
+        entry["weights"] = weight_record(key[0], qw, stored)
     a = spec.activations
     if a is not None:
         if a.granularity.kind == "dynamic":  # the simulation of the fused pattern (the deploy form returned above)

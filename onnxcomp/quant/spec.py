@@ -324,6 +324,21 @@ def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfi
     )
 
 
+def parse_embedding_spec(data: Any, where: str = "quantize.embeddings") -> TensorSpec | None:
+    """The spec of embedding tables: ``none``, ``int8`` (one scale per row) or ``int4`` (per group along a row)."""
+    spec = parse_tensor_spec(data, "weights", None, where)
+    if spec is None:
+        return None
+    if spec.dtype == "int8":
+        return TensorSpec("int8", Granularity("channel"), True, spec.observer)
+    if spec.dtype == "int4":
+        g = spec.granularity if spec.granularity.kind == "group" else Granularity("group", 32)
+        if g.size < 16 or g.size & (g.size - 1):
+            raise ConfigError(f"{where}: int4 embeddings take group:N with N a power of two >= 16")
+        return TensorSpec("int4", g, True, spec.observer)
+    raise ConfigError(f"{where}: embedding tables are stored as int8 (per row) or int4 (per group); got {spec.dtype!r}")
+
+
 #: Granularity a format implies when the config names the format but no granularity.
 _DEFAULT_GRANULARITY = {
     ("weights", "mxfp8"): Granularity("group", 32),
