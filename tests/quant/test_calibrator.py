@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import onnx
@@ -14,8 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.calibration.observers import (
+    OBSERVER_POLICIES,
     HistogramObserver,
     MinMaxObserver,
+    compute_range,
     make_observer,
 )
 from onnxcomp.errors import CalibrationError, ConfigError
@@ -92,6 +95,30 @@ def test_exact_statistics_match_reference() -> None:
     assert observers["r"].min_val == 0.0 and observers["r"].zeros > 0
     # the caller's model is untouched (outputs were added to a copy)
     assert [o.name for o in model.graph.output] == ["y"]
+
+
+def test_streamed_float32_histograms_equal_float64_binning() -> None:
+    """Calibrator batches go through the float32 binning path; one float64 pass over all the
+    reference values (the generic path) gives the same state, hence the same range per policy."""
+    from onnxcomp.quant.qparams import range_qdq
+
+    model = conv_relu_matmul()
+    names = ["x", "c", "r", "y"]
+    ref = reference_outputs(model, names, 9)
+    for num_bins in (64, 2048):
+        factory = partial(HistogramObserver, num_bins)
+        observers = Calibrator(model, dict.fromkeys(names, factory)).run(batches(9))
+        for name in names:
+            streamed, single = observers[name], HistogramObserver(num_bins)
+            single.update(ref[name].astype(np.float64))
+            assert np.array_equal(streamed.counts, single.counts)
+            assert (streamed.k, streamed.zeros, streamed.numel) == (single.k, single.zeros, single.numel)
+            for policy in OBSERVER_POLICIES[1:]:
+                for symmetric in (False, True):
+                    qdq = range_qdq("int8" if symmetric else "uint8", symmetric)
+                    assert compute_range(policy, streamed, qdq, symmetric) == compute_range(
+                        policy, single, qdq, symmetric
+                    )
 
 
 def test_max_batches_progress_and_fresh_observers(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import onnxcomp.calibration.observers as obs_mod
 from onnxcomp.calibration.observers import (
     OBSERVER_POLICIES,
     HistogramObserver,
@@ -405,3 +406,400 @@ def test_entropy_policy_keeps_kl_range_only_when_it_lowers_error() -> None:
         best = min((kl, full), key=lambda r: expected_error(obs, qdq_int8, r))
         assert chosen == best
     assert compute_range("entropy", obs, qdq_int8, False) == kl != full  # the outliers: KL clips them
+
+
+# ------------------------------------------------------------------------------ slow reference
+# The implementation before the searches were vectorized, kept verbatim as the oracle: one qdq
+# call per candidate, one KL divergence per threshold, Python loops over bins and candidates,
+# the histogram binned in float64. The fast code must pick the same ranges, bit for bit.
+
+
+def ref_update(obs: HistogramObserver, x: np.ndarray) -> None:
+    """HistogramObserver.update as it was: every batch binned in float64."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return
+    lo, hi = obs_mod._extremes(x)
+    obs._raise_to(max(obs_mod._needed_k(lo, hi), obs_mod._K_MIN if obs.k is None else obs.k))
+    assert obs.k is not None
+    y = np.multiply(x, math.ldexp(1.0, obs._log2 - obs.k - 1), dtype=np.float64)
+    np.floor(y, out=y)
+    if lo < 0 and x.dtype.kind == "f" and x.dtype.itemsize >= 8:
+        y[(y == 0) & (x < 0)] = -1.0
+    idx = y.astype(np.intp).ravel()
+    idx += obs.num_bins // 2
+    obs.counts += np.bincount(idx, minlength=obs.num_bins)
+    obs.min_val, obs.max_val = min(obs.min_val, lo), max(obs.max_val, hi)
+    obs.numel += int(x.size)
+    if lo <= 0 <= hi:
+        obs.zeros += int(np.count_nonzero(x == 0))
+
+
+def ref_smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    zero = p == 0
+    n_zero = int(zero.sum())
+    if n_zero == p.size:
+        return None
+    out = p + np.where(zero, eps, -eps * n_zero / (p.size - n_zero))
+    return np.maximum(out, 1e-12)
+
+
+def ref_kl(hist: np.ndarray, i: int, num_quant_bins: int, tail: float) -> float:
+    sliced = np.asarray(hist[:i], dtype=np.float64)
+    p = sliced.copy()
+    p[-1] += tail
+    nonzero = p != 0
+    groups = np.minimum(np.arange(i) // (i // num_quant_bins), num_quant_bins - 1)
+    sums = np.bincount(groups, weights=sliced, minlength=num_quant_bins)
+    nnz = np.bincount(groups, weights=nonzero, minlength=num_quant_bins)
+    q = np.where(nonzero, sums[groups] / np.maximum(nnz[groups], 1.0), 0.0)
+    ps, qs = ref_smooth(p), ref_smooth(q)
+    if ps is None or qs is None:
+        return math.inf
+    ps, qs = ps / ps.sum(), qs / qs.sum()
+    return float(np.sum(ps * np.log(ps / qs)))
+
+
+def ref_kl_all(obs: HistogramObserver, num_quant_bins: int, symmetric: bool) -> tuple[np.ndarray, int, int] | None:
+    """(every candidate's divergence, nq, first candidate) of the KL search, or None if there is none."""
+    nq = num_quant_bins if symmetric else obs_mod.asymmetric_quant_bins(obs, num_quant_bins)
+    half = obs.num_bins // 2
+    hist = (obs.counts[half:] + obs.counts[half - 1 :: -1]).copy()
+    hist[0] -= obs.zeros
+    occupied = np.flatnonzero(hist)
+    if occupied.size == 0 or int(occupied[-1]) + 1 <= nq:
+        return None
+    n = int(occupied[-1]) + 1
+    hist64 = hist.astype(np.float64)
+    tails = np.concatenate([np.cumsum(hist64[::-1])[::-1], [0.0]])
+    return np.array([ref_kl(hist64, i, nq, float(tails[i])) for i in range(nq, n + 1)]), nq, nq
+
+
+def ref_threshold_range(obs: HistogramObserver, t: float, symmetric: bool) -> Range:
+    if symmetric:
+        return Range(-t, t)
+    lo = 0.0 if obs.min_val >= 0 else max(obs.min_val, -t)
+    hi = 0.0 if obs.max_val <= 0 else min(obs.max_val, t)
+    return Range(lo, hi)
+
+
+def ref_entropy_range(obs: HistogramObserver, num_quant_bins: int = 128, symmetric: bool = False) -> Range:
+    amax = max(-obs.min_val, obs.max_val)
+    found = ref_kl_all(obs, num_quant_bins, symmetric)
+    if found is None:
+        return ref_threshold_range(obs, amax, symmetric)
+    divs, _, first = found
+    t = min((first + int(np.argmin(divs))) * obs.bin_width, amax)
+    return ref_threshold_range(obs, t, symmetric)
+
+
+def ref_samples(obs: HistogramObserver) -> tuple[np.ndarray, np.ndarray]:
+    occupied = np.flatnonzero(obs.counts)
+    edges = obs.edges()
+    lo = np.maximum(edges[occupied], obs.min_val)
+    hi = np.minimum(edges[occupied + 1], obs.max_val)
+    frac = (np.arange(4) + 0.5) / 4
+    values = (lo[:, None] + (hi - lo)[:, None] * frac[None, :]).ravel()
+    counts = obs.counts[occupied].astype(np.float64)
+    counts[occupied == obs.num_bins // 2] -= obs.zeros
+    weights = np.repeat(counts / 4, 4)
+    if obs.zeros:
+        values, weights = np.append(values, 0.0), np.append(weights, float(obs.zeros))
+    return values, weights
+
+
+def ref_error(values: np.ndarray, weights: np.ndarray, qdq, rng: Range) -> float:  # noqa: ANN001
+    diff = np.asarray(qdq(values, rng.lo, rng.hi), np.float64) - values
+    return float(np.dot(weights, diff * diff) / weights.sum())
+
+
+def ref_best(obs: HistogramObserver, qdq, candidates: list[Range]) -> Range:  # noqa: ANN001
+    values, weights = ref_samples(obs)
+    errors = [ref_error(values, weights, qdq, c) for c in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def ref_shrink_candidates(obs: HistogramObserver, symmetric: bool = False, steps: int = 100) -> list[Range]:
+    factors = [j / steps for j in range(steps, 0, -1)]
+    amax = max(-obs.min_val, obs.max_val)
+    if symmetric:
+        return [Range(-f * amax, f * amax) for f in factors]
+    return [Range(f * obs.min_val, f * obs.max_val) for f in factors]
+
+
+def ref_trim_candidates(obs: HistogramObserver, symmetric: bool = False) -> list[Range]:
+    w = obs.bin_width
+    if symmetric:
+        amax = max(-obs.min_val, obs.max_val)
+        half = obs.num_bins // 2
+        occupied = np.flatnonzero(obs.counts[half:] + obs.counts[half - 1 :: -1])
+        span0 = int(occupied[-1]) + 1
+        out = [Range(-amax, amax)]
+        for b in occupied[-2::-1]:
+            if 4 * (int(b) + 1) < span0:
+                break
+            t = min((int(b) + 1) * w, amax)
+            out.append(Range(-t, t))
+        return out
+    counts, edges = obs.counts, obs.edges()
+    occupied = np.flatnonzero(counts)
+    i, j = 0, occupied.size - 1
+    span0 = int(occupied[j] - occupied[i]) + 1
+    out = [Range(obs.min_val, obs.max_val)]
+    while i < j:
+        left, right = occupied[i], occupied[j]
+        if counts[left] < counts[right] or (counts[left] == counts[right] and -edges[left] > edges[right + 1]):
+            i += 1
+        else:
+            j -= 1
+        a, b = occupied[i], occupied[j]
+        if 4 * int(b - a + 1) < span0:
+            break
+        out.append(Range(max(float(edges[a]), obs.min_val), min(float(edges[b + 1]), obs.max_val)))
+    return out
+
+
+def ref_compute_range(policy: str, obs: HistogramObserver, qdq, symmetric: bool, **options) -> Range:  # noqa: ANN001, ANN003
+    if policy == "entropy":
+        proposal = ref_entropy_range(obs, options.get("num_quant_bins", 128), symmetric)
+        amax = max(-obs.min_val, obs.max_val)
+        full = Range(-amax, amax) if symmetric else Range(obs.min_val, obs.max_val)
+        values, weights = ref_samples(obs)
+        better = ref_error(values, weights, qdq, proposal) < ref_error(values, weights, qdq, full)
+        return proposal if better else full
+    if policy == "mse":
+        return ref_best(obs, qdq, ref_shrink_candidates(obs, symmetric, options.get("steps", 100)))
+    assert policy == "histogram"
+    return ref_best(obs, qdq, ref_trim_candidates(obs, symmetric))
+
+
+def same_range(a: Range, b: Range) -> bool:
+    """Equal bit for bit (0.0 and -0.0 differ)."""
+    return np.float64(a.lo).tobytes() == np.float64(b.lo).tobytes() and (
+        np.float64(a.hi).tobytes() == np.float64(b.hi).tobytes()
+    )
+
+
+def same_grid(a: list[Range], b: list[Range]) -> bool:
+    return len(a) == len(b) and all(same_range(x, y) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------ fast == slow
+
+
+def oracle_cases() -> list[tuple[str, np.ndarray, int]]:
+    """(name, data, num_bins): dense, heavy-tailed, one-signed, sparse, tied and tiny data."""
+    rng = np.random.default_rng(2024)
+    tied = np.repeat(np.float32([-3.0, -1.0, 1.0, 3.0, 0.5, -0.5]), [5, 40, 40, 5, 9, 9])  # mirror-image tails
+    cases = [(f"{name}/{bins}", x[:60_000], bins) for name, x in DISTRIBUTIONS.items() for bins in (2048, 256)]
+    cases += [
+        ("cauchy", rng.standard_cauchy(30_000).astype(np.float32), 2048),
+        ("sparse-relu", np.concatenate([np.zeros(20_000), rng.uniform(0, 6, 200)]).astype(np.float32), 2048),
+        ("few-values", rng.choice(np.float32([-2.5, 0.0, 0.3, 1.7, 4.0]), 5000), 512),
+        ("tied-tails", tied, 64),
+        ("outliers", np.concatenate([rng.standard_normal(50_000), [300.0, -290.0]]).astype(np.float32), 2048),
+        ("negative", -np.abs(rng.laplace(size=20_000)).astype(np.float32), 1024),
+        ("constant", np.full(100, 2.5, np.float32), 2048),
+        ("zeros", np.zeros(10, np.float32), 2048),
+        ("tiny", (rng.standard_normal(5000) * 1e-30).astype(np.float32), 2048),
+        ("float64", rng.standard_normal(20_000) * 3, 2048),
+    ]
+    return cases
+
+
+CASES = oracle_cases()
+
+
+def qdq_formats() -> dict[str, object]:
+    from onnxcomp.quant.qparams import range_qdq
+
+    out: dict[str, object] = {"scalar-only int8": qdq_int8}
+    for dtype in ("int8", "uint8", "int4", "fp8_e4m3", "hif8"):
+        for symmetric in (False, True):
+            out[f"{dtype}/{'sym' if symmetric else 'asym'}"] = range_qdq(dtype, symmetric)
+    return out
+
+
+QDQS = qdq_formats()
+
+
+@pytest.mark.parametrize(("name", "x", "bins"), CASES, ids=[c[0] for c in CASES])
+def test_update_same_state_as_float64_binning(name: str, x: np.ndarray, bins: int) -> None:
+    fast, slow = HistogramObserver(bins), HistogramObserver(bins)
+    for chunk in np.array_split(x, 3):
+        fast.update(chunk)
+        ref_update(slow, chunk)
+    assert_same_state(fast, slow)
+
+
+@pytest.mark.parametrize("num_bins", [8, 2048, 2**24])
+def test_update_float32_edge_cases(num_bins: int) -> None:
+    rng = np.random.default_rng(5)
+    tiny = np.float32([-1e-45, 1e-45, -1.2e-38, 1.2e-38, -3e-39, 0.0, -0.0])  # subnormals, signed zeros
+    batches = [
+        tiny,  # alone: 2^m is not a float32 (m > 127): the float64 path
+        np.concatenate([tiny, np.float32([1000.0, -7.0])]),  # m < 0: subnormal products underflow to -0.0
+        np.float32([-(2.0**20), 2.0**20 - 1, -(2.0**-20)]),  # -2^k itself, edges
+        rng.standard_normal(200_003).astype(np.float32) * 50,  # several chunks, a ragged last one
+        (rng.standard_normal(70_000) * 1e-3).astype(np.float32),
+        np.float16([1.5, -3.0, 0.0]),
+        np.int32([-5, 0, 9]),
+    ]
+    fast, slow = HistogramObserver(num_bins), HistogramObserver(num_bins)
+    for batch in batches:
+        fast.update(batch)
+        ref_update(slow, batch)
+        assert_same_state(fast, slow)
+    for values in (tiny, -tiny, np.float32([-1e-45] * 5 + [3e38])):
+        a, b = HistogramObserver(num_bins), HistogramObserver(num_bins)
+        a.update(values)
+        ref_update(b, values)
+        assert_same_state(a, b)
+
+
+@pytest.mark.parametrize(("name", "x", "bins"), CASES, ids=[c[0] for c in CASES])
+def test_candidate_grids_equal_reference(name: str, x: np.ndarray, bins: int) -> None:
+    obs = observe(x, bins)
+    for symmetric in (False, True):
+        assert same_grid(trim_candidates(obs, symmetric), ref_trim_candidates(obs, symmetric))
+        for steps in (1, 7, 100):
+            assert same_grid(shrink_candidates(obs, symmetric, steps), ref_shrink_candidates(obs, symmetric, steps))
+
+
+def test_trim_grid_on_random_histograms() -> None:
+    """The merge form of the trimming loop, on many small histograms full of count ties."""
+    rng = np.random.default_rng(9)
+    for trial in range(400):
+        obs = HistogramObserver(int(rng.choice([8, 16, 64])))
+        obs.update(rng.integers(-8, 8, int(rng.integers(1, 60))).astype(np.float32) * float(rng.choice([0.5, 1, 3])))
+        for symmetric in (False, True):
+            assert same_grid(trim_candidates(obs, symmetric), ref_trim_candidates(obs, symmetric)), trial
+
+
+@pytest.mark.parametrize(("name", "x", "bins"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_entropy_threshold_equals_reference(name: str, x: np.ndarray, bins: int, symmetric: bool) -> None:
+    obs = observe(x, bins)
+    for nq in (128, 32, 7, 2):
+        assert same_range(entropy_range(obs, nq, symmetric), ref_entropy_range(obs, nq, symmetric)), nq
+
+
+def test_kl_estimates_within_their_bounds() -> None:
+    """Every candidate's fast divergence lies within its bound of the exact one (the property
+    that makes the exact recheck of the few close candidates return the reference's index)."""
+    rng = np.random.default_rng(17)
+    worst = 0.0
+    hists = [observe(x, bins) for _, x, bins in CASES]
+    for _ in range(40):  # random sparse-to-dense histograms
+        obs = HistogramObserver(int(rng.choice([64, 256, 2048])))
+        obs.update((rng.standard_cauchy(int(rng.integers(20, 20_000))) * rng.uniform(0.1, 10)).astype(np.float32))
+        hists.append(obs)
+    for obs in hists:
+        for nq in (128, 16, 3):
+            found = ref_kl_all(obs, nq, symmetric=True)
+            if found is None:
+                continue
+            divs, nq, first = found
+            half = obs.num_bins // 2
+            hist = (obs.counts[half:] + obs.counts[half - 1 :: -1]).astype(np.float64)
+            hist[0] -= obs.zeros
+            n = first + divs.size - 1
+            tails = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+            approx, bound = obs_mod._kl_estimates(hist[:n], tails, np.arange(first, n + 1), nq)
+            finite = np.isfinite(divs)
+            assert np.array_equal(~finite, np.isinf(approx) & (bound == 0))
+            ok = finite & np.isfinite(bound)
+            assert np.all(np.abs(approx[ok] - divs[ok]) <= bound[ok])
+            worst = max(worst, float(np.max(np.abs(approx[ok] - divs[ok]) / bound[ok], initial=0.0)))
+            assert obs_mod._kl_argmin(hist, nq, n) == int(np.argmin(divs))
+    assert worst < 0.01  # the bound has ample room
+
+
+def test_first_min_rechecks_every_possible_minimum() -> None:
+    """The selection behind the KL search: estimates within their bounds, ties (the first wins),
+    infinities and unestimated candidates; only the close candidates are computed exactly."""
+    rng = np.random.default_rng(23)
+    for trial in range(300):
+        exact = rng.integers(0, 6, int(rng.integers(1, 40))).astype(np.float64) * 1e-3  # many exact ties
+        exact[rng.random(exact.size) < 0.1] = math.inf
+        bound = rng.choice([0.0, 1e-4, 2e-3], exact.size)
+        approx = exact + rng.uniform(-1, 1, exact.size) * bound
+        approx[np.isinf(exact)], bound[np.isinf(exact)] = math.inf, 0.0
+        unknown = rng.random(exact.size) < 0.05
+        approx[unknown], bound[unknown] = 0.0, math.inf
+        asked: list[int] = []
+
+        def value(c: int, exact: np.ndarray = exact, asked: list[int] = asked) -> float:
+            asked.append(c)
+            return float(exact[c])
+
+        assert obs_mod._first_min(approx, bound, value) == int(np.argmin(exact)), trial
+        if np.isfinite(np.min(approx + bound)) and not unknown.any() and (bound == 0).all():
+            assert len(asked) == int(np.sum(exact == exact.min()))  # exact estimates: the minima only
+
+
+@pytest.mark.parametrize(("name", "x", "bins"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("qdq_name", list(QDQS))
+def test_error_searches_equal_reference(name: str, x: np.ndarray, bins: int, qdq_name: str) -> None:
+    qdq = QDQS[qdq_name]
+    obs = observe(x, bins, parts=2)
+    for symmetric in (False, True):
+        for policy, options in (("mse", {}), ("mse", {"steps": 13}), ("histogram", {}), ("entropy", {})):
+            fast = compute_range(policy, obs, qdq, symmetric, **options)
+            slow = ref_compute_range(policy, obs, qdq, symmetric, **options)
+            assert same_range(fast, slow), (policy, symmetric, fast, slow)
+        # and every candidate's error, bit for bit
+        values, weights = ref_samples(obs)
+        grid = ref_trim_candidates(obs, symmetric)
+        lo, hi = np.array([c.lo for c in grid]), np.array([c.hi for c in grid])
+        errors = obs_mod._errors(values, weights, qdq, lo, hi)
+        expected = np.array([ref_error(values, weights, qdq, c) for c in grid])
+        assert errors.tobytes() == expected.tobytes()
+
+
+def test_block_qdq_calls_and_fallbacks() -> None:
+    from onnxcomp.quant.qparams import range_qdq
+
+    obs = observe(DISTRIBUTIONS["laplace"][:50_000])
+    inner = range_qdq("uint8", False)
+    calls = {"scalar": 0, "block": 0}
+
+    def counting(values: np.ndarray, lo, hi) -> np.ndarray:  # noqa: ANN001
+        calls["block" if np.ndim(lo) else "scalar"] += 1
+        return inner(values, lo, hi)
+
+    expected = ref_compute_range("histogram", obs, inner, False)
+    assert same_range(hist_error_range(obs, counting, False), expected)
+    assert calls["scalar"] == 2 and calls["block"] >= 1  # first and last candidate checked one by one
+
+    def lying(values: np.ndarray, lo, hi) -> np.ndarray:  # noqa: ANN001
+        out = inner(values, lo, hi)
+        return out if np.ndim(lo) == 0 else out * 0.5  # a block answer unlike the scalar one
+
+    def reduced(values: np.ndarray, lo, hi) -> np.ndarray:  # noqa: ANN001
+        return inner(values, np.min(lo), np.max(hi))  # takes arrays but collapses them: one row
+
+    for qdq in (lying, reduced, qdq_int8):
+        assert same_range(hist_error_range(obs, qdq, False), ref_compute_range("histogram", obs, qdq, False))
+        assert same_range(mse_range(obs, qdq, True, 5), ref_compute_range("mse", obs, qdq, True, steps=5))
+    one = observe(np.float32([1.0, 2.0]), 8)
+    assert same_range(mse_range(one, inner, False, 1), ref_compute_range("mse", one, inner, False, steps=1))
+
+
+def test_error_search_memory_is_bounded() -> None:
+    """The block evaluation never holds all candidates x samples at once."""
+    import tracemalloc
+
+    from onnxcomp.quant.qparams import range_qdq
+
+    obs = observe(DISTRIBUTIONS["laplace"], 8192)
+    qdq = range_qdq("int8", True)
+    values, _ = ref_samples(obs)
+    grid = trim_candidates(obs, True)
+    tracemalloc.start()
+    try:
+        hist_error_range(obs, qdq, True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(grid) * values.size * 8 > 20 * peak  # far below one float64 per candidate x sample
