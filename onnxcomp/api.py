@@ -184,6 +184,7 @@ def quantize(
     scale_format: str | None = None,
     weight_only_format: str | None = None,
     embeddings: str | None = None,
+    placement: str | None = None,
     reports: bool = True,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
@@ -220,6 +221,7 @@ def quantize(
         scale_format=scale_format,
         weight_only_format=weight_only_format,
         embeddings=embeddings,
+        placement=placement,
         reports=reports,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)

@@ -38,6 +38,7 @@ FUSE_PIPELINE: tuple[str, ...] = (
     "fuse_matmul_add",
     "fold_affine",
     "lower_batchnorm",
+    "fuse_hardswish",
     "flush_denormals",
     "dedupe_initializers",
 )
@@ -104,6 +105,7 @@ def quantize_options(
     scale_format: str | None = None,
     weight_only_format: str | None = None,
     embeddings: str | None = None,
+    placement: str | None = None,
     reports: bool = True,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
@@ -164,6 +166,8 @@ def quantize_options(
         data["weight_only_format"] = weight_only_format
     if embeddings is not None:
         data["embeddings"] = embeddings
+    if placement is not None:
+        data["placement"] = placement
     if not reports:
         data["report_batches"] = 0
         data["kernel_report"] = False

@@ -67,6 +67,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         choices=("int8", "int4"),
         help="also store embedding tables (Gather on a constant table): int8 per row, or int4 per group of 32",
     )
+    p.add_argument(
+        "--placement",
+        choices=("speed", "all"),
+        help="speed (default): leave convs that run faster in float on onnxruntime CPU unquantized; all: quantize every one",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the SQNR and fused-kernel reports (faster)")
     p.add_argument(
         "--standard-types",
@@ -95,6 +100,7 @@ def _quantize(args: argparse.Namespace) -> int:
         scale_format=args.scale_format,
         weight_only_format=args.weight_only_format,
         embeddings=args.quantize_embeddings,
+        placement=args.placement,
         reports=not args.no_report,
         simulation_output=args.simulation,
         **run_kwargs(args),

@@ -61,6 +61,8 @@ class Quantize(Pass):
         calib_batches: int | None = None  # calibration batches used (None: all)
         report_batches: int = 4
         embeddings: str | dict[str, Any] = "none"  # Gather tables: none, int8 (per row) or int4 (per group)
+        # speed: leave convs that run faster in float on onnxruntime CPU unquantized; all: quantize every one
+        placement: Literal["speed", "all"] = "speed"
         kernel_report: bool = True  # say which kernel onnxruntime runs for each quantized node
         # weight-only MatMul/Gemm: com.microsoft MatMulNBits (onnxruntime) or DequantizeLinear (any runtime)
         weight_only_format: Literal["matmulnbits", "dq"] = "matmulnbits"
@@ -104,7 +106,7 @@ class Quantize(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
-        plans, declined = plan_nodes(graph, self.config, self.options.output_quant)
+        plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
         result.declined.extend(declined)
         tables = self._quantize_embeddings(graph, result) if self.embeddings is not None else []
         if not plans:

@@ -1,19 +1,35 @@
 """Activation fake-quantization as standard ONNX subgraphs, bit-exact with the codecs.
 
-HiF8 (RNA, saturating, NaN/Inf kept) in arithmetic ops, for y = x / s::
+The subgraphs run on onnxruntime's CPU provider, which has no FP8 / HiF8 / MX compute: every op
+below is a plain float32 elementwise op (or a cheap 1-byte / int32 one), chosen so that each is a
+single vectorized pass that onnxruntime can run in place, with few live intermediates. Costs that
+decided the design (onnxruntime 1.32, one thread, per element): an elementwise pass ~0.28 ns;
+``Log`` 1.4; ``GatherElements`` 0.4 but ``Gather`` 3.2; ``Where`` / ``Sign`` 1.1; a
+``Cast`` float -> FLOAT8E4M3FN -> float pair 12 (hence no FP8 casts).
 
-    a    = |y|;  e = floor(log2 a)          (Log estimate, corrected exactly against a
-                                              Gather from a table of powers of two)
-    ulp  = table[e]                         (2^(e - mantissa bits of e's binade); 2^-22 below)
-    q    = min(floor(a / ulp + 0.5) * ulp, 2^15) * sign(y)      (a < 2^-23 flushed to 0 first;
-                                                                a zero result is +0: no -0)
+FP8 E4M3 (RNE, saturating at 448, signed zeros kept), static scale s, y = x / s::
 
-``a / ulp`` and ``* ulp`` are exact (powers of two) and ``+ 0.5`` cannot round across an integer
-(the quotient is in [0.5, 16]), so ``floor(. + 0.5)`` is exactly round-half-away.
+    a  = min(|y|, 448)
+    c  = max(a, 2^-6) * (2^20 + 1)       Veltkamp split: c - (c - a) rounds a to 4 significant
+    hi = c - (c - a)                     bits (RNE); below 2^-6 the fixed grid 2^-9 (subnormals)
+    x' = hi * clip(x * 2^k, -s, s)       = s * sign(x) * hi (a tiny x gives a signed zero)
 
-MXFP8 (dynamic, 32-element blocks along the last axis): pad, reshape to blocks, amax over the
-block (NaN/Inf ignored, as the codec does), X from the exact exponent with the ref rule, elements
-``Cast(x * 2^-X -> float8e4m3fn, saturate) * 2^X``.
+HiF8 (RNA, saturating at 2^15, NaN / +-Inf kept, no -0), y = x / s::
+
+    i  = QuantizeLinear(log(|y| / sqrt 2), ln 2) -> uint8   ~ floor(log2 |y|) + 126
+    r  = R[i]                                          1 / (grid step of that binade), a table
+    q  = floor(min(|y|, 2^15) * r + (1/2)^-) / r       (1/2)^- = nextbelow(0.5): exact RNA
+    x' = q * clip(x * 2^k + d, -s, s)                  sign, and +0 for every zero result
+
+The exponent estimate may be off by one only for |y| within ~1e-6 of a power of two, where the
+rounding gives that power of two on either binade's grid (any |y| within 3% would do), so no exact
+correction is needed. Bucket 255 (only +-Inf reaches it) has r = FLT_MAX: Inf * r / r stays Inf.
+``floor(v + nextbelow(0.5))`` equals ``floor(v + 0.5)`` on the real numbers for every float
+v >= 0, and unlike it never rounds the sum up to the next integer (v = 0.5 - 2^-25).
+
+MXFP8 (dynamic, 32-element blocks along the reduction axis): the axis is split into (blocks, 32)
+by a Reshape (no Transpose), amax over the block's finite elements, ``2^X`` from an exact
+``ceil`` against a power of two, then the E4M3 rounding above on ``x * 2^-X``.
 """
 
 from __future__ import annotations
@@ -25,22 +41,52 @@ import onnx
 from onnxcomp import ir
 from onnxcomp.formats import MXFormat, get_format
 
-_E_OFF = 160  # exponent tables cover e in [-160, 160)
-_E_LEN = 320
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0)))  # floor(v + this) = RNA(v), v >= 0
+
+# HiF8: index i = RNE(log2(|y| / sqrt 2)) + _HIF8_ZP = floor(log2 |y|) + _HIF8_ZP (up to the
+# tolerated error near powers of two), saturated to 0..255 by QuantizeLinear; log2 of the largest
+# float32 gives 254, so only +-Inf reaches 255. NaN gives 0.
+_HIF8_ZP = 126
+_HIF8_MAX = 2.0**15
+_HIF8_UNDERFLOW = 2.0**-23  # |y| below this rounds to 0
+
+# FP8 E4M3 (and the MX elements)
+_E4M3_MAX = 448.0
+_E4M3_MIN_NORMAL = 2.0**-6
+_E4M3_SPLIT = 2.0**20 + 1  # Veltkamp constant for 24 - 20 = 4 significant bits
+
+# MX block exponents: index = RNE(log2(amax / 1.75)) + _MX_ZP
+_MX_ZP = 121
 
 
-def _pow2_table(sign: int = 1) -> np.ndarray:
-    e = np.arange(-_E_OFF, _E_LEN - _E_OFF, dtype=np.int32)
-    with np.errstate(over="ignore"):
-        return np.ldexp(np.float32(1), sign * e).astype(np.float32)
+def _hif8_mantissa_bits(e: int) -> int:
+    ae = abs(e)
+    return 3 if ae <= 3 else 2 if ae <= 7 else 1 if ae <= 15 else 0
 
 
-def _hif8_ulp_table() -> np.ndarray:
-    e = np.arange(-_E_OFF, _E_LEN - _E_OFF)
-    m = np.select([np.abs(e) <= 3, np.abs(e) <= 7, np.abs(e) <= 15], [3, 2, 1], default=0)
-    ulp_exp = np.where(e >= -22, e - m, -22)  # denormal binades (-22..-16) have m = 0; below: 2^-22
-    ulp_exp = np.minimum(ulp_exp, 14)  # above 2^15 everything saturates anyway
-    return np.ldexp(np.float32(1), ulp_exp.astype(np.int32)).astype(np.float32)
+def _hif8_reciprocal_step_table() -> np.ndarray:
+    """R[i] = 1 / (HiF8 grid step of binade e = i - 126), float32, 256 entries (see module doc)."""
+    table = np.empty(256, np.float64)
+    for i in range(256):
+        e = i - _HIF8_ZP
+        if e <= -22:  # 2^-23 <= |y| < 2^-22 rounds to 2^-22 (and below 2^-23 to 0): step 2^-22
+            table[i] = 2.0**22
+        elif e <= -16:  # denormal binades: only 2^e itself
+            table[i] = 2.0**-e
+        elif e <= 14:
+            table[i] = 2.0 ** (_hif8_mantissa_bits(e) - e)
+        else:  # |y| is clamped to 2^15 = 2 * 2^14 first: saturation
+            table[i] = 2.0**-14
+    table[255] = _F32_MAX  # +-Inf: Inf * r / r = Inf
+    return table.astype(np.float32)
+
+
+def _mx_pow2_table() -> np.ndarray:
+    """T[i] = 2^(i - 121), float32, 256 entries (2^-121 .. 2^127; the top entries are unused)."""
+    e = np.minimum(np.arange(256) - _MX_ZP, 127)
+    return np.ldexp(np.float32(1), e.astype(np.int32)).astype(np.float32)
 
 
 class _Builder:
@@ -54,10 +100,13 @@ class _Builder:
 
     def shared(self, name: str, value: np.ndarray) -> ir.Tensor:
         """A table constant shared by every subgraph of the graph (same name, created once)."""
-        tensors = self.graph.tensors()
-        if name in tensors:
-            return tensors[name]
-        return ir.make_constant(ir.unique_name(self.graph, name), value)
+        cache: dict[str, ir.Tensor] = self.graph.__dict__.setdefault("_onnxcomp_act_tables", {})
+        if name not in cache:
+            tensors = self.graph.tensors()
+            cache[name] = (
+                tensors[name] if name in tensors else ir.make_constant(ir.unique_name(self.graph, name), value)
+            )
+        return cache[name]
 
     def op(self, op: str, inputs: list[ir.Tensor], name: str, attrs: dict | None = None) -> ir.Variable:
         out = ir.make_variable(self.graph, f"{self.prefix}_{name}")
@@ -69,98 +118,206 @@ class _Builder:
             return self.op("ReduceMax", [x, self.const("axes", [axis], np.int64)], name, {"keepdims": 1})
         return self.op("ReduceMax", [x], name, {"axes": [axis], "keepdims": 1})
 
-    def exponent_index(self, a: ir.Tensor, name: str) -> ir.Variable:
-        """Index (e + 160, int64) of floor(log2 a) for a > 0 finite; exact."""
-        pow2 = self.shared("onnxcomp_pow2_table", _pow2_table())
-        safe = self.op("Max", [a, self.const(f"{name}_floor", np.float32(2.0**-140))], f"{name}_safe")
-        log = self.op("Log", [safe], f"{name}_log")
-        est = self.op(
-            "Floor",
-            [self.op("Div", [log, self.const(f"{name}_ln2", np.float32(np.log(2.0)))], f"{name}_log2")],
-            f"{name}_est",
-        )
-        est = self.op(
-            "Clip",
-            [
-                est,
-                self.const(f"{name}_lo", np.float32(-_E_OFF + 1)),
-                self.const(f"{name}_hi", np.float32(_E_LEN - _E_OFF - 2)),
-            ],
-            f"{name}_clip",
-        )
-        idx = self.op(
-            "Cast",
-            [self.op("Add", [est, self.const(f"{name}_off", np.float32(_E_OFF))], f"{name}_shift")],
-            f"{name}_idx0",
-            {"to": onnx.TensorProto.INT64},
-        )
-        p = self.op("Gather", [pow2, idx], f"{name}_p", {"axis": 0})
-        p2 = self.op("Mul", [p, self.const(f"{name}_two", np.float32(2.0))], f"{name}_p2")
-        below = self.op(
-            "Cast", [self.op("Less", [safe, p], f"{name}_below_b")], f"{name}_below", {"to": onnx.TensorProto.INT64}
-        )
-        above = self.op(
-            "Cast",
-            [self.op("GreaterOrEqual", [safe, p2], f"{name}_above_b")],
-            f"{name}_above",
-            {"to": onnx.TensorProto.INT64},
-        )
-        return self.op("Add", [self.op("Sub", [idx, below], f"{name}_fix1"), above], f"{name}_index")
+    def lookup(self, table: ir.Tensor, index: ir.Tensor, like: ir.Tensor, name: str) -> ir.Variable:
+        """``table[index]`` elementwise, shaped like ``like``: GatherElements on flattened views.
+
+        (Gather does the same but costs ~8x more per element in onnxruntime's CPU provider.)
+        """
+        flat = self.op("Reshape", [index, self.const("flat", [-1], np.int64)], f"{name}_flat_index")
+        values = self.op("GatherElements", [table, flat], f"{name}_flat", {"axis": 0})
+        return self.op("Reshape", [values, self.op("Shape", [like], f"{name}_shape")], name)
 
 
-def hif8_round(b: _Builder, y: ir.Tensor) -> ir.Tensor:
-    """HiF8 quantize-dequantize of ``y`` (no scaling), bit-exact with the codec's RNA mode."""
-    isnan = b.op("IsNaN", [y], "isnan")
-    zero = b.const("zero", np.float32(0.0))
-    clean = b.op("Where", [isnan, zero, y], "clean")
-    raw = b.op("Abs", [clean], "abs")
-    # Below 2^-23 the result is 0 (spec underflow rule); flushing first keeps "+ 0.5" exact,
-    # whose quotient is otherwise < 1 there and could round up.
-    tiny = b.op("Less", [raw, b.const("underflow", np.float32(2.0**-23))], "underflows")
-    a = b.op("Where", [tiny, zero, raw], "abs_flushed")
-    idx = b.exponent_index(a, "e")
-    ulp = b.op("Gather", [b.shared("onnxcomp_hif8_ulp_table", _hif8_ulp_table()), idx], "ulp", {"axis": 0})
-    t = b.op("Add", [b.op("Div", [a, ulp], "div_ulp"), b.const("half", np.float32(0.5))], "plus_half")
-    q = b.op("Mul", [b.op("Floor", [t], "floor"), ulp], "rounded")
-    q = b.op("Min", [q, b.const("max", np.float32(2.0**15))], "saturated")
-    # HiF8 has no -0: a zero result is +0 (a Where, because ORT folds "x + 0" away).
-    signed_raw = b.op("Mul", [q, b.op("Sign", [clean], "sign")], "signed_raw")
-    signed = b.op("Where", [b.op("Equal", [q, zero], "is_zero"), zero, signed_raw], "signed")
-    inf = b.op("IsInf", [clean], "isinf")
-    keep_inf = b.op("Where", [inf, clean, signed], "keep_inf")
-    return b.op("Where", [isnan, y, keep_inf], "out")
+def _hif8_magnitude(b: _Builder, a: ir.Tensor, saturate: bool = True) -> ir.Variable:
+    """HiF8(a) for a = |y| >= 0 (NaN and +Inf kept): see the module docstring.
+
+    ``saturate=False`` leaves out the clamp at 2^15 (and so the +Inf case): for a <= 2^15 only.
+    """
+    log = b.op("Log", [a], "log")
+    # HardSigmoid (computed in place) folds the -1/2 binade shift into an affine map of the log:
+    # h = (log2(a / sqrt 2) + 126) / 512, so RNE(h / (1/512)) = RNE(log2(a / sqrt 2)) + 126; h is
+    # in (0, 1) for every finite a >= 2^-125 (below: 0, index 0), +Inf gives 1 (index 255).
+    slope = np.float32(1.0 / (512.0 * np.log(2.0)))
+    offset = np.float32((_HIF8_ZP - 0.5) / 512.0)
+    shifted = b.op("HardSigmoid", [log], "log2_affine", {"alpha": float(slope), "beta": float(offset)})
+    code = b.op(
+        "QuantizeLinear",
+        [shifted, b.const("step", np.float32(1.0 / 512.0)), b.const("zp", 0, np.uint8)],
+        "binade",
+    )
+    index = b.op("Cast", [code], "binade_i32", {"to": onnx.TensorProto.INT32})
+    r = b.lookup(b.shared("onnxcomp_hif8_inv_step", _hif8_reciprocal_step_table()), index, a, "inv_step")
+    if saturate:
+        a = b.op("Clip", [a, b.const("zero", np.float32(0.0)), b.const("max", np.float32(_HIF8_MAX))], "saturated")
+    steps = b.op("Mul", [a, r], "steps")
+    n = b.op("Floor", [b.op("Add", [steps, b.const("half", np.float32(_HALF_DOWN))], "plus_half")], "rna")
+    return b.op("Div", [n, r], "rounded")
+
+
+def _hif8_negative(b: _Builder, t: ir.Tensor, threshold: float) -> ir.Variable:
+    """Bool mask ``t <= -threshold``: the values whose HiF8 result is negative (a zero result is +0)."""
+    below = np.nextafter(np.float32(threshold), np.float32(0))
+    return b.op("Less", [t, b.const("neg_threshold", -below)], "negative")
+
+
+def _signed_factor(b: _Builder, negative: ir.Tensor, magnitude: float) -> ir.Variable:
+    """``-magnitude`` where ``negative``, else ``magnitude`` (a two-entry table lookup)."""
+    index = b.op("Cast", [negative], "negative_i32", {"to": onnx.TensorProto.INT32})
+    table = b.const("sign_table", [magnitude, -magnitude])
+    return b.lookup(table, index, negative, "sign")
+
+
+def _static_hif8_threshold(scale: np.float32) -> float:
+    """Smallest float x >= 0 with fl(x / scale) >= 2^-23 (the HiF8 result of x / scale is not 0)."""
+    with np.errstate(all="ignore"):
+        x = np.float32(np.float64(_HIF8_UNDERFLOW) * np.float64(scale))
+        while x > 0 and np.divide(np.nextafter(x, np.float32(0)), scale, dtype=np.float32) >= _HIF8_UNDERFLOW:
+            x = np.nextafter(x, np.float32(0))
+        while np.divide(x, scale, dtype=np.float32) < _HIF8_UNDERFLOW:
+            x = np.nextafter(x, np.float32(np.inf))
+    return float(x)
+
+
+#: ops whose output is never negative (NaN aside), and ops that only move / select / average
+#: their first input's values (or, for Concat, every input's)
+_NONNEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "HardSigmoid", "Softplus"}
+_PASS_THROUGH_OPS = {
+    "MaxPool",
+    "GlobalMaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "ReduceMax",
+    "ReduceMean",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Slice",
+    "Split",
+    "Concat",
+}
+
+
+def _never_negative(t: ir.Tensor, depth: int = 12) -> bool:
+    """True when the graph guarantees t >= 0 (or NaN) elementwise, e.g. MaxPool(Relu(...)).
+
+    HiF8 has no -0 and gives |t| for such t, so its sign handling can be left out.
+    """
+    node = ir.producer(t)
+    if node is None or depth == 0 or node.domain not in ("", "ai.onnx", None):
+        return False
+    if node.op in _NONNEGATIVE_OPS:
+        return True
+    if node.op == "Clip" and len(node.inputs) > 1 and node.inputs[1].name:
+        low = ir.constant_value(node.inputs[1])
+        return low is not None and low.size == 1 and float(low.reshape(-1)[0]) >= 0
+    if node.op in _PASS_THROUGH_OPS:
+        data = node.inputs if node.op == "Concat" else node.inputs[:1]
+        return all(_never_negative(d, depth - 1) for d in data)
+    return False
 
 
 def emit_hif8_activation(graph: ir.Graph, x: ir.Tensor, scale: float | None, name: str, axis: int = -1) -> ir.Tensor:
     """x' = s * HiF8(x / s): static per-tensor ``scale``, or per-token (None: s = max|x| / 16
-    over ``axis``, the reduction axis: the last for MatMul/Gemm, channels for Conv)."""
+    over ``axis``, the reduction axis: the last for MatMul/Gemm, channels for Conv).
+
+    When ``x`` is never negative (``_never_negative``), the sign handling is left out.
+    """
     b = _Builder(graph, name)
+    signed = not _never_negative(x)
     if scale is None:
-        amax = b.reduce_max(b.op("Abs", [x], "x_abs"), "amax", axis)
-        s = b.op(
+        amax = b.reduce_max(b.op("Abs", [x], "x_abs") if signed else x, "amax", axis)
+        s: ir.Tensor = b.op(
             "Max",
             [
                 b.op("Div", [amax, b.const("target", np.float32(16.0))], "raw_scale"),
-                b.const("tiny", np.float32(np.finfo(np.float32).tiny)),
+                b.const("tiny", np.float32(_F32_TINY)),
             ],
             "scale",
         )
-    else:
-        s = b.const("scale", np.float32(scale))
-    y = b.op("Div", [x, s], "scaled")
-    return b.op("Mul", [hif8_round(b, y), s], "dequantized")
+        # |y| = |x| / s <= 16 (a few ulps more, from rounding s): no saturation. A row whose amax
+        # is NaN or Inf gives NaN or 0, never Inf.
+        y = b.op("Div", [x, s], "scaled")
+        if not signed:
+            return b.op("Mul", [_hif8_magnitude(b, y, saturate=False), s], "dequantized")
+        negative = _hif8_negative(b, y, _HIF8_UNDERFLOW)
+        q = _hif8_magnitude(b, _abs_in_place(b, y), saturate=False)
+        return b.op("Mul", [b.op("Mul", [q, _signed_factor(b, negative, 1.0)], "signed"), s], "dequantized")
+    s32 = np.float32(scale)
+    const_s = b.const("scale", s32)
+    if not signed:
+        return b.op("Mul", [_hif8_magnitude(b, b.op("Div", [x, const_s], "scaled")), const_s], "dequantized")
+    negative = _hif8_negative(b, x, _static_hif8_threshold(s32))
+    q = _hif8_magnitude(b, _abs_in_place(b, b.op("Div", [x, const_s], "scaled")))
+    return b.op("Mul", [q, _signed_factor(b, negative, float(s32))], "dequantized")
+
+
+def _abs_in_place(b: _Builder, y: ir.Tensor) -> ir.Variable:
+    """|y| as LeakyRelu(alpha=-1), which onnxruntime computes in place (Abs is not); -0 stays -0."""
+    return b.op("LeakyRelu", [y], "abs", {"alpha": -1.0})
+
+
+def _e4m3_magnitude(b: _Builder, a: ir.Tensor, unit: float = 1.0) -> ir.Variable:
+    """E4M3 RNE of a = |y| >= 0, saturating at 448 (Inf too), NaN kept: Veltkamp split.
+
+    ``unit`` (a power of two) scales the format: a = |y| * unit gives E4M3(|y|) * unit, exactly.
+    """
+    top = np.float32(_E4M3_MAX * unit)
+    sat = b.op("Clip", [a, b.const("zero", np.float32(0.0)), b.const("e4m3_max", top)], "saturated")
+    # c = max(sat, 2^-6) * (2^20 + 1) as clip(sat * (2^20 + 1), fl(2^-6 * (2^20 + 1)), inf): same value
+    low = np.float32(_E4M3_MIN_NORMAL * unit) * np.float32(_E4M3_SPLIT)
+    c = b.op(
+        "Clip",
+        [
+            b.op("Mul", [sat, b.const("split", np.float32(_E4M3_SPLIT))], "split_raw"),
+            b.const("split_low", low),
+            b.const("inf", np.float32(np.inf)),
+        ],
+        "split",
+    )
+    return b.op("Sub", [c, b.op("Sub", [c, sat], "split_diff")], "rounded")
+
+
+def _signed_zero_factor(b: _Builder, t: ir.Tensor, threshold: float, bound: float) -> ir.Variable:
+    """``bound * sign(t)`` (signed zeros kept) wherever ``|t| >= threshold``; a signed fraction of
+    ``bound`` below (only used where the rounded magnitude is 0, so the zero gets the sign of t)."""
+    slope = np.float32(2.0 ** int(np.ceil(np.log2(bound / threshold))))
+    return b.op(
+        "Clip",
+        [
+            b.op("Mul", [t, b.const("sign_slope", slope)], "sign_scaled"),
+            b.const("sign_lo", np.float32(-bound)),
+            b.const("sign_hi", np.float32(bound)),
+        ],
+        "sign",
+    )
 
 
 def emit_cast_activation(graph: ir.Graph, x: ir.Tensor, scale: float, fmt_name: str, name: str) -> ir.Tensor:
-    """x' = s * Cast(Cast(x / s -> FP8, saturate) -> float): static FP8 fake-quant, exact.
+    """x' = s * FP8(x / s): static FP8 fake-quant, exact.
 
-    Used instead of QuantizeLinear/DequantizeLinear for FP8 activations: onnxruntime 1.32's QDQ
-    propagation and Relu+Q fusion corrupt FP8 Q/DQ chains at ORT_ENABLE_EXTENDED (it drops a Relu
-    before an FP8 Q), and ORT never fuses FP8 x FP8 compute, so nothing is lost.
+    FP8 E4M3 is computed with float arithmetic (module docstring); other FP8 formats use
+    ``Cast(Cast(x / s -> FP8, saturate) -> float) * s``. Not QuantizeLinear/DequantizeLinear:
+    onnxruntime 1.32's QDQ propagation and Relu+Q fusion corrupt FP8 Q/DQ chains at
+    ORT_ENABLE_EXTENDED (it drops a Relu before an FP8 Q), and ORT never fuses FP8 x FP8 compute.
     """
     fmt = get_format(fmt_name)
     b = _Builder(graph, name)
-    s = b.const("scale", np.float32(scale))
+    s32 = np.float32(scale)
+    s = b.const("scale", s32)
+    if fmt_name == "fp8_e4m3":
+        # z = x / (s 2^-k) = (x / s) 2^k exactly; E4M3 in units of 2^k; the factor clip(z, -s 2^-k,
+        # s 2^-k) is +-s 2^-k wherever the result is not zero (|x / s| > 2^-10 gives |z| >= s 2^-k
+        # by the choice of k) and a signed fraction (so a signed zero) elsewhere:
+        # hi_z * (+-s 2^-k) = +-fl(E4M3(x / s) * s).
+        k = int(np.ceil((10.0 + np.log2(float(s32))) / 2.0))
+        bound = np.float32(np.ldexp(s32, -k))
+        z = b.op("Div", [x, b.const("scale_k", bound)], "scaled")
+        sign = b.op("Clip", [z, b.const("sign_lo", -bound), b.const("sign_hi", bound)], "sign")
+        hi = _e4m3_magnitude(b, _abs_in_place(b, z), 2.0**k)
+        return b.op("Mul", [hi, sign], "dequantized")
     code = b.op("Cast", [b.op("Div", [x, s], "scaled")], "codes", {"to": fmt.onnx_dtype, "saturate": 1})
     return b.op("Mul", [b.op("Cast", [code], "values", {"to": onnx.TensorProto.FLOAT}), s], "dequantized")
 
@@ -170,75 +327,88 @@ def emit_mx_activation(
 ) -> ir.Tensor:
     """Dynamic MX fake-quant over 32-blocks of ``axis`` (length ``k``, static; the reduction axis).
 
-    A non-last axis (channels of a Conv input, of rank ``rank``) is moved last by a Transpose
-    and back afterwards.
+    An axis of at most 32 is one (short) block: the amax is a reduction over the axis itself. A
+    longer one is split into (blocks, 32) by a Reshape in place (a non-last axis needs the input's
+    ``rank``, that of a Conv weight); a length that is not a multiple of 32 is split into the full
+    blocks and the short last block (the codec's zero padding changes no amax).
     """
-    if axis not in (-1, rank - 1):
-        perm = [d for d in range(rank) if d != axis] + [axis]
-        inverse = [perm.index(d) for d in range(rank)]
-        moved = _Builder(graph, name).op("Transpose", [x], "to_last", {"perm": perm})
-        out = emit_mx_activation(graph, moved, k, fmt_name, name)
-        return _Builder(graph, name).op("Transpose", [out], "from_last", {"perm": inverse})
     fmt = get_format(fmt_name)
-    if not isinstance(fmt, MXFormat):
+    if not isinstance(fmt, MXFormat) or not fmt.element.name.startswith("fp8_e4m3"):
         raise ValueError(f"{fmt_name} activations are not supported")
-    elem = fmt.element
-    b = _Builder(graph, name)
     block = fmt.block_size
-    padded = -(-k // block) * block
-    src = x
-    if padded != k:
-        pads = b.const("pads", [0, padded - k], np.int64)
-        axes = b.const("pad_axes", [-1], np.int64)
-        src = b.op("Pad", [x, pads, b.const("pad_value", np.float32(0.0)), axes], "padded")
-    shape = b.op("Shape", [src], "shape")
-    head = b.op("Slice", [shape, b.const("s0", [0], np.int64), b.const("s1", [-1], np.int64)], "head")
-    blocked_shape = b.op(
-        "Concat", [head, b.const("tail", [padded // block, block], np.int64)], "blocked_shape", {"axis": 0}
-    )
-    xb = b.op("Reshape", [src, blocked_shape], "blocks")
-    absx = b.op("Abs", [xb], "abs")
-    finite = b.op(
-        "Not", [b.op("Or", [b.op("IsNaN", [xb], "isnan"), b.op("IsInf", [xb], "isinf")], "nonfinite")], "finite"
-    )
-    absx = b.op("Where", [finite, absx, b.const("zero", np.float32(0.0))], "abs_finite")
-    amax = b.reduce_max(absx, "amax")
-    idx = b.exponent_index(amax, "e")
-    pow2 = b.shared("onnxcomp_pow2_table", _pow2_table())
-    p = b.op("Gather", [pow2, idx], "p", {"axis": 0})
-    bump = b.op(
-        "Cast",
-        [b.op("Greater", [amax, b.op("Mul", [p, b.const("r175", np.float32(1.75))], "p175")], "bump_b")],
-        "bump",
-        {"to": onnx.TensorProto.INT64},
-    )
-    e = b.op("Add", [idx, bump], "e_ref")
-    cap = fmt._max_exponent  # noqa: SLF001 - the codec's float32 overflow cap
-    x_idx = b.op(
-        "Clip",
-        [
-            b.op("Sub", [e, b.const("emax", fmt.emax_elem, np.int64)], "x_raw"),
-            b.const("xmin", -127 + _E_OFF, np.int64),
-            b.const("xmax", cap + _E_OFF, np.int64),
-        ],
-        "x_clip",
-    )
-    is_zero = b.op("Equal", [amax, b.const("z", np.float32(0.0))], "is_zero")
-    x_idx = b.op("Where", [is_zero, b.const("xzero", -127 + _E_OFF, np.int64), x_idx], "x_idx")
-    inv = b.op("Gather", [b.shared("onnxcomp_inv_pow2_table", _pow2_table(-1)), x_idx], "inv_scale", {"axis": 0})
-    scale = b.op("Gather", [pow2, x_idx], "scale", {"axis": 0})
-    scaled = b.op("Mul", [xb, inv], "scaled")
-    if elem.onnx_dtype is not None and elem.name.startswith("fp8"):
-        code = b.op("Cast", [scaled], "codes", {"to": elem.onnx_dtype, "saturate": 1})
-        vals = b.op("Cast", [code], "values", {"to": onnx.TensorProto.FLOAT})
+    b = _Builder(graph, name)
+    if k <= block:
+        return _mx_blocks(b, x, axis, fmt)
+    last = axis == -1 or (rank > 0 and axis == rank - 1)
+    if k % block:
+        full = k - k % block
+        head, tail = ir.make_variable(graph, f"{name}_full"), ir.make_variable(graph, f"{name}_tail")
+        ir.make_node(
+            graph,
+            "Split",
+            [x, b.const("split", [full, k - full], np.int64)],
+            [head, tail],
+            f"{name}_split",
+            {"axis": axis},
+        )
+        parts = [
+            emit_mx_activation(graph, head, full, fmt_name, f"{name}_f", axis, rank),
+            _mx_blocks(_Builder(graph, f"{name}_t"), tail, axis, fmt),
+        ]
+        return b.op("Concat", parts, "dequantized", {"axis": axis})
+    shape = b.op("Shape", [x], "shape")
+    if last:  # any input rank (a MatMul input may have more dims than its weight)
+        lead = b.op("Slice", [shape, b.const("s0", [0], np.int64), b.const("s1", [-1], np.int64)], "lead")
+        blocked_shape: ir.Tensor = b.op(
+            "Concat", [lead, b.const("tail", [k // block, block], np.int64)], "blocked_shape", {"axis": 0}
+        )
+        block_axis = -1
     else:
-        raise ValueError(f"{fmt_name} activations are not supported")
-    deq = b.op("Mul", [vals, scale], "deq_blocks")
-    flat = b.op("Reshape", [deq, shape], "deq_padded")
-    if padded == k:
-        return flat
-    return b.op(
-        "Slice",
-        [flat, b.const("k0", [0], np.int64), b.const("k1", [k], np.int64), b.const("kax", [-1], np.int64)],
-        "dequantized",
+        axis = axis % rank
+        dims = [0] * axis + [k // block, block] + ([] if axis == rank - 1 else [-1])
+        blocked_shape = b.const("blocked_shape", dims, np.int64)
+        block_axis = axis + 1
+    deq = _mx_blocks(b, b.op("Reshape", [x, blocked_shape], "blocks"), block_axis, fmt)
+    return b.op("Reshape", [deq, shape], "dequantized")
+
+
+def _mx_blocks(b: _Builder, xb: ir.Tensor, block_axis: int, fmt: MXFormat) -> ir.Variable:
+    """MX fake-quant of ``xb`` with one block along ``block_axis`` (32 or fewer elements)."""
+    # amax over the finite elements (the codec ignores NaN and Inf): x - x is NaN exactly there
+    nonfinite = b.op("IsNaN", [b.op("Sub", [xb, xb], "x_minus_x")], "nonfinite")
+    finite = b.op("Where", [nonfinite, b.const("zero", np.float32(0.0)), xb], "finite")
+    amax = b.reduce_max(_abs_in_place(b, finite), "amax", block_axis)
+    scale, inv = _mx_block_scales(b, amax, fmt)
+    y = b.op("Mul", [xb, inv], "scaled")
+    # non-zero results have |y| > 2^-10: the factor is +-1 there (a signed fraction where hi = 0)
+    sign = _signed_zero_factor(b, y, 2.0**-10, 1.0)
+    hi = _e4m3_magnitude(b, _abs_in_place(b, y))
+    return b.op("Mul", [b.op("Mul", [hi, sign], "signed"), scale], "deq_blocks")
+
+
+def _mx_block_scales(b: _Builder, amax: ir.Tensor, fmt: MXFormat) -> tuple[ir.Variable, ir.Variable]:
+    """(2^X, 2^-X) per block: X = clip(E - emax, -127, cap), E = min{j : amax <= 1.75 * 2^j}.
+
+    u = amax / 1.75 (exact at the thresholds: u > 2^j iff amax > 1.75 * 2^j); P = 2^RNE(log2 u)
+    from a table, u / P in (0.7, 1.42), so 2^E = P * ceil(u / P) exactly. amax = 0 gives
+    ceil(0) = 0 and the clip gives 2^-127.
+    """
+    u = b.op("Div", [amax, b.const("r175", np.float32(1.75))], "u")
+    code = b.op(
+        "QuantizeLinear",
+        [b.op("Log", [u], "u_log"), b.const("ln2", np.float32(np.log(2.0))), b.const("e_zp", _MX_ZP, np.uint8)],
+        "u_exp",
     )
+    index = b.op("Cast", [code], "u_exp_i32", {"to": onnx.TensorProto.INT32})
+    p = b.lookup(b.shared("onnxcomp_mx_pow2", _mx_pow2_table()), index, u, "u_pow2")
+    ratio = b.op("Ceil", [b.op("Div", [u, p], "u_ratio")], "u_ceil")
+    cap = fmt._max_exponent  # noqa: SLF001 - the codec's float32 overflow cap
+    scaled = b.op(
+        "Mul", [b.op("Mul", [p, b.const("emax_scale", np.float32(2.0**-fmt.emax_elem))], "p_emax"), ratio], "x_raw"
+    )
+    scale = b.op(
+        "Clip",
+        [scaled, b.const("xmin", np.float32(2.0**-127)), b.const("xmax", np.float32(2.0**cap))],
+        "scale",
+    )
+    return scale, b.op("Reciprocal", [scale], "inv_scale")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import ir
-from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.formats import ElementFormat, Format, IntegerFormat, get_format
 from onnxcomp.ir import WeightLayout
 from onnxcomp.quant.lowbit import INT_FACTOR
 from onnxcomp.quant.qparams import qparams_for_range
@@ -67,15 +67,23 @@ def emit_activation_qdq(
 ) -> ir.Tensor:
     """QuantizeLinear -> DequantizeLinear on ``tensor``; every consumer is rewired to the DQ.
 
-    A graph output keeps its float value (its readers inside the graph still see the DQ).
+    A graph output produced by a node keeps its name and becomes the DQ's output: its producer
+    writes a new tensor that the Q reads, so nothing but the Q reads the producer (what onnxruntime's
+    fusions need).
     """
     fmt = get_format(fmt_name)
     base = tensor.name
+    producer = ir.producer(tensor)
+    if producer is not None and ir.is_graph_output(graph, tensor):
+        inner = ir.make_variable(graph, f"{base}_float", dtype=np.float32, shape=tensor.shape)
+        producer.outputs[list(producer.outputs).index(tensor)] = inner
+        s, z = _qparams_constants(graph, base, fmt, scale, zero_point)
+        q = ir.make_variable(graph, f"{base}_quantized")
+        ir.make_node(graph, "QuantizeLinear", [inner, s, z], [q], f"{base}_QuantizeLinear")
+        ir.make_node(graph, "DequantizeLinear", [q, s, z], [tensor], f"{base}_DequantizeLinear")
+        return tensor
     readers = [n for n in ir.consumers(tensor)]
-    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
-    z = ir.make_constant(
-        ir.unique_name(graph, f"{base}_zero_point"), storage_array(np.asarray(zero_point).reshape(()), fmt)
-    )
+    s, z = _qparams_constants(graph, base, fmt, scale, zero_point)
     q = ir.make_variable(graph, f"{base}_quantized")
     dq = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     ir.make_node(graph, "QuantizeLinear", [tensor, s, z], [q], f"{base}_QuantizeLinear")
@@ -85,6 +93,16 @@ def emit_activation_qdq(
             if t is tensor:
                 node.inputs[i] = dq
     return dq
+
+
+def _qparams_constants(
+    graph: ir.Graph, base: str, fmt: Format, scale: np.ndarray, zero_point: np.ndarray
+) -> tuple[ir.Tensor, ir.Tensor]:
+    s = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32).reshape(()))
+    z = ir.make_constant(
+        ir.unique_name(graph, f"{base}_zero_point"), storage_array(np.asarray(zero_point).reshape(()), fmt)
+    )
+    return s, z
 
 
 def emit_bias_int32(

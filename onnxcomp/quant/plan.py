@@ -54,17 +54,59 @@ def _decline_weight(node: ir.Node, index: int | None, plan_spec: NodeSpec) -> st
 
 
 def _output_target(graph: ir.Graph, node: ir.Node) -> ir.Tensor | None:
-    """The tensor to quantize after ``node``: its output, or that of a single following Relu/Clip."""
+    """The tensor to quantize after ``node``: its output, or that of a single following Relu/Clip.
+
+    A Conv's output that is a graph output is quantized too (QLinearConv needs the Q; the graph
+    output then carries the dequantized values); MatMul and Gemm have float-output integer kernels.
+    """
     out = node.outputs[0]
     users = ir.consumers(out)
     if len(users) == 1 and users[0].op in FUSABLE_ACTIVATIONS and not ir.is_graph_output(graph, out):
         out = users[0].outputs[0]
         users = ir.consumers(out)
+    if node.op == "Conv" and ir.is_graph_output(graph, out):
+        return out
     return out if users else None
 
 
+#: Ops a squeeze-excite branch passes through between its pooling and its convs.
+_SE_PATH = ("Relu", "Clip", "HardSigmoid", "Sigmoid", "HardSwish", "Conv", "Identity")
+#: Ops that pool a feature map down to one value per channel (the start of a squeeze-excite branch).
+_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
+
+
+def _reads_pooled(tensor: ir.Tensor, depth: int = 0) -> bool:
+    """True when ``tensor`` comes from a global pooling through at most 3 SE-branch ops."""
+    node = ir.producer(tensor)
+    if node is None or depth > 3:
+        return False
+    if node.op in _POOLS:
+        return True
+    return node.op in _SE_PATH and bool(node.inputs) and _reads_pooled(node.inputs[0], depth + 1)
+
+
+def slower_as_integer(node: ir.Node, weight_shape: tuple[int, ...]) -> str | None:
+    """Why an INT8 Conv would run slower than float on onnxruntime's x86 CPU provider, or None.
+
+    Measured per node with onnxruntime's profiler (bench/README.md, "Placement"): QLinearConv is
+    3-7x slower than the float NCHWc kernel for depthwise convs with < 64 channels or a kernel side
+    over 3, and no faster for 1x1 convs with fewer than 32 input or output channels; leaving those
+    in float made a MobileNetV3 1.4x faster. Squeeze-excite convs (on pooled 1x1 maps) stay
+    quantized: they cost nothing either way and a float island between integer kernels does.
+    """
+    if node.op != "Conv" or len(weight_shape) != 4:
+        return None
+    cout, cin_g, kh, kw = weight_shape
+    group = int(node.attrs.get("group", 1))
+    if group > 1 and group == cout and cin_g == 1 and (cout < 64 or max(kh, kw) > 3):
+        return f"depthwise {kh}x{kw} conv with {cout} channels runs faster in float on onnxruntime CPU"
+    if group == 1 and kh == kw == 1 and min(cout, cin_g) < 32 and not _reads_pooled(node.inputs[0]):
+        return f"1x1 conv {cin_g} -> {cout} channels is no faster as an integer kernel on onnxruntime CPU"
+    return None
+
+
 def plan_nodes(
-    graph: ir.Graph, config: QuantConfig, output_quant: bool
+    graph: ir.Graph, config: QuantConfig, output_quant: bool, placement: str = "all"
 ) -> tuple[list[NodePlan], list[tuple[str, str]]]:
     """Plans for every node the config selects, plus (node, reason) for those declined."""
     plans: list[NodePlan] = []
@@ -80,6 +122,14 @@ def plan_nodes(
             continue
         assert index is not None
         value = ir.constant_value(node.inputs[index])
+        a = spec.activations
+        static_int = a is not None and a.granularity.kind == "tensor" and a.dtype in ("int8", "uint8")
+        slow = (
+            slower_as_integer(node, value.shape) if value is not None and static_int and placement == "speed" else None
+        )
+        if slow is not None:
+            declined.append((node.name, f"{slow} (placement speed; --placement all quantizes it)"))
+            continue
         assert value is not None  # _decline_weight declined a non-constant weight
         value_shape = value.shape
         plan = NodePlan(

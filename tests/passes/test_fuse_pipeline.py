@@ -58,6 +58,7 @@ def test_fuse_pipeline_order() -> None:
         "fuse_matmul_add",
         "fold_affine",
         "lower_batchnorm",
+        "fuse_hardswish",
         "flush_denormals",
         "dedupe_initializers",
     )

@@ -72,13 +72,14 @@ def test_int8_activation_fan_out_is_reported() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     calib = [{"x": rng.standard_normal((4, 8, 4, 4)).astype(np.float32)}]
-    s8 = quantize(model, calibration=calib, activations="int8", fuse=False).result("quantize").data["kernels"]
+    s8 = quantize(model, calibration=calib, activations="int8", fuse=False, placement="all")
+    s8 = s8.result("quantize").data["kernels"]
     left = {r["node"]: r["reason"] for r in s8["nodes"] if not r["integer"]}
     assert set(left) == {"c0", "c1", "c2"}, s8
     assert all("int8 activation 'a' has several readers" in r for r in left.values())
     text = format_kernel_report(s8)
     assert text.startswith("onnxruntime kernels (CPU, ORT_ENABLE_ALL): 0 integer, 3 float") and "use uint8" in text
-    u8 = quantize(model, calibration=calib, fuse=False).result("quantize").data["kernels"]
+    u8 = quantize(model, calibration=calib, fuse=False, placement="all").result("quantize").data["kernels"]
     assert u8["integer"] == 3 and u8["counts"] == {"QLinearConv": 3}
 
 
@@ -142,3 +143,38 @@ def test_dynamic_per_tensor_on_a_transformer() -> None:
     assert set(kernels["counts"]) <= {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
     sentence = next(o for o in report.result("quantize").data["report"]["outputs"] if o["name"] == "461")
     assert sentence["cosine"] > 0.99  # measured 0.9976 (per-token: 0.9996)
+
+
+def test_placement_speed_leaves_slow_integer_convs_in_float() -> None:
+    """Thin depthwise and 1x1 convs stay float (faster on ORT CPU); a squeeze-excite 1x1 conv does not."""
+    rng = np.random.default_rng(2)
+
+    def w(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    inits = [w("wdw", (16, 1, 3, 3)), w("wpw", (16, 16, 1, 1)), w("wse", (16, 16, 1, 1)), w("wbig", (64, 16, 3, 3))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wdw"], ["a"], name="dw", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wpw"], ["b"], name="pw"),
+        helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
+        helper.make_node("Conv", ["p", "wse"], ["s"], name="se"),
+        helper.make_node("HardSigmoid", ["s"], ["g"], name="hs"),
+        helper.make_node("Mul", ["b", "g"], ["m"], name="scale"),
+        helper.make_node("Conv", ["m", "wbig"], ["y"], name="big", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "placement",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = [{"x": rng.standard_normal((2, 16, 8, 8)).astype(np.float32)}]
+    result = quantize(model, calibration=calib, fuse=False).result("quantize")
+    declined = dict(result.declined)
+    assert set(result.changed) == {"se", "big"}
+    assert "depthwise 3x3 conv with 16 channels" in declined["dw"] and "1x1 conv 16 -> 16" in declined["pw"]
+    assert result.data["kernels"]["integer"] == 2, result.data["kernels"]
+    everything = quantize(model, calibration=calib, fuse=False, placement="all").result("quantize")
+    assert set(everything.changed) == {"dw", "pw", "se", "big"}

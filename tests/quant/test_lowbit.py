@@ -437,3 +437,98 @@ def test_conv_dynamic_activations_scale_along_channels(fmt: str) -> None:
     )[0]
     got = run_model(sim, {"x": x}, level="disable")[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# --- activation subgraphs: more scales, layouts, and their cost ---------------------------------
+
+SCALES = [1.0, 0.375, 3.7, 1e-3, 2.0**-100, 1e-38, 5e25, float(np.finfo(np.float32).max / 448)]
+
+
+@pytest.mark.parametrize("fmt", ["hif8", "fp8_e4m3"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_static_activation_is_bit_exact_at_any_scale(fmt: str, scale: float) -> None:
+    """Tiny, huge and non-power-of-two scales; the inputs span the scaled range (x / s overflows too)."""
+    s = np.float32(scale)
+    with np.errstate(all="ignore"):
+        x = (_hard_inputs(fmt, 64) * s).astype(np.float32)
+        want = get_format(fmt).quantize_dequantize(np.divide(x, s, dtype=np.float32)) * s
+    if fmt == "hif8":
+        model = _activation_model(64, lambda g, t: emit_hif8_activation(g, t, float(s), "h"))
+    else:
+        model = _activation_model(64, lambda g, t: emit_cast_activation(g, t, float(s), fmt, "f"))
+    _assert_exact(model, x, want)
+
+
+def _relu_activation_model(width: int, emit: Callable[[ir.Graph, ir.Tensor], ir.Tensor]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
+        "act",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", width])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    g = ir.import_model(model)
+    g.nodes[1].inputs[0] = emit(g, g.nodes[0].outputs[0])
+    ir.finalize(g)
+    return ir.export_model(g, model)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 0.125])
+def test_hif8_after_relu_is_bit_exact(scale: float | None) -> None:
+    """A never-negative input (Relu output) gets the subgraph without sign handling: still exact."""
+    x = _hard_inputs("hif8", 64)
+    model = _relu_activation_model(64, lambda g, t: emit_hif8_activation(g, t, scale, "h"))
+    assert not any(n.op_type == "Less" for n in model.graph.node)  # no sign mask
+    r = np.maximum(x, 0)
+    r[np.isnan(x)] = np.nan
+    with np.errstate(all="ignore"):
+        if scale is None:
+            s = np.maximum(r.max(axis=1, keepdims=True) / np.float32(16.0), np.finfo(np.float32).tiny).astype(
+                np.float32
+            )
+            s[np.isnan(r).any(axis=1)] = np.nan  # the reference amax propagates NaN
+            rows = ~np.isnan(r).any(axis=1)  # ORT's ReduceMax need not: compare rows without NaN
+            x, r, s = x[rows], r[rows], s[rows]
+        else:
+            s = np.float32(scale)
+        want = get_format("hif8").quantize_dequantize(np.divide(r, s, dtype=np.float32)) * s
+    _assert_exact(model, x, want)
+
+
+@pytest.mark.parametrize("channels", [3, 32, 40, 64])
+def test_mxfp8_activation_along_channels_is_bit_exact(channels: int) -> None:
+    """Conv inputs: 32-blocks along axis 1 of NCHW, no transpose; short and split last blocks."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "act",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, "H", "W"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    g = ir.import_model(model)
+    g.nodes[0].inputs[0] = emit_mx_activation(g, g.inputs[0], channels, "mxfp8", "m", 1, 4)
+    ir.finalize(g)
+    model = ir.export_model(g, model)
+    assert not any(n.op_type in ("Transpose", "Pad") for n in model.graph.node)
+    x = (rng.standard_normal((3, channels, 5, 7)) * np.exp(rng.uniform(-30, 30, (3, 1, 5, 7)))).astype(np.float32)
+    x[0, :, 0, 0] = 0.0
+    x[0, 0, 1, 1], x[1, -1, 2, 2], x[2, 0, 3, 3] = np.nan, -np.inf, -0.0
+    _assert_exact(model, x, get_format("mxfp8").quantize_dequantize(x, axis=1))
+
+
+def test_activation_subgraphs_avoid_slow_ops() -> None:
+    """Pins the cost design (module docstring of activation_subgraphs): no Gather (8x a
+    GatherElements), no FP8 Cast (~7 ns per element each way), no Transpose, no int64 casts."""
+    models = [
+        _activation_model(64, lambda g, t: emit_hif8_activation(g, t, 0.3, "h")),
+        _activation_model(64, lambda g, t: emit_hif8_activation(g, t, None, "h")),
+        _activation_model(64, lambda g, t: emit_cast_activation(g, t, 0.3, "fp8_e4m3", "f")),
+        _activation_model(70, lambda g, t: emit_mx_activation(g, t, 70, "mxfp8", "m")),
+    ]
+    for model in models:
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"Gather", "Transpose"}, ops
+        for n in model.graph.node:
+            to = next((a.i for a in n.attribute if a.name == "to"), None)
+            assert to not in (TensorProto.FLOAT8E4M3FN, TensorProto.INT64), n.name
