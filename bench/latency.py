@@ -4,10 +4,10 @@ Issue 11: INT8 models written by ``onnxcomp quantize`` often run slower than fp3
 CPU provider while ``onnxruntime.quantization.quantize_static`` (QDQ) output runs faster. This bench
 puts the variants side by side, per model, in ONE interleaved timing loop::
 
-    .venv/bin/python bench/latency.py                      # all models (~4.5 min on 2 cores, 5 with --extra)
+    .venv/bin/python bench/latency.py                      # all models (~5 min on 2 cores)
     .venv/bin/python bench/latency.py --quick              # smaller inputs, shorter budget (~2 min)
-    .venv/bin/python bench/latency.py --models ppocr_cls,minilm_l3 --json /tmp/lat.json
-    .venv/bin/python bench/latency.py --variants "fp32,onnxcomp W8A8" --extra
+    .venv/bin/python bench/latency.py --models ppocr_cls,minilm_l3 --json out/latency.json
+    .venv/bin/python bench/latency.py --variants "fp32,onnxcomp W8A8,onnxcomp W8A8 int8-act"
 
 Variants (``VARIANTS`` below; one line each):
 
@@ -16,11 +16,17 @@ Variants (``VARIANTS`` below; one line each):
   Conv/MatMul/Gemm, ORT's defaults otherwise: QInt8 activations and weights, MinMax), after ORT's
   own preparation (opset >= 13 for per-channel QDQ, ``quant_pre_process`` without symbolic shape
   inference, as in bench/ptq.py); same calibration samples as onnxcomp;
-* ``onnxcomp W8A8``: ``onnxcomp.quantize(weights="int8", activations="int8")`` (the defaults);
-* ``onnxcomp dynamic``: ``onnxcomp.quantize(dynamic=True)`` (what ``onnxcomp quantize --dynamic`` gives);
+* ``onnxcomp W8A8``: ``onnxcomp.quantize(calibration=...)`` with the defaults (int8 per-channel
+  weights, uint8 asymmetric activations; Conv/MatMul/Gemm, ConvTranspose left float; placement
+  speed: thin depthwise and 1x1 convs left float);
+* ``onnxcomp W8A8 all``: the same with ``placement="all"`` (every eligible Conv quantized);
+* ``onnxcomp dynamic per-tensor``: ``dynamic=True, dynamic_granularity="tensor"`` (ORT's fused
+  DynamicQuantizeMatMul / ConvInteger);
+* extra: ``onnxcomp W8A8 int8-act`` (``activations="int8"``: on x86 an int8 Q/DQ read by several
+  nodes stays int8 and its producer and readers run in float) and ``onnxcomp dynamic per-token``;
 * ``onnxcomp W4``: ``onnxcomp.quantize(weights="int4", activations="none")`` (weight-only).
 
-``--extra`` adds ``EXTRA_VARIANTS`` (existing onnxcomp options that help the diagnosis). A new
+``--extra`` adds ``EXTRA_VARIANTS`` (int8 activations, dynamic per-token). A new
 onnxcomp variant is one ``oc(label, **quantize_keywords)`` line; the keywords go to
 ``onnxcomp.quantize`` unchanged, so an option that does not exist fails that row (ERROR) instead
 of being silently emulated.
@@ -73,18 +79,10 @@ import _common as common  # noqa: E402 - bench/_common.py
 import onnx  # noqa: E402
 
 from models.fetch import MODELS, fetch, make_inputs  # noqa: E402
+from onnxcomp.analysis.kernels import INTEGER_KERNELS  # noqa: E402
 
-#: fused integer kernels of ORT's CPU provider (counted in any domain)
-INT_KERNELS = (
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulIntegerToFloat",
-    "QGemm",
-    "ConvInteger",
-    "MatMulInteger",
-    "DynamicQuantizeMatMul",
-    "MatMulNBits",
-)
+#: fused integer kernels of ORT's CPU provider (counted in any domain): the kernel report's list
+INT_KERNELS = tuple(sorted(INTEGER_KERNELS))
 SHORT = {
     "QLinearConv": "QLConv",
     "QLinearMatMul": "QLMatMul",
@@ -281,14 +279,20 @@ VARIANTS: list[Variant] = [
     Variant("fp32", _fp32, "model as shipped"),
     Variant("fp32 fused", _fused, "onnxcomp.fuse"),
     Variant("ORT QDQ", _ort_static, "quantize_static QDQ per-channel Conv/MatMul/Gemm (QInt8/QInt8, MinMax)"),
-    oc("onnxcomp W8A8", weights="int8", activations="int8"),
-    oc("onnxcomp dynamic", calibrate=False, dynamic=True),
+    oc(
+        "onnxcomp W8A8",
+        note="onnxcomp.quantize(calibration): the defaults (int8 weights, uint8 activations, placement speed)",
+    ),
+    oc("onnxcomp W8A8 all", placement="all"),
+    oc("onnxcomp dynamic per-tensor", calibrate=False, dynamic=True, dynamic_granularity="tensor"),
     oc("onnxcomp W4", calibrate=False, weights="int4", activations="none"),
 ]
 
-#: existing onnxcomp options that test a hypothesis of the diagnosis (``--extra``)
+
+#: more onnxcomp options, for a diagnosis (``--extra``)
 EXTRA_VARIANTS: list[Variant] = [
-    oc("onnxcomp W8A8 uint8-act", weights="int8", activations="uint8"),
+    oc("onnxcomp W8A8 int8-act", activations="int8"),
+    oc("onnxcomp dynamic per-token", calibrate=False, dynamic=True),
 ]
 
 
