@@ -1,35 +1,44 @@
 """Activation fake-quantization as standard ONNX subgraphs, bit-exact with the codecs.
 
-The subgraphs run on onnxruntime's CPU provider, which has no FP8 / HiF8 / MX compute: every op
-below is a plain float32 elementwise op (or a cheap 1-byte / int32 one), chosen so that each is a
-single vectorized pass that onnxruntime can run in place, with few live intermediates. Costs that
-decided the design (onnxruntime 1.32, one thread, per element): an elementwise pass ~0.28 ns;
-``Log`` 1.4; ``GatherElements`` 0.4 but ``Gather`` 3.2; ``Where`` / ``Sign`` 1.1; a
-``Cast`` float -> FLOAT8E4M3FN -> float pair 12 (hence no FP8 casts).
+onnxruntime's CPU provider has no FP8 / HiF8 / MX compute, so these subgraphs run element by
+element, one full pass over the tensor per node. They are built from few, cheap nodes that keep few
+intermediates alive. What decided the design (onnxruntime 1.32, one thread, ns per element on a
+4 MB tensor; passes over larger tensors cost up to 2x more): a float pass ~0.28, one with a 1-byte
+output (comparisons, QuantizeLinear) ~0.19; ``Log`` 1.4; ``GatherElements`` 0.4 but ``Gather``
+3.2 (only the former is used, on flattened views); ``Where`` and ``Sign`` 1.1; an FP8 ``Cast``
+~7 each way (none is used for E4M3). Only Clip, Relu, LeakyRelu, HardSigmoid, Cast (same size)
+and a few other activations run in place; Abs, Min, Max and the arithmetic ops always allocate, so
+|y| is written as ``LeakyRelu(y, alpha=-1)`` and clamps as ``Clip``.
 
-FP8 E4M3 (RNE, saturating at 448, signed zeros kept), static scale s, y = x / s::
+FP8 E4M3 (RNE, saturating at 448, signed zeros kept), static scale s::
 
-    a  = min(|y|, 448)
-    c  = max(a, 2^-6) * (2^20 + 1)       Veltkamp split: c - (c - a) rounds a to 4 significant
-    hi = c - (c - a)                     bits (RNE); below 2^-6 the fixed grid 2^-9 (subnormals)
-    x' = hi * clip(x * 2^k, -s, s)       = s * sign(x) * hi (a tiny x gives a signed zero)
+    z  = x / (s 2^-k)                    = (x / s) 2^k exactly; k makes 2^(2k - 10) >= s
+    a  = clip(|z|, 0, 448 2^k)
+    c  = clip(a (2^20 + 1), fl(2^(k-6) (2^20 + 1)), inf)   Veltkamp: c - (c - a) rounds a to 4
+    hi = c - (c - a)                                        significant bits (RNE), and below
+    x' = hi * clip(z, -s 2^-k, s 2^-k)                      2^(k-6) to the fixed subnormal grid
 
-HiF8 (RNA, saturating at 2^15, NaN / +-Inf kept, no -0), y = x / s::
+The last factor is +-s 2^-k wherever the result is not zero and a signed fraction elsewhere, so
+x' = +-fl(E4M3(x / s) * s) and zeros keep the sign of x.
 
-    i  = QuantizeLinear(log(|y| / sqrt 2), ln 2) -> uint8   ~ floor(log2 |y|) + 126
-    r  = R[i]                                          1 / (grid step of that binade), a table
-    q  = floor(min(|y|, 2^15) * r + (1/2)^-) / r       (1/2)^- = nextbelow(0.5): exact RNA
-    x' = q * clip(x * 2^k + d, -s, s)                  sign, and +0 for every zero result
+HiF8 (RNA, saturating at 2^15, NaN and +-Inf kept, no -0), y = x / s::
+
+    i  = QuantizeLinear(HardSigmoid(log|y|)) -> uint8   = RNE(log2(|y| / sqrt 2)) + 126
+    r  = R[i]                                          1 / (grid step of binade i - 126): a table
+    q  = floor(min(|y|, 2^15) * r + (1/2)^-) / r       (1/2)^- = nextbelow(0.5)
+    x' = q * [s, -s][y <= -2^-23]                      the sign; every zero result is +0
 
 The exponent estimate may be off by one only for |y| within ~1e-6 of a power of two, where the
-rounding gives that power of two on either binade's grid (any |y| within 3% would do), so no exact
-correction is needed. Bucket 255 (only +-Inf reaches it) has r = FLT_MAX: Inf * r / r stays Inf.
-``floor(v + nextbelow(0.5))`` equals ``floor(v + 0.5)`` on the real numbers for every float
-v >= 0, and unlike it never rounds the sum up to the next integer (v = 0.5 - 2^-25).
+rounding gives that power of two on either binade's grid (any |y| within 3% would do), so it needs
+no exact correction. Bucket 255 (only +-Inf reaches it) has r = FLT_MAX: Inf * r / r stays Inf.
+``floor(v + nextbelow(0.5))`` equals ``floor(v + 0.5)`` on the reals for every float v >= 0 and,
+unlike it, never rounds the sum up to the next integer (v = 0.5 - 2^-25). A tensor the graph
+keeps >= 0 (Relu, MaxPool(Relu), ...) skips the sign; per-token scales (|y| <= 16) skip the clamp.
 
-MXFP8 (dynamic, 32-element blocks along the reduction axis): the axis is split into (blocks, 32)
-by a Reshape (no Transpose), amax over the block's finite elements, ``2^X`` from an exact
-``ceil`` against a power of two, then the E4M3 rounding above on ``x * 2^-X``.
+MXFP8 (dynamic, 32-element blocks along the reduction axis): a Reshape splits the axis into
+(blocks, 32) in place (no Transpose; an axis of at most 32 is reduced as is; a partial last block
+is a separate Split part instead of zero padding), amax over the finite elements (``Where``),
+``2^X`` from ``ceil`` against a power of two (exact), then the E4M3 rounding above on x * 2^-X.
 """
 
 from __future__ import annotations
@@ -364,6 +373,8 @@ def emit_mx_activation(
         )
         block_axis = -1
     else:
+        if rank <= 0:
+            raise ValueError(f"MX activations along axis {axis} need the input's rank")
         axis = axis % rank
         dims = [0] * axis + [k // block, block] + ([] if axis == rank - 1 else [-1])
         blocked_shape = b.const("blocked_shape", dims, np.int64)
@@ -380,7 +391,8 @@ def _mx_blocks(b: _Builder, xb: ir.Tensor, block_axis: int, fmt: MXFormat) -> ir
     amax = b.reduce_max(_abs_in_place(b, finite), "amax", block_axis)
     scale, inv = _mx_block_scales(b, amax, fmt)
     y = b.op("Mul", [xb, inv], "scaled")
-    # non-zero results have |y| > 2^-10: the factor is +-1 there (a signed fraction where hi = 0)
+    # non-zero results have |y| > 2^-10: the factor is +-1 there (a signed fraction where hi = 0).
+    # (Not clip(y, -2^-10, 2^-10) with 2^10 folded into 2^X: that overflows for X > 117.)
     sign = _signed_zero_factor(b, y, 2.0**-10, 1.0)
     hi = _e4m3_magnitude(b, _abs_in_place(b, y))
     return b.op("Mul", [b.op("Mul", [hi, sign], "signed"), scale], "deq_blocks")

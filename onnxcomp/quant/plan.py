@@ -127,6 +127,8 @@ def plan_nodes(
         slow = (
             slower_as_integer(node, value.shape) if value is not None and static_int and placement == "speed" else None
         )
+        if a is not None and a.granularity.kind == "dynamic" and node.op == "Conv" and placement == "speed":
+            slow = "ConvInteger (dynamic per-tensor Conv) runs 4-40x slower than float on onnxruntime CPU"
         if slow is not None:
             declined.append((node.name, f"{slow} (placement speed; --placement all quantizes it)"))
             continue

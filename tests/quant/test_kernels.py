@@ -114,9 +114,12 @@ def test_dynamic_per_tensor_runs_as_fused_integer_kernels(tmp_path: Path) -> Non
     """--dynamic-granularity tensor: DynamicQuantizeLinear + MatMulInteger/ConvInteger, which ORT fuses."""
     held = np.load(MODELS / "digits_heldout.npz")
     out, sim = tmp_path / "d.onnx", tmp_path / "d.sim.onnx"
-    report = quantize(DEMO, out, dynamic=True, dynamic_granularity="tensor", simulation_output=sim)
+    report = quantize(DEMO, out, dynamic=True, dynamic_granularity="tensor", simulation_output=sim, placement="all")
     kernels = report.result("quantize").data["kernels"]
     assert kernels["integer"] == 6 and kernels["counts"] == {"ConvInteger": 4, "DynamicQuantizeMatMul": 2}
+    fast = quantize(DEMO, dynamic=True, dynamic_granularity="tensor").result("quantize")  # placement speed
+    assert fast.data["kernels"]["counts"] == {"DynamicQuantizeMatMul": 2}
+    assert all("ConvInteger" in why for _, why in fast.declined) and len(fast.declined) == 4
     record = {e["node"]: e for e in report.result("quantize").data["record"]}
     assert record["conv1"]["activations"]["granularity"] == "dynamic"
     from onnxcomp.analysis.metrics import accuracy, predict
