@@ -224,7 +224,7 @@ def quantize(
         placement=placement,
         reports=reports,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0}
@@ -264,7 +264,7 @@ def decompose(
     passes = decompose_passes(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
@@ -318,7 +318,7 @@ def sparsify(
         quantize=quantize,
         activations=activations,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, fuse)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 

@@ -54,12 +54,12 @@ DecomposeLayers = Literal["conv", "matmul", "all"]
 
 @dataclass(frozen=True)
 class RunOptions:
-    """Settings every front end (``compress``, ``fuse``, ``quantize``, ``sparsify``, ``decompose``) takes.
+    """How every front end (``compress``, ``fuse``, ``quantize``, ``sparsify``, ``decompose``) runs.
 
     ``calibration``: an .npz file, a directory of .npz/.npy files, or an iterable of
     ``{input name: array}`` batches; ``calib_samples`` bounds the calibration *samples* used (None:
-    all); ``batch_size`` is the number of samples per calibration batch; ``fuse`` runs the deployment
-    fusions first.
+    all); ``batch_size`` is the number of samples per calibration batch. (``fuse``, the other shared
+    keyword, decides the pass list: :func:`with_fusions`.)
     """
 
     calibration: Any = None
@@ -68,7 +68,6 @@ class RunOptions:
     force: bool = False
     progress: bool = False
     external_data: bool | None = None
-    fuse: bool = True
 
 
 def renamed_keyword(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:

@@ -94,10 +94,6 @@ class Quantize(Pass):
             specs += [w, a]
         return [s for s in specs if isinstance(s, TensorSpec)]
 
-    def _quantize_embeddings(self, graph: ir.Graph, result: PassResult) -> list[dict[str, Any]]:
-        assert self.embeddings is not None
-        return _embedding_entries(graph, self.embeddings, tuple(self.options.skip), result)
-
     def min_opset(self) -> int | None:
         need = 23 if self.options.fp4_storage == "float4e2m1" else 13
         for spec in self._specs() + ([self.embeddings] if self.embeddings is not None else []):
@@ -108,7 +104,9 @@ class Quantize(Pass):
         result = PassResult(modified=False)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
         result.declined.extend(declined)
-        tables = self._quantize_embeddings(graph, result) if self.embeddings is not None else []
+        tables = (
+            [] if self.embeddings is None else _embedding_entries(graph, self.embeddings, self.options.skip, result)
+        )
         if not plans:
             if tables:
                 ctx.set_record("quant", tables)

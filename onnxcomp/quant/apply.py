@@ -197,10 +197,7 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
         w = node.inputs[plan.weight_index]
         key = (w.name, spec.weights, plan.layout)
         if key not in weights:
-            energy = energies.get(node.name)
-            value = ir.constant_value(w)
-            assert value is not None  # plan_nodes declines nodes whose weight is not a constant
-            qw = quantize_weight(value, spec.weights, plan.layout, w.name, options.fp4_storage, energy)
+            qw = _quantized(plan, options, state, energies)  # one quantization per weight, whatever the form
             if options.emit == "qdq":
                 out = _emit_weight(graph, w, qw, plan)
                 stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
