@@ -3,7 +3,7 @@
 For each model the quantize pass is run once (``observer="minmax"``, not timed) to learn which
 activation tensors it calibrates, with which format; then each policy (minmax, percentile,
 entropy, mse, histogram) calibrates exactly those tensors the way
-``onnxcomp.quant.apply.calibrate_activations`` does: one ``Calibrator`` session streaming the
+the quantize pass does: one ``Calibrator`` session streaming the
 same batches into the policy's observers ("stream"), then ``compute_range`` per tensor with the
 tensor's ``range_qdq`` ("ranges"). "before" runs the same with the observers module of a git
 revision (default HEAD, i.e. without uncommitted changes), loaded from ``git show`` into a
@@ -75,18 +75,23 @@ def capture_calibration(model: str, data: Any) -> tuple[Any, dict[str, Any], Cal
     import onnxcomp.passes.quantize as quantize_pass
 
     seen: dict[str, Any] = {}
-    original = quantize_pass.calibrate_activations
+    collect, ranges = quantize_pass.collect_many, quantize_pass.ranges_from
 
-    def spy(float_model, static, ctx, batch_num):  # noqa: ANN001, ANN202
-        seen.update(float_model=float_model, static=dict(static), factory=ctx.calibration, batch_num=batch_num)
-        return original(float_model, static, ctx, batch_num)
+    def spy_collect(model, wanted, batches, max_batches=None, progress=False):  # noqa: ANN001, ANN202
+        kept = list(batches)
+        seen.update(float_model=model, factory=lambda: iter(kept), batch_num=max_batches)
+        return collect(model, wanted, kept, max_batches, progress)
 
-    quantize_pass.calibrate_activations = spy
+    def spy_ranges(static, observers):  # noqa: ANN001, ANN202
+        seen.update(static=dict(static))
+        return ranges(static, observers)
+
+    quantize_pass.collect_many, quantize_pass.ranges_from = spy_collect, spy_ranges
     try:
         with tempfile.TemporaryDirectory() as tmp:
             onnxcomp.quantize(model, str(Path(tmp) / "q.onnx"), calibration=data, observer="minmax", reports=False)
     finally:
-        quantize_pass.calibrate_activations = original
+        quantize_pass.collect_many, quantize_pass.ranges_from = collect, ranges
     return seen["float_model"], seen["static"], seen["factory"], seen["batch_num"]
 
 

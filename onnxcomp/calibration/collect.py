@@ -136,3 +136,43 @@ class Calibrator(Generic[ObserverT]):
             observer.update(np.asarray(value))
         except CalibrationError as exc:
             raise CalibrationError(f"calibration batch {index}: tensor {name!r}: {exc}") from exc
+
+
+class Tee:
+    """Feeds one tensor to several collectors (one per purpose), in a fixed order."""
+
+    def __init__(self, collectors: Mapping[str, SupportsUpdate]) -> None:
+        self.collectors = dict(collectors)
+
+    def update(self, x: np.ndarray) -> None:
+        for collector in self.collectors.values():
+            collector.update(x)
+
+
+def collect_many(
+    model: onnx.ModelProto,
+    wanted: Mapping[str, Mapping[str, Callable[[], SupportsUpdate]]],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, SupportsUpdate]]:
+    """Several statistics in ONE calibration pass: ``{purpose: {tensor: factory}}`` -> filled collectors.
+
+    Purposes that watch the same tensor (activation ranges, channel means, Gram matrices) share
+    its one fetch per batch, so adding an algorithm's statistics costs no extra pass.
+    """
+    by_tensor: dict[str, dict[str, Callable[[], SupportsUpdate]]] = {}
+    for purpose, tensors in wanted.items():
+        for tensor, factory in tensors.items():
+            by_tensor.setdefault(tensor, {})[purpose] = factory
+    if not by_tensor:
+        return {purpose: {} for purpose in wanted}
+    factories = {
+        tensor: (lambda group=group: Tee({p: f() for p, f in group.items()})) for tensor, group in by_tensor.items()
+    }
+    tees = Calibrator(model, factories).run(batches, max_batches=max_batches, progress=progress)
+    filled: dict[str, dict[str, SupportsUpdate]] = {purpose: {} for purpose in wanted}
+    for tensor, tee in tees.items():
+        for purpose, collector in tee.collectors.items():
+            filled[purpose][tensor] = collector
+    return filled

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from onnxcomp import ir
 from onnxcomp.analysis.kernels import kernel_report
+from onnxcomp.calibration.collect import collect_many
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
 from onnxcomp.formats import get_format
 from onnxcomp.framework.base import Pass, PassContext, PassResult
@@ -19,10 +20,13 @@ from onnxcomp.framework.registry import register_pass
 from onnxcomp.model_io import runs_on_ort
 from onnxcomp.quant.apply import (
     apply_plans,
-    calibrate_activations,
-    collect_input_energies,
+    energies_from,
+    energy_factories,
+    range_factories,
+    ranges_from,
     weight_record,
 )
+from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
 from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.report import quantization_report
@@ -67,6 +71,8 @@ class Quantize(Pass):
         # weight-only MatMul/Gemm: com.microsoft MatMulNBits (onnxruntime) or DequantizeLinear (any runtime)
         weight_only_format: Literal["matmulnbits", "dq"] = "matmulnbits"
         matmulnbits_accuracy_level: int = 4  # 4: int8 compute (onnxruntime's default); 0: float compute
+        # subtract each layer's mean output error through its bias: full (level by level), fast (one pass)
+        bias_correction: Literal["none", "full", "fast"] = "none"
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -116,18 +122,29 @@ class Quantize(Pass):
             return result
         float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
         static = _static_tensors(plans)
-        ranges: dict[str, tuple[float, float]] = {}
-        if static:
+        wanted = {
+            "ranges": range_factories(static),
+            "energies": energy_factories(plans),
+            "means": output_mean_factories(graph, [p.node for p in plans])
+            if self.options.bias_correction != "none"
+            else {},
+        }
+        stats: dict[str, dict[str, Any]] = {purpose: {} for purpose in wanted}
+        if any(wanted.values()):
             if ctx.calibration is None:
-                raise CalibrationError(
-                    f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
-                    "(an .npz named by model input), or --activations none for weight-only quantization"
-                )
+                raise CalibrationError(_needs_data(static, wanted))
             assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
-            ranges = calibrate_activations(float_model, static, ctx, self.options.calib_batches)
-        energies = collect_input_energies(float_model, plans, ctx, self.options.calib_batches)
+            stats = collect_many(
+                float_model, wanted, ctx.calibration(), self.options.calib_batches, ctx.progress.enabled
+            )
+        ranges = ranges_from(static, stats["ranges"])
+        energies = energies_from(plans, stats["energies"])
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
-        record = apply_plans(graph, plans, ranges, self.options, ctx, energies) + tables
+        record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
+        if self.options.bias_correction != "none":
+            assert float_model is not None and ctx.calibration is not None  # checked with the statistics
+            _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
+        record += tables
         result.modified = True
         result.stats = {**_stats(plans), **result.stats}
         result.changed = [p.node.name for p in plans] + result.changed
@@ -155,6 +172,52 @@ class Quantize(Pass):
             else:
                 result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+
+def _needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]) -> str:
+    if static:
+        return (
+            f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
+            "(an .npz named by model input), or --activations none for weight-only quantization"
+        )
+    if wanted["energies"]:
+        return "weight observer output_mse needs calibration data: pass --calib DATA"
+    return "bias correction needs calibration data: pass --calib DATA"
+
+
+def _correct_biases(
+    graph: ir.Graph,
+    float_model: Any,
+    plans: list[NodePlan],
+    record: list[dict[str, Any]],
+    means: dict[str, Any],
+    options: Any,
+    ctx: PassContext,
+    result: PassResult,
+) -> None:
+    """Bias correction of every quantized layer whose output the float model has by name."""
+    targets = []
+    float_nodes = {n.name: n for n in ir.import_model(float_model).nodes} if options.bias_correction == "fast" else {}
+    for plan, entry in zip(plans, record, strict=False):
+        tensor = measured_tensor(graph, plan.node, entry["op"])
+        if tensor in means:
+            targets.append(Target(plan.node, entry["op"], tensor, entry, float_nodes.get(entry["node"])))
+        else:
+            entry["bias_correction"] = {"skipped": "its output has no float counterpart by name"}
+    assert ctx.calibration is not None
+    done = correct_biases(
+        graph,
+        float_model,
+        targets,
+        {t.tensor: means[t.tensor].mean() for t in targets},
+        ctx.calibration,
+        options.bias_correction,
+        options.calib_batches,
+        ctx.progress.enabled,
+    )
+    for t in targets:
+        t.entry["bias_correction"] = done[t.node.name]
+    result.stats["bias_corrected"] = len(done)
 
 
 def _embedding_entries(

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
-import onnx
 
 from onnxcomp import ir
 from onnxcomp.analysis.sparsity import (
     weight_sparsity,  # zeros survive quantization exactly (q = zero point)
 )
-from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.calibration.observers import compute_range, make_observer
-from onnxcomp.errors import CalibrationError, ConfigError
+from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, get_format
 from onnxcomp.framework.base import PassContext
 from onnxcomp.quant.activation_subgraphs import (
@@ -47,48 +45,44 @@ from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight
 _STAT_OPTIONS = ("num_bins",)
 
 
-def calibrate_activations(
-    float_model: onnx.ModelProto, static: dict[str, TensorSpec], ctx: PassContext, batch_num: int | None
-) -> dict[str, tuple[float, float]]:
-    """Stream the calibration batches through one session; a range per activation tensor."""
-    factories = {}
+def range_factories(static: dict[str, TensorSpec]) -> dict[str, Callable[[], Any]]:
+    """Observer factories of the static activation tensors (name -> factory)."""
+    factories: dict[str, Callable[[], Any]] = {}
     for name, spec in static.items():
         stat_opts = {k: v for k, v in spec.options().items() if k in _STAT_OPTIONS}
         factories[name] = partial(make_observer, spec.observer, **stat_opts)
-    assert ctx.calibration is not None
-    observers = Calibrator(float_model, factories).run(
-        ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled
-    )
+    return factories
+
+
+def ranges_from(static: dict[str, TensorSpec], observers: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """A range per activation tensor from its filled observer, by the tensor's policy."""
     ranges = {}
-    for name, obs in observers.items():
-        spec = static[name]
+    for name, spec in static.items():
         policy_opts = {k: v for k, v in spec.options().items() if k not in _STAT_OPTIONS}
-        r = compute_range(spec.observer, obs, range_qdq(spec.dtype, spec.symmetric), spec.symmetric, **policy_opts)
+        r = compute_range(
+            spec.observer, observers[name], range_qdq(spec.dtype, spec.symmetric), spec.symmetric, **policy_opts
+        )
         ranges[name] = (float(r.lo), float(r.hi))
     return ranges
 
 
-def collect_input_energies(
-    float_model: onnx.ModelProto | None, plans: list[NodePlan], ctx: PassContext, batch_num: int | None
-) -> dict[str, np.ndarray]:
-    """Mean x^2 per input channel of each node whose weight observer is output_mse (node -> array).
-
-    ``float_model`` may be None when no node needs energies.
-    """
-    wanted = [p for p in plans if p.spec.weights is not None and p.spec.weights.observer == "output_mse"]
-    if not wanted:
-        return {}
-    if ctx.calibration is None:
-        raise CalibrationError("weight observer output_mse needs calibration data: pass --calib DATA")
-    assert float_model is not None  # the quantize pass has it: PassManager.run sets ctx.source_model
+def energy_factories(plans: list[NodePlan]) -> dict[str, Callable[[], InputEnergyObserver]]:
+    """Input-energy collectors of the nodes whose weight observer is output_mse (tensor -> factory)."""
     factories: dict[str, Callable[[], InputEnergyObserver]] = {}
-    for p in wanted:
-        axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
-        factories.setdefault(p.node.inputs[0].name, partial(InputEnergyObserver, axis))
-    observers = Calibrator(float_model, factories).run(
-        ctx.calibration(), max_batches=batch_num, progress=ctx.progress.enabled
-    )
-    return {p.node.name: observers[p.node.inputs[0].name].energy() for p in wanted}
+    for p in plans:
+        if p.spec.weights is not None and p.spec.weights.observer == "output_mse":
+            axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
+            factories.setdefault(p.node.inputs[0].name, partial(InputEnergyObserver, axis))
+    return factories
+
+
+def energies_from(plans: list[NodePlan], observers: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Mean x^2 per input channel of each output_mse node (node name -> array)."""
+    return {
+        p.node.name: observers[p.node.inputs[0].name].energy()
+        for p in plans
+        if p.spec.weights is not None and p.spec.weights.observer == "output_mse"
+    }
 
 
 def _tolist(a: np.ndarray) -> Any:
