@@ -39,7 +39,7 @@ from onnxcomp.quant.plan import NodePlan
 from onnxcomp.quant.qparams import range_qdq
 from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.spec import Granularity, NodeSpec, TensorSpec
-from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight
+from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight, raise_scales
 
 #: Observer options that configure the statistics (the rest configure the range policy).
 _STAT_OPTIONS = ("num_bins",)
@@ -192,6 +192,15 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
         key = (w.name, spec.weights, plan.layout)
         if key not in weights:
             qw = _quantized(plan, options, state, energies)  # one quantization per weight, whatever the form
+            floor = _bias_scale_floor(plan, options, ranges)
+            if floor is not None:
+                qw, raised = raise_scales(ir.constant_value(w), qw, floor)  # type: ignore[arg-type]
+                if raised:
+                    state.quantized[key] = qw
+                    entry["bias_overflow"] = {
+                        "channels": raised,
+                        "fix": "weight scale raised so that the int32 bias fits",
+                    }
             if options.emit == "qdq":
                 out = _emit_weight(graph, w, qw, plan)
                 stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
@@ -260,6 +269,36 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
             emit_bias_int32(graph, node, plan.bias_index, bias, x_scale, qw.scale)
             entry["bias"] = "int32"
     return entry
+
+
+#: Largest |int32 bias code| allowed: half of int32, leaving room for bias correction's shifts.
+_BIAS_CODE_LIMIT = float(2**30)
+
+
+def _bias_scale_floor(plan: NodePlan, options: Any, ranges: dict[str, tuple[float, float]]) -> np.ndarray | None:
+    """Per-channel minimum weight scale so that ``round(b / (s_x s_w))`` fits the int32 bias, or None.
+
+    Only fully INT8 Conv/Gemm layers get an int32 bias (:func:`_apply_one`); a channel whose
+    weight scale is tiny (dead or pruned channel) with a non-zero bias would overflow it.
+    """
+    node, spec = plan.node, plan.spec
+    if not (
+        options.emit == "qdq"
+        and options.bias_int32
+        and plan.bias_index is not None
+        and node.op in ("Conv", "Gemm")
+        and _int8_pair(plan)
+        and plan.activation_inputs
+        and plan.activation_inputs[0].name in ranges
+    ):
+        return None
+    assert spec.activations is not None
+    bias = ir.constant_value(node.inputs[plan.bias_index])
+    if bias is None or bias.ndim != 1:
+        return None
+    lo, hi = ranges[plan.activation_inputs[0].name]
+    x_scale = float(np.asarray(activation_qparams(spec.activations.dtype, lo, hi, spec.activations.symmetric)[0]))
+    return (np.abs(bias.astype(np.float64)) / (x_scale * _BIAS_CODE_LIMIT)).astype(np.float32)
 
 
 def _quantized(plan: NodePlan, options: Any, state: _Written, energies: dict[str, np.ndarray]) -> QuantizedWeight:

@@ -165,3 +165,31 @@ def _energy_view(
     shape = [1] * rank
     shape[r] = length
     return h.reshape(shape)
+
+
+def raise_scales(w: np.ndarray, qw: QuantizedWeight, floor: np.ndarray) -> tuple[QuantizedWeight, list[int]]:
+    """``qw`` with its per-channel (or per-tensor) integer scales raised to at least ``floor``.
+
+    ``floor`` has one value per output channel. Used when ``round(b / (s_x s_w))`` would not fit
+    an int32 bias: only the channels below their floor change (codes recomputed on the wider
+    grid); returns the new weight and the indices of the raised channels.
+    """
+    fmt = get_format(qw.spec.dtype)
+    assert isinstance(fmt, IntegerFormat) and qw.spec.granularity.kind in ("tensor", "channel")
+    scale = np.asarray(qw.scale, np.float32)
+    need = np.asarray(floor, np.float32) if scale.ndim else np.asarray(floor, np.float32).max(keepdims=True)
+    raised = np.flatnonzero(np.asarray(scale).reshape(-1) < need)
+    if raised.size == 0:
+        return qw, []
+    new_scale = np.maximum(scale, need.reshape(scale.shape) if scale.ndim else need.reshape(()))
+    shape = [1] * w.ndim
+    if scale.ndim:
+        assert qw.axis is not None
+        shape[qw.axis] = -1
+    zp = np.asarray(qw.zero_point)
+    s_b, z_b = new_scale.reshape(shape), zp.astype(np.int32).reshape(shape)
+    codes = quantize(fmt, np.asarray(w, np.float32), s_b, z_b)
+    deq = dequantize(fmt, codes, s_b, z_b)
+    stored = storage_array(codes, fmt)
+    out = QuantizedWeight(stored, new_scale.astype(np.float32), qw.zero_point, qw.axis, 0, deq, qw.spec, qw.storage)
+    return out, [int(i) for i in raised]
