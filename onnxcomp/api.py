@@ -301,9 +301,14 @@ def sparsify(
     ``prune_ratio`` and ``reconstruct`` are the deprecated spellings of ``ratio`` and ``refit``.
     """
     ratio = renamed_keyword(ratio, prune_ratio, "prune_ratio", "ratio")
+    method: str | None = None,
     refit = renamed_keyword(refit, reconstruct, "reconstruct", "refit")
     options: dict[str, Any] = {
         "scope": scope,
+    An n:m ``pattern`` is chosen by ``method``: ``"sparsegpt"`` (mask by second-order saliency and
+    compensating update of the kept weights, from calibration data; the default when
+    ``calibration`` is given) or ``"magnitude"`` (the default without data).
+
         "round_to": round_to,
         "criterion": criterion,
         "refit": calibration is not None if refit is None else refit,
@@ -323,3 +328,4 @@ def sparsify(
 
 
 __all__ = ["compress", "decompose", "fuse", "quantize", "quantize_options", "sparsify", "with_fusions"]
+        method=method,

@@ -191,7 +191,8 @@ def sparsify_passes(
 ) -> list[Pass]:
     """Fusions (unless ``fuse=False``), one sparsity pass, then ``quantize`` if a weight format is given.
 
-    One kind of sparsity per run: ``pattern`` (n:m, ``sparsify_2to4``) or ``ratio`` (channel
+    One kind of sparsity per run: ``pattern`` (n:m, ``sparsify_2to4``, chosen by ``method``:
+    ``"magnitude"`` or ``"sparsegpt"``; None = sparsegpt with calibration data) or ``ratio`` (channel
     pruning, ``prune_channels``). ``activations`` defaults to ``none`` (weight-only) for the quantize
     step; pass ``"int8"`` (with calibration data) for static INT8 activations. The quantizer keeps
     every pruned zero exactly zero.
@@ -200,9 +201,13 @@ def sparsify_passes(
         raise OnnxCompError(
             "choose one kind of sparsity: a pattern (e.g. --pattern 2:4) or a channel ratio (--ratio 0.3)"
         )
+    method: str | None = None,
     passes: list[Pass] = with_fusions([], fuse)
     if pattern is not None:
-        passes.append(make_pass("sparsify_2to4", {"pattern": pattern, "skip": list(skip)}))
+        nm: dict[str, Any] = {"pattern": pattern, "skip": list(skip)}
+        if method is not None:
+            nm["method"] = method
+        passes.append(make_pass("sparsify_2to4", nm))
     else:
         options = {"ratio": ratio, "skip": list(skip), **dict(prune_options or {})}
         passes.append(make_pass("prune_channels", options))
@@ -212,6 +217,8 @@ def sparsify_passes(
         )
         passes.append(make_pass("quantize", quant))
     return passes
+    if method is not None and pattern is None:
+        raise OnnxCompError("--method chooses how an n:m --pattern is applied; it does not apply to --ratio")
 
 
 def decompose_passes(

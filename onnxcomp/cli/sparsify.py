@@ -45,12 +45,18 @@ def _sparsify_args(p: argparse.ArgumentParser) -> None:
     add_run_options(
         p,
         calibration="calibration data (.npz named by model input, or a directory); "
-        "enables the least-squares refit of the pruned layers' consumers",
+        "enables SparseGPT for --pattern and the least-squares refit of the pruned layers' consumers",
     )
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--pattern", metavar="N:M", help="n:m structured sparsity along input channels, e.g. 2:4")
     kind.add_argument("--ratio", type=float, metavar="R", help="fraction of output channels to remove, e.g. 0.3")
     kind.add_argument("--prune-ratio", dest="ratio", type=float, action=DeprecatedFlag, new="--ratio")
+    p.add_argument(
+        "--method",
+        choices=("magnitude", "sparsegpt"),
+        help="how --pattern picks the kept weights: sparsegpt (second-order, updates the kept weights; "
+        "needs --calib, the default with it) or magnitude (the default without --calib)",
+    )
     p.add_argument(
         "--global",
         dest="scope_global",
@@ -102,6 +108,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         skip=args.skip,
         quantize=args.quantize,
         activations=args.activations,
+        method=args.method,
         **run_kwargs(args),
     )
     print_run_report(args, report, args.output)

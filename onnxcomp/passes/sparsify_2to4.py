@@ -7,15 +7,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 
 from onnxcomp import ir
-from onnxcomp.errors import ConfigError, RecipeError
+from onnxcomp.calibration.collect import Calibrator
+from onnxcomp.calibration.gram import Fanout, InputGram
+from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
 from onnxcomp.formats.nm import NMPattern, apply_nm, nm_fraction, parse_pattern
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
-from onnxcomp.ir import match_glob, reduction_axis
+from onnxcomp.ir import match_glob, reduction_axis, weight_layout
 from onnxcomp.sparsity import record
 from onnxcomp.sparsity.coupling import float_weight
+from onnxcomp.sparsity.sparsegpt import output_error, sparsegpt_nm
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,22 @@ WeightOp = Literal["Conv", "ConvTranspose", "Gemm", "MatMul"]
 
 @register_pass
 class Sparsify2to4(Pass):
-    """Zero all but the ``n`` largest-magnitude weights of every ``m`` along the input-channel axis.
+    """Keep ``n`` of every ``m`` weights along the input-channel axis, by magnitude or by SparseGPT.
+
+    ``method = "magnitude"`` keeps the ``n`` largest-magnitude weights of every ``m``.
+    ``method = "sparsegpt"`` (the default when calibration data is given; without it, an explicit
+    ``sparsegpt`` is an error) chooses the mask by the optimal-brain-surgeon saliency
+    ``w^2 / [H^-1]_jj^2`` and updates the kept weights to compensate
+    (:mod:`onnxcomp.sparsity.sparsegpt`), from each layer's input Hessian ``H = mean(X^T X)``.
+    With ``sequential`` (the default) the layers are sparsified in graph order and each layer's
+    Hessian comes from a calibration pass over the model with every earlier layer already sparse
+    (one pass per layer, so later layers compensate the error upstream; memory: one ``d x d``
+    float64 matrix, ``d`` the layer's ``Cin/group*kh*kw`` or K); ``sequential = false`` takes all
+    Hessians from ONE pass over the model as it enters the pass (faster, one matrix per layer held
+    at once, less accurate). At most ``rows_per_batch`` design rows are sampled per batch and
+    layer, over ``calib_batches`` batches (None: all). Layers
+    SparseGPT cannot handle (ConvTranspose, a batched MatMul weight) use magnitude; the method
+    of every layer is in its record entry and in ``data["method"]``.
 
     The axis is Cin for Conv (at every ``(cout, kh, kw)``; Cin for ConvTranspose too) and K for
     Gemm (``transB`` aware) and MatMul with a constant weight. An axis whose length is not a
@@ -45,6 +64,16 @@ class Sparsify2to4(Pass):
         pattern: str = "2:4"  # n:m (keep n of every m)
         ops: tuple[WeightOp, ...] = ("Conv", "Gemm", "MatMul")
         skip: tuple[str, ...] = ()  # node-name globs left dense
+        method: Literal["magnitude", "sparsegpt"] | None = None  # None: sparsegpt with calibration data
+        damp: float = 0.01  # SparseGPT: diagonal damping of H, relative to mean(diag H)
+        block: int = 128  # SparseGPT: lazy-update block width (columns)
+        rows_per_batch: int = 4096  # SparseGPT: design rows sampled per calibration batch and layer
+        calib_batches: int | None = None  # SparseGPT: calibration batches used (None: all)
+        sequential: bool = True  # SparseGPT: each layer's Hessian from the model with the layers before it sparse
+
+        def __post_init__(self) -> None:
+            if self.damp < 0 or self.block < 1 or self.rows_per_batch < 1:
+                raise ValueError("damp must be >= 0, block and rows_per_batch >= 1")
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -53,10 +82,22 @@ class Sparsify2to4(Pass):
         except ConfigError as exc:
             raise RecipeError(f"sparsify_2to4.pattern: {exc}") from exc
 
+    def method(self, ctx: PassContext) -> str:
+        """The method this run uses (the option, or sparsegpt exactly when there is calibration data)."""
+        method = self.options.method or ("sparsegpt" if ctx.calibration is not None else "magnitude")
+        if method == "sparsegpt" and ctx.calibration is None:
+            raise CalibrationError(
+                "sparsify_2to4 method 'sparsegpt' needs calibration data: pass --calib DATA "
+                "(an .npz named by model input), or use --method magnitude"
+            )
+        return method
+
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"layers": 0, "already": 0, "zeroed": 0, "groups": 0, "groups_ok": 0})
         pruned = record.layers_of_kind(ctx, "channels")
+        method = self.method(ctx)
         entries = []
+        candidates = []
         for node in ir.iter_nodes(graph, self.options.ops):
             reason, weight, axis = self._check(node, pruned)
             if reason:
@@ -64,7 +105,26 @@ class Sparsify2to4(Pass):
                 log.debug("sparsify_2to4: %s declined: %s", node.name, reason)
                 continue
             assert weight is not None
-            sparse = apply_nm(weight, axis, self.pattern)
+            candidates.append((node, weight, axis))
+        sequential = method == "sparsegpt" and self.options.sequential
+        hessians = self._hessians(graph, ctx, candidates) if method == "sparsegpt" and not sequential else {}
+        methods: dict[str, str] = {}
+        for node, weight, axis in candidates:
+            magnitude = apply_nm(weight, axis, self.pattern)
+            if sequential:  # this layer's input as the layers before it are now
+                hessians = self._hessians(graph, ctx, [(node, weight, axis)])
+            hessian = hessians.get(id(node))
+            sparse, used, errors = magnitude, "magnitude", {}
+            if hessian is not None and not np.array_equal(magnitude, weight):
+                layout = weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
+                axes = {"channel_axis": layout.channel_axis, "reduction_axis": layout.reduction_axis}
+                o = self.options
+                sparse = sparsegpt_nm(weight, self.pattern, hessian, damp=o.damp, block=o.block, **axes)
+                used = "sparsegpt"
+                errors = {
+                    "output_error": round(output_error(weight, sparse, hessian, **axes), 6),
+                    "output_error_magnitude": round(output_error(weight, magnitude, hessian, **axes), 6),
+                }
             groups = int(np.prod(weight.shape)) // weight.shape[axis] * -(-weight.shape[axis] // self.pattern.m)
             ok = nm_fraction(sparse, axis, self.pattern)
             result.stats["groups"] += groups
@@ -76,7 +136,8 @@ class Sparsify2to4(Pass):
             zeroed = int(np.count_nonzero(weight) - np.count_nonzero(sparse))
             result.stats["layers"] += 1
             result.stats["zeroed"] += zeroed
-            result.changed.append(f"{node.name}: {self.pattern} along axis {axis}")
+            methods[node.name] = used
+            result.changed.append(f"{node.name}: {self.pattern} along axis {axis} ({used})")
             zeros = round(float(np.mean(sparse == 0)), 6)
             entries.append(
                 {
@@ -88,12 +149,44 @@ class Sparsify2to4(Pass):
                     "axis": axis,
                     "zero_fraction": zeros,
                     "pattern_fraction": ok,
+                    "method": used,
+                    **errors,
                 }
             )
             result.modified = True
         result.data["layers"] = entries
+        result.data["method"] = methods
         record.add_layers(ctx, entries)
         return result
+
+    def _hessians(
+        self, graph: ir.Graph, ctx: PassContext, candidates: list[tuple[ir.Node, np.ndarray, int]]
+    ) -> dict[int, np.ndarray]:
+        """One calibration pass: the input Hessian of every layer SparseGPT handles, by ``id(node)``."""
+        grams: dict[int, InputGram] = {}
+        for node, weight, axis in candidates:
+            if (
+                node.op == "ConvTranspose"
+                or (node.op == "MatMul" and weight.ndim != 2)
+                or ir.is_constant(node.inputs[0])
+            ):
+                continue
+            if np.array_equal(apply_nm(weight, axis, self.pattern), weight):
+                continue  # already n:m: nothing to do
+            rng = ctx.rng(f"sparsify_2to4:{node.name}")
+            grams[id(node)] = InputGram(node, max_rows=self.options.rows_per_batch, rng=rng)
+        if not grams:
+            return {}
+        by_tensor: dict[str, list[InputGram]] = {}
+        for gram in grams.values():
+            by_tensor.setdefault(gram.node.inputs[0].name, []).append(gram)
+        factories = {name: (lambda group=group: Fanout(group)) for name, group in by_tensor.items()}
+        model = ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
+        assert ctx.calibration is not None
+        calibrator = Calibrator(model, factories)
+        del model
+        calibrator.run(ctx.calibration(), max_batches=self.options.calib_batches, progress=ctx.progress.enabled)
+        return {key: gram.blocks() if gram.groups > 1 else gram.hessian() for key, gram in grams.items()}
 
     def _check(self, node: ir.Node, pruned: set[str]) -> tuple[str | None, np.ndarray | None, int]:
         glob = match_glob(node.name, self.options.skip)
