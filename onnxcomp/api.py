@@ -291,8 +291,13 @@ def sparsify(
     external_data: bool | None = None,
     prune_ratio: float | None = None,
     reconstruct: bool | None = None,
+    method: str | None = None,
 ) -> RunReport:
     """Sparsity: fusions (unless ``fuse=False``), then n:m ``pattern`` or channel pruning by ``ratio``.
+
+    An n:m ``pattern`` is chosen by ``method``: ``"sparsegpt"`` (mask by second-order saliency and
+    compensating update of the kept weights, from calibration data; the default when
+    ``calibration`` is given) or ``"magnitude"`` (the default without data).
 
     Channel pruning refits the consumers by least squares when calibration data is given
     (``refit=None``), and can choose channels from data (``criterion="data"``). With
@@ -301,14 +306,9 @@ def sparsify(
     ``prune_ratio`` and ``reconstruct`` are the deprecated spellings of ``ratio`` and ``refit``.
     """
     ratio = renamed_keyword(ratio, prune_ratio, "prune_ratio", "ratio")
-    method: str | None = None,
     refit = renamed_keyword(refit, reconstruct, "reconstruct", "refit")
     options: dict[str, Any] = {
         "scope": scope,
-    An n:m ``pattern`` is chosen by ``method``: ``"sparsegpt"`` (mask by second-order saliency and
-    compensating update of the kept weights, from calibration data; the default when
-    ``calibration`` is given) or ``"magnitude"`` (the default without data).
-
         "round_to": round_to,
         "criterion": criterion,
         "refit": calibration is not None if refit is None else refit,
@@ -322,10 +322,10 @@ def sparsify(
         skip=skip,
         quantize=quantize,
         activations=activations,
+        method=method,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
 __all__ = ["compress", "decompose", "fuse", "quantize", "quantize_options", "sparsify", "with_fusions"]
-        method=method,

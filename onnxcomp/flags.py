@@ -188,6 +188,7 @@ def sparsify_passes(
     quantize: str | None = None,
     activations: str | None = None,
     granularity: str = "channel",
+    method: str | None = None,
 ) -> list[Pass]:
     """Fusions (unless ``fuse=False``), one sparsity pass, then ``quantize`` if a weight format is given.
 
@@ -201,7 +202,8 @@ def sparsify_passes(
         raise OnnxCompError(
             "choose one kind of sparsity: a pattern (e.g. --pattern 2:4) or a channel ratio (--ratio 0.3)"
         )
-    method: str | None = None,
+    if method is not None and pattern is None:
+        raise OnnxCompError("--method chooses how an n:m --pattern is applied; it does not apply to --ratio")
     passes: list[Pass] = with_fusions([], fuse)
     if pattern is not None:
         nm: dict[str, Any] = {"pattern": pattern, "skip": list(skip)}
@@ -217,8 +219,6 @@ def sparsify_passes(
         )
         passes.append(make_pass("quantize", quant))
     return passes
-    if method is not None and pattern is None:
-        raise OnnxCompError("--method chooses how an n:m --pattern is applied; it does not apply to --ratio")
 
 
 def decompose_passes(
