@@ -14,11 +14,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from real_models import make_inputs, real_model
 
 from onnxcomp import ir
 from onnxcomp.calibration.channels import ChannelStats
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.formats import get_format
+from onnxcomp.model_io import load_model
 from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
 from onnxcomp.quant.smooth import (
     AWQ_GRID,
@@ -383,3 +385,36 @@ def test_channel_stats_merge_exactly(axis: int) -> None:
     assert one.rows().shape == (9, x.shape[axis])
     kept = {row.tobytes() for row in np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])}
     assert all(row.tobytes() in kept for row in one.rows())
+
+
+# --- a real transformer -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_float_outputs_unchanged() -> None:
+    """SmoothQuant (alpha 0.5 everywhere, auto on layer 0) and AWQ (layer 0) on MiniLM-L3: same outputs."""
+    model = load_model(real_model("minilm_l3"))
+    feeds = make_inputs("minilm_l3", 8, 0)
+    batches = [{k: v[i : i + 4] for k, v in feeds.items()} for i in (0, 4)]
+    held = make_inputs("minilm_l3", 4, 1)
+    want = run_model(model, held, level="disable")
+    graph = ir.import_model(model)
+    targets = smooth_targets(graph, [n for n in graph.nodes if n.op == "MatMul"])
+    assert len(targets) == 12 and sum(len(t.nodes) for t in targets) == 18
+    assert {t.fold.kind for t in targets} == {"inserted Mul", "Mul"}  # LayerNorm outputs also feed residuals
+    stats = Calibrator(model, {t.tensor: partial(ChannelStats, t.axis, 128) for t in targets}).run(batches)
+    layer0 = "*/layer.0/*"
+    runs: list[tuple[Callable[..., list[dict]], tuple, str]] = [
+        (smoothquant, (stats, 0.5), "*"),
+        (smoothquant, (stats, "auto", lambda n: W8A8), layer0),
+        (awq, (stats, lambda n: W4G32), layer0),
+    ]
+    for fn, args, glob in runs:
+        g = ir.import_model(model)
+        nodes = [n for n in g.nodes if n.op == "MatMul" and ir.match_glob(n.name, (glob,))]
+        record = fn(g, nodes, *args)
+        assert record
+        ir.finalize(g)
+        got = run_model(ir.export_model(g, model), held, level="disable")
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
