@@ -14,8 +14,7 @@ feeding only the activation and the activation's only the second. Chains (Conv -
 MobileNet block) are equalized pair by pair in sweeps until no factor moves by more than ``tol``.
 
 Declined: ``Clip(0, 6)`` (Relu6) pairs, because ``Clip(x / s, 0, 6) != Clip(x, 0, 6 s) / s`` with
-one shared bound unless the bound is scaled per channel, which a Clip cannot express exactly; use
-CLE before a Relu6 -> Relu replacement only if the model allows it. High-bias absorption is left
+one shared bound unless the bound is scaled per channel, which one Clip cannot express. High-bias absorption is left
 out: it needs bounds on each pre-activation (BatchNorm's beta - 3 gamma), and the BatchNorms are
 already folded into the weights when the quantize pass runs, so it cannot be made exact here.
 """
@@ -67,6 +66,21 @@ def scale_input_channels(node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndar
 def input_channel_absmax(node: ir.Node, w: np.ndarray) -> np.ndarray:
     """max |W| per input channel (float64, shape (C_in,))."""
     return np.abs(weight_by_input(node, np.asarray(w, np.float64))).max(axis=1)
+
+
+def as_matrix(node: ir.Node, w: np.ndarray) -> np.ndarray:
+    """A (C_in, N) float64 matrix M with ``x M`` = every output one input row contributes to."""
+    w64 = np.asarray(w, np.float64)
+    groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
+    if groups == 1:
+        return weight_by_input(node, w64)
+    cout, cpg = w.shape[0], w.shape[1]
+    opg = cout // groups
+    blocks = np.moveaxis(w64.reshape(groups, opg, cpg, -1), 2, 1).reshape(groups, cpg, -1)
+    m = np.zeros((groups * cpg, groups * blocks.shape[2]))
+    for g in range(groups):
+        m[g * cpg : (g + 1) * cpg, g * blocks.shape[2] : (g + 1) * blocks.shape[2]] = blocks[g]
+    return m
 
 
 def _out_axis(node: ir.Node) -> int:

@@ -1,10 +1,9 @@
 """Per-input-channel scale migration before quantization: SmoothQuant and AWQ.
 
-Both rewrite ``y = x W`` as ``y = (x / s) (s W)``: the input-channel rows of ``W`` are multiplied
-by ``s`` and ``1/s`` is folded upstream, so the float model computes the same outputs (within
-float rounding). :func:`smooth_targets` finds where ``1/s`` goes for each group of candidate nodes
-(MatMul with a constant 2-D weight, Gemm with ``transA=0``, Conv of any kernel size and group
-count) that read one tensor; nodes sharing an input share one ``s``.
+Both rewrite ``y = x W`` as ``y = (x / s) (s W)``: W's input-channel rows times ``s``, ``1/s``
+folded upstream; the float outputs do not change (within rounding). :func:`smooth_targets` groups
+the candidates (MatMul with a constant 2-D weight, Gemm with ``transA=0``, Conv of any kernel and
+group count) by input tensor (one shared ``s`` per group) and finds where ``1/s`` goes.
 
 Fold sites, walking up from the shared tensor ``T`` when every reader of ``T`` is in the group and
 ``T`` is not a graph input/output (each tensor on the walk must feed only the next node):
@@ -40,7 +39,7 @@ from onnxcomp import ir
 from onnxcomp.calibration.channels import ChannelStats
 from onnxcomp.errors import ConfigError, FormatError
 from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, get_format
-from onnxcomp.quant.equalize import input_channel_absmax, scale_input_channels, weight_by_input
+from onnxcomp.quant.equalize import as_matrix, input_channel_absmax, scale_input_channels
 from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
 from onnxcomp.quant.spec import Granularity, NodeSpec, TensorSpec
 from onnxcomp.quant.weights import quantize_weight
@@ -110,21 +109,6 @@ def _candidate(node: ir.Node) -> tuple[np.ndarray, int, int] | str:
     if w.ndim < 3:
         return f"the weight of {ir.describe(node)} has rank {w.ndim}"
     return w, w.shape[1] * int(node.attrs.get("group", 1)), w.ndim - 2
-
-
-def as_matrix(node: ir.Node, w: np.ndarray) -> np.ndarray:
-    """A (C_in, N) float64 matrix M with ``x M`` = every output one input row contributes to."""
-    w64 = np.asarray(w, np.float64)
-    groups = int(node.attrs.get("group", 1)) if node.op == "Conv" else 1
-    if groups == 1:
-        return weight_by_input(node, w64)
-    cout, cpg = w.shape[0], w.shape[1]
-    opg = cout // groups
-    blocks = np.moveaxis(w64.reshape(groups, opg, cpg, -1), 2, 1).reshape(groups, cpg, -1)
-    m = np.zeros((groups * cpg, groups * blocks.shape[2]))
-    for g in range(groups):
-        m[g * cpg : (g + 1) * cpg, g * blocks.shape[2] : (g + 1) * blocks.shape[2]] = blocks[g]
-    return m
 
 
 # --- fold sites ----------------------------------------------------------------------------
