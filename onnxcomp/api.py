@@ -186,6 +186,10 @@ def quantize(
     embeddings: str | None = None,
     placement: str | None = None,
     reports: bool = True,
+    bias_correction: str | None = None,
+    weight_algorithm: str | None = None,
+    act_order: bool | None = None,
+    gptq_damp: float | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
@@ -202,7 +206,9 @@ def quantize(
     ``weight_only_format`` writes weight-only MatMul/Gemm as ``matmulnbits`` (onnxruntime's packed
     kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``embeddings`` (``int8`` per row,
     ``int4`` per group of 32) also stores Gather tables in low bits; ``reports=False`` skips the SQNR
-    and fused-kernel reports. With
+    and fused-kernel reports; ``bias_correction`` (``full`` or ``fast``) subtracts each layer's mean
+    output error on the calibration data through its bias; ``weight_algorithm`` ``gptq`` (with
+    ``act_order``, ``gptq_damp``) or ``awq`` replaces round-to-nearest weights (docs/algorithms.md). With
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
     options = quantize_options(
@@ -223,6 +229,10 @@ def quantize(
         embeddings=embeddings,
         placement=placement,
         reports=reports,
+        bias_correction=bias_correction,
+        weight_algorithm=weight_algorithm,
+        act_order=act_order,
+        gptq_damp=gptq_damp,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)

@@ -106,6 +106,10 @@ def quantize_options(
     embeddings: str | None = None,
     placement: str | None = None,
     reports: bool = True,
+    bias_correction: str | None = None,
+    weight_algorithm: str | None = None,
+    act_order: bool | None = None,
+    gptq_damp: float | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     if config is None:
@@ -167,6 +171,14 @@ def quantize_options(
         data["embeddings"] = embeddings
     if placement is not None:
         data["placement"] = placement
+    for key, value in (
+        ("bias_correction", bias_correction),
+        ("weight_algorithm", weight_algorithm),
+        ("act_order", act_order),
+        ("gptq_damp", gptq_damp),
+    ):
+        if value is not None:
+            data[key] = value
     if not reports:
         data["report_batches"] = 0
         data["kernel_report"] = False

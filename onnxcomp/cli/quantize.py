@@ -37,7 +37,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         default="token",
         help="--dynamic: one scale per token (accurate, emulated) or per tensor (onnxruntime's fused integer kernels)",
     )
-    p.add_argument("--observer", help="activation range: minmax, percentile, entropy, mse, histogram")
+    p.add_argument(
+        "--observer", help="activation range: histogram (error search, default), minmax, percentile, entropy, mse"
+    )
     p.add_argument("--weight-observer", help="weight range: minmax or mse (clipping search)")
     p.add_argument("--symmetric-activations", action="store_true", help="symmetric activation ranges (int formats)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave nodes matching GLOB in float")
@@ -72,6 +74,22 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         choices=("speed", "all"),
         help="speed (default): leave convs that run faster in float on onnxruntime CPU unquantized; all: quantize every one",
     )
+    algo = p.add_argument_group("accuracy algorithms (docs/algorithms.md)")
+    algo.add_argument(
+        "--bias-correction",
+        nargs="?",
+        const="full",
+        choices=("full", "fast"),
+        help="subtract each layer's mean output error through its bias: full (layer by layer, default) or fast (one pass)",
+    )
+    algo.add_argument(
+        "--weight-algorithm",
+        choices=("rtn", "gptq", "awq"),
+        help="weight rounding: rtn (nearest, default), gptq (error feedback on calibration data), "
+        "awq (activation-aware per-channel scales)",
+    )
+    algo.add_argument("--act-order", action="store_true", help="GPTQ: quantize input columns by decreasing energy")
+    algo.add_argument("--gptq-damp", type=float, metavar="D", help="GPTQ: relative diagonal damping (default 0.01)")
     p.add_argument("--no-report", action="store_true", help="skip the SQNR and fused-kernel reports (faster)")
     p.add_argument(
         "--standard-types",
@@ -102,6 +120,10 @@ def _quantize(args: argparse.Namespace) -> int:
         embeddings=args.quantize_embeddings,
         placement=args.placement,
         reports=not args.no_report,
+        bias_correction=args.bias_correction,
+        weight_algorithm=args.weight_algorithm,
+        act_order=args.act_order or None,
+        gptq_damp=args.gptq_damp,
         simulation_output=args.simulation,
         **run_kwargs(args),
     )

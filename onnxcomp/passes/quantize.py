@@ -22,6 +22,8 @@ from onnxcomp.quant.apply import (
     apply_plans,
     energies_from,
     energy_factories,
+    hessian_factories,
+    hessians_from,
     range_factories,
     ranges_from,
     weight_record,
@@ -73,6 +75,11 @@ class Quantize(Pass):
         matmulnbits_accuracy_level: int = 4  # 4: int8 compute (onnxruntime's default); 0: float compute
         # subtract each layer's mean output error through its bias: full (level by level), fast (one pass)
         bias_correction: Literal["none", "full", "fast"] = "none"
+        # how weights are rounded: rtn (nearest on the observer's grid), gptq (second-order error feedback)
+        weight_algorithm: Literal["rtn", "gptq", "awq"] = "rtn"
+        act_order: bool = False  # GPTQ: quantize input columns by decreasing activation energy
+        gptq_damp: float = 0.01  # GPTQ: diagonal damping, relative to the mean of diag(X^T X)
+        gram_rows: int = 4096  # GPTQ: design rows sampled per batch and layer (Conv positions)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -128,6 +135,9 @@ class Quantize(Pass):
             "means": output_mean_factories(graph, [p.node for p in plans])
             if self.options.bias_correction != "none"
             else {},
+            "hessians": hessian_factories(plans, self.options.gram_rows, ctx.rng)
+            if self.options.weight_algorithm == "gptq"
+            else {},
         }
         stats: dict[str, dict[str, Any]] = {purpose: {} for purpose in wanted}
         if any(wanted.values()):
@@ -140,7 +150,8 @@ class Quantize(Pass):
         ranges = ranges_from(static, stats["ranges"])
         energies = energies_from(plans, stats["energies"])
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
-        record = apply_plans(graph, plans, ranges, self.options, ctx, energies)
+        hessians = hessians_from(stats["hessians"])
+        record = apply_plans(graph, plans, ranges, self.options, ctx, energies, hessians)
         if self.options.bias_correction != "none":
             assert float_model is not None and ctx.calibration is not None  # checked with the statistics
             _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
@@ -182,6 +193,8 @@ def _needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]
         )
     if wanted["energies"]:
         return "weight observer output_mse needs calibration data: pass --calib DATA"
+    if wanted["hessians"]:
+        return "GPTQ needs calibration data (the layers' input statistics): pass --calib DATA"
     return "bias correction needs calibration data: pass --calib DATA"
 
 

@@ -13,6 +13,7 @@ from onnxcomp import ir
 from onnxcomp.analysis.sparsity import (
     weight_sparsity,  # zeros survive quantization exactly (q = zero point)
 )
+from onnxcomp.calibration.gram import Fanout, InputGram
 from onnxcomp.calibration.observers import compute_range, make_observer
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, get_format
@@ -33,6 +34,7 @@ from onnxcomp.quant.emit import (
     emit_two_level_weight,
     emit_weight_dq,
 )
+from onnxcomp.quant.gptq import gptq_quantize
 from onnxcomp.quant.lowbit import stored_as
 from onnxcomp.quant.matmulnbits import bias_add, emit_matmulnbits, pack_weight, weight_constants
 from onnxcomp.quant.plan import NodePlan
@@ -43,6 +45,34 @@ from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight, raise_s
 
 #: Observer options that configure the statistics (the rest configure the range policy).
 _STAT_OPTIONS = ("num_bins",)
+
+
+def hessian_factories(
+    plans: list[NodePlan], max_rows: int, rng: Callable[[str], np.random.Generator]
+) -> dict[str, Callable[[], Fanout]]:
+    """GPTQ's input Gram collectors, one per weighted Conv/Gemm/MatMul, grouped by the tensor they read."""
+    readers: dict[str, list[ir.Node]] = {}
+    for p in plans:
+        if p.spec.weights is not None and p.weight_index == 1 and p.node.op in ("Conv", "Gemm", "MatMul"):
+            readers.setdefault(p.node.inputs[0].name, []).append(p.node)
+    return {
+        tensor: partial(_grams, nodes, max_rows, [rng(f"gptq:{n.name}") for n in nodes])
+        for tensor, nodes in readers.items()
+    }
+
+
+def _grams(nodes: list[ir.Node], max_rows: int, rngs: list[np.random.Generator]) -> Fanout:
+    return Fanout([InputGram(n, max_rows=max_rows, rng=r) for n, r in zip(nodes, rngs, strict=True)])
+
+
+def hessians_from(observers: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """node name -> mean ``X^T X`` (``(d, d)``, or ``(group, d, d)`` for a grouped Conv)."""
+    found = {}
+    for fanout in observers.values():
+        for gram in fanout.accumulators:
+            blocks = gram.blocks()
+            found[gram.node.name] = blocks[0] if len(blocks) == 1 else blocks
+    return found
 
 
 def range_factories(static: dict[str, TensorSpec]) -> dict[str, Callable[[], Any]]:
@@ -110,6 +140,7 @@ def weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, A
         "scale": _tolist(qw.scale),
         "zero_point": _tolist(zp_values),
         "sparsity": weight_sparsity(qw.dequantized),
+        **({"algorithm": qw.algorithm} if qw.algorithm else {}),
     }
 
 
@@ -132,9 +163,13 @@ def apply_plans(
     options: Any,
     ctx: PassContext,
     energies: dict[str, np.ndarray] | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Emit every plan into ``graph``; returns the record (one entry per quantized node)."""
-    state = _Written()
+    """Emit every plan into ``graph``; returns the record (one entry per quantized node).
+
+    ``hessians`` (node name -> mean ``X^T X`` of its input) select GPTQ for those nodes' weights.
+    """
+    state = _Written(hessians=hessians or {})
     record = []
     with ctx.progress(len(plans), "quantizing") as bar:
         for plan in plans:
@@ -151,6 +186,7 @@ class _Written:
     acts: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantized: dict[tuple[str, TensorSpec, Any], QuantizedWeight] = field(default_factory=dict)
     packed: dict[tuple[int, bool], list[ir.Tensor]] = field(default_factory=dict)
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[str, Any]:  # noqa: ANN001
@@ -309,9 +345,26 @@ def _quantized(plan: NodePlan, options: Any, state: _Written, energies: dict[str
     if key not in state.quantized:
         value = ir.constant_value(w)
         assert value is not None  # plan_nodes declines nodes whose weight is not a constant
-        state.quantized[key] = quantize_weight(
-            value, plan.spec.weights, plan.layout, w.name, options.fp4_storage, energies.get(plan.node.name)
-        )
+        hessian = state.hessians.get(plan.node.name)
+        energy = energies.get(plan.node.name)
+        if hessian is None:
+            state.quantized[key] = quantize_weight(
+                value, plan.spec.weights, plan.layout, w.name, options.fp4_storage, energy
+            )
+        else:
+            qw = gptq_quantize(
+                value,
+                plan.spec.weights,
+                plan.layout,
+                hessian,
+                name=w.name,
+                fp4_storage=options.fp4_storage,
+                act_order=options.act_order,
+                damp=options.gptq_damp,
+                input_energy=energy,
+            )
+            qw.algorithm = {"name": "gptq", "act_order": options.act_order, "damp": options.gptq_damp}
+            state.quantized[key] = qw
     return state.quantized[key]
 
 

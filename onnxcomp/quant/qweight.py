@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class QuantizedWeight:
     spec: TensorSpec
     storage: str = "dq"  # dq | lut (HiF8 table) | lut_dq (uint4 -> int8 table -> DQ) | dq2; see quant.lowbit
     group_scale_codes: np.ndarray | None = None  # storage "dq2" (two-level): FP8 E4M3 group-scale codes
+    algorithm: dict[str, Any] | None = None  # how the codes were chosen when not round-to-nearest (GPTQ ...)
 
 
 def unit_view(w: np.ndarray, spec: TensorSpec, layout: WeightLayout) -> tuple[np.ndarray, tuple[int, ...], int]:
