@@ -87,6 +87,7 @@ def test_minilm_int4_gptq_reaches_cosine_099(minilm, minilm_ref) -> None:  # noq
     rtn = quantize(model, calibration=calib, **kw).model
     gptq = quantize(model, calibration=calib, weight_algorithm="gptq", **kw).model
     score = {
-        name: cosine(run_model(m, feeds, level="all")[primary], minilm_ref) for name, m in (("rtn", rtn), ("gptq", gptq))
+        name: cosine(run_model(m, feeds, level="all")[primary], minilm_ref)
+        for name, m in (("rtn", rtn), ("gptq", gptq))
     }
     assert score["gptq"] >= 0.99 and score["gptq"] > score["rtn"], score
