@@ -190,6 +190,8 @@ def quantize(
     weight_algorithm: str | None = None,
     act_order: bool | None = None,
     gptq_damp: float | None = None,
+    smoothquant: float | str | None = None,
+    equalize: bool | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
@@ -208,7 +210,9 @@ def quantize(
     ``int4`` per group of 32) also stores Gather tables in low bits; ``reports=False`` skips the SQNR
     and fused-kernel reports; ``bias_correction`` (``full`` or ``fast``) subtracts each layer's mean
     output error on the calibration data through its bias; ``weight_algorithm`` ``gptq`` (with
-    ``act_order``, ``gptq_damp``) or ``awq`` replaces round-to-nearest weights (docs/algorithms.md). With
+    ``act_order``, ``gptq_damp``) or ``awq`` replaces round-to-nearest weights; ``smoothquant`` (alpha
+    in [0, 1] or ``"auto"``) and ``equalize`` rescale channels first, exactly in float
+    (docs/algorithms.md). With
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
     options = quantize_options(
@@ -233,6 +237,8 @@ def quantize(
         weight_algorithm=weight_algorithm,
         act_order=act_order,
         gptq_damp=gptq_damp,
+        smoothquant=smoothquant,
+        equalize=equalize,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)

@@ -110,6 +110,8 @@ def quantize_options(
     weight_algorithm: str | None = None,
     act_order: bool | None = None,
     gptq_damp: float | None = None,
+    smoothquant: float | str | None = None,
+    equalize: bool | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     if config is None:
@@ -176,6 +178,8 @@ def quantize_options(
         ("weight_algorithm", weight_algorithm),
         ("act_order", act_order),
         ("gptq_damp", gptq_damp),
+        ("smoothquant", smoothquant),
+        ("equalize", equalize),
     ):
         if value is not None:
             data[key] = value

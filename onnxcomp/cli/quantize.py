@@ -21,6 +21,18 @@ from onnxcomp.cli.common import (
 from onnxcomp.quant.report import format_report
 
 
+def _alpha(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}")
+    return value
+
+
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     add_run_options(p, calibration="calibration data: .npz named by model input, or a directory")
@@ -88,6 +100,15 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         help="weight rounding: rtn (nearest, default), gptq (error feedback on calibration data), "
         "awq (activation-aware per-channel scales)",
     )
+    algo.add_argument(
+        "--smoothquant",
+        metavar="ALPHA",
+        type=_alpha,
+        help="move activation outliers into the weights: ALPHA in [0, 1] (0.5 typical) or auto (searched per layer)",
+    )
+    algo.add_argument(
+        "--equalize", action="store_true", help="cross-layer equalization of Conv/Gemm pairs (exact in float)"
+    )
     algo.add_argument("--act-order", action="store_true", help="GPTQ: quantize input columns by decreasing energy")
     algo.add_argument("--gptq-damp", type=float, metavar="D", help="GPTQ: relative diagonal damping (default 0.01)")
     p.add_argument("--no-report", action="store_true", help="skip the SQNR and fused-kernel reports (faster)")
@@ -124,6 +145,8 @@ def _quantize(args: argparse.Namespace) -> int:
         weight_algorithm=args.weight_algorithm,
         act_order=args.act_order or None,
         gptq_damp=args.gptq_damp,
+        smoothquant=args.smoothquant,
+        equalize=args.equalize or None,
         simulation_output=args.simulation,
         **run_kwargs(args),
     )

@@ -8,11 +8,13 @@ run-time subgraph. The graph is written the way onnxruntime fuses it (``docs/onn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from onnxcomp import ir
 from onnxcomp.analysis.kernels import kernel_report
-from onnxcomp.calibration.collect import collect_many
+from onnxcomp.calibration.channels import ChannelStats
+from onnxcomp.calibration.collect import Calibrator, collect_many
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
 from onnxcomp.formats import get_format
 from onnxcomp.framework.base import Pass, PassContext, PassResult
@@ -30,9 +32,11 @@ from onnxcomp.quant.apply import (
 )
 from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
 from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
+from onnxcomp.quant.equalize import equalize
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.report import quantization_report
-from onnxcomp.quant.spec import DEFAULT_OPS, QuantConfig, TensorSpec, parse_config, parse_embedding_spec
+from onnxcomp.quant.smooth import awq, smooth_targets, smoothquant
+from onnxcomp.quant.spec import DEFAULT_OPS, NodeSpec, QuantConfig, TensorSpec, parse_config, parse_embedding_spec
 from onnxcomp.quant.weights import min_opset_for
 
 
@@ -80,6 +84,10 @@ class Quantize(Pass):
         act_order: bool = False  # GPTQ: quantize input columns by decreasing activation energy
         gptq_damp: float = 0.01  # GPTQ: diagonal damping, relative to the mean of diag(X^T X)
         gram_rows: int = 4096  # GPTQ: design rows sampled per batch and layer (Conv positions)
+        # migrate activation outliers into the weights: alpha in [0, 1], or "auto" (searched per layer)
+        smoothquant: float | Literal["auto"] | None = None
+        equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs (exact in float) first
+        smooth_rows: int = 512  # SmoothQuant auto / AWQ: calibration rows kept per tensor for the searches
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -113,8 +121,44 @@ class Quantize(Pass):
             need = max(need, min_opset_for(spec))
         return need
 
+    def _migrate_scales(self, graph: ir.Graph, ctx: PassContext, result: PassResult) -> dict[str, list[dict[str, Any]]]:
+        """Equalization, SmoothQuant and AWQ: float-exact rescaling before anything is quantized."""
+        o, done = self.options, {}
+        candidates = [
+            n for n in ir.iter_nodes(graph, self.config.ops) if self.config.for_node(n.name, n.op) is not None
+        ]
+        if o.equalize:
+            done["equalize"] = equalize(graph, o.skip)
+        specs = {n.name: self.config.for_node(n.name, n.op) for n in candidates}
+        smooth = [n for n in candidates if (sp := specs[n.name]) is not None and sp.activations is not None]
+        weight_only = [n for n in candidates if (sp := specs[n.name]) is not None and sp.activations is None]
+        wanted = (smooth if o.smoothquant is not None else []) + (weight_only if o.weight_algorithm == "awq" else [])
+        if wanted:
+            if ctx.calibration is None or ctx.source_model is None:
+                raise CalibrationError("SmoothQuant and AWQ need calibration data: pass --calib DATA")
+            factories: dict[str, Any] = {}
+            for t in smooth_targets(graph, wanted):
+                factories.setdefault(t.tensor, partial(ChannelStats, t.axis, o.smooth_rows, ctx.seed))
+            stats = Calibrator(ir.export_model(graph, ctx.source_model), factories).run(
+                ctx.calibration(), max_batches=o.calib_batches, progress=ctx.progress.enabled
+            )
+
+            def spec_for(node: ir.Node) -> NodeSpec | None:
+                return self.config.for_node(node.name, node.op)
+
+            if o.smoothquant is not None and smooth:
+                done["smoothquant"] = smoothquant(graph, smooth, stats, o.smoothquant, spec_for)
+            if o.weight_algorithm == "awq" and weight_only:
+                done["awq"] = awq(graph, weight_only, stats, spec_for)
+        for algorithm, entries in done.items():
+            if entries:
+                result.modified = True
+                result.stats[algorithm] = len(entries)
+        return done
+
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
+        migrated = self._migrate_scales(graph, ctx, result)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
         result.declined.extend(declined)
         tables = (
@@ -156,6 +200,7 @@ class Quantize(Pass):
             assert float_model is not None and ctx.calibration is not None  # checked with the statistics
             _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
         record += tables
+        _attach(record, migrated)
         result.modified = True
         result.stats = {**_stats(plans), **result.stats}
         result.changed = [p.node.name for p in plans] + result.changed
@@ -183,6 +228,17 @@ class Quantize(Pass):
             else:
                 result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+
+def _attach(record: list[dict[str, Any]], migrated: dict[str, list[dict[str, Any]]]) -> None:
+    """Each quantized node's entry gets what equalization / SmoothQuant / AWQ did to it."""
+    by_node = {e["node"]: e for e in record}
+    for algorithm, entries in migrated.items():
+        for item in entries:
+            names = [item["node"]] if "node" in item else list(item.get("pair", []))
+            for name in names:
+                if name in by_node:
+                    by_node[name].setdefault("algorithms", {})[algorithm] = item
 
 
 def _needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]) -> str:

@@ -105,12 +105,30 @@ def slower_as_integer(node: ir.Node, weight_shape: tuple[int, ...]) -> str | Non
     return None
 
 
+def _needs_output_q(graph: ir.Graph, shapes: ir.Shapes, node: ir.Node) -> bool:
+    """Whether onnxruntime needs a Q on the node's output to run it as an integer kernel.
+
+    Conv: QLinearConv needs it. MatMul runs as MatMulIntegerToFloat with a float output, so a Q
+    there only adds error (MiniLM-L3 W8A8 embedding cosine 0.970 with it, 0.996 without) and
+    time, except for a 2-D MatMul followed by a bias Add: ORT's MatMulAddFusion would first turn
+    that pair into a float Gemm (``docs/onnxruntime.md#fused-patterns``). Gemm keeps its Q (QGemm).
+    """
+    if node.op != "MatMul":
+        return True
+    users = ir.consumers(node.outputs[0])
+    if len(users) == 1 and users[0].op == "Add":
+        rank = shapes.rank(node.inputs[0])
+        return rank is None or rank <= 2
+    return False
+
+
 def plan_nodes(
     graph: ir.Graph, config: QuantConfig, output_quant: bool, placement: str = "all"
 ) -> tuple[list[NodePlan], list[tuple[str, str]]]:
     """Plans for every node the config selects, plus (node, reason) for those declined."""
     plans: list[NodePlan] = []
     declined: list[tuple[str, str]] = []
+    shapes = ir.Shapes(graph)
     for node in ir.iter_nodes(graph, config.ops):
         spec = config.for_node(node.name, node.op)
         if spec is None:
@@ -149,7 +167,7 @@ def plan_nodes(
             if not ir.is_constant(x):
                 plan.activation_inputs.append(x)
             static = spec.activations.granularity.kind == "tensor"
-            if output_quant and static and node.op in ("Conv", "MatMul", "Gemm", "ConvTranspose"):
+            if output_quant and static and _needs_output_q(graph, shapes, node):
                 target = _output_target(graph, node)
                 if target is not None:
                     plan.activation_outputs.append(target)
