@@ -91,3 +91,19 @@ def test_minilm_int4_gptq_reaches_cosine_099(minilm, minilm_ref) -> None:  # noq
         for name, m in (("rtn", rtn), ("gptq", gptq))
     }
     assert score["gptq"] >= 0.99 and score["gptq"] > score["rtn"], score
+
+
+def test_minilm_w8a8_static_defaults_and_smoothquant_bias_correction(minilm, minilm_ref) -> None:  # noqa: ANN001
+    """Static W8A8: >= 0.99 embedding cosine with defaults; SmoothQuant auto + bias correction higher still."""
+    model, feeds, primary = minilm
+    calib = make_inputs("minilm_l3", 32, 7)
+    plain = quantize(model, calibration=calib, reports=False)
+    tuned = quantize(model, calibration=calib, reports=False, smoothquant="auto", bias_correction="full")
+    record = tuned.result("quantize").data["record"]
+    assert sum("smoothquant" in e.get("algorithms", {}) for e in record) == 18
+    assert all("bias_correction" in e for e in record)
+    score = {
+        name: cosine(run_model(m.model, feeds, level="all")[primary], minilm_ref)
+        for name, m in (("plain", plain), ("tuned", tuned))
+    }
+    assert score["plain"] >= 0.99 and score["tuned"] >= max(0.995, score["plain"]), score

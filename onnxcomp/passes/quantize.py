@@ -235,7 +235,7 @@ def _attach(record: list[dict[str, Any]], migrated: dict[str, list[dict[str, Any
     by_node = {e["node"]: e for e in record}
     for algorithm, entries in migrated.items():
         for item in entries:
-            names = [item["node"]] if "node" in item else list(item.get("pair", []))
+            names = [item["node"]] if "node" in item else [item["first"], item["second"]]  # equalize: a pair
             for name in names:
                 if name in by_node:
                     by_node[name].setdefault("algorithms", {})[algorithm] = item
