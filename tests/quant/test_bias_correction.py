@@ -156,3 +156,21 @@ def test_levels_follow_quantized_depth() -> None:
     assert levels == {"conv1": 0, "conv2": 1, "conv3": 2}
     exposed = with_outputs(report.model, ["c1"])
     assert any(o.name == "c1" for o in exposed.graph.output)
+
+
+def test_channel_mean_one_pass_several_batches_and_merged_halves_agree() -> None:
+    rng = np.random.default_rng(0)
+    data = [rng.normal(0.3, 1, (3, 5, 4, 4)).astype(np.float32) for _ in range(6)]
+    one = ChannelMean(1)
+    one.update(np.concatenate(data))
+    several = ChannelMean(1)
+    for x in data:
+        several.update(x)
+    halves = [ChannelMean(1), ChannelMean(1)]
+    for i, x in enumerate(data):
+        halves[i % 2].update(x)
+    halves[0].merge(halves[1])
+    ref = np.concatenate(data).astype(np.float64).mean(axis=(0, 2, 3))
+    for c in (one, several, halves[0]):
+        assert c.count == 6 * 3 * 16
+        np.testing.assert_allclose(c.mean(), ref, rtol=1e-12, atol=1e-12)
