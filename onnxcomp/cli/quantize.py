@@ -18,7 +18,12 @@ from onnxcomp.cli.common import (
     print_run_report,
     run_kwargs,
 )
+from onnxcomp.formats import available_formats
 from onnxcomp.quant.report import format_report
+from onnxcomp.quant.spec import ACTIVATION_FORMATS, ACTIVATION_OBSERVERS, GROUP_SIZES, WEIGHT_OBSERVERS
+
+WEIGHT_FORMATS = ", ".join(available_formats()) + ", or none"
+GROUPS = "/".join(map(str, GROUP_SIZES))
 
 
 def _alpha(text: str) -> float | str:
@@ -39,10 +44,27 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=Path, help="TOML with the quantize pass options (weights, activations, op_types, nodes, skip)"
     )
-    p.add_argument("--weights", help="weight format (int8, int4, fp8_e4m3, ...) or none")
-    p.add_argument("--activations", help="activation format (int8, fp8_e4m3, ...) or none (weight-only)")
-    p.add_argument("--granularity", help="weight granularity: tensor, channel or group:N")
-    p.add_argument("--dynamic", action="store_true", help="activations quantized at run time (no calibration)")
+    p.add_argument(
+        "--weights",
+        type=str.lower,
+        choices=(*available_formats(), "none"),
+        metavar="FORMAT",
+        help=f"weight format: {WEIGHT_FORMATS}",
+    )
+    p.add_argument(
+        "--activations",
+        type=str.lower,
+        choices=(*ACTIVATION_FORMATS, "none"),
+        metavar="FORMAT",
+        help=f"activation format: {', '.join(ACTIVATION_FORMATS)}, or none (weight-only)",
+    )
+    p.add_argument("--granularity", help=f"weight granularity: tensor, channel or group:N (N in {GROUPS})")
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="activations quantized at run time (no calibration); a token is one row of a MatMul/Gemm input, "
+        "or the channel vector at one position of a Conv input",
+    )
     p.add_argument(
         "--dynamic-granularity",
         choices=("token", "tensor"),
@@ -50,9 +72,17 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         help="--dynamic: one scale per token (accurate, emulated) or per tensor (onnxruntime's fused integer kernels)",
     )
     p.add_argument(
-        "--observer", help="activation range: histogram (error search, default), minmax, percentile, entropy, mse"
+        "--observer",
+        choices=ACTIVATION_OBSERVERS,
+        metavar="OBSERVER",
+        help="activation range: histogram (error search, default), minmax, percentile, entropy or mse",
     )
-    p.add_argument("--weight-observer", help="weight range: minmax or mse (clipping search)")
+    p.add_argument(
+        "--weight-observer",
+        choices=WEIGHT_OBSERVERS,
+        metavar="OBSERVER",
+        help="weight range: minmax (default), mse (clipping search) or output_mse (weighted by input energy; needs --calib)",
+    )
     p.add_argument("--symmetric-activations", action="store_true", help="symmetric activation ranges (int formats)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave nodes matching GLOB in float")
     p.add_argument(

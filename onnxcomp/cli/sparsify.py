@@ -19,7 +19,9 @@ from onnxcomp.cli.common import (
     run_kwargs,
 )
 from onnxcomp.errors import OnnxCompError
+from onnxcomp.formats import available_formats
 from onnxcomp.model_io import load_model
+from onnxcomp.quant.spec import ACTIVATION_FORMATS
 from onnxcomp.sparsity.report import (
     alignment_hint,
     compare_models,
@@ -87,8 +89,20 @@ def _sparsify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-refit", action="store_true", help="do not refit the consumers (even with --calib)")
     p.add_argument("--no-reconstruct", dest="no_refit", action=DeprecatedFlag, nargs=0, const=True, new="--no-refit")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching GLOB alone")
-    p.add_argument("--quantize", metavar="FORMAT", help="then quantize weights (int8, int4, ...): the combined recipe")
-    p.add_argument("--activations", help="activation format for --quantize (default: none, weight-only)")
+    p.add_argument(
+        "--quantize",
+        metavar="FORMAT",
+        type=str.lower,
+        choices=available_formats(),
+        help=f"then quantize weights ({', '.join(available_formats())}): the combined recipe",
+    )
+    p.add_argument(
+        "--activations",
+        metavar="FORMAT",
+        type=str.lower,
+        choices=(*ACTIVATION_FORMATS, "none"),
+        help=f"activation format for --quantize ({', '.join(ACTIVATION_FORMATS)}; default: none, weight-only)",
+    )
 
 
 @command("sparsify", "2:4 structured sparsity or channel pruning with refit (then optionally quantize)", _sparsify_args)
