@@ -23,6 +23,7 @@ from onnxcomp.formats import available_formats
 from onnxcomp.model_io import load_model
 from onnxcomp.quant.spec import ACTIVATION_FORMATS
 from onnxcomp.sparsity.report import (
+    NM_ON_ORT,
     alignment_hint,
     compare_models,
     format_compare,
@@ -135,6 +136,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     coverage = pattern_coverage(result) if args.pattern else None
     if coverage is not None:
         print(f"{args.pattern} pattern holds on {coverage:.2%} of the groups of the sparsified layers")
+        print(NM_ON_ORT)
     hint = alignment_hint(result)
     if hint:
         print(hint)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxcomp.analysis.inspect import human_bytes, human_count, summarize
 from onnxcomp.analysis.macs import with_input_shapes
@@ -14,10 +16,27 @@ from onnxcomp.framework.base import PassResult
 Shapes = Mapping[str, Sequence[int]]
 
 
+def nonzero_weights(model: onnx.ModelProto) -> int:
+    """Non-zero values in the model's float initializers (what n:m sparsity reduces)."""
+    count = 0
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            count += int(np.count_nonzero(numpy_helper.to_array(init)))
+    return count
+
+
 def model_figures(model: onnx.ModelProto, input_shapes: Shapes | None = None) -> dict[str, int | None]:
-    """Parameters (values in constants), MACs (batch 1, or at ``input_shapes``) and serialized bytes."""
+    """Parameters (values in constants), non-zero float weights, MACs (batch 1, or at ``input_shapes``), bytes."""
     s = summarize(with_input_shapes(model, input_shapes) if input_shapes else model)
-    return {"params": s.param_count, "macs": s.macs_total, "bytes": model.ByteSize()}
+    return {"params": s.param_count, "nonzero": nonzero_weights(model), "macs": s.macs_total, "bytes": model.ByteSize()}
+
+
+#: What n:m zeros change on onnxruntime's CPU provider (docs/onnxruntime.md): nothing, by themselves.
+NM_ON_ORT = (
+    "note: onnxruntime's CPU provider has no n:m sparse kernel, so the zeros change neither the file size "
+    "nor the latency there; they pay off compressed (zip/zstd), with --quantize (the zeros stay exact), "
+    "or on hardware with structured-sparse kernels"
+)
 
 
 def compare_models(
@@ -33,15 +52,16 @@ def format_compare(figures: dict[str, dict[str, int | None]]) -> list[str]:
     rows = []
     for key, label, fmt in (
         ("params", "parameters", human_count),
+        ("nonzero", "non-zero weights", human_count),
         ("macs", "MACs (batch 1)", human_count),
         ("bytes", "size", human_bytes),
     ):
         b, a = figures[key]["before"], figures[key]["after"]
         if b is None or a is None:
-            rows.append(f"{label:<15} unknown")
+            rows.append(f"{label:<16} unknown")
             continue
         change = f" ({(a - b) / b:+.1%})" if b else ""
-        rows.append(f"{label:<15} {fmt(b):>10} -> {fmt(a):>10}{change}")
+        rows.append(f"{label:<16} {fmt(b):>10} -> {fmt(a):>10}{change}")
     return rows
 
 
