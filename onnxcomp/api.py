@@ -105,6 +105,7 @@ def compress(
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
     batch_size: int = 16,
+    batch_axis: Mapping[str, int | None] | None = None,
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
@@ -112,10 +113,12 @@ def compress(
     """Run a recipe (or a list of passes) on a model; save it and its resolved recipe if ``output``.
 
     ``calibration`` is an .npz file, a directory of .npz/.npy files, or any iterable of
-    ``{input name: array}`` batches (first axis = samples); ``calib_samples`` bounds the samples
-    used. Records the passes make are saved beside the output as ``OUT.<feature>_record.json``.
+    ``{input name: array}`` batches (samples along each input's batch dim, found from the model's
+    symbolic dims; ``batch_axis={"state": 1, "sr": None}`` overrides it, None = given once);
+    ``calib_samples`` bounds the samples used. Records the passes make are saved beside the output
+    as ``OUT.<feature>_record.json``.
     """
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
     return _run(model, _as_recipe(recipe), output, run)
 
 
@@ -129,7 +132,11 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
     ctx = PassContext(seed=plan.seed, progress=Progress(run.progress))
     if run.calibration is not None:
         ctx.calibration, ctx.calibration_name = calibration_source(
-            run.calibration, proto, batch_size=run.batch_size, max_samples=run.calib_samples
+            run.calibration,
+            proto,
+            batch_size=run.batch_size,
+            max_samples=run.calib_samples,
+            batch_axis=run.batch_axis,
         )
     report = PassManager(plan.passes, validate=plan.validate).run(proto, ctx)
     if out_path is not None:
@@ -196,6 +203,7 @@ def quantize(
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
     batch_size: int = 16,
+    batch_axis: Mapping[str, int | None] | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -240,7 +248,7 @@ def quantize(
         smoothquant=smoothquant,
         equalize=equalize,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0}
@@ -260,6 +268,7 @@ def decompose(
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
     batch_size: int = 16,
+    batch_axis: Mapping[str, int | None] | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -280,7 +289,7 @@ def decompose(
     passes = decompose_passes(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
@@ -301,6 +310,7 @@ def sparsify(
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
     batch_size: int = 16,
+    batch_axis: Mapping[str, int | None] | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -340,7 +350,7 @@ def sparsify(
         activations=activations,
         method=method,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data)
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 

@@ -58,8 +58,10 @@ class RunOptions:
 
     ``calibration``: an .npz file, a directory of .npz/.npy files, or an iterable of
     ``{input name: array}`` batches; ``calib_samples`` bounds the calibration *samples* used (None:
-    all); ``batch_size`` is the number of samples per calibration batch. (``fuse``, the other shared
-    keyword, decides the pass list: :func:`with_fusions`.)
+    all); ``batch_size`` is the number of samples per calibration batch; ``batch_axis`` overrides
+    the axis along which an input's calibration arrays stack samples (``{"state": 1}``; ``None``:
+    the input has no sample axis and is given once). (``fuse``, the other shared keyword, decides
+    the pass list: :func:`with_fusions`.)
     """
 
     calibration: Any = None
@@ -68,6 +70,7 @@ class RunOptions:
     force: bool = False
     progress: bool = False
     external_data: bool | None = None
+    batch_axis: Mapping[str, int | None] | None = None
 
 
 def renamed_keyword(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:

@@ -1,6 +1,6 @@
 """Calibration data: read, check against the model and stream ``{input name: array}`` batches.
 
-Accepted forms of ``data`` (the first axis of every array indexes samples):
+Accepted forms of ``data`` (arrays stack samples along each input's *sample axis*, below):
 
 * a path to an ``.npz`` file holding one array per model input, named after that input;
 * a path to a directory: its ``.npz`` files (each like the above) and, for a single-input
@@ -12,6 +12,14 @@ Accepted forms of ``data`` (the first axis of every array indexes samples):
   zero-argument callable returning such an iterable, or a one-shot iterator/generator of such
   dicts, which supports exactly one pass (a second pass raises :class:`CalibrationError`).
 
+The sample axis of each input comes from the model's symbolic dims (``calibration.layouts``):
+axis 0 for ordinary inputs, the axis of the batch symbol for inputs such as an RNN state
+``[2, B, 128]`` (its arrays are ``(2, samples, 128)``), and none for scalars and fixed-shape
+inputs that share no dim with the batch: those are given once per file/dict/batch, in the
+model's shape, and reused for every batch. ``batch_axis={"state": 1, "sr": None}`` (CLI
+``--batch-axis state=1 --batch-axis sr=none``) overrides it. An array whose samples sit on
+another axis is rejected (with the ``np.moveaxis`` that fixes it), never silently scrambled.
+
 Batches hold at most ``batch_size`` samples (larger arrays and batches are re-sliced, smaller
 ones are not merged); a model whose inputs have a fixed batch dimension gets batches of
 exactly that size. ``max_samples`` bounds the samples used. Every batch is a fresh copy in
@@ -20,7 +28,8 @@ an integer type that holds it safely; anything else is an error.
 
 Everything is validated before any pass runs, by one streaming pass over the data at
 construction (a one-shot iterator only has its first batch checked up front, the rest as it
-streams). Errors are one line naming the input, the file or batch and the 0-based sample.
+streams). Errors are one line naming the input, the file or batch and the 0-based sample, and,
+when an input's samples are not on axis 0, which axis was taken as its sample axis and why.
 Graph inputs that are initializers need no data; symbolic or unknown dims accept any size.
 """
 
@@ -37,8 +46,16 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from onnxcomp.calibration.layouts import (
+    BatchAxis,
+    ModelInput,
+    SampleAxis,
+    check_given_once,
+    check_shape,
+    model_inputs,
+    sample_axes,
+)
 from onnxcomp.errors import CalibrationError
 
 Batch: TypeAlias = dict[str, np.ndarray]
@@ -57,18 +74,23 @@ _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
-class _Input:
-    name: str
-    dtype: np.dtype[Any] | None  # None: element type unknown, accept as is
-    dims: tuple[int | str | None, ...] | None  # None: unknown rank; str/None: any size
+class _Feeds:
+    """The inputs that take data, each one's sample axis, and whether errors must explain the axes."""
 
-    def shape_text(self, start: int = 0) -> str:
-        return _fmt((d if d is not None else "?") for d in (self.dims or ())[start:])
+    inputs: dict[str, ModelInput]
+    layouts: dict[str, SampleAxis]
 
+    @property
+    def explain(self) -> bool:
+        """Errors say which axis was taken and why once any input does not sample along axis 0."""
+        return any(layout.axis != 0 for layout in self.layouts.values())
 
-def _fmt(dims: Iterable[object]) -> str:
-    items = [str(d) for d in dims]
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    def count(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """Samples in a checked set or batch (1 when no input has a sample axis: the set is one batch)."""
+        for name, layout in self.layouts.items():
+            if layout.axis is not None:
+                return int(arrays[name].shape[layout.axis])
+        return 1
 
 
 def _one_line(err: BaseException) -> str:
@@ -79,27 +101,9 @@ def _is_float(dtype: np.dtype[Any]) -> bool:
     return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)  # ml_dtypes floats
 
 
-def _model_inputs(model: onnx.ModelProto) -> dict[str, _Input]:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs: dict[str, _Input] = {}
-    for vi in model.graph.input:
-        if vi.name in initializers:
-            continue
-        if not vi.type.HasField("tensor_type"):
-            raise CalibrationError(f"model input {vi.name!r} is not a tensor; calibration data can only feed tensors")
-        tt = vi.type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
-        dims = None
-        if tt.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        inputs[vi.name] = _Input(vi.name, dtype, dims)
-    if not inputs:
-        raise CalibrationError("the model has no inputs (other than initializers) to feed calibration data to")
-    return inputs
-
-
-def _check_set(label: str, arrays: Any, inputs: Mapping[str, _Input]) -> tuple[dict[str, np.ndarray], int]:
+def _check_set(label: str, arrays: Any, feeds: _Feeds) -> tuple[dict[str, np.ndarray], int]:
     """Check one set's names, ranks, fixed dims, dtype kinds and sample counts (no conversion)."""
+    inputs = feeds.inputs
     if not isinstance(arrays, Mapping):
         raise CalibrationError(
             f"calibration {label} is not a dict of {{input name: array}} (got {type(arrays).__name__})"
@@ -125,20 +129,7 @@ def _check_set(label: str, arrays: Any, inputs: Mapping[str, _Input]) -> tuple[d
             raise CalibrationError(f"input {name!r}: data in {label} is not an array ({_one_line(err)})") from err
         if arr.dtype.kind in "OUSM" or (arr.dtype.kind == "V" and not _is_float(arr.dtype)):
             raise CalibrationError(f"input {name!r}: data in {label} has non-numeric dtype {arr.dtype}")
-        if arr.ndim == 0:
-            raise CalibrationError(f"input {name!r}: data in {label} is a scalar; its first axis must index samples")
-        if spec.dims is not None:
-            if arr.ndim != len(spec.dims):
-                raise CalibrationError(
-                    f"input {name!r}: data in {label} has rank {arr.ndim} (shape {_fmt(arr.shape)}) "
-                    f"but the model expects rank {len(spec.dims)} {spec.shape_text()}"
-                )
-            for axis, want in enumerate(spec.dims[1:], start=1):
-                if isinstance(want, int) and arr.shape[axis] != want:
-                    raise CalibrationError(
-                        f"input {name!r}: sample shape {_fmt(arr.shape[1:])} does not match the model's "
-                        f"{spec.shape_text(1)} at axis {axis} in {label}"
-                    )
+        check_shape(arr, spec, feeds.layouts[name], feeds.explain, label)
         src, tgt = arr.dtype, spec.dtype
         if (
             tgt is not None
@@ -151,32 +142,45 @@ def _check_set(label: str, arrays: Any, inputs: Mapping[str, _Input]) -> tuple[d
                 "(float data converts to any float type, integer data only to a wider integer type)"
             )
         out[name] = arr
-    counts = {name: arr.shape[0] for name, arr in out.items()}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{n!r} has {c}" for n, c in counts.items())
+    counts = {n: (arr.shape[axis], axis) for n, arr in out.items() if (axis := feeds.layouts[n].axis) is not None}
+    if len({c for c, _ in counts.values()}) > 1:
+        if feeds.explain:
+            detail = ", ".join(f"{n!r} has {c} (axis {a}: {feeds.layouts[n].reason})" for n, (c, a) in counts.items())
+        else:
+            detail = ", ".join(f"{n!r} has {c}" for n, (c, _) in counts.items())
         raise CalibrationError(f"calibration data in {label} has different sample counts per input: {detail}")
-    return out, next(iter(counts.values()))
+    samples = feeds.count(out)
+    for name, arr in out.items():
+        check_given_once(arr, inputs[name], feeds.layouts[name], samples, label)
+    return out, samples
 
 
-def _convert(name: str, chunk: np.ndarray, spec: _Input, start: int, label: str) -> np.ndarray:
+def _convert(name: str, chunk: np.ndarray, spec: ModelInput, axis: int | None, start: int, label: str) -> np.ndarray:
     """A fresh copy of ``chunk`` in the model's dtype, checked finite (``start``: its first sample's index)."""
     target = spec.dtype if spec.dtype is not None else chunk.dtype
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.array(chunk, dtype=target, copy=True)
         if not _is_float(out.dtype):
             return out
-        flat = out.reshape(len(out), int(np.prod(out.shape[1:])))
+        samples = np.moveaxis(out, axis, 0) if axis is not None else out[None]
+        flat = samples.reshape(len(samples), -1) if samples.size else samples.reshape(len(samples), 0)
         finite = np.isfinite(flat if flat.dtype.kind == "f" else flat.astype(np.float32)).all(axis=1)
     if finite.all():
         return out
     row = int(np.flatnonzero(~finite)[0])
-    was_finite = not _is_float(chunk.dtype) or bool(np.isfinite(np.asarray(chunk[row], dtype=np.float64)).all())
+    original = np.moveaxis(chunk, axis, 0)[row] if axis is not None else chunk
+    was_finite = not _is_float(chunk.dtype) or bool(np.isfinite(np.asarray(original, dtype=np.float64)).all())
     what = f"values outside the {target} range" if was_finite else "NaN/Inf"
-    raise CalibrationError(f"calibration data for input {name!r} has {what} in sample {start + row} of {label}")
+    where = f"sample {start + row} of {label}" if axis is not None else f"{label} (given once, no sample axis)"
+    raise CalibrationError(f"calibration data for input {name!r} has {what} in {where}")
+
+
+def _take(arr: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    return arr[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def _stream(
-    sets: Iterable[_Set], inputs: Mapping[str, _Input], batch: int, exact: bool, limit: int | None, desc: str
+    sets: Iterable[_Set], feeds: _Feeds, batch: int, exact: bool, limit: int | None, desc: str
 ) -> Iterator[Batch]:
     """Validated, converted batches of at most ``batch`` samples (exactly ``batch`` if ``exact``)."""
     used = 0
@@ -186,17 +190,29 @@ def _stream(
         if item is None:
             break
         label, load = item
-        arrays, n = _check_set(label, load(), inputs)
+        arrays, n = _check_set(label, load(), feeds)
         if exact and n % batch:
             raise CalibrationError(
                 f"the model's inputs have a fixed batch size of {batch} but {label} holds {n} "
                 f"samples, not a multiple of {batch}"
             )
+        once = {  # inputs without a sample axis: converted once per set, a fresh copy in every batch
+            k: _convert(k, a, feeds.inputs[k], None, 0, label)
+            for k, a in arrays.items()
+            if feeds.layouts[k].axis is None
+        }
         for start in range(0, n, batch):
             stop = min(n, start + batch) if limit is None else min(n, start + batch, start + limit - used)
             if stop <= start:
                 break
-            yield {k: _convert(k, a[start:stop], inputs[k], start, label) for k, a in arrays.items()}
+            out: Batch = {}
+            for k, a in arrays.items():
+                axis = feeds.layouts[k].axis
+                if axis is None:
+                    out[k] = once[k].copy()
+                else:
+                    out[k] = _convert(k, _take(a, axis, start, stop), feeds.inputs[k], axis, start, label)
+            yield out
             used += stop - start
     if used == 0:
         raise CalibrationError(f"calibration data is empty: {desc} has no samples")
@@ -221,7 +237,7 @@ def _load(path: Path, label: str, single: str | None) -> dict[str, np.ndarray]:
         raise CalibrationError(f"{label}: cannot read as {path.suffix.lower()}: {_one_line(err)}") from err
 
 
-def _file_sets(path: Path, inputs: Mapping[str, _Input]) -> tuple[Callable[[], Iterator[_Set]], str, str]:
+def _file_sets(path: Path, inputs: Mapping[str, ModelInput]) -> tuple[Callable[[], Iterator[_Set]], str, str]:
     """The sets of a file or directory, its description and details (file count)."""
     if not path.exists():
         raise CalibrationError(f"{path}: no such file or directory")
@@ -281,24 +297,39 @@ def _call(fn: Callable[[], Any]) -> Iterable[Any]:
 
 
 def calibration_source(
-    data: CalibrationData, model: onnx.ModelProto, batch_size: int = 16, max_samples: int | None = None
+    data: CalibrationData,
+    model: onnx.ModelProto,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    batch_axis: BatchAxis | None = None,
 ) -> tuple[Factory, str]:
     """``(factory, name)``: ``factory()`` returns a fresh iterator of validated batches; ``name`` describes the data.
 
-    See the module docstring for the accepted forms of ``data``. Raises :class:`CalibrationError`.
+    See the module docstring for the accepted forms of ``data``; ``batch_axis`` overrides the
+    sample axis of the named inputs (``None``: given once). Raises :class:`CalibrationError`.
     """
     if batch_size < 1:
         raise CalibrationError(f"calibration batch size must be a positive integer, got {batch_size}")
     if max_samples is not None and max_samples < 1:
         raise CalibrationError(f"the number of calibration samples must be a positive integer, got {max_samples}")
-    inputs = _model_inputs(model)
-    fixed = {s.dims[0] for s in inputs.values() if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0}
-    if len(fixed) > 1:
+    inputs = model_inputs(model)
+    feeds = _Feeds(inputs, sample_axes(inputs, batch_axis))
+    fixed = {
+        name: size
+        for name, layout in feeds.layouts.items()
+        if layout.axis is not None
+        and (dims := inputs[name].dims)
+        and isinstance(size := dims[layout.axis], int)
+        and size > 0
+    }
+    if len(set(fixed.values())) > 1:
+        sizes = ", ".join(f"{n!r} has {s} at axis {feeds.layouts[n].axis}" for n, s in fixed.items())
         raise CalibrationError(
-            f"the model's inputs have different fixed batch sizes {sorted(fixed)}; cannot batch calibration data"
+            f"the model's inputs have different fixed batch sizes ({sizes}); cannot batch calibration data: "
+            "pass --batch-axis NAME=none for an input given once, or NAME=AXIS for its sample axis"
         )
     exact = bool(fixed)
-    batch = fixed.pop() if fixed else batch_size
+    batch = next(iter(fixed.values())) if fixed else batch_size
     limit = max_samples
     if exact and limit is not None:
         limit = limit // batch * batch
@@ -327,7 +358,7 @@ def calibration_source(
         if iter(data) is not data:  # re-iterable (list, tuple, custom container)
             sets, desc = (lambda: _batches(data)), "in-memory batches"
         else:
-            return _one_shot(iter(data), inputs, batch, exact, limit)
+            return _one_shot(iter(data), feeds, batch, exact, limit)
     else:
         raise CalibrationError(
             f"unsupported calibration data of type {type(data).__name__}; expected a path, "
@@ -335,24 +366,22 @@ def calibration_source(
         )
 
     def factory() -> Iterator[Batch]:
-        return _stream(sets(), inputs, batch, exact, limit, desc)
+        return _stream(sets(), feeds, batch, exact, limit, desc)
 
-    total = sum(len(next(iter(b.values()))) for b in factory())  # the validation pass
+    total = sum(feeds.count(b) for b in factory())  # the validation pass
     head = "first " if max_samples is not None and total == limit else ""
     return factory, f"{desc} ({detail}{head}{total} sample{'s' if total != 1 else ''})"
 
 
-def _one_shot(
-    data: Iterator[Any], inputs: Mapping[str, _Input], batch: int, exact: bool, limit: int | None
-) -> tuple[Factory, str]:
+def _one_shot(data: Iterator[Any], feeds: _Feeds, batch: int, exact: bool, limit: int | None) -> tuple[Factory, str]:
     """A one-shot iterator: check its first batch now, stream the rest once, refuse a second pass."""
     desc = "one-shot iterator of batches"
     first = next(data, None)
     if first is None:
         raise CalibrationError(f"calibration data is empty: {desc} yielded nothing")
-    arrays, _ = _check_set("batch 0", first, inputs)
+    arrays, _ = _check_set("batch 0", first, feeds)
     for name, arr in arrays.items():
-        _convert(name, arr, inputs[name], 0, "batch 0")
+        _convert(name, arr, feeds.inputs[name], feeds.layouts[name].axis, 0, "batch 0")
     used = False
 
     def factory() -> Iterator[Batch]:
@@ -363,6 +392,6 @@ def _one_shot(
                 "pass a list or a callable returning a fresh iterator"
             )
         used = True
-        return _stream(_batches(itertools.chain([first], data)), inputs, batch, exact, limit, desc)
+        return _stream(_batches(itertools.chain([first], data)), feeds, batch, exact, limit, desc)
 
     return factory, f"{desc} (single pass)"

@@ -76,8 +76,31 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
         group.add_argument("--calib", type=Path, help=calibration)
         group.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
         group.add_argument("--batch-size", type=int, default=16, help="calibration samples per batch (default 16)")
+        group.add_argument(
+            "--batch-axis",
+            type=batch_axis_arg,
+            action="append",
+            default=[],
+            metavar="NAME=AXIS",
+            help="the axis along which input NAME's calibration arrays stack samples (found from the "
+            "model's symbolic dims by default, e.g. 1 for an RNN state [2, B, H]); NAME=none: the input "
+            "has no sample axis, its array is given once and reused for every batch (repeatable)",
+        )
     if fuse:
         group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+
+
+def batch_axis_arg(text: str) -> tuple[str, int | None]:
+    """``NAME=AXIS`` (an integer, or ``none``) of ``--batch-axis``."""
+    name, sep, axis = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=AXIS, e.g. state=1 or sr=none")
+    if axis.strip().lower() == "none":
+        return name, None
+    try:
+        return name, int(axis)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: AXIS must be an integer or none") from None
 
 
 def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +108,7 @@ def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"force": args.force, "progress": not args.quiet, "external_data": args.external_data or None}
     if hasattr(args, "calib"):
         out.update(calibration=args.calib, calib_samples=args.calib_samples, batch_size=args.batch_size)
+        out["batch_axis"] = dict(args.batch_axis) or None
     if hasattr(args, "no_fuse"):
         out["fuse"] = not args.no_fuse
     return out
