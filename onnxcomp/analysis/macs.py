@@ -136,3 +136,15 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
             for size in shapes[value.name]:
                 dims.add().dim_value = int(size)
     return fixed
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """``NAME=D1,D2,...`` (as ``--input-shape`` takes it) -> (name, dims); ValueError saying what is wrong."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        sizes = [int(d) for d in dims.split(",")] if sep and name else []
+    except ValueError:
+        sizes = []
+    if not sizes or any(d <= 0 for d in sizes):
+        raise ValueError(f"expected NAME=D1,D2,... with positive sizes, e.g. input=1,3,224,224; got {text!r}")
+    return name, sizes

@@ -18,6 +18,7 @@ from onnxcomp.cli.common import (
     print_run_report,
     run_kwargs,
 )
+from onnxcomp.cli.shapes import add_input_shape
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.formats import available_formats
 from onnxcomp.model_io import load_model
@@ -45,6 +46,7 @@ def _layer_ratio(text: str) -> tuple[str, float]:
 
 def _sparsify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
+    add_input_shape(p)
     add_run_options(
         p,
         calibration="calibration data (.npz named by model input, or a directory); "
@@ -140,6 +142,6 @@ def _sparsify(args: argparse.Namespace) -> int:
     hint = alignment_hint(result)
     if hint:
         print(hint)
-    for row in format_compare(compare_models(load_model(args.model), report.model)):
+    for row in format_compare(compare_models(load_model(args.model), report.model, dict(args.input_shape) or None)):
         print(row)
     return 0
