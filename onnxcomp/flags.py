@@ -33,6 +33,7 @@ from onnxcomp.framework import Pass, get_pass, make_pass, option_fields
 
 #: The order ``onnxcomp fuse`` runs the deployment fusions in.
 FUSE_PIPELINE: tuple[str, ...] = (
+    "fold_weight_constants",
     "remove_identity",
     "fold_batchnorm",
     "fuse_matmul_add",

@@ -2,11 +2,26 @@
 
 Passes and libraries use ``from onnxcomp import ir`` and call ``ir.<name>``: :mod:`onnxcomp.ir.graph`
 wraps onnx-graphsurgeon (and owns its pitfalls), :mod:`onnxcomp.ir.queries` holds the questions
-every layer asks of a graph (constant float weight, shapes, weight axes, skip globs).
+every layer asks of a graph (shapes, weight axes, skip globs), :mod:`onnxcomp.ir.constants` the one
+definition of a constant weight (initializer, Constant node, or a foldable chain over them).
 """
 
 from __future__ import annotations
 
+from onnxcomp.ir.constants import (
+    FLOAT_DTYPES,
+    describe,
+    float_weight,
+    fold_constant_input,
+    fold_growth,
+    folded_value,
+    int_list,
+    is_foldable_chain,
+    is_onnx_op,
+    node_axes,
+    quantized_source,
+    raw_axes,
+)
 from onnxcomp.ir.graph import (
     Constant,
     Graph,
@@ -37,19 +52,11 @@ from onnxcomp.ir.graph import (
     write_input,
 )
 from onnxcomp.ir.queries import (
-    FLOAT_DTYPES,
     Shapes,
     WeightLayout,
-    describe,
     exclusive_reason,
-    float_weight,
-    folded_value,
-    int_list,
-    is_onnx_op,
     match_glob,
-    node_axes,
     node_key,
-    raw_axes,
     reduction_axis,
     weight_layout,
 )
@@ -73,11 +80,14 @@ __all__ = [
     "export_model",
     "finalize",
     "float_weight",
+    "fold_constant_input",
+    "fold_growth",
     "folded_value",
     "import_model",
     "infer_shapes",
     "int_list",
     "is_constant",
+    "is_foldable_chain",
     "is_graph_output",
     "is_onnx_op",
     "iter_nodes",
@@ -90,6 +100,7 @@ __all__ = [
     "omitted",
     "only_consumer_is",
     "producer",
+    "quantized_source",
     "raw_axes",
     "reduction_axis",
     "replace_constant",

@@ -93,7 +93,7 @@ class _ConvDecomposer(Decomposer):
     def _bias(self, target: Target) -> np.ndarray | None:
         node = target.node
         if len(node.inputs) > 2 and node.inputs[2].name:
-            return ir.constant_value(node.inputs[2])
+            return ir.folded_value(node.inputs[2])  # read as float_weight read it (through a chain)
         return None
 
     def probe(self, target: Target, first: np.ndarray, second: np.ndarray, index: int) -> Probe:

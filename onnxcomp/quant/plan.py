@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from onnxcomp import ir
 from onnxcomp.ir import WeightLayout, weight_layout
-from onnxcomp.quant.spec import NodeSpec, QuantConfig
+from onnxcomp.quant.spec import Granularity, NodeSpec, QuantConfig
 
 #: Ops a quantized output is carried through: ORT removes a Relu/Clip before a Q whose zero point
 #: is the grid's minimum, then fuses Conv+Q into QLinearConv.
@@ -28,21 +28,24 @@ class NodePlan:
 
 
 def _weight_index(node: ir.Node) -> int | None:
+    """Which input holds the weight: 1, or 0 for a MatMul whose constant operand is on the left."""
     if node.op in ("Conv", "ConvTranspose", "Gemm"):
         return 1
-    if node.op == "MatMul":
-        return 1 if ir.is_constant(node.inputs[1]) else None
-    return None
+    if node.op != "MatMul" or len(node.inputs) < 2:
+        return None
+    if ir.folded_value(node.inputs[1]) is not None or ir.quantized_source(node.inputs[1]) is not None:
+        return 1
+    return 0 if ir.folded_value(node.inputs[0]) is not None else None
 
 
 def _decline_weight(node: ir.Node, index: int | None, plan_spec: NodeSpec) -> str | None:
     if index is None or index >= len(node.inputs):
         return "no constant weight input (activation x activation products are left in float)"
-    value = ir.constant_value(node.inputs[index])
-    if value is None:
-        return f"weight {node.inputs[index].name!r} is not a constant"
+    value = ir.float_weight(node, index, "weight")  # the one definition every pass shares
+    if isinstance(value, str):
+        return value
     if value.dtype != np.float32:
-        return f"weight {node.inputs[index].name!r} is {value.dtype}, not float32 (already quantized?)"
+        return f"weight {node.inputs[index].name!r} is {value.dtype}; only float32 weights are quantized"
     if node.op == "MatMul" and value.ndim < 2:
         return "1-D MatMul weight"
     spec = plan_spec.weights
@@ -51,6 +54,79 @@ def _decline_weight(node: ir.Node, index: int | None, plan_spec: NodeSpec) -> st
         if value.shape[layout.reduction_axis] < spec.granularity.size // 2 and value.shape[layout.reduction_axis] < 8:
             return f"reduction axis of length {value.shape[layout.reduction_axis]} is too short for group:{spec.granularity.size}"
     return None
+
+
+def _move_left_weight(graph: ir.Graph, shapes: ir.Shapes, node: ir.Node) -> str | None:
+    """Rewrite ``MatMul(W, X)`` as ``Transpose(MatMul(Transpose(X), W^T))`` so the weight is input B.
+
+    Every quantized form (Q/DQ, MatMulNBits, dynamic, per-token, GPTQ) then applies unchanged; the
+    two Transposes are the price (``(W X)^T = X^T W^T``, exact in float). None when rewritten, else why not.
+    """
+    x = node.inputs[1]
+    rank = shapes.rank(x)
+    if rank is None or rank < 2:
+        what = "unknown" if rank is None else str(rank)
+        return f"its constant operand is input A and input B {x.name!r} has rank {what} (need a known rank >= 2)"
+    weight = ir.fold_constant_input(graph, node, 0)
+    value = ir.constant_value(weight) if weight is not None else None
+    if weight is None or value is None or value.ndim < 2:
+        return "its constant operand is input A and is not a matrix"
+    swap = [*range(rank - 2), rank - 1, rank - 2]
+    base = ir.node_key(node)
+    xt = ir.make_variable(graph, f"{x.name}_transposed", dtype=x.dtype)
+    ir.make_node(graph, "Transpose", [x], [xt], name=f"{base}_input_transpose", attrs={"perm": swap})
+    w_t = np.ascontiguousarray(np.swapaxes(value, -1, -2))
+    moved = ir.make_constant(ir.unique_name(graph, f"{weight.name}_transposed"), w_t)
+    out = node.outputs[0]
+    yt = ir.make_variable(graph, f"{out.name}_transposed", dtype=out.dtype)
+    node.inputs.clear()  # gs lists keep producer/consumer links: no slice assignment
+    node.inputs.extend([xt, moved])
+    node.outputs.clear()
+    node.outputs.append(yt)
+    out_rank = max(rank, value.ndim)
+    back = [*range(out_rank - 2), out_rank - 1, out_rank - 2]
+    ir.make_node(graph, "Transpose", [yt], [out], name=f"{base}_output_transpose", attrs={"perm": back})
+    return None
+
+
+def _int_activations(spec: NodeSpec) -> bool:
+    a = spec.activations
+    return a is not None and a.dtype in ("int8", "uint8") and a.granularity.kind in ("tensor", "dynamic")
+
+
+def _kernel_granularity(node: ir.Node, spec: NodeSpec, weight_ndim: int) -> NodeSpec:
+    """The spec with a weight granularity ORT's integer MatMul kernels accept.
+
+    MatMulIntegerToFloat / DynamicQuantizeMatMul reject a per-channel zero point on a batched (3-D
+    or more) B (``IsBQuantParamSupported``): such a model loads but fails its first run at
+    ORT_ENABLE_ALL. Per-tensor weight scales are what those kernels take.
+    """
+    w = spec.weights
+    if node.op == "MatMul" and weight_ndim > 2 and w is not None and w.granularity.kind == "channel":
+        if _int_activations(spec):
+            return replace(spec, weights=replace(w, granularity=Granularity("tensor")))
+    return spec
+
+
+def _per_channel_bias(graph: ir.Graph, node: ir.Node, channels: int) -> bool:
+    """Fold the constant bias of ``node`` into an initializer of shape ``(channels,)`` if it broadcasts to it.
+
+    A Gemm's C of shape ``()``, ``(1,)`` or ``(1, N)`` broadcasts over rows; the int32 bias of the
+    integer kernels is per output channel, so it is written out at ``(N,)`` (exact). False when the
+    bias is not constant or varies along the rows (it then stays a float input).
+    """
+    if len(node.inputs) < 3 or not node.inputs[2].name or isinstance(ir.float_weight(node, 2, "bias"), str):
+        return False
+    bias = ir.fold_constant_input(graph, node, 2)
+    value = ir.constant_value(bias) if bias is not None else None
+    if value is None:
+        return False
+    if value.shape == (channels,):
+        return True
+    if value.size not in (1, channels) or (value.ndim == 2 and value.shape[0] != 1) or value.ndim > 2:
+        return False
+    ir.write_input(graph, node, 2, np.broadcast_to(value.reshape(-1), (channels,)).astype(value.dtype))
+    return True
 
 
 def _output_target(graph: ir.Graph, node: ir.Node) -> ir.Tensor | None:
@@ -139,29 +215,32 @@ def plan_nodes(
             declined.append((node.name, reason))
             continue
         assert index is not None
-        value = ir.constant_value(node.inputs[index])
+        value = ir.folded_value(node.inputs[index])
+        assert value is not None  # _decline_weight declined a non-constant weight
         a = spec.activations
         static_int = a is not None and a.granularity.kind == "tensor" and a.dtype in ("int8", "uint8")
-        slow = (
-            slower_as_integer(node, value.shape) if value is not None and static_int and placement == "speed" else None
-        )
+        slow = slower_as_integer(node, value.shape) if static_int and placement == "speed" else None
         if a is not None and a.granularity.kind == "dynamic" and node.op == "Conv" and placement == "speed":
             slow = "ConvInteger (dynamic per-tensor Conv) runs 4-40x slower than float on onnxruntime CPU"
         if slow is not None:
             declined.append((node.name, f"{slow} (placement speed; --placement all quantizes it)"))
             continue
-        assert value is not None  # _decline_weight declined a non-constant weight
-        value_shape = value.shape
-        plan = NodePlan(
-            node,
-            spec,
-            index,
-            weight_layout(node.op, len(value_shape), bool(node.attrs.get("transB", 0))),
-            weight_shape=tuple(value_shape),
-        )
-        bias = 2 if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 else None
-        if bias is not None and node.inputs[2].name and ir.is_constant(node.inputs[2]):
-            plan.bias_index = bias
+        if index == 0:
+            why = _move_left_weight(graph, shapes, node)
+            if why is not None:
+                declined.append((node.name, why))
+                continue
+            index = 1
+        ir.fold_constant_input(graph, node, index)  # the emitters rewrite initializers
+        value = ir.constant_value(node.inputs[index])
+        assert value is not None
+        spec = _kernel_granularity(node, spec, value.ndim)
+        layout = weight_layout(node.op, value.ndim, bool(node.attrs.get("transB", 0)))
+        plan = NodePlan(node, spec, index, layout, weight_shape=tuple(value.shape))
+        if node.op in ("Conv", "ConvTranspose", "Gemm") and _per_channel_bias(
+            graph, node, value.shape[layout.channel_axis]
+        ):
+            plan.bias_index = 2
         if spec.activations is not None:
             x = node.inputs[0]
             if not ir.is_constant(x):

@@ -53,6 +53,7 @@ def _run(m):
 
 def test_fuse_pipeline_order() -> None:
     assert FUSE_PIPELINE == (
+        "fold_weight_constants",
         "remove_identity",
         "fold_batchnorm",
         "fuse_matmul_add",
