@@ -134,10 +134,12 @@ def runs_on_ort(model: onnx.ModelProto) -> bool:
     return not any(t.data_type in NOT_RUNNABLE_ON_ORT for t in model.graph.initializer)
 
 
-def validate_model(model: onnx.ModelProto) -> None:
-    """onnx.checker plus onnxruntime session creation; one-line ValidationError on failure.
+def validate_model(model: onnx.ModelProto):  # noqa: ANN201 - an onnxruntime.InferenceSession, or None
+    """onnx.checker plus an onnxruntime session at ORT_ENABLE_ALL; one-line ValidationError on failure.
 
-    Models with types ORT cannot run (FLOAT4E2M1) are loaded by ``onnx.reference`` instead.
+    Returns the session (the manager runs it once on a sample: some fused kernels check their
+    parameters only when they first run), or None for models with types ORT cannot run
+    (FLOAT4E2M1), which ``onnx.reference`` loads instead.
     """
     check_model(model)
     if not runs_on_ort(model):
@@ -147,9 +149,9 @@ def validate_model(model: onnx.ModelProto) -> None:
             ReferenceEvaluator(model)
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"onnx.reference cannot load it: {_first_line(exc)}") from exc
-        return
+        return None
     try:
-        ort_session(model, level="all")
+        return ort_session(model, level="all")
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ValidationError(f"onnxruntime cannot load it: {_first_line(exc)}") from exc
 

@@ -9,9 +9,11 @@ The rule, from the model's declared dims (``batch_axis`` overrides it per input)
 1. The *batch symbol*: the one symbolic dim whose name says batch (``batch``, ``batch_size``,
    ``N``, ``B``, ``bs``), else the symbol found at axis 0 of the most inputs (first input wins a tie).
 2. Per input: a scalar has no sample axis; an input holding the batch symbol samples along its
-   first occurrence; an input whose axis 0 is symbolic or unknown samples along axis 0; an input
-   whose axis 0 is fixed has no sample axis when a batch symbol exists (it shares no dim with
-   the batch), and otherwise (an all-fixed model) samples along axis 0 only when that size is
+   first occurrence; an input whose axis 0 is symbolic or unknown samples along axis 0. An input
+   whose axis 0 is fixed, in a model whose batch is free (a batch symbol, or an input with an
+   unknown axis 0), samples along its one unknown dim if it has exactly one (``[2, ?, 128]``
+   beside ``[?, 576]``: exports without dim names) and otherwise has no sample axis (it shares
+   no dim with the batch); in an all-fixed model it samples along axis 0 only when that size is
    the fixed batch of the first such input.
 """
 
@@ -140,6 +142,14 @@ def sample_axes(inputs: Mapping[str, ModelInput], overrides: BatchAxis | None = 
         ((n, s.dims[0]) for n, s in inputs.items() if n not in chosen and s.dims and isinstance(s.dims[0], int)),
         None,
     )
+    free_0 = next((n for n, s in inputs.items() if s.dims and s.dims[0] is None), None)
+    batch_text = (
+        f"{found[0]!r}, the batch of {found[1]!r}"
+        if found is not None
+        else f"the unknown axis 0 of {free_0!r}"
+        if free_0 is not None
+        else ""
+    )
     out: dict[str, SampleAxis] = {}
     for name, spec in inputs.items():
         dims = spec.dims
@@ -155,16 +165,29 @@ def sample_axes(inputs: Mapping[str, ModelInput], overrides: BatchAxis | None = 
             of = "" if owner == name else f" of {owner!r}"
             out[name] = SampleAxis(dims.index(symbol), f"dim {symbol!r} is the batch{of}")
         elif not isinstance(dims[0], int):
-            out[name] = SampleAxis(0, f"axis 0 is {'free' if dims[0] is None else repr(dims[0])}, not fixed")
-        elif found is not None:
-            symbol, owner = found
-            out[name] = SampleAxis(None, f"fixed dims, none of them {symbol!r}, the batch of {owner!r}")
+            out[name] = SampleAxis(0, f"axis 0 is {'unknown' if dims[0] is None else repr(dims[0])}, not fixed")
+        elif batch_text:
+            out[name] = _fixed_axis_0(dims, batch_text)
         elif fixed_ref is None or dims[0] == fixed_ref[1]:
             out[name] = SampleAxis(0, f"axis 0 is the model's fixed batch of {dims[0]}")
         else:
             ref, size = fixed_ref
             out[name] = SampleAxis(None, f"fixed dims, axis 0 ({dims[0]}) is not the fixed batch {size} of {ref!r}")
     return out
+
+
+def _fixed_axis_0(dims: tuple[Dim, ...], batch_text: str) -> SampleAxis:
+    """An input with a fixed axis 0 in a model whose batch is free: its one unknown dim, else none.
+
+    Exports without dim names (``state [2, ?, 128]`` beside ``input [?, 576]``) leave the batch
+    unknown; an input whose only free dim is unknown most likely carries the batch there.
+    """
+    unknown = [i for i, d in enumerate(dims) if d is None]
+    if len(unknown) == 1 and not any(isinstance(d, str) for d in dims):
+        return SampleAxis(unknown[0], f"axis 0 is fixed; its one unknown dim stands for the batch, {batch_text}")
+    if all(isinstance(d, int) for d in dims):
+        return SampleAxis(None, f"fixed dims, none of them {batch_text}")
+    return SampleAxis(None, f"axis 0 is fixed and no dim is {batch_text}")
 
 
 def describe(spec: ModelInput, layout: SampleAxis) -> str:

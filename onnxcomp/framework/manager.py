@@ -13,6 +13,7 @@ from onnx import version_converter
 from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
+from onnxcomp.framework.validation import InferenceSample, check_inference, inference_sample
 from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, validate_model
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class PassManager:
     """Runs passes in order on a private copy of a model.
 
     After each pass that modified the graph it removes dead nodes and sorts the graph; with
-    ``validate="each"`` it also checks the model (onnx.checker + onnxruntime session), so a
-    broken rewrite is reported with the pass that made it. ``"locate"`` checks only the result
+    ``validate="each"`` it also checks the model (onnx.checker, then one run at ORT_ENABLE_ALL
+    compared with the input model's outputs: :mod:`onnxcomp.framework.validation`), so a broken
+    rewrite is reported with the pass that made it. ``"locate"`` checks only the result
     and, if it is invalid, runs the pipeline again checking after each pass to name the culprit:
     the same diagnosis, paid for only when something is wrong. The caller's model is never touched.
     """
@@ -90,6 +92,7 @@ class PassManager:
             report.notes.append(
                 f"converted opset {opset} -> {MAX_EMIT_OPSET} (onnxcomp emits opset <= {MAX_EMIT_OPSET})"
             )
+        sample = self._sample(model, ctx)
         graph = ir.import_model(model)
         template = model
         done: list[str] = []
@@ -117,21 +120,33 @@ class PassManager:
             if result.modified:
                 ir.finalize(graph)
                 if self.validate == "each":
-                    self._validate(ir.export_model(graph, template), where, done)
+                    self._validate(ir.export_model(graph, template), where, done, sample)
             seconds = time.perf_counter() - start
             report.steps.append(StepReport(pass_.name, result, seconds))
             done.append(pass_.name)
             log.info("%s: %s (%.2fs)", pass_.name, result.summary(), seconds)
         out = ir.export_model(graph, template)
         if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
-            self._validate(out, "the pipeline", done)
+            self._validate(out, "the pipeline", done, sample)
         report.model = out
         return report
 
+    def _sample(self, model: onnx.ModelProto, ctx: PassContext) -> InferenceSample | None:
+        """The input model's outputs on one sample, the reference every validation compares with."""
+        if self.validate == "none":
+            return None
+        found = inference_sample(model, ctx.calibration() if ctx.calibration is not None else None)
+        if isinstance(found, str):
+            log.info("validation creates sessions only: %s", found)
+            return None
+        return found
+
     @staticmethod
-    def _validate(model: onnx.ModelProto, where: str, done: list[str]) -> None:
+    def _validate(model: onnx.ModelProto, where: str, done: list[str], sample: InferenceSample | None = None) -> None:
         try:
-            validate_model(model)
+            session = validate_model(model)
+            if session is not None and sample is not None:
+                check_inference(session, sample)
         except ValidationError as exc:
             after = f" (after {', '.join(done)})" if done else ""
             raise PassError(f"{where} produced an invalid model{after}: {exc}") from exc

@@ -32,6 +32,7 @@ class FoldWeightConstants(Pass):
     """
 
     name = "fold_weight_constants"
+    bodies = True  # also inside If/Loop/Scan bodies (a body's chain over an outer weight would grow: kept)
 
     @dataclass(frozen=True)
     class Options:
