@@ -27,6 +27,7 @@ from onnx import helper
 from onnxcomp.analysis.comparison import ComparisonReport, ErrorStats, Latency, NodeError, OutputError
 from onnxcomp.analysis.local_error import plan_local_error
 from onnxcomp.calibration.data import Batch, Factory, calibration_source
+from onnxcomp.calibration.layouts import BatchAxis
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
 
@@ -50,7 +51,7 @@ def _model_input_names(model: onnx.ModelProto) -> list[str]:
 
 
 def comparison_data(
-    data: Any, model: onnx.ModelProto, batch_size: int, samples: int | None
+    data: Any, model: onnx.ModelProto, batch_size: int, samples: int | None, batch_axis: BatchAxis | None = None
 ) -> tuple[Factory, str, np.ndarray | None, list[str]]:
     """``(batches, description, labels or None, notes)``: an .npz may also hold labels and other arrays."""
     labels, notes = None, []
@@ -67,9 +68,9 @@ def comparison_data(
                 labels = value if samples is None else value[:samples]
             else:
                 notes.append(f"array {key!r} in {Path(data).name} is not a model input: ignored")
-        factory, desc = calibration_source(arrays, model, batch_size=batch_size, max_samples=samples)
+        factory, desc = calibration_source(arrays, model, batch_size, samples, batch_axis)
         return factory, desc.replace("in-memory arrays", Path(data).name), labels, notes
-    factory, desc = calibration_source(data, model, batch_size=batch_size, max_samples=samples)
+    factory, desc = calibration_source(data, model, batch_size, samples, batch_axis)
     return factory, desc, labels, notes
 
 
@@ -259,6 +260,7 @@ def compare_models(
     node_batches: int = 4,
     runs: int = 50,
     latency_batch: int = 1,
+    batch_axis: BatchAxis | None = None,
 ) -> ComparisonReport:
     """Everything ``onnxcomp compare`` measures (see the module docstring); ``runs=0`` skips the latency."""
     ref_inputs, cand_inputs = _model_input_names(reference), _model_input_names(candidate)
@@ -267,7 +269,7 @@ def compare_models(
             f"{names[1]} has inputs {', '.join(cand_inputs)} but {names[0]} has {', '.join(ref_inputs)}; "
             "compare needs two models with the same inputs"
         )
-    batches, desc, labels, notes = comparison_data(data, reference, batch_size, samples)
+    batches, desc, labels, notes = comparison_data(data, reference, batch_size, samples, batch_axis)
     report = ComparisonReport(names[0], names[1], desc, notes=notes)
     report.outputs, report.accuracy, more = output_errors(reference, candidate, batches, labels, names)
     report.notes += more
@@ -275,7 +277,7 @@ def compare_models(
         report.nodes, report.node_batches, more = node_errors(reference, candidate, batches, node_batches)
         report.notes += more
     if runs > 0:
-        sample, _, _, _ = comparison_data(data, reference, latency_batch, latency_batch)
+        sample, _, _, _ = comparison_data(data, reference, latency_batch, latency_batch, batch_axis)
         report.latency = interleaved_latency(reference, candidate, first_batch(sample), runs=runs)
     for key, path, model in zip(("reference", "candidate"), paths, (reference, candidate), strict=True):
         report.sizes[key] = disk_bytes(path) if path is not None else model.ByteSize()

@@ -15,6 +15,7 @@ import onnx
 from onnxcomp.analysis.compare import comparison_data, first_batch, interleaved_latency, sample_feeds
 from onnxcomp.analysis.comparison import Latency
 from onnxcomp.analysis.inspect import human_bytes
+from onnxcomp.calibration.layouts import BatchAxis
 from onnxcomp.framework import RunReport
 from onnxcomp.framework.manager import StepReport
 
@@ -31,10 +32,18 @@ class Verdict:
 
 
 def measure_latency(
-    input_model: onnx.ModelProto, output_model: onnx.ModelProto, data: Any = None, runs: int = MEASURE_RUNS
+    input_model: onnx.ModelProto,
+    output_model: onnx.ModelProto,
+    data: Any = None,
+    runs: int = MEASURE_RUNS,
+    batch_axis: BatchAxis | None = None,
 ) -> Latency:
     """Both models timed interleaved on one sample: the first calibration sample, else one generated from the shapes."""
-    feeds = first_batch(comparison_data(data, input_model, 1, 1)[0]) if data is not None else sample_feeds(input_model)
+    feeds = (
+        first_batch(comparison_data(data, input_model, 1, 1, batch_axis)[0])
+        if data is not None
+        else sample_feeds(input_model)
+    )
     return interleaved_latency(input_model, output_model, feeds, runs=runs)
 
 
