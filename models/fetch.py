@@ -169,6 +169,31 @@ MODELS: dict[str, dict] = {
         },
         "primary_output": "speech_probs",
     },
+    "silero_vad_if": {
+        "package": "silero-vad",
+        "version": "6.2.3",
+        "wheel": "silero_vad-6.2.3-py3-none-any.whl",
+        "wheel_sha256": "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+        "license": "MIT",
+        "member": "silero_vad/data/silero_vad.onnx",
+        "sha256": "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        "size": 2_327_524,
+        "kind": "rnn-subgraphs",
+        "task": "voice activity detection, 16/8 kHz networks in the two branches of an If on the sample rate; "
+        "Conv encoder + LSTM, weights in Constant nodes inside 50 nested If bodies",
+        "opset": 16,
+        "params": 545_286,  # float values in Constant nodes, all inside If bodies (plus 311 int64)
+        "inputs": {
+            "input": ("float32", ["B", 576]),  # one frame per stream: 64 context + 512 new samples (16 kHz)
+            "state": ("float32", [2, "B", 128]),  # LSTM (h, c) per stream: the batch is axis 1
+            "sr": ("int64", []),  # the sample rate, a scalar: 16000 selects the then-branch
+        },
+        "outputs": {
+            "output": ("float32", ["B", 1]),
+            "stateN": ("float32", [2, "B", 128]),
+        },
+        "primary_output": "output",
+    },
 }
 
 
@@ -752,6 +777,12 @@ def make_inputs(name: str, n: int = 1, seed: int = 0, *, return_meta: bool = Fal
         audio, active = _speech_like(n * 512 + 512, rng)
         x = _vad_frames(audio)[:n]
         feeds = {"input": x, "h": np.zeros((1, 1, 128), np.float32), "c": np.zeros((1, 1, 128), np.float32)}
+        meta["speech"] = (active[: n * 512].reshape(n, 512).mean(axis=1) > 0.5).astype(np.int64)
+    elif name == "silero_vad_if":
+        # n independent 16 kHz streams, one frame each (the batch is axis 0 of input, axis 1 of state)
+        audio, active = _speech_like(n * 512 + 512, rng)
+        x = _vad_frames(audio)[:n]
+        feeds = {"input": x, "state": np.zeros((2, n, 128), np.float32), "sr": np.array(_SR, np.int64)}
         meta["speech"] = (active[: n * 512].reshape(n, 512).mean(axis=1) > 0.5).astype(np.int64)
     else:  # pragma: no cover - MODELS and this switch are kept in step
         raise FetchError(f"no input generator for {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from google.protobuf.message import DecodeError
 
 from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
 from onnxcomp.runtime import PROTOBUF_LIMIT, ort_session, write_model_file
+
+log = logging.getLogger(__name__)
 
 #: onnxcomp never emits a model with a default-domain opset above this (ORT has no Q/DQ kernels
 #: above it; docs/onnxruntime.md).
@@ -94,8 +97,90 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
         try:
             check_model(model)
         except ValidationError as exc:
-            raise ModelLoadError(f"{path}: fails onnx.checker: {exc}; fix or re-export the model") from exc
+            repaired, notes = repair_declared_shapes(model)
+            if not notes:
+                raise ModelLoadError(f"{path}: fails onnx.checker: {exc}; fix or re-export the model") from exc
+            for note in notes:
+                log.warning("%s: %s", path, note)
+            model = repaired
     return model
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    """Declared dims (None for symbolic/unknown), or None when no shape is declared."""
+    t = value.type.tensor_type
+    if value.type.WhichOneof("value") != "tensor_type" or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _agree(declared: list[int | None] | None, inferred: list[int | None] | None) -> bool:
+    if declared is None or inferred is None:
+        return True
+    return len(declared) == len(inferred) and all(
+        a is None or b is None or a == b for a, b in zip(declared, inferred, strict=True)
+    )
+
+
+def _strict_ok(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        return False
+    return True
+
+
+def repair_declared_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Drop declared output shapes / value_info that contradict shape inference (the model's error).
+
+    Exporters sometimes write a stale shape (a value_info from before a graph edit, an output
+    declared with the wrong size); onnxruntime only warns, but onnx's checker and version
+    converter reject the model. Returns ``(model, [])`` when nothing contradicts inference (or
+    the inference error has another cause), else a repaired copy and one note per dropped shape.
+    """
+    if model.ByteSize() >= PROTOBUF_LIMIT or _strict_ok(model):
+        return model, []
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    for value in bare.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    if not _strict_ok(bare):
+        return model, []  # something else is wrong: the checker's message says what
+    inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph
+    found = {v.name: _shape_of(v) for v in [*inferred.value_info, *inferred.output]}
+    repaired = onnx.ModelProto()
+    repaired.CopyFrom(model)
+    notes = []
+    for value in repaired.graph.output:
+        declared, actual = _shape_of(value), found.get(value.name)
+        if not _agree(declared, actual):
+            # onnxruntime wants a shape on graph outputs: the computed one, unknown dims where it has none
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in actual or []:
+                dim = dims.add()
+                if size is not None:
+                    dim.dim_value = size
+            notes.append(
+                f"output {value.name!r} is declared with shape {declared} but the graph computes {actual}: "
+                "dropped the declared shape for the computed one (the model's export is stale)"
+            )
+    kept = []
+    for value in repaired.graph.value_info:
+        declared, actual = _shape_of(value), found.get(value.name)
+        if _agree(declared, actual):
+            kept.append(value)
+        else:
+            notes.append(
+                f"value_info of {value.name!r} says shape {declared} but the graph computes {actual}: "
+                "dropped it (the model's export is stale)"
+            )
+    del repaired.graph.value_info[:]
+    repaired.graph.value_info.extend(kept)
+    if not notes or not _strict_ok(repaired):
+        return model, []
+    return repaired, notes
 
 
 def _uses_external(model: onnx.ModelProto) -> bool:

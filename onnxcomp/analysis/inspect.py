@@ -12,6 +12,7 @@ from onnx import helper
 
 from onnxcomp.analysis.macs import model_macs
 from onnxcomp.analysis.sparsity import sparsity_extra
+from onnxcomp.ir.roundtrip import iter_graph_protos
 from onnxcomp.model_io import default_opset
 
 
@@ -76,17 +77,41 @@ def _value_info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, _dtype_name(t.elem_type) if t.elem_type else "?", shape)
 
 
+def all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes of the main graph and of every If/Loop/Scan body inside it."""
+    return [n for _, g in iter_graph_protos(model.graph) for n in g.node]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+
+
 def constant_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Initializers plus the tensor values of Constant nodes (the model's parameters)."""
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors.extend(a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+    """Initializers plus the tensor values of Constant nodes (the model's parameters), bodies included."""
+    tensors = []
+    for _, graph in iter_graph_protos(model.graph):
+        tensors.extend(graph.initializer)
+        tensors.extend(t for t in map(_constant_node_value, graph.node) if t is not None)
     return tensors
 
 
+def _named_constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every initializer and Constant-node value by the tensor name nodes read it as."""
+    named: dict[str, onnx.TensorProto] = {}
+    for _, graph in iter_graph_protos(model.graph):
+        named.update((t.name, t) for t in graph.initializer)
+        for node in graph.node:
+            value = _constant_node_value(node)
+            if value is not None and node.output:
+                named[node.output[0]] = value
+    return named
+
+
 def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSummary:
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    nodes = all_nodes(model)
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in nodes)
     params: dict[str, dict[str, int]] = {}
     for tensor in constant_tensors(model):
         count = math.prod(tensor.dims)
@@ -102,6 +127,11 @@ def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSum
             macs_by_op[m.op] = macs_by_op.get(m.op, 0) + m.macs
     inits = {t.name for t in model.graph.initializer}
     storage = weight_storage(model)
+    bodies = len(list(iter_graph_protos(model.graph))) - 1
+    inside = len(nodes) - len(model.graph.node)
+    body_rows = [f"{bodies} If/Loop/Scan bodies holding {inside} of the {len(nodes)} nodes"] if bodies else []
+    if bodies:
+        body_rows.append("MACs below count the main graph only (a body may run once, never, or per iteration)")
     return ModelSummary(
         opset=default_opset(model),
         ir_version=model.ir_version,
@@ -114,7 +144,8 @@ def summarize(model: onnx.ModelProto, file_bytes: int | None = None) -> ModelSum
         macs_unknown=unknown,
         inputs=[_value_info(v) for v in model.graph.input if v.name not in inits],
         outputs=[_value_info(v) for v in model.graph.output],
-        extra=({"weights by storage (Conv/Gemm/MatMul)": storage_rows(storage)} if storage else {})
+        extra=({"subgraphs": body_rows} if body_rows else {})
+        | ({"weights by storage (Conv/Gemm/MatMul)": storage_rows(storage)} if storage else {})
         | sparsity_extra(model),
     )
 
@@ -169,8 +200,9 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     zero points (tables once); a float initializer read directly by a compute op counts as float.
     Returns label -> {"weights": element count, "bits": total stored bits}.
     """
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {out: n for n in model.graph.node for out in n.output}
+    inits = _named_constants(model)
+    nodes = all_nodes(model)
+    producers = {out: n for n in nodes for out in n.output if n.op_type != "Constant"}
 
     def bits(name: str) -> int:
         t = inits.get(name)
@@ -195,14 +227,10 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     seen_tables: set[str] = set()
     weight_inputs = {
-        n.input[i]
-        for n in model.graph.node
-        if n.op_type in _WEIGHT_OPS
-        for i in [_WEIGHT_OPS[n.op_type]]
-        if len(n.input) > i
+        n.input[i] for n in nodes if n.op_type in _WEIGHT_OPS for i in [_WEIGHT_OPS[n.op_type]] if len(n.input) > i
     }
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0] in weight_inputs | _feeds_mul(model, weight_inputs):
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.output[0] in weight_inputs | _feeds_mul(nodes, weight_inputs):
             src, label, table_bits = codes_of(node.input[0])
             extra = sum(bits(n) for n in node.input[1:])
             scale_node = producers.get(node.input[1])
@@ -222,7 +250,7 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
         if table_bits and table is not None and table.input[0] not in seen_tables:
             seen_tables.add(table.input[0])
             entry["bits"] += table_bits
-    for node in model.graph.node:
+    for node in nodes:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             attrs = {a.name: a.i for a in node.attribute}
             entry = out.setdefault(f"MatMulNBits {attrs.get('bits', 4)}-bit", {"weights": 0, "bits": 0})
@@ -236,9 +264,9 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     return out
 
 
-def _feeds_mul(model: onnx.ModelProto, weight_inputs: set[str]) -> set[str]:
+def _feeds_mul(nodes: list[onnx.NodeProto], weight_inputs: set[str]) -> set[str]:
     """Outputs of DequantizeLinear nodes that reach a weight through one Mul (two-level scales)."""
-    return {n.input[0] for n in model.graph.node if n.op_type == "Mul" and n.output[0] in weight_inputs}
+    return {n.input[0] for n in nodes if n.op_type == "Mul" and n.output[0] in weight_inputs}
 
 
 def storage_rows(storage: dict[str, dict[str, int]]) -> list[str]:

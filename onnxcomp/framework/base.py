@@ -94,6 +94,8 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     summary: ClassVar[str] = ""
+    #: True: the manager also runs the pass on every If/Loop/Scan body (each as its own graph).
+    bodies: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -14,7 +14,7 @@ from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.validation import InferenceSample, check_inference, inference_sample
-from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, validate_model
+from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, repair_declared_shapes, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class PassManager:
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
         ctx = ctx or PassContext()
+        model, repaired = repair_declared_shapes(model)  # a stale declared shape is the model's, not a pass's
         if ctx.source_model is None:
             ctx.source_model = model
-        report = RunReport(model=model)
+        report = RunReport(model=model, notes=repaired)
         opset = default_opset(model)
         if opset > MAX_EMIT_OPSET:
             model = convert_opset(model, MAX_EMIT_OPSET, f"onnxcomp emits opset <= {MAX_EMIT_OPSET}")
@@ -110,7 +111,7 @@ class PassManager:
                 log.info("converted opset %d -> %d for %s", before, need, pass_.name)
             start = time.perf_counter()
             try:
-                result = pass_.run(graph, ctx)
+                result = self._run_pass(pass_, graph, ctx)
             except OnnxCompError as exc:
                 raise PassError(f"{where} failed: {exc}") from exc
             except Exception as exc:
@@ -125,7 +126,8 @@ class PassManager:
             report.steps.append(StepReport(pass_.name, result, seconds))
             done.append(pass_.name)
             log.info("%s: %s (%.2fs)", pass_.name, result.summary(), seconds)
-        out = ir.export_model(graph, template)
+        # Nothing changed: hand back the model itself (an export would not be byte-identical).
+        out = ir.export_model(graph, template) if any(s.result.modified for s in report.steps) else model
         if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
             self._validate(out, "the pipeline", done, sample)
         report.model = out
@@ -140,6 +142,22 @@ class PassManager:
             log.info("validation creates sessions only: %s", found)
             return None
         return found
+
+    @staticmethod
+    def _run_pass(pass_: Pass, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        """Run ``pass_`` on the graph, then (``pass_.bodies``) on each If/Loop/Scan body."""
+        result = pass_.run(graph, ctx)
+        if not pass_.bodies:
+            return result
+        for body, where in list(ir.iter_graphs(graph))[1:]:
+            inner = pass_.run(body, ctx)
+            result.modified |= inner.modified
+            for key, value in inner.stats.items():
+                result.stats[key] = result.stats.get(key, 0) + value
+            result.changed += [f"{item} ({where})" for item in inner.changed]
+            result.declined += [(name, f"{where}: {reason}") for name, reason in inner.declined]
+            result.notes += [f"{where}: {note}" for note in inner.notes]
+        return result
 
     @staticmethod
     def _validate(model: onnx.ModelProto, where: str, done: list[str], sample: InferenceSample | None = None) -> None:

@@ -11,7 +11,13 @@ the library's known pitfalls:
 * reading ``Constant.values`` of a sub-byte initializer breaks its later export, so
   :func:`constant_value` reads the TensorProto without caching the array on the tensor;
 * ``cleanup().toposort()`` is whole-graph: the pass manager calls :func:`finalize` once per
-  modifying pass, passes never call it per match.
+  modifying pass, passes never call it per match;
+* gs export copies outer-scope constants into every If/Loop/Scan body that reads them, drops
+  overridable initializers from the graph inputs and rewrites non-tensor graph I/O types:
+  :func:`export_model` undoes each (:mod:`onnxcomp.ir.roundtrip`);
+* a body (subgraph) is a gs ``Graph`` of its own whose nodes read outer tensors directly: passes
+  that rewrite inside bodies visit them with :func:`iter_graphs`, and a body's new names come
+  from the model-wide name set (:func:`unique_name`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon import Constant, Graph, Node, Tensor, Variable
 from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxcomp.ir.roundtrip import ModelFacts, finish_export, prepare_import
 
 __all__ = [
     "Constant",
@@ -44,7 +52,9 @@ __all__ = [
     "infer_shapes",
     "is_constant",
     "is_graph_output",
+    "iter_graphs",
     "iter_nodes",
+    "owns",
     "make_constant",
     "make_node",
     "make_variable",
@@ -64,22 +74,39 @@ log = logging.getLogger(__name__)
 
 
 def import_model(model: onnx.ModelProto) -> Graph:
-    """Import a private copy of ``model`` (gs export aliases the source's initializers)."""
+    """Import a private copy of ``model`` (gs export aliases the source's initializers).
+
+    Overridable initializers (graph inputs with a default) come in as graph inputs, not constants.
+    """
     private = onnx.ModelProto()
     private.CopyFrom(model)
-    return gs.import_onnx(private)
+    facts = prepare_import(private)
+    graph = gs.import_onnx(private)
+    graph._onnxcomp_facts = facts  # noqa: SLF001 - read back by export_model
+    return graph
 
 
 def export_model(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping ``template``'s model-level metadata (producer, ir_version, docs)."""
+    """Export ``graph`` keeping ``template``'s model-level metadata (producer, ir_version, docs).
+
+    Outer-scope initializers are written once (never copied into bodies), overridable
+    initializers stay graph inputs, non-tensor graph I/O keeps its types, and an IR < 4 output
+    lists its initializers as inputs (:mod:`onnxcomp.ir.roundtrip`).
+    """
     model = gs.export_onnx(graph, do_type_check=True)
+    facts = graph.__dict__.get("_onnxcomp_facts") or ModelFacts()  # not getattr: see _names_cache
     model.ir_version = max(template.ir_version, _min_ir_version(model))
     model.producer_name = "onnxcomp"
-    model.model_version = template.model_version
-    model.doc_string = template.doc_string
-    model.domain = template.domain
+    model.ClearField("producer_version")
+    for name in ("model_version", "doc_string", "domain"):
+        # Unset fields stay unset (an explicit default is serialised and grows the file).
+        if template.HasField(name):
+            setattr(model, name, getattr(template, name))
+        else:
+            model.ClearField(name)
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    finish_export(model, facts)
     return model
 
 
@@ -105,8 +132,8 @@ def default_opset(graph: Graph) -> int:
 
 
 def finalize(graph: Graph) -> None:
-    """Remove dead nodes/tensors and sort topologically (once per modifying pass)."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    """Remove dead nodes/tensors and sort topologically, bodies included (once per modifying pass)."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort(recurse_subgraphs=True)
 
 
 # --- constants -----------------------------------------------------------------------------
@@ -231,9 +258,12 @@ def is_graph_output(graph: Graph, tensor: Tensor) -> bool:
 
 
 def only_consumer_is(graph: Graph, tensor: Tensor, node: Node) -> bool:
-    """True when ``node`` is the single reader of ``tensor`` and it is not a graph output."""
+    """True when ``node`` is the single reader of ``tensor``, it is not a graph output, and the
+    tensor is not produced in an enclosing scope (a body must not rewrite its parent's nodes)."""
     users = consumers(tensor)
-    return len(users) == 1 and users[0] is node and not is_graph_output(graph, tensor)
+    source = producer(tensor)
+    outer = source is not None and not owns(graph, source)
+    return len(users) == 1 and users[0] is node and not is_graph_output(graph, tensor) and not outer
 
 
 def bypass_node(graph: Graph, node: Node) -> None:
@@ -245,7 +275,7 @@ def bypass_node(graph: Graph, node: Node) -> None:
     src, dst = node.inputs[0], node.outputs[0]
     if is_graph_output(graph, dst):
         src_prod = producer(src)
-        if src_prod is not None and not is_graph_output(graph, src) and not isinstance(src, Constant):
+        if src_prod is not None and owns(graph, src_prod) and not is_graph_output(graph, src):
             # Let the producer write the graph output directly.
             for user in list(src.outputs):
                 if user is not node:
@@ -255,7 +285,7 @@ def bypass_node(graph: Graph, node: Node) -> None:
             src_prod.outputs[idx] = dst
             node.inputs.clear()
             return
-        # An input or constant feeds the output directly: keep the node (nothing to gain).
+        # An input, a constant or an enclosing scope's value feeds the output: keep the node.
         return
     for user in list(dst.outputs):
         for i, t in enumerate(user.inputs):
@@ -265,18 +295,54 @@ def bypass_node(graph: Graph, node: Node) -> None:
     node.outputs.clear()
 
 
-def iter_nodes(graph: Graph, ops: Iterable[str] | None = None) -> Iterator[Node]:
-    """Nodes of the main graph (a snapshot: safe to mutate while iterating), optionally by op."""
+def iter_graphs(graph: Graph) -> Iterator[tuple[Graph, str]]:
+    """``graph``, then every If/Loop/Scan body inside it (depth first), each with where it is.
+
+    ``where`` is "" for ``graph`` and ``inside If 'name' (then_branch)`` for a body. Bodies share
+    ``graph``'s name set, so a name made in one is unique in the whole model.
+    """
+    names = _names_cache(graph)
+    yield graph, ""
+
+    def bodies(parent: Graph) -> Iterator[tuple[Graph, str]]:
+        for node in list(parent.nodes):
+            for attr, value in node.attrs.items():
+                subs = value if isinstance(value, list) else [value]
+                for sub in subs:
+                    if isinstance(sub, Graph):
+                        sub._onnxcomp_names = names  # noqa: SLF001
+                        yield sub, f"inside {node.op} {node.name!r} ({attr})"
+                        yield from bodies(sub)
+
+    yield from bodies(graph)
+
+
+def iter_nodes(graph: Graph, ops: Iterable[str] | None = None, subgraphs: bool = False) -> Iterator[Node]:
+    """Nodes of the graph (a snapshot: safe to mutate while iterating), optionally by op.
+
+    With ``subgraphs=True`` the nodes of every If/Loop/Scan body follow the graph's own. A
+    rewrite of a body node needs the body (new nodes go there): use :func:`iter_graphs`.
+    """
     wanted = set(ops) if ops is not None else None
-    for node in list(graph.nodes):
-        if wanted is None or node.op in wanted:
-            yield node
+    graphs = [g for g, _ in iter_graphs(graph)] if subgraphs else [graph]
+    for each in graphs:
+        for node in list(each.nodes):
+            if wanted is None or node.op in wanted:
+                yield node
+
+
+def owns(graph: Graph, node: Node | None) -> bool:
+    """True when ``node`` is one of ``graph``'s own nodes (not an enclosing scope's)."""
+    return node is not None and any(n is node for n in graph.nodes)
 
 
 def _names_cache(graph: Graph) -> set[str]:
+    """Tensor and node names in use in the whole model (bodies included), built once."""
     cache = graph.__dict__.get("_onnxcomp_names")  # not getattr: gs routes misses to its function registry
     if cache is None:
-        cache = {t for t in graph.tensors()} | {n.name for n in graph.nodes if n.name}
+        cache = set()
+        for each in [graph, *graph.subgraphs(recursive=True)]:
+            cache |= set(each.tensors()) | {n.name for n in each.nodes if n.name}
         graph._onnxcomp_names = cache  # noqa: SLF001
     return cache
 

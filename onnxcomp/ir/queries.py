@@ -22,6 +22,7 @@ from onnxcomp.ir.graph import (
     consumers,
     infer_shapes,
     is_graph_output,
+    owns,
 )
 
 
@@ -32,6 +33,8 @@ def node_key(node: Node) -> str:
 
 def exclusive_reason(graph: Graph, tensor: Tensor, node: Node, owner: Node) -> str | None:
     """Why ``tensor`` (``owner``'s output) does not feed only ``node``, or None if it does."""
+    if not owns(graph, owner):  # a rewrite inside an If/Loop body must not reach into its parent
+        return f"{describe(owner)} is outside the subgraph of {describe(node)}"
     if is_graph_output(graph, tensor):
         return f"the output of {describe(owner)} is a graph output"
     others = [n.name or n.op for n in consumers(tensor) if n is not node]

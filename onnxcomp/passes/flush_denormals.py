@@ -22,6 +22,7 @@ class FlushDenormals(Pass):
     """
 
     name = "flush_denormals"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:

@@ -49,6 +49,7 @@ class FoldAffine(Pass):
     """
 
     name = "fold_affine"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:

@@ -61,6 +61,7 @@ class FoldBatchNorm(Pass):
     """
 
     name = "fold_batchnorm"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:

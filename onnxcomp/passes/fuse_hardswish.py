@@ -41,6 +41,8 @@ def _single_reader(graph: ir.Graph, tensor: ir.Tensor, op: str) -> ir.Node | Non
     readers = ir.consumers(tensor)
     if len(readers) != 1 or readers[0].op != op or ir.is_graph_output(graph, tensor):
         return None
+    if not ir.owns(graph, readers[0]):  # read inside a nested body: the pattern crosses a scope
+        return None
     return readers[0]
 
 
@@ -54,6 +56,7 @@ class FuseHardSwish(Pass):
     """
 
     name = "fuse_hardswish"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
@@ -77,7 +80,7 @@ class FuseHardSwish(Pass):
     @staticmethod
     def _match(graph: ir.Graph, clip: ir.Node) -> tuple[ir.Tensor, ir.Node] | None:
         add = ir.producer(clip.inputs[0])
-        if add is None or add.op != "Add" or _clip_bounds(clip) != (0.0, 6.0):
+        if add is None or add.op != "Add" or not ir.owns(graph, add) or _clip_bounds(clip) != (0.0, 6.0):
             return None
         x = next((t for t in add.inputs if not _const(t, 3.0) and _other(add, t) is not None), None)
         three = _other(add, x) if x is not None else None

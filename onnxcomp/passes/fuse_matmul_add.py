@@ -29,6 +29,7 @@ class FuseMatMulAdd(Pass):
     """
 
     name = "fuse_matmul_add"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:

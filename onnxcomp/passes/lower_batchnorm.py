@@ -39,6 +39,7 @@ class LowerBatchNorm(Pass):
     """
 
     name = "lower_batchnorm"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:

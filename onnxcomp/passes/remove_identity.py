@@ -32,6 +32,7 @@ class RemoveIdentity(Pass):
     """
 
     name = "remove_identity"
+    bodies = True  # also rewrites inside If/Loop/Scan bodies (never across their boundary)
 
     @dataclass(frozen=True)
     class Options:
