@@ -180,3 +180,22 @@ def test_no_sample_for_a_sequence_input_falls_back_to_loading() -> None:
     reason = inference_sample(model)
     assert isinstance(reason, str) and "'s' is not a tensor" in reason
     PassManager([]).run(model)  # validates by loading only, no error
+
+
+class PruneLike(ScaleWeight):
+    """A pass whose error the user chose (pruning, low rank): values are not compared, running is."""
+
+    name = "prune_like"
+    keeps_outputs_close = False
+
+    def __init__(self) -> None:
+        super().__init__(ScaleWeight.Options(factor=-1.0))  # cosine -1: caught if values were compared
+
+
+def test_passes_that_remove_capacity_are_checked_for_running_not_for_closeness() -> None:
+    with pytest.raises(PassError, match="no longer matches"):
+        PassManager([ScaleWeight(ScaleWeight.Options(factor=-1.0))]).run(_square())
+    report = PassManager([PruneLike()]).run(_square())
+    assert report.steps[0].result.modified
+    with pytest.raises(PassError, match=r"pass 'per_channel_batched_qdq' \(step 2 of 2\).*first inference"):
+        PassManager([PruneLike(), PerChannelBatchedQDQ()]).run(_batched())

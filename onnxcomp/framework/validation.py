@@ -122,8 +122,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.dot(x, y) / (nx * ny))
 
 
-def check_inference(session: Any, sample: InferenceSample) -> None:
-    """Run ``session`` (a model at ORT_ENABLE_ALL) on the sample; ValidationError naming what broke."""
+def check_inference(session: Any, sample: InferenceSample, compare_values: bool = True) -> None:
+    """Run ``session`` (a model at ORT_ENABLE_ALL) on the sample; ValidationError naming what broke.
+
+    ``compare_values=False`` (after pruning or low-rank passes, whose error the user chose) checks
+    that it runs, the shapes and finiteness, not the cosine bound.
+    """
     wanted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in sample.feeds.items() if k in wanted}
     names = [n for n in (o.name for o in session.get_outputs()) if n in sample.expected]
@@ -146,7 +150,7 @@ def check_inference(session: Any, sample: InferenceSample) -> None:
                 raise ValidationError(
                     f"output {name!r} has {int(bad.sum())} non-finite values where the input model's are finite"
                 )
-        cosine = _cosine(got, want)
+        cosine = _cosine(got, want) if compare_values else None
         if cosine is not None and cosine < MIN_COSINE:
             raise ValidationError(
                 f"output {name!r} no longer matches the input model's (cosine {cosine:.3f} < {MIN_COSINE} on "
