@@ -17,8 +17,10 @@ from onnxcomp.formats.nm import NMPattern, apply_nm, nm_fraction, parse_pattern
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.ir import match_glob, reduction_axis, weight_layout
+from onnxcomp.runtime import TensorRunner
 from onnxcomp.sparsity import record
 from onnxcomp.sparsity.coupling import float_weight
+from onnxcomp.sparsity.dense_target import DenseFit, DenseTargetStats, fit_dense_target
 from onnxcomp.sparsity.sparsegpt import output_error, sparsegpt_nm
 
 log = logging.getLogger(__name__)
@@ -40,19 +42,27 @@ class Sparsify2to4(Pass):
     (one pass per layer, so later layers compensate the error upstream; memory: one ``d x d``
     float64 matrix, ``d`` the layer's ``Cin/group*kh*kw`` or K); ``sequential = false`` takes all
     Hessians from ONE pass over the model as it enters the pass (faster, one matrix per layer held
-    at once, less accurate). At most ``rows_per_batch`` design rows are sampled per batch and
+    at once, less accurate). With ``sequential`` and ``target = "dense"`` (the default) each layer
+    is fitted to the DENSE model's output of that layer on the same batch instead of to its own
+    dense weights on its new input (:mod:`onnxcomp.sparsity.dense_target`: least-squares target,
+    SparseGPT mask and update on it, exact refit of the kept weights, the per-channel bias
+    corrected; one pass over the sparse model truncated at the layer's input and the dense model
+    per layer, memory: one ``(d+1) x (d+1+Cout)`` float64 block per layer at a time), so the error
+    of every earlier layer is compensated, not carried forward; ``target = "layer"`` is the plain
+    sequential SparseGPT. At most ``rows_per_batch`` design rows are sampled per batch and
     layer, over ``calib_batches`` batches (None: all). Layers
     SparseGPT cannot handle (ConvTranspose, a batched MatMul weight) use magnitude; the method
     of every layer is in its record entry and in ``data["method"]``.
 
     The axis is Cin for Conv (at every ``(cout, kh, kw)``; Cin for ConvTranspose too) and K for
     Gemm (``transB`` aware) and MatMul with a constant weight. An axis whose length is not a
-    multiple of ``m`` is zero-padded for the selection; an axis of length ``<= n`` is left alone.
+    multiple of ``m`` is zero-padded for the selection; an axis of length ``<= n`` or ``< m`` is left alone.
     The weight keeps its shape, so nothing around it changes. Shared weights get their own copy.
     Every sparsified weight satisfies the pattern on 100 % of its groups (``stats``).
 
     Declines a layer whose weight is not a float constant (MatMul: not the second input), whose
-    input-channel axis has length ``<= n``, that matches ``skip``, or that ``prune_channels``
+    input-channel axis has length ``<= n`` or ``< m`` (no whole group: a first conv on the 3 image
+    channels, where no n:m kernel gains anything), that matches ``skip``, or that ``prune_channels``
     pruned earlier in the same run (one kind of sparsity per layer). Already n:m-sparse weights
     are counted as ``already`` and left as they are.
     """
@@ -70,10 +80,13 @@ class Sparsify2to4(Pass):
         rows_per_batch: int = 4096  # SparseGPT: design rows sampled per calibration batch and layer
         calib_batches: int | None = None  # SparseGPT: calibration batches used (None: all)
         sequential: bool = True  # SparseGPT: each layer's Hessian from the model with the layers before it sparse
+        target: Literal["dense", "layer"] = "dense"  # sequential: fit the dense model's output, or the layer's own
+        ridge: float = 0.1  # dense target: ridge towards the dense weights, relative to mean(diag H)
+        refit_kept: bool = False  # dense target: least-squares refit of the kept weights (overfits small data)
 
         def __post_init__(self) -> None:
-            if self.damp < 0 or self.block < 1 or self.rows_per_batch < 1:
-                raise ValueError("damp must be >= 0, block and rows_per_batch >= 1")
+            if self.damp < 0 or self.ridge < 0 or self.block < 1 or self.rows_per_batch < 1:
+                raise ValueError("damp and ridge must be >= 0, block and rows_per_batch >= 1")
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -107,15 +120,30 @@ class Sparsify2to4(Pass):
             assert weight is not None
             candidates.append((node, weight, axis))
         sequential = method == "sparsegpt" and self.options.sequential
+        dense = sequential and self.options.target == "dense"
         hessians = self._hessians(graph, ctx, candidates) if method == "sparsegpt" and not sequential else {}
+        targets = self._dense_model(graph, ctx, candidates) if dense else None
         methods: dict[str, str] = {}
         for node, weight, axis in candidates:
             magnitude = apply_nm(weight, axis, self.pattern)
-            if sequential:  # this layer's input as the layers before it are now
+            fit = None
+            if targets is not None and self._handled(node, weight, axis):
+                fit = self._fit_dense(graph, ctx, node, weight, axis, targets)
+            elif sequential:  # this layer's input as the layers before it are now
                 hessians = self._hessians(graph, ctx, [(node, weight, axis)])
             hessian = hessians.get(id(node))
             sparse, used, errors = magnitude, "magnitude", {}
-            if hessian is not None and not np.array_equal(magnitude, weight):
+            if fit is not None:
+                sparse, used = fit.weight, fit.method
+                errors = {
+                    "output_error": round(fit.errors["fit"], 6),
+                    "output_error_magnitude": round(fit.errors["magnitude"], 6),
+                    "output_error_dense": round(fit.errors["dense"], 6),
+                    "target": "dense",
+                }
+                if fit.bias is not None:
+                    _set_bias(graph, node, fit.bias, weight.dtype)
+            elif hessian is not None and not np.array_equal(magnitude, weight):
                 layout = weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
                 axes = {"channel_axis": layout.channel_axis, "reduction_axis": layout.reduction_axis}
                 o = self.options
@@ -159,20 +187,70 @@ class Sparsify2to4(Pass):
         record.add_layers(ctx, entries)
         return result
 
+    def _handled(self, node: ir.Node, weight: np.ndarray, axis: int) -> bool:
+        """Whether SparseGPT handles this layer (else magnitude) and it is not already n:m."""
+        if node.op == "ConvTranspose" or (node.op == "MatMul" and weight.ndim != 2) or ir.is_constant(node.inputs[0]):
+            return False
+        return not np.array_equal(apply_nm(weight, axis, self.pattern), weight)
+
+    def _dense_model(
+        self, graph: ir.Graph, ctx: PassContext, candidates: list[tuple[ir.Node, np.ndarray, int]]
+    ) -> onnx.ModelProto | None:
+        """The model as it enters the pass (the dense targets), when some layer is handled."""
+        if not any(self._handled(node, weight, axis) for node, weight, axis in candidates):
+            return None
+        return ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
+
+    def _fit_dense(
+        self, graph: ir.Graph, ctx: PassContext, node: ir.Node, weight: np.ndarray, axis: int, dense: onnx.ModelProto
+    ) -> DenseFit | None:
+        """One pass: the layer's input in the model as it is now and its output in the dense model; the fit."""
+        bias, fit_bias = _effective_bias(node, weight)
+        if fit_bias is None:
+            return None  # a bias that is not constant per output channel: plain SparseGPT
+        x_name, y_name = node.inputs[0].name, node.outputs[0].name
+        model = ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
+        runner = TensorRunner(model, [x_name], truncate=True)
+        del model
+        target = TensorRunner(dense, [y_name], truncate=True)
+        stats = DenseTargetStats(node, self.options.rows_per_batch, ctx.rng(f"{node.name}:2to4"))
+        assert ctx.calibration is not None
+        for index, batch in enumerate(ctx.calibration()):
+            if self.options.calib_batches is not None and index >= self.options.calib_batches:
+                break
+            stats.update(runner.run(batch, index)[x_name], target.run(batch, index)[y_name])
+        if stats.rows == 0:
+            raise CalibrationError("calibration data is empty")
+        layout = weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
+        scale = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        o = self.options
+        fit = fit_dense_target(
+            weight.astype(np.float64) * scale,
+            bias,
+            stats,
+            self.pattern,
+            channel_axis=layout.channel_axis,
+            reduction_axis=layout.reduction_axis,
+            fit_bias=fit_bias,
+            damp=o.damp,
+            ridge=o.ridge,
+            block=o.block,
+            refit_kept=o.refit_kept,
+        )
+        if fit.method == "magnitude":
+            fit.weight = apply_nm(weight, axis, self.pattern)
+        else:
+            fit.weight = (fit.weight / scale).astype(weight.dtype)
+        return fit
+
     def _hessians(
         self, graph: ir.Graph, ctx: PassContext, candidates: list[tuple[ir.Node, np.ndarray, int]]
     ) -> dict[int, np.ndarray]:
         """One calibration pass: the input Hessian of every layer SparseGPT handles, by ``id(node)``."""
         grams: dict[int, InputGram] = {}
         for node, weight, axis in candidates:
-            if (
-                node.op == "ConvTranspose"
-                or (node.op == "MatMul" and weight.ndim != 2)
-                or ir.is_constant(node.inputs[0])
-            ):
+            if not self._handled(node, weight, axis):
                 continue
-            if np.array_equal(apply_nm(weight, axis, self.pattern), weight):
-                continue  # already n:m: nothing to do
             rng = ctx.rng(f"sparsify_2to4:{node.name}")
             grams[id(node)] = InputGram(node, max_rows=self.options.rows_per_batch, rng=rng)
         if not grams:
@@ -202,4 +280,50 @@ class Sparsify2to4(Pass):
         axis = reduction_axis(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
         if weight.shape[axis] <= self.pattern.n:
             return f"its input-channel axis has length {weight.shape[axis]} <= {self.pattern.n}: left alone", None, 0
+        if weight.shape[axis] < self.pattern.m:  # e.g. a first conv on 3 image channels
+            return (
+                (
+                    f"its input-channel axis has length {weight.shape[axis]} < {self.pattern.m}: "
+                    f"not one whole group of {self.pattern}, left dense"
+                ),
+                None,
+                0,
+            )
         return None, weight, axis
+
+
+def _effective_bias(node: ir.Node, weight: np.ndarray) -> tuple[np.ndarray | None, bool | None]:
+    """``(bias added to X W, whether a new one may be written)``; ``(None, None)``: unknown bias.
+
+    Conv: its B (or none, then one is added). Gemm: ``beta * C`` when C is a constant scalar or per
+    output column (a new C is written per column with ``beta = 1``). MatMul: none, and none added.
+    """
+    if node.op == "MatMul":
+        return None, False
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None, True
+    value = ir.folded_value(node.inputs[2])
+    if value is None:
+        return None, None
+    cout = weight.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else weight.shape[1]
+    if node.op == "Conv":
+        return (value.astype(np.float64), True) if value.shape == (cout,) else (None, None)
+    if value.size not in (1, cout) or (value.ndim == 2 and value.shape[0] != 1) or value.ndim > 2:
+        return None, None
+    beta = float(node.attrs.get("beta", 1.0))
+    return np.broadcast_to(value.astype(np.float64).reshape(-1), (cout,)) * beta, True
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, bias: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``bias`` (per output channel) as the node's bias: Conv B, Gemm C (with ``beta = 1``)."""
+    bias = np.asarray(bias).astype(dtype)
+    if node.op == "Gemm":
+        node.attrs["beta"] = 1.0
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        ir.write_input(graph, node, 2, bias)
+        return
+    const = ir.make_constant(ir.unique_name(graph, f"{node.name or node.op}_bias"), bias)
+    if len(node.inputs) > 2:
+        node.inputs[2] = const
+    else:
+        node.inputs.append(const)

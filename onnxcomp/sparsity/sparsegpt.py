@@ -25,10 +25,11 @@ from onnxcomp.calibration.gram import damped_inverse_cholesky, dead_columns
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats.nm import NMPattern
 
-__all__ = ["sparsegpt_nm", "output_error"]
+__all__ = ["sparsegpt_nm", "output_error", "matrix_axes"]
 
 
-def _matrix_axes(ndim: int, channel_axis: int, reduction_axis: int) -> list[int]:
+def matrix_axes(ndim: int, channel_axis: int, reduction_axis: int) -> list[int]:
+    """The axis order that views a weight as the ``(Cout, reduction * rest)`` matrix SparseGPT works on."""
     c, r = channel_axis % ndim, reduction_axis % ndim
     return [c, r] + [a for a in range(ndim) if a not in (c, r)]
 
@@ -105,7 +106,7 @@ def sparsegpt_nm(
     """
     if block < 1:
         raise ConfigError(f"SparseGPT block must be >= 1, got {block}")
-    axes = _matrix_axes(w.ndim, channel_axis, reduction_axis)
+    axes = matrix_axes(w.ndim, channel_axis, reduction_axis)
     moved = np.transpose(np.asarray(w, np.float64), axes)
     reduction = moved.shape[1]
     rest = int(np.prod(moved.shape[2:], dtype=np.int64))
@@ -130,7 +131,7 @@ def output_error(
     w: np.ndarray, new: np.ndarray, hessian: np.ndarray, *, channel_axis: int, reduction_axis: int
 ) -> float:
     """Relative output error ``tr(D H D^T) / tr(W H W^T)`` (``D = W - new``) on the data behind ``hessian``."""
-    axes = _matrix_axes(np.ndim(w), channel_axis, reduction_axis)
+    axes = matrix_axes(np.ndim(w), channel_axis, reduction_axis)
 
     def mat(a: np.ndarray) -> np.ndarray:
         moved = np.transpose(np.asarray(a, np.float64), axes)
