@@ -2,7 +2,7 @@
 
 One registry, three codec families:
 
-* :class:`IntegerFormat` - int8, uint8, int4, uint4 (ONNX QuantizeLinear arithmetic);
+* :class:`IntegerFormat` - int8, uint8, int4, uint4, int16, uint16 (ONNX QuantizeLinear arithmetic);
 * :class:`ElementFormat` - fp8_e4m3, fp8_e5m2, hif8, fp4_e2m1, fp4_e1m2 (one code per element);
 * :class:`MXFormat` - mxfp8, mxfp4 (32-element blocks sharing an E8M0 scale).
 
@@ -51,6 +51,9 @@ def _build() -> dict[str, Format]:
         IntegerFormat(name="uint8", bits=8, signed=False, onnx_dtype=TensorProto.UINT8),
         IntegerFormat(name="int4", bits=4, signed=True, onnx_dtype=TensorProto.INT4),
         IntegerFormat(name="uint4", bits=4, signed=False, onnx_dtype=TensorProto.UINT4),
+        # 16-bit Q/DQ is standard ONNX since opset 21; onnxruntime CPU runs it (no integer kernel)
+        IntegerFormat(name="int16", bits=16, signed=True, onnx_dtype=TensorProto.INT16),
+        IntegerFormat(name="uint16", bits=16, signed=False, onnx_dtype=TensorProto.UINT16),
         fp8_e4m3,
         MinifloatFormat(
             name="fp8_e5m2",

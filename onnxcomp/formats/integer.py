@@ -1,11 +1,12 @@
-"""Integer formats INT8, UINT8, INT4, UINT4: the spec section "Integer formats".
+"""Integer formats INT8, UINT8, INT4, UINT4, INT16, UINT16: the spec section "Integer formats".
 
     q  = clip(RNE(x / scale) + zero_point, qmin, qmax)      (ONNX QuantizeLinear)
     x' = (q - zero_point) * scale                            (ONNX DequantizeLinear)
 
 ``x / scale`` is one float32 division and RNE is ``np.rint`` on float32, exactly the arithmetic
 of onnxruntime's CPU QuantizeLinear, so codes are bit-identical to ORT (tested). Dequantize
-computes ``float32(int32(q) - int32(zp)) * scale`` like ORT's DequantizeLinear.
+computes ``float32(int32(q) - int32(zp)) * scale`` like ORT's DequantizeLinear. Every step is
+exact in float32 for 16-bit codes too (|code| + |zero point| < 2^24).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ _TINY = np.finfo(np.float32).tiny
 class IntegerFormat:
     """A ``bits``-bit two's-complement (``signed``) or unsigned integer grid.
 
-    Codes are held in ``storage_dtype`` (np.int8 / np.uint8, 4-bit values range-limited);
-    ONNX packs INT4/UINT4 two per byte (:mod:`onnxcomp.formats.packing`).
+    Codes are held in ``storage_dtype`` (np.int8 / np.uint8 up to 8 bits, 4-bit values
+    range-limited; np.int16 / np.uint16 for 16 bits); ONNX packs INT4/UINT4 two per byte
+    (:mod:`onnxcomp.formats.packing`).
     """
 
     name: str
@@ -51,8 +53,11 @@ class IntegerFormat:
 
     @property
     def storage_dtype(self) -> np.dtype:
-        """np.int8 for signed formats, np.uint8 for unsigned ones (4-bit codes range-limited)."""
-        return np.dtype(np.int8 if self.signed else np.uint8)
+        """The narrowest numpy integer holding every code: (u)int8 up to 8 bits (4-bit codes
+        range-limited), (u)int16 for 16 bits."""
+        if self.bits <= 8:
+            return np.dtype(np.int8 if self.signed else np.uint8)
+        return np.dtype(np.int16 if self.signed else np.uint16)
 
     # ----------------------------------------------------------------- checks
     def _scale(self, scale: npt.ArrayLike) -> np.ndarray:
@@ -131,7 +136,7 @@ class IntegerFormat:
 
         * symmetric: zero_point 0, scale = amax / qmax with amax = max(|lo|, |hi|). Unsigned
           formats have no negative codes, so their symmetric grid is centred on the midpoint
-          code: zero_point = 2^(bits-1) (128 / 8), scale = amax / (qmax - zero_point)
+          code: zero_point = 2^(bits-1) (128 / 8 / 32768), scale = amax / (qmax - zero_point)
           (onnxcomp's choice; the spec only defines the signed case);
         * asymmetric: widen to contain 0 (lo' = min(lo, 0), hi' = max(hi, 0)),
           scale = (hi' - lo') / (qmax - qmin), zero_point = clip(RNE(qmin - lo' / scale));

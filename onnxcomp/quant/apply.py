@@ -33,6 +33,7 @@ from onnxcomp.quant.emit import (
     emit_lut_weight,
     emit_two_level_weight,
     emit_weight_dq,
+    shield_float_readers,
 )
 from onnxcomp.quant.gptq import gptq_quantize
 from onnxcomp.quant.lowbit import stored_as
@@ -175,6 +176,7 @@ def apply_plans(
         for plan in plans:
             record.append(_apply_one(graph, plan, ranges, options, state, energies or {}))
             bar.update(1)
+    shield_float_readers(graph)  # float-pinned readers of quantized tensors stay float on onnxruntime
     return record
 
 
@@ -193,6 +195,8 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
     node, spec = plan.node, plan.spec
     weights, acts = state.weights, state.acts
     entry: dict[str, Any] = {"node": node.name, "op": node.op}
+    if spec.pinned:  # set by hand in the config (op_types / nodes): an automatic search keeps it
+        entry["pinned"] = list(spec.pinned)
     qw = None
     a = spec.activations
     dynamic_tensor = a is not None and a.granularity.kind == "dynamic"

@@ -6,7 +6,9 @@
   consumer (ORT duplicates DQs per node unit when it fuses);
 * int32 bias when a Conv/Gemm is fully INT8 (scale = s_x * s_w, zero point 0);
 * dynamic per-token activations: ReduceMax(|x|) over the last axis -> scale -> fake-quant in
-  plain ops (runs everywhere; ORT does not fuse it).
+  plain ops (runs everywhere; ORT does not fuse it);
+* a float Conv/Gemm reading a quantized tensor, or a 16-bit one whose bias ORT would overflow,
+  reads its own per-axis copy of the DQ (:func:`shield_float_readers`, docs/formats.md#int16-and-uint16).
 """
 
 from __future__ import annotations
@@ -247,3 +249,92 @@ def emit_two_level_weight(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeigh
     return emit_dq(
         graph, base, qw.codes, gscale, _dq_zero_point(qw), qw.axis, qw.block_size, list(qw.dequantized.shape)
     )
+
+
+#: Largest code of the int32 bias onnxruntime writes itself (``Cast(Round(b / (s_x s_w)))``).
+_INT32_MAX = float(2**31 - 1)
+
+
+def shield_float_readers(graph: ir.Graph) -> list[str]:
+    """Give each Conv/ConvTranspose/Gemm that onnxruntime would re-quantize an input DQ it leaves alone.
+
+    onnxruntime's ``WeightBiasQuantization`` (ORT_ENABLE_BASIC and above) rewrites every such node
+    whose input comes from a per-tensor DequantizeLinear: a float32 weight initializer becomes
+    int8 per-tensor Q/DQ, and a float 1-D bias becomes ``Cast(Round(b / (s_x s_w)))`` to int32.
+    That silently quantizes a node pinned to float (its input being a quantized activation), and
+    the int32 cast overflows with 16-bit scales (W16A16: s_x s_w is 2^16 times an 8-bit one). The
+    transformer matches only a scalar input scale, so such a node reads a copy of the DQ with the
+    same scale repeated per input channel: numerically identical, left as written. Returns the
+    names of the shielded nodes.
+    """
+    shielded = []
+    for node in list(ir.iter_nodes(graph, ("Conv", "ConvTranspose", "Gemm"))):
+        dq = ir.producer(node.inputs[0]) if node.inputs and len(node.inputs) > 1 else None
+        if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 3:
+            continue
+        x_scale, x_zero = ir.constant_value(dq.inputs[1]), ir.constant_value(dq.inputs[2])
+        if x_scale is None or x_zero is None or x_scale.size != 1 or not _requantized_by_ort(node, float(x_scale)):
+            continue
+        found = _input_channels(node)
+        if found is None:
+            continue
+        channels, axis = found
+        base = f"{node.inputs[0].name}_{node.name}"
+        scale = ir.make_constant(ir.unique_name(graph, f"{base}_scale"), np.full(channels, x_scale, np.float32))
+        zero = ir.make_constant(ir.unique_name(graph, f"{base}_zero_point"), np.full(channels, x_zero, x_zero.dtype))
+        out = ir.make_variable(graph, f"{base}_dequantized", dtype=np.float32, shape=node.inputs[0].shape)
+        ir.make_node(
+            graph, "DequantizeLinear", [dq.inputs[0], scale, zero], [out], f"{base}_DequantizeLinear", {"axis": axis}
+        )
+        node.inputs[0] = out
+        shielded.append(node.name)
+    return shielded
+
+
+def _requantized_by_ort(node: ir.Node, x_scale: float) -> bool:
+    """Whether WeightBiasQuantization would change what ``node`` computes: a float weight it would
+    quantize, or a float bias whose int32 codes would overflow (or that cannot be checked)."""
+    weight = node.inputs[1]
+    value = ir.constant_value(weight)
+    if value is not None:
+        return value.dtype == np.float32
+    wdq = ir.producer(weight)
+    if wdq is None or wdq.op != "DequantizeLinear" or len(node.inputs) < 3 or not node.inputs[2].name:
+        return False
+    bias = ir.constant_value(node.inputs[2])
+    if bias is None or bias.ndim != 1 or bias.dtype != np.float32:
+        return False
+    w_scale = ir.constant_value(wdq.inputs[1])
+    if w_scale is None:
+        return True
+    w_scale = np.asarray(w_scale, np.float64).reshape(-1)
+    if w_scale.size not in (1, bias.size):
+        return False  # a blocked or mismatched weight scale: the transformer skips the node
+    with np.errstate(divide="ignore", over="ignore"):
+        codes = np.abs(bias.astype(np.float64)) / (x_scale * w_scale)
+    return bool((codes >= _INT32_MAX).any())
+
+
+def _input_channels(node: ir.Node) -> tuple[int, int] | None:
+    """(length, axis) of an input axis longer than 1 (a length-1 axis would be a scalar scale to
+    onnxruntime): the channel axis, from the weight's shape, else a static axis of the input."""
+    weight = node.inputs[1]
+    value = ir.constant_value(weight)
+    if value is None:
+        wdq = ir.producer(weight)
+        value = ir.constant_value(wdq.inputs[0]) if wdq is not None and wdq.inputs else None
+    if value is not None and value.ndim >= 2:
+        shape = value.shape
+        if node.op == "Conv":
+            found = int(shape[1]) * int(node.attrs.get("group", 1)), 1
+        elif node.op == "ConvTranspose":
+            found = int(shape[0]), 1
+        else:
+            found = int(shape[1] if node.attrs.get("transB", 0) else shape[0]), 0 if node.attrs.get("transA", 0) else 1
+        if found[0] > 1:
+            return found
+    dims = node.inputs[0].shape or []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int) and dim > 1:
+            return dim, axis
+    return None

@@ -21,7 +21,7 @@ from onnxcomp.quant.spec import TensorSpec
 class QuantizedWeight:
     """A quantized weight: codes in ONNX storage dtype + DequantizeLinear parameters."""
 
-    codes: np.ndarray  # storage dtype (np.int8/uint8, ml_dtypes int4/uint4/float8)
+    codes: np.ndarray  # storage dtype (np.int8/uint8/int16/uint16, ml_dtypes int4/uint4/float8)
     scale: np.ndarray  # float32, shape () | (C,) | blocked shape (same rank as the weight)
     zero_point: np.ndarray | None  # storage dtype, shape of scale; None for the HiF8 table (storage "lut")
     axis: int | None  # DQ axis (None for per-tensor)
@@ -63,7 +63,7 @@ def storage_array(codes: np.ndarray, fmt: Format) -> np.ndarray:
     if fmt.onnx_dtype is None:
         raise ConfigError(f"format {fmt.name!r} has no ONNX storage type; it is emitted by the low-bit emitters")
     name = fmt.name
-    if isinstance(fmt, IntegerFormat) and name in ("int8", "uint8"):
+    if isinstance(fmt, IntegerFormat) and fmt.bits in (8, 16):  # numpy holds these codes natively
         return codes.astype(fmt.storage_dtype)
     if name == "int4":
         return codes.astype(np.int8).astype(ml_dtypes.int4)

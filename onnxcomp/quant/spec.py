@@ -30,7 +30,9 @@ WEIGHT_OBSERVERS = ("minmax", "mse", "output_mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "entropy", "mse", "histogram")
 GROUP_SIZES = (32, 64, 128, 256)
 #: Formats activations can use (the 4-bit float formats are weight-only).
-ACTIVATION_FORMATS = ("int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2", "hif8", "mxfp8")
+ACTIVATION_FORMATS = ("int8", "uint8", "int4", "uint4", "int16", "uint16", "fp8_e4m3", "fp8_e5m2", "hif8", "mxfp8")
+#: Spellings of "leave this role in float" (a global default, or a pin on an op type or node).
+FLOAT_SPELLINGS = ("float", "none")
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """The resolved plan of one node: weight spec and activation spec (None = not quantized)."""
+    """The resolved plan of one node: weight spec and activation spec (None = not quantized).
+
+    ``pinned`` names the roles ("weights", "activations") an op-type or node-name override set:
+    a choice made by hand, which an automatic search must leave as it is.
+    """
 
     weights: TensorSpec | None
     activations: TensorSpec | None
+    pinned: tuple[str, ...] = ()
 
 
 _SPEC_KEYS = ("dtype", "granularity", "symmetric", "observer", "scale_format")
@@ -123,8 +130,14 @@ def _format_kind(dtype: str) -> str:
     return get_format(dtype).kind
 
 
+def is_float(value: Any) -> bool:
+    """Whether ``value`` spells "leave in float": "float" or "none" (any case)."""
+    return isinstance(value, str) and value.strip().lower() in FLOAT_SPELLINGS
+
+
 def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str) -> TensorSpec | None:
-    """A spec from config data: a format name, "none", or a table of spec keys + observer options.
+    """A spec from config data: a format name, "float" (alias "none": not quantized), or a table
+    of spec keys + observer options.
 
     Keys not given inherit from ``base`` (the global default for that role).
     """
@@ -134,7 +147,7 @@ def parse_tensor_spec(data: Any, role: str, base: TensorSpec | None, where: str)
         data = {"dtype": data}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a format name or a table, got {data!r}")
-    if str(data.get("dtype", "")).lower() == "none":
+    if is_float(data.get("dtype")):
         return None
     values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
     if base is not None:
@@ -257,21 +270,52 @@ class QuantConfig:
         """The resolved spec of a node, or None when it is not quantized (skipped / op not listed)."""
         if op not in self.ops or match_glob(name, self.skip):
             return None
-        weights, activations = self.weights, self.activations
+        pins = self._pins(name, op)
+        weights = pins.get("weights", self.weights)
+        activations = pins.get("activations", self.activations)
+        if weights is None and activations is None:
+            return None
+        return NodeSpec(weights, activations, tuple(pins))
+
+    def pinned_float(self, name: str, op: str) -> bool:
+        """Whether an override pins this node entirely to float (it is then not quantized at all)."""
+        if op not in self.ops or match_glob(name, self.skip):
+            return False
+        pins = self._pins(name, op)
+        return (
+            bool(pins)
+            and pins.get("weights", self.weights) is None
+            and pins.get("activations", self.activations) is None
+        )
+
+    def _pins(self, name: str, op: str) -> dict[str, TensorSpec | None]:
+        """Role -> spec set by the op-type overrides, then the node-name ones (later ones win)."""
+        pins: dict[str, TensorSpec | None] = {}
         for table, key_matches in (
             (self.by_op, lambda k: k == op),
             (self.by_name, lambda k: match_glob(name, (k,)) is not None),
         ):
             for key, (w, a) in table.items():
                 if key_matches(key):
-                    weights = w if w is not _INHERIT else weights
-                    activations = a if a is not _INHERIT else activations
-        if weights is None and activations is None:
-            return None
-        return NodeSpec(weights, activations)
+                    for role, value in (("weights", w), ("activations", a)):
+                        if value is not _INHERIT:
+                            pins[role] = value
+        return {role: pins[role] for role in ("weights", "activations") if role in pins}
 
 
 _INHERIT: Any = object()
+
+
+def emulated_reason(spec: NodeSpec) -> str | None:
+    """What of a node's spec onnxruntime's CPU provider has no integer kernel for ("int16
+    activations"), or None. Such Q/DQ runs, with the node computing in float between the DQs: the
+    kernel report says so instead of calling the node unfused."""
+    a, w = spec.activations, spec.weights
+    if a is not None and (get_format(a.dtype).kind != "int" or get_format(a.dtype).bits > 8):
+        return f"{a.dtype} activations"
+    if w is not None and get_format(w.dtype).kind == "int" and get_format(w.dtype).bits > 8:
+        return f"{w.dtype} weights"
+    return None
 
 
 def parse_config(data: Mapping[str, Any], where: str = "quantize") -> QuantConfig:

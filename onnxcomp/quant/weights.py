@@ -111,8 +111,10 @@ def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt, fp4
 
 
 def min_opset_for(spec: TensorSpec) -> int:
-    """The opset DequantizeLinear needs for this weight spec (``docs/onnxruntime.md#opset-limits``)."""
-    if spec.dtype in ("int4", "uint4", "fp4_e1m2", "mxfp8", "mxfp4") or spec.granularity.kind == "group":
+    """The opset QuantizeLinear/DequantizeLinear need for this spec, weights or activations
+    (``docs/onnxruntime.md#opset-limits``; INT16/UINT16 Q/DQ entered the standard at opset 21)."""
+    wide = ("int4", "uint4", "int16", "uint16", "fp4_e1m2", "mxfp8", "mxfp4")
+    if spec.dtype in wide or spec.granularity.kind == "group":
         return 21
     if spec.dtype.startswith("fp8"):
         return 19

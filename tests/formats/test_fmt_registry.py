@@ -21,6 +21,8 @@ EXPECTED = {
     "uint8": ("int", 8, TensorProto.UINT8),
     "int4": ("int", 4, TensorProto.INT4),
     "uint4": ("int", 4, TensorProto.UINT4),
+    "int16": ("int", 16, TensorProto.INT16),
+    "uint16": ("int", 16, TensorProto.UINT16),
     "fp8_e4m3": ("float", 8, TensorProto.FLOAT8E4M3FN),
     "fp8_e5m2": ("float", 8, TensorProto.FLOAT8E5M2),
     "hif8": ("float", 8, None),
