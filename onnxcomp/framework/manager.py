@@ -126,8 +126,9 @@ class PassManager:
             report.steps.append(StepReport(pass_.name, result, seconds))
             done.append(pass_.name)
             log.info("%s: %s (%.2fs)", pass_.name, result.summary(), seconds)
-        # Nothing changed: hand back the model itself (an export would not be byte-identical).
-        out = ir.export_model(graph, template) if any(s.result.modified for s in report.steps) else model
+        # Nothing changed (no pass, no opset upgrade): the model itself (an export is not byte-identical).
+        unchanged = not any(s.result.modified for s in report.steps) and ir.default_opset(graph) == default_opset(model)
+        out = model if unchanged else ir.export_model(graph, template)
         if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
             self._validate(out, "the pipeline", done, sample, self._close(len(self.passes)))
         report.model = out
