@@ -336,6 +336,30 @@ def test_plain_models_keep_the_axis_0_messages() -> None:
 # ---- real models from PyPI wheels (models/fetch.py) ------------------------------------------------
 
 
+def test_real_silero_vad_if_batches_its_state_along_axis_1(tmp_path: Path) -> None:
+    """Silero VAD (network inside If): input [?, 576], state [2, ?, 128], sr []: no dim names at all.
+
+    Streaming the natural .npz in batches of 10 and running each batch gives exactly one run on
+    all 24 samples (outputs and the new state concatenated along the state's batch axis).
+    """
+    model = onnx.load(str(real_model("silero_vad_if")))
+    axes = sample_axes(model_inputs(model))
+    assert [axes[n].axis for n in ("input", "state", "sr")] == [0, 1, None]
+    data = make_inputs("silero_vad_if", 24, 0)
+    np.savez(tmp_path / "vad.npz", **data)
+    factory, name = calibration_source(tmp_path / "vad.npz", model, batch_size=10)
+    assert name == "vad.npz (24 samples)"
+    outputs = [run_model(model, batch, level="disable") for batch in factory()]
+    whole = run_model(model, data, level="disable")
+    np.testing.assert_allclose(np.concatenate([o[0] for o in outputs]), whole[0], atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([o[1] for o in outputs], axis=1), whole[1], atol=1e-6)
+    sample_first = {**data, "state": np.ascontiguousarray(data["state"].transpose(1, 0, 2))}
+    assert errors(sample_first, model).endswith(
+        "which does not match the model at axis 0 (expects 2); its samples look stacked on axis 0: "
+        "store np.moveaxis(array, 0, 1) (shape (2, 24, 128))"
+    )
+
+
 def test_real_silero_vad_quantize_with_states_given_once(tmp_path: Path) -> None:
     """Silero VAD sequence model: input [sequence_length, 576], h and c [1, 1, 128] given once.
 
