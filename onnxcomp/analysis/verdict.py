@@ -7,6 +7,7 @@ table alone reads as success ("changed", exit 0) in all three cases.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,19 @@ def _why_unchanged(step: StepReport) -> str:
     return "it found no node it rewrites"
 
 
-def run_verdict(report: RunReport, input_bytes: int, output_bytes: int, latency: Latency | None = None) -> Verdict:
-    """The verdict line of a run (output vs input file), and a warning per bad news."""
+def run_verdict(
+    report: RunReport,
+    input_bytes: int,
+    output_bytes: int,
+    latency: Latency | None = None,
+    preparatory: Collection[str] = (),
+) -> Verdict:
+    """The verdict line of a run (output vs input file), and a warning per bad news.
+
+    ``preparatory`` names the passes that only prepare the command's own (the deployment fusions
+    before ``quantize``): when they changed the model but the command's passes did not, the
+    run did not do what was asked, and the warning says so.
+    """
     ratio = output_bytes / input_bytes if input_bytes else float("inf")
     line = f"verdict: output {ratio:.2f}x the input's size ({human_bytes(input_bytes)} -> {human_bytes(output_bytes)})"
     warnings = []
@@ -80,11 +92,11 @@ def run_verdict(report: RunReport, input_bytes: int, output_bytes: int, latency:
             f"the output is larger than the input (+{human_bytes(output_bytes - input_bytes)}, {ratio:.2f}x)"
         )
     modified = [s.name for s in report.steps if s.result.modified]
+    own = [s for s in report.steps if s.name not in preparatory]
     if report.steps and not modified:
-        warnings.append(
-            f"nothing changed: no pass modified the model; {report.steps[-1].name}: {_why_unchanged(report.steps[-1])}"
-        )
-    elif report.steps and not report.steps[-1].result.modified:
-        main = report.steps[-1]
-        warnings.append(f"{main.name} changed nothing (only {', '.join(modified)} did); {_why_unchanged(main)}")
+        last = own[-1] if own else report.steps[-1]
+        warnings.append(f"nothing changed: no pass modified the model; {last.name}: {_why_unchanged(last)}")
+    elif own and not any(s.result.modified for s in own):
+        names = ", ".join(s.name for s in own)
+        warnings.append(f"{names} changed nothing (only {', '.join(modified)} did); {_why_unchanged(own[-1])}")
     return Verdict(line, warnings)
