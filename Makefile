@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+EXTRAS := $(VENV)/.extras
 
 .PHONY: demo test lint format bench clean
 
@@ -13,10 +14,15 @@ $(STAMP): pyproject.toml
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
+# optional extras whose code the tests cover (matplotlib for the sensitivity plot)
+$(EXTRAS): $(STAMP)
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint,plot]'
+	touch $(EXTRAS)
+
 demo: $(STAMP)
 	$(BIN)/python models/demo.py
 
-test: $(STAMP)
+test: $(EXTRAS)
 	$(BIN)/python -m pytest -q
 
 # ruff (lint + format check) and mypy on the package; CI runs it before the tests.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from onnxcomp import ir
 from onnxcomp._version import __version__
-from onnxcomp.api import compress, decompose, fuse, quantize, sparsify
+from onnxcomp.api import compare, compress, decompose, fuse, quantize, sparsify
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.framework import (
     NoOptions,
@@ -37,6 +37,7 @@ __all__ = [
     "RunReport",
     "__version__",
     "available_passes",
+    "compare",
     "compress",
     "decompose",
     "fuse",

@@ -19,6 +19,8 @@ import onnx
 import onnxruntime
 
 from onnxcomp._version import __version__
+from onnxcomp.analysis.compare import compare_models
+from onnxcomp.analysis.comparison import ComparisonReport
 from onnxcomp.calibration.data import calibration_source
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.flags import (
@@ -156,7 +158,10 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             meta.setdefault("notes", []).append(note)
         write_text_atomic(paths["recipe"], dump_recipe(plan, meta))
         for key, data in sorted(ctx.artifacts.items()):
-            write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), _json(data))
+            if isinstance(data, str):  # a text artifact names its own extension (OUT.quant_config.toml)
+                write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}"), data)
+            else:
+                write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), _json(data))
     return report
 
 
@@ -199,6 +204,10 @@ def quantize(
     gptq_damp: float | None = None,
     smoothquant: float | str | None = None,
     equalize: bool | None = None,
+    accuracy_target: str | None = None,
+    evaluator: str | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    sensitivity: bool | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
@@ -220,7 +229,9 @@ def quantize(
     output error on the calibration data through its bias; ``weight_algorithm`` ``gptq`` (with
     ``act_order``, ``gptq_damp``) or ``awq`` replaces round-to-nearest weights; ``smoothquant`` (alpha
     in [0, 1] or ``"auto"``) and ``equalize`` rescale channels first, exactly in float
-    (docs/algorithms.md). With
+    (docs/algorithms.md). ``accuracy_target`` (``"cos:0.995"``, ``"agree:0.99"``, ``"drop:0.01"``
+    with ``evaluator="eval.py:func"``) searches for the most compression meeting it, scored on
+    ``eval_data`` (default: the calibration data) (docs/accuracy.md). With
     ``simulation_output``, the fake-quant simulation model is written there too.
     """
     options = quantize_options(
@@ -247,6 +258,10 @@ def quantize(
         gptq_damp=gptq_damp,
         smoothquant=smoothquant,
         equalize=equalize,
+        accuracy_target=accuracy_target,
+        evaluator=evaluator,
+        eval_data=str(eval_data) if eval_data is not None else None,
+        sensitivity=sensitivity,
     )
     run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
@@ -354,4 +369,57 @@ def sparsify(
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
-__all__ = ["compress", "decompose", "fuse", "quantize", "quantize_options", "sparsify", "with_fusions"]
+def compare(
+    reference: ModelLike,
+    candidate: ModelLike,
+    data: CalibrationLike,
+    *,
+    runs: int = 50,
+    samples: int | None = None,
+    batch_size: int = 32,
+    node_batches: int = 4,
+    batch_axis: Mapping[str, int | None] | None = None,
+    json_output: str | os.PathLike[str] | None = None,
+) -> ComparisonReport:
+    """How far ``candidate`` (a compressed model) is from ``reference`` on ``data``, and how fast.
+
+    Per output: cosine, SQNR, max-abs error, top-1 agreement for class scores (and accuracy when
+    an .npz also holds a ``label`` array); per node, over the first ``node_batches`` batches, the
+    local error (the candidate's node fed the reference's tensors) next to the cumulative one;
+    the latency of both in one interleaved run (ORT_ENABLE_ALL, 1 thread, median of ``runs``;
+    0 skips it) and the file sizes. ``data`` takes the calibration forms (.npz, directory, dicts
+    of arrays, batches; ``batch_axis`` as in :func:`compress`); ``samples`` bounds it. With
+    ``json_output`` the report is also saved as JSON.
+    """
+    if data is None:
+        raise OnnxCompError("compare needs data: an .npz named by model input, a directory of them, or batches")
+    ref_proto, ref_path = _as_model(reference)
+    cand_proto, cand_path = _as_model(candidate)
+    names = (str(ref_path or "reference"), str(cand_path or "candidate"))
+    report = compare_models(
+        ref_proto,
+        cand_proto,
+        data,
+        names=names,
+        paths=(ref_path, cand_path),
+        batch_size=batch_size,
+        samples=samples,
+        node_batches=node_batches,
+        runs=runs,
+        batch_axis=batch_axis,
+    )
+    if json_output is not None:
+        write_text_atomic(Path(json_output), json.dumps(report.to_json(), indent=1) + "\n")
+    return report
+
+
+__all__ = [
+    "compare",
+    "compress",
+    "decompose",
+    "fuse",
+    "quantize",
+    "quantize_options",
+    "sparsify",
+    "with_fusions",
+]

@@ -116,6 +116,10 @@ def quantize_options(
     gptq_damp: float | None = None,
     smoothquant: float | str | None = None,
     equalize: bool | None = None,
+    accuracy_target: str | None = None,
+    evaluator: str | None = None,
+    eval_data: str | None = None,
+    sensitivity: bool | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     if config is None:
@@ -184,6 +188,10 @@ def quantize_options(
         ("gptq_damp", gptq_damp),
         ("smoothquant", smoothquant),
         ("equalize", equalize),
+        ("accuracy_target", accuracy_target),
+        ("evaluator", evaluator),
+        ("eval_data", eval_data),
+        ("sensitivity", sensitivity),
     ):
         if value is not None:
             data[key] = value

@@ -31,3 +31,15 @@ def test_inspect_cli(conv_bn_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["inspect", "--json", str(conv_bn_path)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["param_count"] == 292 and data["macs_total"] == 13856
+
+
+def test_inspect_input_shape_sets_the_mac_count(capsys: pytest.CaptureFixture[str]) -> None:
+    demo = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+    assert main(["inspect", str(demo), "--json"]) == 0
+    batch1 = json.loads(capsys.readouterr().out)["macs_total"]
+    name = "input"
+    assert main(["inspect", str(demo), "--json", "--input-shape", f"{name}=4,1,16,16"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs_total"] == 4 * batch1
+    with pytest.raises(SystemExit):
+        main(["inspect", str(demo), "--input-shape", "input=4,x"])
+    assert main(["inspect", str(demo), "--input-shape", "nope=1,2"]) != 0

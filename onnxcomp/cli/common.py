@@ -14,8 +14,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxcomp.analysis.compare import disk_bytes
 from onnxcomp.analysis.inspect import human_bytes
+from onnxcomp.analysis.verdict import measure_latency, run_verdict
+from onnxcomp.errors import OnnxCompError
+from onnxcomp.flags import FUSE_PIPELINE
 from onnxcomp.framework import RunReport
+from onnxcomp.model_io import load_model
 
 Handler = Callable[[argparse.Namespace], int]
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -88,6 +93,12 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
         )
     if fuse:
         group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+    group.add_argument(
+        "--measure",
+        action="store_true",
+        help="also time the input and the output on onnxruntime CPU (1 thread, interleaved, on the first "
+        "calibration sample or one generated from the input shapes) and add the latency ratio to the verdict",
+    )
 
 
 def batch_axis_arg(text: str) -> tuple[str, int | None]:
@@ -123,7 +134,9 @@ def print_run_report(args: argparse.Namespace, report: RunReport, output: Path |
     width = max([len(s.name) for s in report.steps] + [4])
     for step in report.steps:
         flag = "changed" if step.result.modified else "no change"
-        print(f"  {step.name:<{width}}  {flag:<9}  {step.result.summary()}  ({step.seconds:.2f}s)")
+        detail = step.result.summary()
+        detail = "" if detail in ("no change", "modified") else f"{detail}  "  # the flag says it already
+        print(f"  {step.name:<{width}}  {flag:<9}  {detail}({step.seconds:.2f}s)")
         if args.verbose:
             for node, reason in step.result.declined:
                 print(f"      declined {node}: {reason}")
@@ -133,3 +146,23 @@ def print_run_report(args: argparse.Namespace, report: RunReport, output: Path |
             print(f"      {len(step.result.declined)} declined (see --verbose)")
     if output is not None:
         print(f"wrote {output} ({human_bytes(output.stat().st_size)})")
+        print_verdict(args, report, output)
+
+
+def print_verdict(args: argparse.Namespace, report: RunReport, output: Path) -> None:
+    """The run's one-line verdict (size ratio; latency ratio with ``--measure``) and its warnings on stderr."""
+    latency, failed = None, ""
+    if getattr(args, "measure", False):
+        try:
+            axes = dict(getattr(args, "batch_axis", None) or []) or None
+            latency = measure_latency(
+                load_model(args.model), report.model, getattr(args, "calib", None), batch_axis=axes
+            )
+        except OnnxCompError as exc:
+            failed = f"could not time the models: {exc}"
+    # the fusions only prepare quantize/sparsify/decompose; for `fuse` and `run` every pass is the command's own
+    fusions = FUSE_PIPELINE if getattr(args, "command", "") in ("quantize", "sparsify", "decompose") else ()
+    verdict = run_verdict(report, disk_bytes(args.model), disk_bytes(output), latency, preparatory=fusions)
+    print(verdict.line, flush=True)  # before the warnings on stderr, in a terminal too
+    for warning in [*verdict.warnings, *([failed] if failed else [])]:
+        print(f"onnxcomp: warning: {warning}", file=sys.stderr)

@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from onnxcomp.analysis.inspect import format_summary, summarize
+from onnxcomp.analysis.macs import with_input_shapes
 from onnxcomp.api import compress, fuse
+from onnxcomp.cli import compare as _compare_command  # noqa: F401 - registers ``compare``
 from onnxcomp.cli import decompose as _decompose_command  # noqa: F401 - registers ``decompose``
 from onnxcomp.cli import quantize as _quantize_command  # noqa: F401 - registers ``quantize``
+from onnxcomp.cli import sensitivity as _sensitivity_command  # noqa: F401 - registers ``sensitivity``
 from onnxcomp.cli import sparsify as _sparsify_command  # noqa: F401 - registers ``sparsify``
 from onnxcomp.cli.common import (
     COMMANDS,
@@ -27,6 +30,7 @@ from onnxcomp.cli.common import (
     print_run_report,
     run_kwargs,
 )
+from onnxcomp.cli.shapes import add_input_shape
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.framework.registry import broken_passes, describe_passes
 from onnxcomp.model_io import load_model
@@ -62,12 +66,17 @@ def _fuse(args: argparse.Namespace) -> int:
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_input_shape(p)
 
 
 @command("inspect", "show opset, ops, parameters by dtype, MACs and I/O of a model", _inspect_args)
 def _inspect(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    summary = summarize(model, file_bytes=args.model.stat().st_size)
+    shapes = dict(args.input_shape)
+    unknown = sorted(set(shapes) - {i.name for i in model.graph.input})
+    if unknown:
+        raise OnnxCompError(f"--input-shape: {args.model} has no input {unknown[0]!r}")
+    summary = summarize(with_input_shapes(model, shapes) if shapes else model, file_bytes=args.model.stat().st_size)
     if args.json:
         print(json.dumps(summary.to_json(), indent=1))
     else:

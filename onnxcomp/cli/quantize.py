@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from onnxcomp.analysis.kernels import format_kernel_report
 from onnxcomp.api import quantize
@@ -21,6 +22,7 @@ from onnxcomp.cli.common import (
 from onnxcomp.formats import available_formats
 from onnxcomp.quant.report import format_report
 from onnxcomp.quant.spec import ACTIVATION_FORMATS, ACTIVATION_OBSERVERS, GROUP_SIZES, WEIGHT_OBSERVERS
+from onnxcomp.quant.tuning import format_search
 
 WEIGHT_FORMATS = ", ".join(available_formats()) + ", or none"
 GROUPS = "/".join(map(str, GROUP_SIZES))
@@ -41,6 +43,30 @@ def _alpha(text: str) -> float | str:
 def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     add_run_options(p, calibration="calibration data: .npz named by model input, or a directory")
+    add_quantize_flags(p)
+    p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
+    target = p.add_argument_group("accuracy target (docs/accuracy.md)")
+    target.add_argument(
+        "--accuracy-target",
+        metavar="METRIC:VALUE",
+        help="the most compression meeting it: cos:0.995, agree:0.995, sqnr:30, drop:0.01 (below the float "
+        "model's score), score:V (the evaluator's value); nodes fall back int4 -> int8 -> int16 -> float",
+    )
+    add_scoring_flags(target)
+
+
+def add_scoring_flags(group: Any) -> None:
+    """``--eval-data`` and ``--evaluator`` (quantize --accuracy-target, sensitivity)."""
+    group.add_argument("--eval-data", type=Path, help="data the metric runs on (default: the calibration data)")
+    group.add_argument(
+        "--evaluator",
+        metavar="FILE.py:FUNCTION",
+        help="a Python function f(model_path) -> float (higher is better) scoring each candidate model",
+    )
+
+
+def add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """The format, placement and algorithm flags of ``quantize`` (also taken by ``sensitivity``)."""
     p.add_argument(
         "--config", type=Path, help="TOML with the quantize pass options (weights, activations, op_types, nodes, skip)"
     )
@@ -88,7 +114,6 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--emit", choices=("qdq", "simulate"), default="qdq", help="deployable Q/DQ (default) or fake-quant simulation"
     )
-    p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
     p.add_argument(
         "--fp4-storage",
         choices=("int8", "uint4_lut", "float4e2m1"),
@@ -149,11 +174,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@command("quantize", "post-training quantization (calibrated static or dynamic activations)", _quantize_args)
-def _quantize(args: argparse.Namespace) -> int:
-    report = quantize(
-        args.model,
-        args.output,
+def quantize_flag_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`onnxcomp.api.quantize` keywords of :func:`add_quantize_flags`."""
+    return dict(
         config=args.config,
         weights=args.weights,
         activations=args.activations,
@@ -177,7 +200,19 @@ def _quantize(args: argparse.Namespace) -> int:
         gptq_damp=args.gptq_damp,
         smoothquant=args.smoothquant,
         equalize=args.equalize or None,
+    )
+
+
+@command("quantize", "post-training quantization (calibrated static or dynamic activations)", _quantize_args)
+def _quantize(args: argparse.Namespace) -> int:
+    report = quantize(
+        args.model,
+        args.output,
         simulation_output=args.simulation,
+        accuracy_target=args.accuracy_target,
+        evaluator=args.evaluator,
+        eval_data=args.eval_data,
+        **quantize_flag_kwargs(args),
         **run_kwargs(args),
     )
     print_run_report(args, report, args.output)
@@ -186,4 +221,6 @@ def _quantize(args: argparse.Namespace) -> int:
         print(format_report(step.data["report"]))
     if not args.quiet and "kernels" in step.data:
         print(format_kernel_report(step.data["kernels"]))
+    if not args.quiet and "search" in step.data:
+        print(format_search(step.data["search"]))
     return 0

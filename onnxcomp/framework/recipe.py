@@ -121,6 +121,13 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+def dump_options(options: Mapping[str, Any], header: str = "") -> str:
+    """Pass options as TOML ``key = value`` lines (None values omitted: they mean the default)."""
+    lines = [f"# {line}" for line in header.splitlines()] + ([""] if header else [])
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in options.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
 def dump_recipe(recipe: Recipe, meta: Mapping[str, Any] | None = None) -> str:
     """The resolved recipe as TOML text (round-trips through :func:`load_recipe`)."""
     data = recipe.to_data()

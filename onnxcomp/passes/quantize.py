@@ -16,7 +16,6 @@ from onnxcomp.analysis.kernels import kernel_report
 from onnxcomp.calibration.channels import ChannelStats
 from onnxcomp.calibration.collect import Calibrator, collect_many
 from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
-from onnxcomp.formats import get_format
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.model_io import runs_on_ort
@@ -33,10 +32,20 @@ from onnxcomp.quant.apply import (
 from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
 from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
 from onnxcomp.quant.equalize import equalize
+from onnxcomp.quant.fallback import AccuracyTarget, parse_target
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.report import quantization_report
 from onnxcomp.quant.smooth import awq, smooth_targets, smoothquant
-from onnxcomp.quant.spec import DEFAULT_OPS, NodeSpec, QuantConfig, TensorSpec, parse_config, parse_embedding_spec
+from onnxcomp.quant.spec import (
+    DEFAULT_OPS,
+    NodeSpec,
+    QuantConfig,
+    TensorSpec,
+    emulated_reason,
+    parse_config,
+    parse_embedding_spec,
+)
+from onnxcomp.quant.tuning import tuned_quantize
 from onnxcomp.quant.weights import min_opset_for
 
 
@@ -88,14 +97,33 @@ class Quantize(Pass):
         smoothquant: float | Literal["auto"] | None = None
         equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs (exact in float) first
         smooth_rows: int = 512  # SmoothQuant auto / AWQ: calibration rows kept per tensor for the searches
+        # "METRIC:VALUE" (cos, sqnr, agree, score, drop): the most compression meeting it (docs/accuracy.md)
+        accuracy_target: str | None = None
+        sensitivity: bool = False  # rank every node by the metric with only it quantized / only it in float
+        evaluator: str | None = None  # FILE.py:FUNCTION scoring a model file (higher is better)
+        eval_data: str | None = None  # data the metric runs on (default: the calibration data)
+        eval_batches: int = 8  # evaluation batches per candidate
+        # node overrides chosen by the accuracy search, applied after SmoothQuant/equalization
+        fallback: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
         try:
-            self.config: QuantConfig = parse_config(self._config_data())
+            #: the config scale migration (SmoothQuant, AWQ, equalization) chooses with
+            self.base_config: QuantConfig = parse_config(self._config_data())
+            fallback = {**self.options.nodes, **self.options.fallback}
+            #: the config nodes are quantized with: the base plus the accuracy search's fallback
+            self.config: QuantConfig = (
+                parse_config({**self._config_data(), "nodes": fallback}) if self.options.fallback else self.base_config
+            )
             self.embeddings: TensorSpec | None = parse_embedding_spec(self.options.embeddings)
+            self.target: AccuracyTarget | None = (
+                parse_target(self.options.accuracy_target) if self.options.accuracy_target is not None else None
+            )
         except ConfigError as exc:
             raise RecipeError(str(exc)) from exc
+        #: statistics reused across the candidates of one search ((purpose, tensor, collector) -> collector)
+        self.stats_cache: dict[tuple[str, str, str], Any] | None = None
 
     def _config_data(self) -> dict[str, Any]:
         o = self.options
@@ -124,12 +152,11 @@ class Quantize(Pass):
     def _migrate_scales(self, graph: ir.Graph, ctx: PassContext, result: PassResult) -> dict[str, list[dict[str, Any]]]:
         """Equalization, SmoothQuant and AWQ: float-exact rescaling before anything is quantized."""
         o, done = self.options, {}
-        candidates = [
-            n for n in ir.iter_nodes(graph, self.config.ops) if self.config.for_node(n.name, n.op) is not None
-        ]
+        config = self.base_config
+        candidates = [n for n in ir.iter_nodes(graph, config.ops) if config.for_node(n.name, n.op) is not None]
         if o.equalize:
             done["equalize"] = equalize(graph, o.skip)
-        specs = {n.name: self.config.for_node(n.name, n.op) for n in candidates}
+        specs = {n.name: config.for_node(n.name, n.op) for n in candidates}
         smooth = [n for n in candidates if (sp := specs[n.name]) is not None and sp.activations is not None]
         weight_only = [n for n in candidates if (sp := specs[n.name]) is not None and sp.activations is None]
         wanted = (smooth if o.smoothquant is not None else []) + (weight_only if o.weight_algorithm == "awq" else [])
@@ -144,7 +171,7 @@ class Quantize(Pass):
             )
 
             def spec_for(node: ir.Node) -> NodeSpec | None:
-                return self.config.for_node(node.name, node.op)
+                return config.for_node(node.name, node.op)
 
             if o.smoothquant is not None and smooth:
                 done["smoothquant"] = smoothquant(graph, smooth, stats, o.smoothquant, spec_for)
@@ -157,6 +184,8 @@ class Quantize(Pass):
         return done
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        if self.target is not None or self.options.sensitivity:
+            return tuned_quantize(self, graph, ctx)
         result = PassResult(modified=False)
         migrated = self._migrate_scales(graph, ctx, result)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
@@ -165,9 +194,11 @@ class Quantize(Pass):
             [] if self.embeddings is None else _embedding_entries(graph, self.embeddings, self.options.skip, result)
         )
         if not plans:
+            tables += self._quantize_bodies(graph, ctx, result)
             if tables:
                 ctx.set_record("quant", tables)
                 result.data["record"] = tables
+                result.modified = True
             else:
                 result.notes.append("no node to quantize")
             return result
@@ -188,9 +219,7 @@ class Quantize(Pass):
             if ctx.calibration is None:
                 raise CalibrationError(_needs_data(static, wanted))
             assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
-            stats = collect_many(
-                float_model, wanted, ctx.calibration(), self.options.calib_batches, ctx.progress.enabled
-            )
+            stats = self._collect(float_model, wanted, ctx)
         ranges = ranges_from(static, stats["ranges"])
         energies = energies_from(plans, stats["energies"])
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
@@ -203,6 +232,7 @@ class Quantize(Pass):
         _attach(record, migrated)
         result.modified = True
         result.stats = {**_stats(plans), **result.stats}
+        record += self._quantize_bodies(graph, ctx, result)  # after the statistics: the float model has none
         result.changed = [p.node.name for p in plans] + result.changed
         result.data["record"] = record
         ctx.set_record("quant", record)
@@ -228,6 +258,72 @@ class Quantize(Pass):
             else:
                 result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+    def _collect(self, model: Any, wanted: dict[str, dict[str, Any]], ctx: PassContext) -> dict[str, dict[str, Any]]:
+        """``collect_many``, reusing what ``stats_cache`` holds (the candidates of one accuracy search)."""
+        assert ctx.calibration is not None
+        cache = self.stats_cache
+        if cache is None:
+            return collect_many(model, wanted, ctx.calibration(), self.options.calib_batches, ctx.progress.enabled)
+        keys = {p: {t: (p, t, _factory_key(f)) for t, f in tensors.items()} for p, tensors in wanted.items()}
+        missing = {p: {t: f for t, f in tensors.items() if keys[p][t] not in cache} for p, tensors in wanted.items()}
+        if any(missing.values()):
+            got = collect_many(model, missing, ctx.calibration(), self.options.calib_batches, ctx.progress.enabled)
+            for p, tensors in got.items():
+                for t, collector in tensors.items():
+                    cache[keys[p][t]] = collector
+        return {p: {t: cache[keys[p][t]] for t in tensors} for p, tensors in wanted.items()}
+
+    def _quantize_bodies(self, graph: ir.Graph, ctx: PassContext, result: PassResult) -> list[dict[str, Any]]:
+        """Quantize the nodes inside If/Loop/Scan bodies that need no calibration statistics.
+
+        onnxruntime cannot expose a tensor of a body as a model output, so a body node whose
+        activations or weight observer need calibration is declined with that reason.
+        """
+        record: list[dict[str, Any]] = []
+        for body, where in list(ir.iter_graphs(graph))[1:]:
+            plans, declined = plan_nodes(body, self.config, self.options.output_quant, self.options.placement)
+            result.declined += [(name, f"{where}: {reason}") for name, reason in declined]
+            runnable = []
+            for plan in plans:
+                why = _needs_statistics(plan, self.options)
+                if why is None:
+                    runnable.append(plan)
+                else:
+                    result.declined.append(
+                        (
+                            plan.node.name,
+                            f"{where}: calibration cannot tap subgraph tensors ({why}); "
+                            "quantize it weight-only (--activations none) or skip it",
+                        )
+                    )
+            if runnable:
+                record += apply_plans(body, runnable, {}, self.options, ctx, {}, {})
+                for key, count in _stats(runnable).items():
+                    result.stats[key] = result.stats.get(key, 0) + count
+                result.changed += [f"{p.node.name} ({where})" for p in runnable]
+        return record
+
+
+def _needs_statistics(plan: NodePlan, options: Any) -> str | None:
+    """What calibration statistic quantizing ``plan`` needs, or None when it needs none."""
+    if _static_tensors([plan]):
+        assert plan.spec.activations is not None
+        return f"static {plan.spec.activations.dtype} activations"
+    if plan.spec.weights is not None and plan.spec.weights.observer == "output_mse":
+        return "weight observer output_mse"
+    if options.weight_algorithm == "gptq":
+        return "GPTQ"
+    if options.bias_correction != "none":
+        return "bias correction"
+    return None
+
+
+def _factory_key(factory: Any) -> str:
+    """What a collector factory collects, as a cache key (a factory bound to graph nodes is never reused)."""
+    if isinstance(factory, partial) and all(isinstance(a, (str, int, float, bool)) for a in factory.args):
+        return repr((factory.func.__qualname__, factory.args, sorted(factory.keywords.items())))
+    return f"unshared:{id(factory)}"
 
 
 def _attach(record: list[dict[str, Any]], migrated: dict[str, list[dict[str, Any]]]) -> None:
@@ -313,10 +409,7 @@ def _embedding_entries(
 
 def _emulated(plan: NodePlan) -> str | None:
     """The format of a node with no integer kernel on onnxruntime's CPU provider, or None."""
-    spec = plan.spec.activations
-    if spec is not None and get_format(spec.dtype).kind != "int":
-        return f"{spec.dtype} activations"
-    return None
+    return emulated_reason(plan.spec)
 
 
 def _static_tensors(plans: list[NodePlan]) -> dict[str, TensorSpec]:
