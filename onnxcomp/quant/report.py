@@ -7,8 +7,8 @@ the number of batches.
 Two figures per node: the *cumulative* SQNR (the node's output in the quantized model, carrying
 every upstream error) and the *local* SQNR (the quantized node fed the float model's input, so
 it isolates the node: the one to look at when choosing what to ``--skip``). The local figures
-come from one extra session over a *local model*: a copy of each quantized node with the Q/DQ
-and weight nodes it reads, whose inputs are the float model's tensors.
+come from one extra session over the local model of :mod:`onnxcomp.analysis.local_error` (the
+same as ``onnxcomp compare``'s).
 """
 
 from __future__ import annotations
@@ -19,67 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxcomp.analysis.local_error import plan_local_error
 from onnxcomp.runtime import ALL_CORES, ort_session, with_outputs
-
-_LOCAL = "__local"
-
-
-def local_model(
-    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, tensors: list[str]
-) -> onnx.ModelProto | None:
-    """A model computing each quantized node's output ``t`` as ``t + "__local"`` from float tensors.
-
-    For each ``t``, the nodes of ``quant_model`` between ``t`` and the tensors the float model also
-    has (its activation inputs, before their Q/DQ) are copied, with internal names made unique per
-    copy; those float tensors become the graph inputs. None when nothing can be isolated.
-    """
-    g = quant_model.graph
-    float_names = {i.name for i in float_model.graph.input} | {o for n in float_model.graph.node for o in n.output}
-    producer = {o: n for n in g.node for o in n.output}
-    inits = {t.name: t for t in g.initializer}
-    nodes: list[onnx.NodeProto] = []
-    inputs: dict[str, None] = {}
-    used_inits: dict[str, None] = {}
-    outputs = []
-    for k, t in enumerate(tensors):
-        if t not in producer or t not in float_names:
-            continue
-        rename = {t: t + _LOCAL}
-        copied: list[onnx.NodeProto] = []
-        stack, seen = [producer[t]], set()
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            copied.append(node)
-            for x in node.input:
-                if not x or x in inits:
-                    if x:
-                        used_inits[x] = None
-                    continue
-                if x in float_names or x not in producer:
-                    inputs[x] = None
-                    continue
-                rename.setdefault(x, f"{x}__l{k}")
-                stack.append(producer[x])
-        for node in reversed(copied):
-            c = onnx.NodeProto()
-            c.CopyFrom(node)
-            c.name = f"{node.name}__l{k}"
-            c.input[:] = [rename.get(x, x) for x in node.input]
-            c.output[:] = [rename.get(o, f"{o}__l{k}") if o else o for o in node.output]
-            nodes.append(c)
-        outputs.append(onnx.helper.make_empty_tensor_value_info(t + _LOCAL))
-    if not outputs:
-        return None
-    types = {v.name: v for v in [*float_model.graph.input, *float_model.graph.value_info, *float_model.graph.output]}
-    # activations entering a Q are float; an undeclared one is typed float32 (a wrong guess only
-    # costs the local figures: the session is not created and the report says nothing local)
-    graph_inputs = [types.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs]
-    graph = onnx.helper.make_graph(nodes, "local", graph_inputs, outputs, [inits[n] for n in used_inits])
-    model = onnx.helper.make_model(graph, opset_imports=quant_model.opset_import, ir_version=quant_model.ir_version)
-    return model
 
 
 class _Acc:
@@ -120,21 +61,16 @@ def quantization_report(
     tensors = [t for t in node_outputs if t in quant_names]
     outputs = [o.name for o in float_model.graph.output if o.name in {q.name for q in quant_model.graph.output}]
     names = list(dict.fromkeys(tensors + outputs))
-    local = local_model(float_model, quant_model, tensors)
-    local_inputs = [i.name for i in local.graph.input] if local is not None else []
+    plan = plan_local_error(float_model, quant_model)  # each node fed the float model's own tensors
+    local_of = {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
+    local_inputs = plan.feeds if local_of else []
     exposed = list(dict.fromkeys(names + [n for n in local_inputs if n not in fed]))
     ref_sess = ort_session(with_outputs(float_model, exposed), level="disable", threads=ALL_CORES)
     test_sess = ort_session(with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
-    local_sess = None
-    if local is not None:
-        try:
-            local_sess = ort_session(local, level="disable", threads=ALL_CORES)
-        except Exception:  # noqa: BLE001 - no local figures rather than no report
-            local, local_inputs = None, []
-    local_names = [o.name for o in local.graph.output] if local is not None else []
+    local_sess: Any = None
     accs = {n: _Acc() for n in names}
-    local_accs = {n: _Acc() for n in local_names}
+    local_accs = {n: _Acc() for n in local_of.values()}
     seen = 0
     for batch in batches:
         if seen >= max_batches:
@@ -145,10 +81,17 @@ def quantization_report(
         for name, test in zip(names, test_sess.run(names, feeds), strict=True):
             if np.issubdtype(np.asarray(refs[name]).dtype, np.floating):
                 accs[name].add(np.asarray(refs[name]), np.asarray(test))
-        if local_sess is not None:
-            outs = local_sess.run(local_names, {n: refs[n] for n in local_inputs})
-            for name, test in zip(local_names, outs, strict=True):
-                local_accs[name].add(np.asarray(refs[name[: -len(_LOCAL)]]), np.asarray(test))
+        if local_of and local_sess is None:
+            try:  # built once the feeds' dtypes are known; no local figures rather than no report
+                model = plan.local_model(quant_model, {n: np.asarray(refs[n]).dtype for n in local_inputs})
+                local_sess = ort_session(model, level="disable", threads=ALL_CORES)
+            except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
+                local_of, local_accs = {}, {}
+        if local_of:
+            wanted = list(local_of)
+            outs = local_sess.run(wanted, {n: refs[n] for n in local_inputs})
+            for name, test in zip(wanted, outs, strict=True):
+                local_accs[local_of[name]].add(np.asarray(refs[local_of[name]]), np.asarray(test))
         seen += 1
     nodes = [
         {
@@ -157,7 +100,7 @@ def quantization_report(
             "tensor": t,
             "sqnr_db": round(accs[t].sqnr(), 3),
             "cosine": round(accs[t].cosine(), 6),
-            **({"local_sqnr_db": round(local_accs[t + _LOCAL].sqnr(), 3)} if t + _LOCAL in local_accs else {}),
+            **({"local_sqnr_db": round(local_accs[t].sqnr(), 3)} if t in local_accs else {}),
         }
         for t in tensors
     ]
