@@ -51,7 +51,10 @@ class Sparsify2to4(Pass):
     of every earlier layer is compensated, not carried forward; ``target = "layer"`` is the plain
     sequential SparseGPT. At most ``rows_per_batch`` design rows are sampled per batch and
     layer, over ``calib_batches`` batches (None: all). Layers
-    SparseGPT cannot handle (ConvTranspose, a batched MatMul weight) use magnitude; the method
+    SparseGPT cannot handle (ConvTranspose, a batched MatMul weight) use magnitude. Opt-in,
+    ``dense_layers = N`` leaves the N layers whose one-shot SparseGPT relative output error is
+    largest dense (one extra calibration pass; listed as declined and in
+    ``data["dense_layers"]``). The method
     of every layer is in its record entry and in ``data["method"]``.
 
     The axis is Cin for Conv (at every ``(cout, kh, kw)``; Cin for ConvTranspose too) and K for
@@ -84,10 +87,11 @@ class Sparsify2to4(Pass):
         target: Literal["dense", "layer"] = "dense"  # sequential: fit the dense model's output, or the layer's own
         ridge: float = 0.1  # dense target: ridge towards the dense weights, relative to mean(diag H)
         refit_kept: bool = False  # dense target: least-squares refit of the kept weights (overfits small data)
+        dense_layers: int = 0  # SparseGPT, opt-in: leave the N layers of largest one-shot output error dense
 
         def __post_init__(self) -> None:
-            if self.damp < 0 or self.ridge < 0 or self.block < 1 or self.rows_per_batch < 1:
-                raise ValueError("damp and ridge must be >= 0, block and rows_per_batch >= 1")
+            if self.damp < 0 or self.ridge < 0 or self.block < 1 or self.rows_per_batch < 1 or self.dense_layers < 0:
+                raise ValueError("damp, ridge and dense_layers must be >= 0, block and rows_per_batch >= 1")
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -120,6 +124,8 @@ class Sparsify2to4(Pass):
                 continue
             assert weight is not None
             candidates.append((node, weight, axis))
+        if method == "sparsegpt" and self.options.dense_layers:
+            candidates = self._leave_sensitive_dense(graph, ctx, candidates, result)
         sequential = method == "sparsegpt" and self.options.sequential
         dense = sequential and self.options.target == "dense"
         hessians = self._hessians(graph, ctx, candidates) if method == "sparsegpt" and not sequential else {}
@@ -187,6 +193,35 @@ class Sparsify2to4(Pass):
         result.data["method"] = methods
         record.add_layers(ctx, entries)
         return result
+
+    def _leave_sensitive_dense(
+        self, graph: ir.Graph, ctx: PassContext, candidates: list[tuple[ir.Node, np.ndarray, int]], result: PassResult
+    ) -> list[tuple[ir.Node, np.ndarray, int]]:
+        """Decline the ``dense_layers`` candidates whose one-shot SparseGPT output error is largest."""
+        hessians = self._hessians(graph, ctx, candidates)
+        scores: dict[int, float] = {}
+        for node, weight, _axis in candidates:
+            hessian = hessians.get(id(node))
+            if hessian is None:
+                continue
+            layout = weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
+            axes = {"channel_axis": layout.channel_axis, "reduction_axis": layout.reduction_axis}
+            o = self.options
+            sparse = sparsegpt_nm(weight, self.pattern, hessian, damp=o.damp, block=o.block, **axes)
+            scores[id(node)] = output_error(weight, sparse, hessian, **axes)
+        ranked = sorted(scores, key=lambda key: -scores[key])[: self.options.dense_layers]
+        left = []
+        for node, weight, axis in candidates:
+            if id(node) in ranked:
+                reason = (
+                    f"one of the {self.options.dense_layers} layers of largest one-shot SparseGPT output "
+                    f"error ({scores[id(node)]:.4f}): left dense (dense_layers)"
+                )
+                result.declined.append((node.name, reason))
+                result.data.setdefault("dense_layers", []).append(node.name)
+            else:
+                left.append((node, weight, axis))
+        return left
 
     def _handled(self, node: ir.Node, weight: np.ndarray, axis: int) -> bool:
         """Whether SparseGPT handles this layer (else magnitude) and it is not already n:m."""

@@ -18,8 +18,9 @@ statistics are streamed and mergeable (:class:`DenseTargetStats`: ``[X_s 1]^T [X
    and the update target the error a refit bias cannot absorb. Without one the fixed bias is
    subtracted from the target.
 2. The unconstrained least-squares target ``W* = (H + lambda I)^-1 (C + lambda W_d)`` (a ridge
-   towards the dense weights, relative to ``mean(diag H)``, so scarce data never pulls directions
-   it did not observe away from the dense model).
+   towards the dense weights, ``lambda = ridge * mean(diag H)``, raised by ``(d + 1) / rows`` when
+   there are fewer rows than unknowns, as for the globally pooled input of a squeeze-excitation
+   block, so scarce data never pulls directions it did not observe away from the dense model).
 3. SparseGPT's mask and compensating update (:func:`onnxcomp.sparsity.sparsegpt.sparsegpt_nm`) on
    ``W*`` with ``H``: minimising ``||X_s (W - W*)||^2`` over n:m ``W`` is the same problem as
    minimising ``||X_s W - Y_d||^2`` (they differ by a constant), so OBS applies unchanged.
@@ -212,7 +213,8 @@ def fit_dense_target(
         else:  # the bias is fixed: remove it from the target
             c_x = c_x - np.outer(hb, b0[part])
         hx = (hx + hx.T) / 2.0
-        lam = ridge * float(np.mean(np.diag(hx))) + 1e-12
+        scarce = max(1.0, (d + 1) / stats.rows)  # fewer rows than unknowns (an SE block's pooled input)
+        lam = ridge * scarce * float(np.mean(np.diag(hx))) + 1e-12
         try:
             sol = np.linalg.solve(hx + lam * np.eye(d), c_x + lam * m0[part].T)
         except np.linalg.LinAlgError:

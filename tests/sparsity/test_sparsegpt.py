@@ -116,10 +116,11 @@ def test_sparsegpt_without_data_is_a_one_line_error_and_quantize_keeps_zeros() -
 def test_ppocr_cls_2to4_keeps_fp32_top1_accuracy() -> None:
     """2:4 on every layer by SparseGPT (the CLI default: sequential, dense target) against the labels.
 
-    Measured here (64 calibration images, 500 held-out): fp32 0.926, dense target 0.860 (0.929 of
-    fp32, agreement 0.870), magnitude 0.494, the plain sequential SparseGPT 0.514. The issue's
-    criterion (>= 0.95 of fp32) is reached with more data (128 images: 0.880 = 0.950) but not
-    with margin, so the assertion is the figure this configuration holds, 0.9 of fp32."""
+    Measured here (64 calibration images, 500 held-out): fp32 0.926; dense target 0.862 (0.931 of
+    fp32, agreement 0.884); the plain sequential SparseGPT (target "layer") 0.514; magnitude 0.486;
+    opt-in dense_layers=4 0.900 (0.972). The issue's >= 0.95 of fp32 with every layer sparse is
+    about reached with 128 images (0.949 on 1500 held-out) but not with margin, so the assertion
+    is the figure this configuration holds with some margin: 0.9 of fp32."""
     from tests.real_models import make_inputs, real_model
 
     model = onnx.load(str(real_model("ppocr_cls")))
@@ -272,4 +273,24 @@ def test_pass_dense_target_exact_masks_on_every_layer_kind() -> None:
     assert (
         again.model.SerializeToString()
         == compress(model, [make_pass("sparsify_2to4", {})], calibration=calib, batch_size=16).model.SerializeToString()
+    )
+
+
+def test_dense_layers_opt_in_leaves_the_most_sensitive_layers_dense() -> None:
+    model = _mixed_model()
+    calib = _data(32, 15)
+    report = compress(model, [make_pass("sparsify_2to4", {"dense_layers": 2})], calibration=calib, batch_size=16)
+    result = report.result("sparsify_2to4")
+    left = result.data["dense_layers"]
+    assert len(left) == 2 and len(result.data["layers"]) == 2
+    declined = dict(result.declined)
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in report.model.graph.initializer}
+    for name in left:
+        assert "left dense (dense_layers)" in declined[name]
+        np.testing.assert_array_equal(after[f"{name}.w"], before[f"{name}.w"])
+    default = compress(model, [make_pass("sparsify_2to4", {})], calibration=calib, batch_size=16)
+    assert (
+        len(default.result("sparsify_2to4").data["layers"]) == 4
+        and "dense_layers" not in default.result("sparsify_2to4").data
     )
