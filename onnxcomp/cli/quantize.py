@@ -24,7 +24,7 @@ from onnxcomp.quant.report import format_report
 from onnxcomp.quant.spec import ACTIVATION_FORMATS, ACTIVATION_OBSERVERS, GROUP_SIZES, WEIGHT_OBSERVERS
 from onnxcomp.quant.tuning import format_search
 
-WEIGHT_FORMATS = ", ".join(available_formats()) + ", or none"
+WEIGHT_FORMATS = ", ".join(available_formats()) + ", or none / float"
 GROUPS = "/".join(map(str, GROUP_SIZES))
 
 
@@ -73,16 +73,16 @@ def add_quantize_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         type=str.lower,
-        choices=(*available_formats(), "none"),
+        choices=(*available_formats(), "none", "float"),
         metavar="FORMAT",
         help=f"weight format: {WEIGHT_FORMATS}",
     )
     p.add_argument(
         "--activations",
         type=str.lower,
-        choices=(*ACTIVATION_FORMATS, "none"),
+        choices=(*ACTIVATION_FORMATS, "none", "float"),
         metavar="FORMAT",
-        help=f"activation format: {', '.join(ACTIVATION_FORMATS)}, or none (weight-only)",
+        help=f"activation format: {', '.join(ACTIVATION_FORMATS)}, or none / float (weight-only)",
     )
     p.add_argument("--granularity", help=f"weight granularity: tensor, channel or group:N (N in {GROUPS})")
     p.add_argument(
