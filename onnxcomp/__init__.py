@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from onnxcomp import ir
 from onnxcomp._version import __version__
-from onnxcomp.api import compare, compress, decompose, fuse, quantize, sparsify
+from onnxcomp.api import compare, compress, decompose, distill, fuse, quantize, sparsify
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.framework import (
     NoOptions,
@@ -40,6 +40,7 @@ __all__ = [
     "compare",
     "compress",
     "decompose",
+    "distill",
     "fuse",
     "ir",
     "load_model",

@@ -271,6 +271,57 @@ def quantize(
     return report
 
 
+def distill(
+    model: ModelLike,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    iters: int | None = None,
+    lr: float | None = None,
+    batch_rows: int | None = None,
+    round_weight: float | None = None,
+    learn_rounding: bool | None = None,
+    learn_scales: bool | None = None,
+    learn_bias: bool | None = None,
+    teacher_input: bool | None = None,
+    simulation_output: str | os.PathLike[str] | None = None,
+    calibration: CalibrationLike = None,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
+    batch_axis: Mapping[str, int | None] | None = None,
+    fuse: bool = True,
+    force: bool = False,
+    progress: bool = False,
+    external_data: bool | None = None,
+    **quantize_keywords: Any,
+) -> RunReport:
+    """Layer-wise distillation: :func:`quantize` with learned rounding, scales and biases (docs/distill.md).
+
+    Takes every format keyword of :func:`quantize` (``weights``, ``activations``, ``granularity``,
+    ``config``, ...) and writes the same outputs; ``iters`` (Adam steps per block), ``lr``,
+    ``batch_rows`` (output rows per step), ``round_weight`` and the ``learn_*`` switches tune the
+    learning; ``teacher_input`` feeds each block the float model's input instead of the student's.
+    Needs ``calibration`` (unlabelled inputs).
+    """
+    options = quantize_options(**quantize_keywords)
+    learning = {
+        "iters": iters,
+        "lr": lr,
+        "batch_rows": batch_rows,
+        "round_weight": round_weight,
+        "learn_rounding": learn_rounding,
+        "learn_scales": learn_scales,
+        "learn_bias": learn_bias,
+        "teacher_input": teacher_input,
+    }
+    options = {**options, **{k: v for k, v in learning.items() if v is not None}}
+    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    report = _run(model, Recipe(with_fusions([make_pass("distill", options)], fuse), validate=LOCATE), output, run)
+    if simulation_output is not None:
+        sim = {**options, "emit": "simulate", "report_batches": 0, "kernel_report": False}
+        _run(model, Recipe(with_fusions([make_pass("distill", sim)], fuse), validate=LOCATE), simulation_output, run)
+    return report
+
+
 def decompose(
     model: ModelLike,
     output: str | os.PathLike[str] | None = None,
@@ -417,6 +468,7 @@ __all__ = [
     "compare",
     "compress",
     "decompose",
+    "distill",
     "fuse",
     "quantize",
     "quantize_options",

@@ -224,7 +224,11 @@ class Quantize(Pass):
         energies = energies_from(plans, stats["energies"])
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
         hessians = hessians_from(stats["hessians"])
-        record = apply_plans(graph, plans, ranges, self.options, ctx, energies, hessians)
+        learned, notes = self.learn_weights(graph, plans, ranges, float_model, ctx, energies)
+        record = apply_plans(graph, plans, ranges, self.options, ctx, energies, hessians, learned)
+        for entry in record:
+            if entry["node"] in notes:
+                entry["distill"] = notes[entry["node"]]
         if self.options.bias_correction != "none":
             assert float_model is not None and ctx.calibration is not None  # checked with the statistics
             _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
@@ -258,6 +262,21 @@ class Quantize(Pass):
             else:
                 result.notes.append("no kernel report: onnxruntime's CPU provider cannot run this storage")
         return result
+
+    def learn_weights(
+        self,
+        graph: ir.Graph,
+        plans: list[NodePlan],
+        ranges: dict[str, tuple[float, float]],
+        float_model: Any,
+        ctx: PassContext,
+        energies: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Weights learned before emission (node name -> QuantizedWeight) and their record notes.
+
+        None here: round-to-nearest / GPTQ; the ``distill`` pass overrides it (passes/distill.py).
+        """
+        return {}, {}
 
     def _collect(self, model: Any, wanted: dict[str, dict[str, Any]], ctx: PassContext) -> dict[str, dict[str, Any]]:
         """``collect_many``, reusing what ``stats_cache`` holds (the candidates of one accuracy search)."""

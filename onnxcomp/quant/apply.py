@@ -165,12 +165,18 @@ def apply_plans(
     ctx: PassContext,
     energies: dict[str, np.ndarray] | None = None,
     hessians: dict[str, np.ndarray] | None = None,
+    learned: Mapping[str, QuantizedWeight] | None = None,
 ) -> list[dict[str, Any]]:
     """Emit every plan into ``graph``; returns the record (one entry per quantized node).
 
-    ``hessians`` (node name -> mean ``X^T X`` of its input) select GPTQ for those nodes' weights.
+    ``hessians`` (node name -> mean ``X^T X`` of its input) select GPTQ for those nodes' weights;
+    ``learned`` (node name -> quantized weight, e.g. distilled) replaces their quantization.
     """
     state = _Written(hessians=hessians or {})
+    for plan in plans:
+        if learned and plan.node.name in learned and plan.weight_index is not None and plan.spec.weights is not None:
+            key = (plan.node.inputs[plan.weight_index].name, plan.spec.weights, plan.layout)
+            state.quantized[key] = learned[plan.node.name]
     record = []
     with ctx.progress(len(plans), "quantizing") as bar:
         for plan in plans:

@@ -1,0 +1,290 @@
+"""Distilling the planned layers block by block, in topological order, before they are emitted.
+
+For each block the student's input (the float model with every earlier block's learned weights,
+or the teacher's input with ``teacher_input``) and the teacher's tensor at the block's end are
+collected with onnxruntime over the calibration data (in memory up to ``memory_mb``, then in a
+memory-mapped temporary file), the block is learned (:mod:`onnxcomp.quant.distill.train`), and
+the learned weight goes back as a :class:`QuantizedWeight` in the quantizer's own storage, for the
+quantizer's emitters. The static activation quantization of the block's input is simulated with
+the calibrated range; earlier blocks' activation quantization is not (their weights are).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp import ir
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.framework.base import PassContext
+from onnxcomp.quant.distill.block import Block, find_tail
+from onnxcomp.quant.distill.grid import GridWeight, grid_weight
+from onnxcomp.quant.distill.rows import RowSource, layer_of
+from onnxcomp.quant.distill.train import Learned, Settings, learn_block
+from onnxcomp.quant.emit import activation_qparams
+from onnxcomp.quant.plan import NodePlan
+from onnxcomp.quant.qparams import dequantize, quantize
+from onnxcomp.quant.qweight import QuantizedWeight
+from onnxcomp.quant.weights import quantize_weight
+from onnxcomp.runtime import TensorRunner
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
+@dataclass
+class Outcome:
+    """Learned weights (node name -> weight in its storage) and each planned node's record entry."""
+
+    learned: dict[str, QuantizedWeight] = field(default_factory=dict)
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class _Stash:
+    """Batches of one tensor stacked on axis 0: in memory up to ``budget`` bytes, then a memory-mapped file."""
+
+    def __init__(self, budget: int, folder: Path) -> None:
+        self.parts: list[np.ndarray] = []
+        self.bytes, self.budget, self.folder = 0, budget, folder
+        self.file: Any = None
+        self.rows = 0
+
+    def add(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, np.float32)
+        self.bytes += a.nbytes
+        self.rows += a.shape[0]
+        self.tail = a.shape[1:]
+        if self.file is None and self.bytes > self.budget:
+            self.file = tempfile.NamedTemporaryFile(dir=self.folder, suffix=".f32", delete=False)  # noqa: SIM115
+            for p in self.parts:
+                self.file.write(p.tobytes())
+            self.parts = []
+        if self.file is not None:
+            self.file.write(a.tobytes())
+        else:
+            self.parts.append(a)
+
+    def array(self) -> np.ndarray:
+        if self.file is None:
+            return np.concatenate(self.parts, axis=0)
+        self.file.close()
+        return np.memmap(self.file.name, np.float32, "r", shape=(self.rows, *self.tail))
+
+
+def _collect(
+    model: onnx.ModelProto, names: list[str], batches: Batches, limit: int | None, stash: Callable[[], _Stash]
+) -> dict[str, np.ndarray]:
+    runner = TensorRunner(model, names, truncate=True)
+    got = {n: stash() for n in names}
+    for i, batch in enumerate(batches()):
+        if limit is not None and i >= limit:
+            break
+        for name, value in runner.run(batch, i).items():
+            got[name].add(value)
+    return {n: s.array() for n, s in got.items()}
+
+
+def _input_quantizer(
+    plan: NodePlan, ranges: Mapping[str, tuple[float, float]]
+) -> Callable[[np.ndarray], np.ndarray] | str:
+    """The fake quantization of the block's input the deployed model applies, or why none is simulated."""
+    a = plan.spec.activations
+    if a is None:
+        return lambda x: x
+    x = plan.node.inputs[0].name
+    if a.granularity.kind != "tensor" or x not in ranges:
+        return f"{a.granularity.kind} {a.dtype} activations are not simulated (the block input is float)"
+    fmt = get_format(a.dtype)
+    if not isinstance(fmt, (IntegerFormat, ElementFormat)):
+        return f"{a.dtype} activations are not simulated"
+    lo, hi = ranges[x]
+    scale, zp = activation_qparams(a.dtype, lo, hi, a.symmetric)
+
+    def fake(v: np.ndarray) -> np.ndarray:
+        return dequantize(fmt, quantize(fmt, np.asarray(v, np.float32), scale, zp), scale, zp)
+
+    return fake
+
+
+def _prepare(
+    graph: ir.Graph, plan: NodePlan, fp4_storage: str, energy: np.ndarray | None
+) -> tuple[Block, GridWeight, np.ndarray | None] | str:
+    """The block of ``plan``, its learnable weight and its bias, or why it keeps round-to-nearest."""
+    node, spec = plan.node, plan.spec
+    assert spec.weights is not None and plan.weight_index is not None and plan.layout is not None
+    if plan.weight_index != 1:
+        return "its weight is not input B"
+    if ir.is_constant(node.inputs[0]):
+        return "its input is a constant"
+    w = node.inputs[plan.weight_index]
+    value = ir.constant_value(w)
+    assert value is not None  # plan_nodes folded it into an initializer
+    layer = layer_of(node, tuple(value.shape))
+    if isinstance(layer, str):
+        return layer
+    qw = quantize_weight(value, spec.weights, plan.layout, w.name, fp4_storage, energy)
+    gw = grid_weight(value, qw)
+    if isinstance(gw, str):
+        return gw
+    tails, end, matmul_bias = find_tail(graph, node, layer)
+    bias_owner, bias = matmul_bias, None
+    if node.op != "MatMul" and len(node.inputs) > 2 and node.inputs[2].name:
+        if plan.bias_index != 2 or float(node.attrs.get("beta", 1.0)) != 1.0:
+            return "its bias is not a per-channel constant"
+        bias_owner = (node, 2)
+    if bias_owner is not None:
+        found = ir.constant_value(bias_owner[0].inputs[bias_owner[1]])
+        assert found is not None  # a folded constant (plan_nodes / find_tail checked)
+        bias = found.astype(np.float64).reshape(-1)
+    return Block(node, layer, node.inputs[0].name, end, tails, bias_owner), gw, bias
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> bool:
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(value, np.float32), name))
+            return True
+    return False
+
+
+def distill_plans(
+    graph: ir.Graph,
+    plans: list[NodePlan],
+    ranges: Mapping[str, tuple[float, float]],
+    float_model: onnx.ModelProto,
+    ctx: PassContext,
+    settings: Settings,
+    *,
+    fp4_storage: str = "int8",
+    energies: Mapping[str, np.ndarray] | None = None,
+    calib_batches: int | None = None,
+    teacher_input: bool = False,
+    memory_mb: int = 1024,
+) -> Outcome:
+    """Learn every plan's weight (and bias, written into ``graph``); plans keep their order (topological)."""
+    assert ctx.calibration is not None
+    outcome = Outcome()
+    readers: dict[str, int] = {}
+    for p in plans:
+        if p.spec.weights is not None and p.weight_index is not None:
+            name = p.node.inputs[p.weight_index].name
+            readers[name] = readers.get(name, 0) + 1
+    student = onnx.ModelProto()
+    student.CopyFrom(float_model)
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-distill-") as tmp:
+
+        def stash() -> _Stash:
+            return _Stash(memory_mb << 20, Path(tmp))
+
+        for plan in plans:
+            node = plan.node
+            if plan.spec.weights is None or plan.weight_index is None:
+                continue
+            w_name = node.inputs[plan.weight_index].name
+            prepared = (
+                f"weight {w_name!r} is read by {readers[w_name]} nodes"
+                if readers[w_name] > 1
+                else _prepare(graph, plan, fp4_storage, (energies or {}).get(node.name))
+            )
+            fake = _input_quantizer(plan, ranges)
+            if isinstance(prepared, str):
+                outcome.entries[node.name] = {"kept": "rtn", "reason": prepared}
+                continue
+            block, gw, bias0 = prepared
+            if teacher_input:
+                got = _collect(
+                    float_model, [block.input_name, block.output_name], ctx.calibration, calib_batches, stash
+                )
+                x, target = got[block.input_name], got[block.output_name]
+            else:
+                x = _collect(student, [block.input_name], ctx.calibration, calib_batches, stash)[block.input_name]
+                target = _collect(float_model, [block.output_name], ctx.calibration, calib_batches, stash)[
+                    block.output_name
+                ]
+            if not isinstance(fake, str):
+                x = fake(x)
+            learned = _learn(block, gw, bias0, x, target, settings, ctx)
+            entry = _entry(block, learned, settings, fake if isinstance(fake, str) else None)
+            outcome.entries[node.name] = entry
+            if learned.kept == "distilled":
+                outcome.learned[node.name] = gw.to_quantized(
+                    learned.codes, learned.log_scale, {"name": "distill", **_summary(entry)}
+                )
+                _set_initializer(student, w_name, outcome.learned[node.name].dequantized)
+                if block.bias_owner is not None and learned.bias is not None:
+                    owner, k = block.bias_owner
+                    bias_name = owner.inputs[k].name
+                    old = ir.constant_value(owner.inputs[k])
+                    assert old is not None
+                    new_bias = learned.bias.astype(np.float32).reshape(old.shape)
+                    ir.write_input(graph, owner, k, new_bias)
+                    _set_initializer(student, bias_name, new_bias)
+    return outcome
+
+
+def _learn(
+    block: Block,
+    gw: GridWeight,
+    bias0: np.ndarray | None,
+    x: np.ndarray,
+    target: np.ndarray,
+    settings: Settings,
+    ctx: PassContext,
+) -> Learned:
+    source = RowSource(block.layer, np.asarray(x))
+    with ctx.progress(settings.iters, f"distill {block.node.name}") as bar:
+
+        def report(it: int, loss: float) -> None:
+            bar.update(1)
+            if it % 20 == 0:
+                bar.set_postfix_str(f"loss {loss:.3e}")
+
+        return learn_block(
+            source,
+            np.asarray(target),
+            block.layer,
+            gw,
+            bias0,
+            block.tails,
+            settings,
+            ctx.rng(f"distill:{block.node.name}"),
+            report,
+        )
+
+
+def _entry(block: Block, learned: Learned, settings: Settings, not_simulated: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "kept": learned.kept,
+        "block": [block.node.op, *[t.op for t in block.tails]],
+        "output": block.output_name,
+        "error_before": learned.error_before,
+        "error_after": learned.error_after,
+        "iters": settings.iters,
+        "learned": [
+            k
+            for k, on in (
+                ("rounding", settings.learn_rounding),
+                ("scales", settings.learn_scales),
+                ("bias", settings.learn_bias),
+            )
+            if on
+        ],
+    }
+    if learned.soft_left:
+        entry["soft_left"] = learned.soft_left
+    if not_simulated:
+        entry["input"] = not_simulated
+    return entry
+
+
+def _summary(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("error_before", "error_after", "iters")}
+
+
+__all__ = ["Outcome", "Settings", "distill_plans"]
