@@ -63,6 +63,12 @@ def _sparsify_args(p: argparse.ArgumentParser) -> None:
         "needs --calib, the default with it) or magnitude (the default without --calib)",
     )
     p.add_argument(
+        "--dense-layers",
+        type=int,
+        metavar="N",
+        help="sparsegpt: leave the N layers whose sparse output error is largest dense (listed as declined)",
+    )
+    p.add_argument(
         "--global",
         dest="scope_global",
         action="store_true",
@@ -126,6 +132,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         activations=args.activations,
         method=args.method,
+        dense_layers=args.dense_layers,
         **run_kwargs(args),
     )
     print_run_report(args, report, args.output)

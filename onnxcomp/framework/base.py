@@ -9,6 +9,7 @@ makes it available to recipes, the CLI and the Python API alike.
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class PassContext:
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded by the run's seed and a per-use salt (deterministic, independent)."""
-        mix = int.from_bytes(salt.encode()[:8].ljust(8, b"\0"), "little")
+        mix = int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little")  # the whole salt counts
         return np.random.default_rng([self.seed, mix])
 
 
