@@ -1,0 +1,123 @@
+"""Writing the two models of one Ascend run from the same :class:`AscendLayer` factors.
+
+* :func:`emit_deploy`: ``AscendQuant -> op(int8 weights, int32 bias) -> AscendDequant(UINT64)``,
+  the form ATC reads (custom ops in the default domain; onnxruntime cannot run it).
+* :func:`emit_fake_quant`: AMCT's fake-quant form in standard ops, numerically the deploy model:
+  ``Mul(1/scale_d) -> Round -> Add(offset_d) -> Clip -> Sub(offset_d)``, integer-valued float
+  weights and bias, then ``Mul(deq)`` per output channel (docs/ascend.md, "Fake-quant model").
+Identical quantizations of one tensor share one AscendQuant / one fake-quant chain (AMCT's QuantFusion).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxcomp import ir
+from onnxcomp.quant.ascend.layers import AscendLayer
+from onnxcomp.quant.ascend.packing import int4_axis, pack_deq_scale, pack_int4
+
+
+def _quant_key(layer: AscendLayer) -> tuple[str, float, int, str]:
+    return (layer.input, float(layer.scale_d), layer.offset_d, layer.act_type)
+
+
+def _int_limits(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _deq_shape(layer: AscendLayer, out_rank: int) -> tuple[int, ...]:
+    """How deq broadcasts over the op's output: per channel on axis 1 of an N-D conv output, else a scalar."""
+    if not layer.per_channel:
+        return ()
+    return (layer.scale_w.size,) + (1,) * max(out_rank - 2, 0)
+
+
+def _nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def _tensor(graph: ir.Graph, name: str) -> ir.Tensor:
+    return graph.tensors()[name]
+
+
+def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
+    """Rewrite ``graph`` (standard ops, runs on onnxruntime) into AMCT's fake-quant form."""
+    nodes = _nodes_by_name(graph)
+    shared: dict[tuple[str, float, int, str], ir.Tensor] = {}
+    for layer in layers:
+        node = nodes[layer.node]
+        key = _quant_key(layer)
+        if key not in shared:
+            x = _tensor(graph, layer.input)
+            lo, hi = _int_limits(layer.bits)
+            base = f"{layer.node}.quant"
+
+            def const(suffix: str, value: np.ndarray, base: str = base) -> ir.Tensor:
+                return ir.make_constant(ir.unique_name(graph, f"{base}.{suffix}"), value)
+
+            def step(op: str, inputs: list[ir.Tensor], suffix: str, base: str = base) -> ir.Tensor:
+                out = ir.make_variable(graph, f"{base}.{suffix}", dtype=np.float32)
+                ir.make_node(graph, op, inputs, [out], name=f"{base}.{suffix}")
+                return out
+
+            offset = const("offset", np.array(layer.offset_d, np.float32))
+            scaled = step("Mul", [x, const("scale", np.array(layer.quant_scale, np.float32))], "mul")
+            rounded = step("Round", [scaled], "round")
+            shifted = step("Add", [rounded, offset], "add")
+            limits = [const("min", np.array(lo, np.float32)), const("max", np.array(hi, np.float32))]
+            clipped = step("Clip", [shifted, *limits], "clip")
+            shared[key] = step("Sub", [clipped, offset], "sub")
+        node.inputs[0] = shared[key]
+        ir.replace_constant(graph, node, 1, layer.codes.astype(np.float32), ".fake_quant")
+        if layer.bias is not None:
+            ir.replace_constant(graph, node, 2, layer.bias.astype(np.float32), ".fake_quant")
+        out = node.outputs[0]
+        acc = ir.make_variable(graph, f"{layer.node}.int_out", dtype=np.float32)
+        node.outputs[0] = acc
+        deq = ir.make_constant(
+            ir.unique_name(graph, f"{layer.node}.dequant.scale"),
+            layer.deq.reshape(_deq_shape(layer, layer.codes.ndim)) if layer.per_channel else layer.deq.reshape(()),
+        )
+        ir.make_node(graph, "Mul", [acc, deq], [out], name=f"{layer.node}.dequant")
+
+
+def emit_deploy(graph: ir.Graph, layers: list[AscendLayer]) -> None:
+    """Rewrite ``graph`` into the deploy form ATC reads (docs/ascend.md, "Nodes")."""
+    nodes = _nodes_by_name(graph)
+    shared: dict[tuple[str, float, int, str], ir.Tensor] = {}
+    for layer in layers:
+        node = nodes[layer.node]
+        key = _quant_key(layer)
+        storage = np.int16 if layer.act_type == "INT16" else np.int8
+        if key not in shared:
+            q = ir.make_variable(graph, f"{layer.node}.quant.out", dtype=storage)
+            attrs = {
+                "scale": float(layer.quant_scale),
+                "offset": float(layer.offset_d),
+                "dst_type": layer.act_type,  # INT4 weights keep INT8 activations (W4A8; docs/ascend.md)
+            }
+            ir.make_node(
+                graph, "AscendQuant", [_tensor(graph, layer.input)], [q], name=f"{layer.node}.quant", attrs=attrs
+            )
+            shared[key] = q
+        node.inputs[0] = shared[key]
+        codes = layer.codes
+        if layer.wts_type == "INT4":
+            codes = pack_int4(codes, int4_axis(layer.op, bool(node.attrs.get("transB", 0))))
+        ir.replace_constant(graph, node, 1, codes.astype(np.int8), ".quant")
+        if layer.bias is not None:
+            bias = ir.make_constant(ir.unique_name(graph, f"{node.inputs[2].name}.quant"), layer.bias)
+            if layer.wts_type == "INT4":  # AMCT's bias_quant Cast between the int32 bias and an INT4 op
+                cast = ir.make_variable(graph, f"{layer.node}.bias_quant.out", dtype=np.float32)
+                ir.make_node(
+                    graph, "Cast", [bias], [cast], name=f"{layer.node}.bias_quant", attrs={"to": onnx.TensorProto.FLOAT}
+                )
+                node.inputs[2] = cast
+            else:
+                node.inputs[2] = bias
+        out = node.outputs[0]
+        acc = ir.make_variable(graph, f"{layer.node}.int_out", dtype=np.int32)
+        node.outputs[0] = acc
+        param = ir.make_constant(ir.unique_name(graph, f"{layer.node}.dequant.param"), pack_deq_scale(layer.deq))
+        ir.make_node(graph, "AscendDequant", [acc, param], [out], name=f"{layer.node}.dequant", attrs={"dtype": 0})
