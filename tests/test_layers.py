@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fusion", "quant", "sparsity", "decomposition"),
     ("passes",),
     ("flags",),
+    ("qat",),  # the optional training engine (torch): above the passes it runs, below the front ends
     ("api",),
     ("cli", "__main__", "__init__"),
 ]
@@ -144,4 +145,5 @@ def test_no_cycles() -> None:
 def test_the_walk_sees_imports() -> None:
     """The walk is not vacuous: it finds the pass modules importing the framework."""
     assert any(i == "onnxcomp.passes.quantize" and t.startswith("onnxcomp.framework") for i, t, _, _ in IMPORTS)
-    assert _rank("cli") > _rank("api") > _rank("passes") > _rank("quant") > _rank("ir")
+    assert _rank("cli") > _rank("api") > _rank("qat") > _rank("flags") > _rank("passes")
+    assert _rank("api") > _rank("passes") > _rank("quant") > _rank("ir")

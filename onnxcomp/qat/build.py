@@ -1,0 +1,72 @@
+"""``prepare``: run the passes ``quantize`` / ``sparsify`` would run, and wrap the result for training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import onnx
+
+from onnxcomp.calibration.data import CalibrationData, calibration_source
+from onnxcomp.flags import quantize_options, sparsify_passes, with_fusions
+from onnxcomp.framework import PassContext, PassManager, make_pass
+from onnxcomp.model_io import load_model
+from onnxcomp.qat.prepared import QATModule, check_options
+
+#: how api.py validates a run (the manager names the failing pass only when the model breaks)
+LOCATE = "locate"
+ModelLike = str | os.PathLike[str] | onnx.ModelProto
+
+
+def _context(
+    seed: int, calibration: CalibrationData | None, model: onnx.ModelProto, batch_size: int, samples: int | None
+) -> PassContext:
+    ctx = PassContext(seed=seed)
+    if calibration is not None:
+        ctx.calibration, ctx.calibration_name = calibration_source(calibration, model, batch_size, samples)
+    return ctx
+
+
+def prepare(
+    model: ModelLike,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    calibration: CalibrationData | None = None,
+    *,
+    pattern: str | None = None,
+    prune_ratio: float | None = None,
+    sparsity_method: str | None = None,
+    fuse: bool = True,
+    calib_samples: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    **quantize_flags: Any,
+) -> QATModule:
+    """A :class:`QATModule` of ``model`` with the quantization ``onnxcomp quantize`` would write.
+
+    ``config`` (a TOML file or mapping of ``quantize`` options) and ``quantize_flags`` (the keywords
+    of :func:`onnxcomp.flags.quantize_options`: ``weights``, ``activations``, ``granularity``, ...)
+    choose the quantization; with neither, the module is the float model (sparsity retraining).
+    ``pattern`` ("2:4") or ``prune_ratio`` (channel pruning) sparsify the float model first, as
+    ``onnxcomp sparsify`` does; the masks stay fixed in training. ``calibration`` gives the PTQ
+    ranges the activation scales start from.
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if pattern is not None or prune_ratio is not None:
+        passes = sparsify_passes(pattern=pattern, ratio=prune_ratio, fuse=fuse, method=sparsity_method)
+    else:
+        passes = with_fusions([], fuse)
+    float_model = proto
+    if passes:
+        ctx = _context(seed, calibration, proto, batch_size, calib_samples)
+        float_model = PassManager(passes, validate=LOCATE).run(proto, ctx).model
+    if config is None and not quantize_flags:
+        return QATModule(float_model, None, [])
+    options = quantize_options(config, **{"reports": False, **quantize_flags})
+    check_options(options)
+    # one run of the whole pipeline, as `onnxcomp quantize` / `sparsify --quantize` runs it: the export
+    # patches this model, so its bytes (initializer order included) are those of the PTQ output
+    ctx = _context(seed, calibration, proto, batch_size, calib_samples)
+    quantized = PassManager([*passes, make_pass("quantize", options)], validate=LOCATE).run(proto, ctx).model
+    record = ctx.artifacts.get("quant_record", [])
+    return QATModule(float_model, quantized, record)

@@ -1,0 +1,106 @@
+"""Fake quantization in torch: the Q/DQ arithmetic of onnxruntime, with straight-through gradients.
+
+Integer grids compute exactly what QuantizeLinear -> DequantizeLinear computes
+(``clip(RNE(x / s) + zp, qmin, qmax) - zp) * s`` in float32: torch.round is round-half-to-even
+like ONNX), so a fake-quantized module matches the exported model bit for bit. The scale is an
+trained with LSQ's gradient (as a log-gain on the PTQ scale) (Esser et al. 2020: the straight-through estimator
+for the rounding, the scale's gradient scaled by ``1 / sqrt(N * qmax)``, N the values sharing
+the scale). Element float grids (FP8, FP4, HiF8) round to the nearest value of the codec's table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.qat.engine import torch
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` forward, its gradient multiplied by ``factor`` backward (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+class FakeQuant(torch.nn.Module):
+    """One quantized tensor's Q/DQ with a learnable scale (per tensor, per channel or per group)."""
+
+    zero_point: torch.Tensor
+    initial_scale: torch.Tensor
+    grid: torch.Tensor
+    midpoints: torch.Tensor
+
+    def __init__(
+        self,
+        dtype: str,
+        scale: np.ndarray,
+        zero_point: np.ndarray,
+        axis: int | None = None,
+        block_size: int = 0,
+        values_per_scale: int = 1,
+    ) -> None:
+        super().__init__()
+        fmt = get_format(dtype)
+        if not isinstance(fmt, (IntegerFormat, ElementFormat)):
+            raise ValueError(f"format {dtype!r} has no element grid to fake-quantize")
+        self.dtype = dtype
+        self.integer = isinstance(fmt, IntegerFormat)
+        # the scale is ``initial * exp(log_gain)``: positive whatever the step, an optimizer step changes it
+        # relatively (Adam's step is ~lr whatever the gradient's size), and exp(0) = 1 keeps the PTQ
+        # scale to the bit until training moves it
+        self.register_buffer("initial_scale", torch.from_numpy(np.array(scale, np.float32)))
+        self.log_gain = torch.nn.Parameter(torch.zeros_like(self.initial_scale))
+        self.register_buffer("zero_point", torch.from_numpy(np.asarray(zero_point).astype(np.float32)))
+        self.axis, self.block_size = axis, block_size
+        if isinstance(fmt, IntegerFormat):
+            self.qmin, self.qmax = float(fmt.qmin), float(fmt.qmax)
+            top = max(abs(self.qmin), self.qmax)
+        else:
+            grid = np.unique(fmt.values[np.isfinite(fmt.values)]).astype(np.float32)
+            self.register_buffer("grid", torch.from_numpy(grid))
+            self.register_buffer("midpoints", torch.from_numpy(((grid[1:] + grid[:-1]) / 2).astype(np.float32)))
+            top = float(np.abs(grid).max())
+        self.gradient_factor = 1.0 / math.sqrt(max(1, values_per_scale) * top)
+        self.enabled = True
+
+    def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-unit parameter (scale, zero point) laid out to broadcast against ``x``."""
+        if t.dim() == 0 or self.axis is None:
+            return t
+        axis = self.axis % x.dim()
+        if self.block_size:  # blocked: same rank as x, blocks along ``axis``
+            return t.repeat_interleave(self.block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return t.reshape(shape)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The current scale (float32, the shape of the exported scale initializer)."""
+        return (self.initial_scale * torch.exp(self.log_gain)).clamp_min(_TINY)
+
+    def effective_scale(self, x: torch.Tensor) -> torch.Tensor:
+        gain = grad_scale(self.log_gain, self.gradient_factor)
+        return self._broadcast((self.initial_scale * torch.exp(gain)).clamp_min(_TINY), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        s = self.effective_scale(x)
+        v = x / s
+        if self.integer:
+            zp = self._broadcast(self.zero_point, x)
+            # clip, then round (LSQ's order; the same values as ONNX's round-then-saturate for integer bounds)
+            q = round_ste(torch.clamp(v, self.qmin - zp, self.qmax - zp))
+            return q * s
+        index = torch.bucketize(v.detach(), self.midpoints)
+        nearest = self.grid[index]
+        return (v + (nearest - v).detach()) * s

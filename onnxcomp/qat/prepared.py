@@ -1,0 +1,309 @@
+"""``prepare``: an ONNX model -> a trainable torch module with the quantization ``quantize`` writes.
+
+The float model goes through the deployment fusions (and a sparsity pass, when asked) exactly as
+``onnxcomp quantize`` / ``sparsify`` would run them; the ``quantize`` pass then runs on that float
+model, and its record says where every Q/DQ went, with which granularity and PTQ scales. The
+module interprets the *float* graph and fake-quantizes at exactly those tensors, starting from
+those scales (LSQ-style learnable). ``export`` writes the quantized model back by replacing the
+codes and scales of that same PTQ output: same structure, same record, the learned values.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp.errors import ConfigError
+from onnxcomp.formats import IntegerFormat, get_format
+from onnxcomp.qat.engine import torch
+from onnxcomp.qat.fakequant import FakeQuant
+from onnxcomp.qat.interpreter import GraphModule
+from onnxcomp.quant.qparams import quantize as quantize_codes
+from onnxcomp.quant.qweight import storage_array
+
+#: quantize options QAT does not start from: they change the float weights or the codes' rule.
+UNSUPPORTED_OPTIONS = {
+    "smoothquant": None,
+    "equalize": False,
+    "weight_algorithm": "rtn",
+    "bias_correction": "none",
+    "accuracy_target": None,
+    "embeddings": "none",
+}
+
+
+#: Ops that move values without changing them: their output on the input's grid shares its quantizer.
+PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
+
+
+@dataclass
+class _Slot:
+    """Where one learned tensor goes in the exported model (initializer names of the PTQ output)."""
+
+    codes: str | None
+    scale: str
+    zero_point: str | None = None
+
+
+@dataclass
+class _BiasSlot:
+    bias: str  # float model's bias initializer
+    activation: str  # the tensor whose scale s_x multiplies
+    weight: str  # the weight whose scale s_w multiplies
+    slot: _Slot = field(default_factory=lambda: _Slot(None, ""))
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    for key, plain in UNSUPPORTED_OPTIONS.items():
+        if key in options and options[key] not in (plain, None, False):
+            raise ConfigError(
+                f"quantization-aware training starts from round-to-nearest PTQ: drop {key}={options[key]!r} "
+                "(training replaces what it does)"
+            )
+
+
+def _producer_index(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+class QATModule(torch.nn.Module):
+    """The float graph with fake-quant (and fixed sparsity masks) where ``quantize`` puts Q/DQ.
+
+    ``forward(feeds)`` returns ``{output name: tensor}``; ``quantized(False)`` switches every
+    fake-quant off (float mode: the float model, as onnxruntime computes it).
+    """
+
+    def __init__(
+        self, float_model: onnx.ModelProto, quantized_model: onnx.ModelProto | None, record: list[dict[str, Any]]
+    ) -> None:
+        super().__init__()
+        self.graph = GraphModule(float_model, "prepared float model")
+        self.float_model = float_model
+        self.quantized_model = quantized_model
+        self.record = record
+        self.weight_quant = torch.nn.ModuleDict()
+        self.act_quant = torch.nn.ModuleDict()
+        self._weight_keys: dict[str, str] = {}
+        self._act_keys: dict[str, str] = {}
+        self._weight_slots: dict[str, _Slot] = {}
+        self._act_slots: dict[str, _Slot] = {}
+        self._biases: dict[str, _BiasSlot] = {}
+        if quantized_model is not None:
+            self._attach(quantized_model, record)
+        # pruned / n:m layers: zeros that stay zeros (the mask multiplies the weight on every read)
+        self.masks: dict[str, torch.Tensor] = {}
+        for name in self.graph.weight_keys:
+            w = self.graph.weight(name)
+            if w.dim() >= 2 and bool((w == 0).any()):
+                self.masks[name] = (w != 0).to(w.dtype)
+        self.graph.weight_view = self._weight_view
+        self.graph.tensor_view = self._tensor_view
+
+    # -- building -------------------------------------------------------------------------------
+    def _attach(self, q: onnx.ModelProto, record: list[dict[str, Any]]) -> None:
+        producers = _producer_index(q)
+        self._float_producers = _producer_index(self.float_model)
+        nodes = {n.name: n for n in q.graph.node}
+        float_nodes = {n.name: n for n in self.float_model.graph.node}
+        for entry in record:
+            where = f"node {entry.get('node')!r}"
+            w = entry.get("weights")
+            if w is not None:
+                self._attach_weight(w, where, nodes)
+            acts = [*(entry.get("activations") or []), *(entry.get("outputs") or [])]
+            if isinstance(entry.get("activations"), dict):
+                raise ConfigError(
+                    f"{where}: {entry['activations'].get('granularity')} activations are computed at run time; "
+                    "quantization-aware training supports static per-tensor activations (--activations int8/uint8/int4)"
+                )
+            for a in acts:
+                self._attach_activation(a, where, nodes)
+            if entry.get("bias") == "int32":
+                qnode = nodes[entry["node"]]
+                dq = producers[qnode.input[2]]
+                fnode = float_nodes[entry["node"]]
+                self._biases[fnode.input[2]] = _BiasSlot(
+                    fnode.input[2],
+                    entry["activations"][0]["tensor"],
+                    w["tensor"] if w is not None else "",
+                    _Slot(dq.input[0], dq.input[1]),
+                )
+
+    def _attach_weight(self, w: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
+        name = w["tensor"]
+        if name in self._weight_keys:
+            return
+        if name not in self.graph.weight_keys:
+            raise ConfigError(
+                f"{where}: quantize rewrote its weight into {name!r}, which the float model lacks; "
+                "skip the node (--skip) to train the rest"
+            )
+        dq = nodes.get(f"{name}_DequantizeLinear")
+        fmt = get_format(w["dtype"])
+        if dq is None or not isinstance(fmt, IntegerFormat):
+            raise ConfigError(
+                f"{where}: weight {name!r} stored as {w['stored_as']!r}; quantization-aware training exports "
+                "integer weights stored for DequantizeLinear (int4/uint4/int8/uint8/int16; weight-only MatMul/Gemm "
+                "need weight_only_format='dq')"
+            )
+        scale = np.asarray(w["scale"], np.float32)
+        values = int(np.prod(w["shape"])) // max(1, scale.size)
+        key = f"q{len(self._weight_keys)}"
+        self._weight_keys[name] = key
+        zp = np.asarray(w["zero_point"])
+        self.weight_quant[key] = FakeQuant(w["dtype"], scale, zp, w["axis"], w["block_size"], values)
+        self._weight_slots[name] = _Slot(dq.input[0], dq.input[1], dq.input[2] if len(dq.input) > 2 else None)
+
+    def _attach_activation(self, a: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
+        name = a["tensor"]
+        if name in self._act_keys:
+            return
+        qnode = nodes.get(f"{name}_QuantizeLinear")
+        if qnode is None or not isinstance(get_format(a["dtype"]), IntegerFormat):
+            raise ConfigError(
+                f"{where}: activation {name!r} ({a['dtype']}) is not a QuantizeLinear/DequantizeLinear pair; "
+                "quantization-aware training supports integer static activations"
+            )
+        key = self._shared_activation(name, a) or f"a{len(self._act_keys)}"
+        self._act_keys[name] = key
+        self._act_slots[name] = _Slot(None, qnode.input[1], qnode.input[2] if len(qnode.input) > 2 else None)
+        if key in self.act_quant:
+            return
+        self.act_quant[key] = FakeQuant(
+            a["dtype"], np.asarray(a["scale"], np.float32), np.asarray(round(a["zero_point"]))
+        )
+
+    def _shared_activation(self, name: str, a: dict[str, Any]) -> str | None:
+        """The key of the quantizer ``name`` shares: a reshuffle of a tensor quantized on the same grid.
+
+        Flatten(relu4_out) gets relu4_out's range, scale and zero point from calibration; its values
+        are already on that grid, so a scale of its own would get no gradient and drift apart from it.
+        """
+        node = self._float_producers.get(name)
+        if node is None or node.op_type not in PASS_THROUGH or not node.input:
+            return None
+        key = self._act_keys.get(node.input[0])
+        if key is None:
+            return None
+        fq = self.act_quant[key]
+        assert isinstance(fq, FakeQuant)
+        same = fq.dtype == a["dtype"] and float(fq.scale) == float(a["scale"])
+        return key if same and float(fq.zero_point) == float(a["zero_point"]) else None
+
+    # -- running --------------------------------------------------------------------------------
+    def quantized(self, enabled: bool = True) -> QATModule:
+        """Fake-quant on (the quantized model) or off (the float model); returns self."""
+        for fq in [*self.weight_quant.values(), *self.act_quant.values()]:
+            assert isinstance(fq, FakeQuant)
+            fq.enabled = enabled
+        return self
+
+    def _fq(self, table: torch.nn.ModuleDict, keys: dict[str, str], name: str) -> FakeQuant | None:
+        key = keys.get(name)
+        return None if key is None else table[key]  # type: ignore[return-value]
+
+    def scale_of(self, tensor: str) -> np.ndarray:
+        """The current (learned) scale of a quantized weight or activation tensor."""
+        fq = self._fq(self.weight_quant, self._weight_keys, tensor) or self._fq(self.act_quant, self._act_keys, tensor)
+        if fq is None:
+            raise KeyError(f"{tensor!r} is not a quantized tensor of this module")
+        return fq.scale.detach().numpy().copy()
+
+    def _weight_view(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        mask = self.masks.get(name)
+        if mask is not None:
+            w = w * mask
+        fq = self._fq(self.weight_quant, self._weight_keys, name)
+        if fq is not None:
+            return fq(w)
+        bias = self._biases.get(name)
+        if bias is not None:
+            return self._int32_bias(bias, w)
+        return w
+
+    def _int32_bias(self, bias: _BiasSlot, b: torch.Tensor) -> torch.Tensor:
+        """The bias on the int32 grid of scale ``s_x * s_w`` (what QLinearConv / QGemm add)."""
+        act = self._fq(self.act_quant, self._act_keys, bias.activation)
+        weight = self._fq(self.weight_quant, self._weight_keys, bias.weight)
+        if act is None or weight is None or not act.enabled:
+            return b
+        s = (act.effective_scale(b) * weight.scale.clamp_min(1e-30)).reshape(-1)
+        flat = b.reshape(-1)
+        return (flat + (torch.round(flat.double() / s.double()).float() * s - flat).detach()).reshape(b.shape)
+
+    def _tensor_view(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        fq = self._fq(self.act_quant, self._act_keys, name)
+        return fq(value) if fq is not None else value
+
+    def forward(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return self.graph(feeds)
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.graph.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.graph.output_names
+
+    # -- exporting ------------------------------------------------------------------------------
+    def learned_float_model(self) -> onnx.ModelProto:
+        """The float model with the trained weights (masks applied): what a float retraining exports."""
+        model = copy.deepcopy(self.float_model)
+        for init in model.graph.initializer:
+            if init.name in self.graph.weight_keys:
+                value = self._masked(init.name)
+                init.CopyFrom(numpy_helper.from_array(value, init.name))
+        return model
+
+    def _masked(self, name: str) -> np.ndarray:
+        w = self.graph.weight(name).detach()
+        mask = self.masks.get(name)
+        return (w * mask if mask is not None else w).numpy().astype(np.float32)
+
+    def export_model(self) -> onnx.ModelProto:
+        """The deployable model: the PTQ output with the learned codes and scales (the float model if none)."""
+        if self.quantized_model is None:
+            return self.learned_float_model()
+        model = copy.deepcopy(self.quantized_model)
+        inits = {t.name: t for t in model.graph.initializer}
+
+        def put(name: str, value: np.ndarray) -> None:
+            old = inits[name]
+            old.CopyFrom(numpy_helper.from_array(value.reshape(tuple(old.dims)), name))
+
+        for name, slot in self._weight_slots.items():
+            fq = self._fq(self.weight_quant, self._weight_keys, name)
+            assert fq is not None and slot.codes is not None
+            w = self._masked(name)
+            scale = fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)
+            zp = fq.zero_point.numpy()
+            fmt = get_format(fq.dtype)
+            assert isinstance(fmt, IntegerFormat)  # _attach_weight accepts integer formats only
+            wide_scale = fq._broadcast(torch.from_numpy(scale), torch.from_numpy(w)).numpy()
+            wide_zp = fq._broadcast(torch.from_numpy(zp), torch.from_numpy(w)).numpy().astype(np.int32)
+            codes = quantize_codes(fmt, w, wide_scale, wide_zp)
+            put(slot.codes, storage_array(codes, fmt))
+            put(slot.scale, scale)
+        for name, slot in self._act_slots.items():
+            fq = self._fq(self.act_quant, self._act_keys, name)
+            assert fq is not None
+            put(slot.scale, fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32))
+        for bias in self._biases.values():
+            act = self._fq(self.act_quant, self._act_keys, bias.activation)
+            weight = self._fq(self.weight_quant, self._weight_keys, bias.weight)
+            assert act is not None and weight is not None and bias.slot.codes is not None
+            x_scale = np.float32(act.scale.detach().clamp_min(1e-30).item())
+            scale = (x_scale * weight.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)).astype(np.float32)
+            b = self.graph.weight(bias.bias).detach().numpy().astype(np.float64).reshape(-1)
+            b = np.broadcast_to(b, scale.shape) if scale.size > 1 and b.size == 1 else b
+            q = np.clip(np.rint(b / scale.astype(np.float64)), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+            put(bias.slot.codes, q.astype(np.int32))
+            put(bias.slot.scale, scale)
+        return model
