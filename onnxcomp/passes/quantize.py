@@ -29,6 +29,8 @@ from onnxcomp.quant.apply import (
     ranges_from,
     weight_record,
 )
+from onnxcomp.quant.ascend.pipeline import AscendOptions, ascend_quantize
+from onnxcomp.quant.ascend.qdq import ascend_qdq_options, check_float_inputs
 from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
 from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
 from onnxcomp.quant.equalize import equalize
@@ -105,9 +107,14 @@ class Quantize(Pass):
         eval_batches: int = 8  # evaluation batches per candidate
         # node overrides chosen by the accuracy search, applied after SmoothQuant/equalization
         fallback: dict[str, Any] = field(default_factory=dict)
+        # ort: Q/DQ for onnxruntime; ascend: ATC's deploy model + fake-quant model + record (docs/ascend.md)
+        target: Literal["ort", "ascend", "ascend-qdq"] = "ort"
+        ascend_int4: bool = False  # --target ascend: allow INT4 weights (packing UNVERIFIED against ATC)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
+        if self.options.target == "ascend-qdq":  # AMCT convert_qat_model's constraints (docs/ascend.md)
+            self.options = ascend_qdq_options(self.options)
         try:
             #: the config scale migration (SmoothQuant, AWQ, equalization) chooses with
             self.base_config: QuantConfig = parse_config(self._config_data())
@@ -184,6 +191,13 @@ class Quantize(Pass):
         return done
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        if self.options.target == "ascend":  # the Ascend emitters (onnxcomp/quant/ascend/) after scale migration
+            result = PassResult(modified=False)
+            self._migrate_scales(graph, ctx, result)
+            ascend_quantize(graph, ctx, self.config, AscendOptions.from_pass(self.options), result)
+            return result
+        if self.options.target == "ascend-qdq":
+            check_float_inputs(graph)
         if self.target is not None or self.options.sensitivity:
             return tuned_quantize(self, graph, ctx)
         result = PassResult(modified=False)

@@ -1,7 +1,7 @@
 """Does a record reproduce its deploy model? Every quantized node, walked in both.
 
 From each record entry alone: AscendQuant ``scale`` = float32(1 / scale_d) and ``offset`` =
-offset_d, AscendDequant's UINT64 parameter = pack(float32(scale_d * scale_w[c])), one weight
+offset_d, an AscendAntiQuant's ``scale`` = scale_d and ``offset`` = offset_d, AscendDequant's UINT64 parameter = pack(float32(scale_d * scale_w[c])), one weight
 scale per output channel, int8 weights and int32 bias; and every AscendDequant of the deploy
 model has an entry. Used by the tests and ``onnxcomp verify-ascend``.
 """
@@ -57,6 +57,13 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
         dst = _attr(quant, "dst_type")
         if (dst.decode() if isinstance(dst, bytes) else dst) != value.dst_type:
             problems.append(f"{layer}: AscendQuant dst_type {dst!r} != the record's {value.dst_type!r}")
+        anti = nodes.get(f"{layer}.antiquant")
+        if anti is not None and (
+            anti.input[0] != quant.output[0]
+            or _f32_bits(_attr(anti, "scale")) != _f32_bits(value.scale_d)
+            or _attr(anti, "offset") != value.offset_d
+        ):
+            problems.append(f"{layer}: AscendAntiQuant {anti.name} does not undo the layer's AscendQuant")
         dequant = nodes.get(f"{layer}.dequant")
         if dequant is None or dequant.op_type != "AscendDequant" or dequant.input[0] != node.output[0]:
             problems.append(f"{layer}: no AscendDequant {layer}.dequant reading its output")

@@ -6,6 +6,9 @@
   ``Mul(1/scale_d) -> Round -> Add(offset_d) -> Clip -> Sub(offset_d)``, integer-valued float
   weights and bias, then ``Mul(deq)`` per output channel (docs/ascend.md, "Fake-quant model").
 Identical quantizations of one tensor share one AscendQuant / one fake-quant chain (AMCT's QuantFusion).
+A MaxPool reading a quantized tensor reads it through ``AscendAntiQuant`` (AMCT's
+MultQuantOptimizer: ATC then runs the pool on the int8 data), in the fake-quant model a
+``Mul(scale_d)`` of the fake-quantized integers.
 """
 
 from __future__ import annotations
@@ -41,15 +44,35 @@ def _tensor(graph: ir.Graph, name: str) -> ir.Tensor:
     return graph.tensors()[name]
 
 
+#: Float readers of a quantized tensor that read its quantized value (AMCT's MultQuantOptimizer).
+ANTIQUANT_READERS = ("MaxPool",)
+
+
+def _antiquant_readers(x: ir.Tensor, done: set[str]) -> list[ir.Node]:
+    """The MaxPools reading ``x`` (once per tensor: a second quantization of it changes nothing for them)."""
+    if x.name in done:
+        return []
+    done.add(x.name)
+    return [n for n in ir.consumers(x) if n.op in ANTIQUANT_READERS]
+
+
+def _reroute(reader: ir.Node, old: ir.Tensor, new: ir.Tensor) -> None:
+    for i, tensor in enumerate(list(reader.inputs)):
+        if tensor is old:
+            reader.inputs[i] = new
+
+
 def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
     """Rewrite ``graph`` (standard ops, runs on onnxruntime) into AMCT's fake-quant form."""
     nodes = _nodes_by_name(graph)
     shared: dict[tuple[str, float, int, str], ir.Tensor] = {}
+    antiquanted: set[str] = set()
     for layer in layers:
         node = nodes[layer.node]
         key = _quant_key(layer)
         if key not in shared:
             x = _tensor(graph, layer.input)
+            readers = _antiquant_readers(x, antiquanted)
             lo, hi = _int_limits(layer.bits)
             base = f"{layer.node}.quant"
 
@@ -68,6 +91,12 @@ def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
             limits = [const("min", np.array(lo, np.float32)), const("max", np.array(hi, np.float32))]
             clipped = step("Clip", [shifted, *limits], "clip")
             shared[key] = step("Sub", [clipped, offset], "sub")
+            if readers:
+                restored = ir.make_variable(graph, f"{layer.node}.antiquant.out", dtype=np.float32)
+                scale_d = const("antiquant_scale", np.array(layer.scale_d, np.float32))
+                ir.make_node(graph, "Mul", [shared[key], scale_d], [restored], name=f"{layer.node}.antiquant")
+                for reader in readers:
+                    _reroute(reader, x, restored)
         node.inputs[0] = shared[key]
         ir.replace_constant(graph, node, 1, layer.codes.astype(np.float32), ".fake_quant")
         if layer.bias is not None:
@@ -86,21 +115,28 @@ def emit_deploy(graph: ir.Graph, layers: list[AscendLayer]) -> None:
     """Rewrite ``graph`` into the deploy form ATC reads (docs/ascend.md, "Nodes")."""
     nodes = _nodes_by_name(graph)
     shared: dict[tuple[str, float, int, str], ir.Tensor] = {}
+    antiquanted: set[str] = set()
     for layer in layers:
         node = nodes[layer.node]
         key = _quant_key(layer)
         storage = np.int16 if layer.act_type == "INT16" else np.int8
         if key not in shared:
+            x = _tensor(graph, layer.input)
+            readers = _antiquant_readers(x, antiquanted)
             q = ir.make_variable(graph, f"{layer.node}.quant.out", dtype=storage)
             attrs = {
                 "scale": float(layer.quant_scale),
                 "offset": float(layer.offset_d),
                 "dst_type": layer.act_type,  # INT4 weights keep INT8 activations (W4A8; docs/ascend.md)
             }
-            ir.make_node(
-                graph, "AscendQuant", [_tensor(graph, layer.input)], [q], name=f"{layer.node}.quant", attrs=attrs
-            )
+            ir.make_node(graph, "AscendQuant", [x], [q], name=f"{layer.node}.quant", attrs=attrs)
             shared[key] = q
+            if readers:
+                restored = ir.make_variable(graph, f"{layer.node}.antiquant.out", dtype=np.float32)
+                anti = {"scale": float(layer.scale_d), "offset": float(layer.offset_d), "dst_type": layer.act_type}
+                ir.make_node(graph, "AscendAntiQuant", [q], [restored], name=f"{layer.node}.antiquant", attrs=anti)
+                for reader in readers:
+                    _reroute(reader, x, restored)
         node.inputs[0] = shared[key]
         codes = layer.codes
         if layer.wts_type == "INT4":

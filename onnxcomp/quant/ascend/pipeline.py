@@ -48,6 +48,28 @@ class AscendOptions:
     s19: bool = False  # AMCT's FORCE_FP16_QUANT: deq factors truncated to 19 significant bits
     calib_batches: int | None = None
 
+    @classmethod
+    def from_pass(cls, options: Any) -> AscendOptions:
+        """From the quantize pass options; a one-line error for an option this target does not carry out."""
+        unsupported = [
+            flag
+            for flag, used in (
+                ("--accuracy-target", options.accuracy_target is not None),
+                ("--sensitivity", options.sensitivity),
+                ("--weight-algorithm gptq", options.weight_algorithm == "gptq"),
+                ("--bias-correction", options.bias_correction != "none"),
+                ("--quantize-embeddings", options.embeddings not in ("none", None)),
+                ("--emit simulate", options.emit == "simulate"),
+            )
+            if used
+        ]
+        if unsupported:
+            raise ConfigError(
+                f"--target ascend does not support {', '.join(unsupported)} yet; drop it "
+                "(the fake-quant model OUT.fake_quant.onnx is the simulation)"
+            )
+        return cls(int4=options.ascend_int4, calib_batches=options.calib_batches)
+
 
 def check_formats(config: QuantConfig, int4: bool) -> None:
     """A one-line error for a format with no Ascend deploy form (HiFloat8, FP8, MX, FP4, ...)."""
