@@ -20,6 +20,7 @@ from onnxcomp.calibration.collect import collect_many
 from onnxcomp.calibration.observers import make_observer
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.framework.base import PassContext, PassResult
+from onnxcomp.framework.manager import convert_opset
 from onnxcomp.quant.apply import ranges_from
 from onnxcomp.quant.ascend.emit import emit_deploy, emit_fake_quant
 from onnxcomp.quant.ascend.layers import (
@@ -94,6 +95,15 @@ def check_formats(config: QuantConfig, int4: bool) -> None:
             )
 
 
+def _convert_down(graph: ir.Graph, template: Any) -> None:
+    """Rewrite ``graph`` in place at opset 22 (onnx's version converter; its error says to re-export)."""
+    why = f"ATC registers the Ascend ops for ai.onnx opsets {MIN_OPSET}..{MAX_OPSET}"
+    converted = ir.import_model(convert_opset(ir.export_model(graph, template), MAX_OPSET, why))
+    # the pass manager holds this graph object: it takes over the converted graph's state
+    graph.__dict__.clear()
+    graph.__dict__.update(converted.__dict__)
+
+
 def _act_spec(spec: TensorSpec) -> TensorSpec:
     """The config's activation spec on the signed grid AscendQuant writes (uint8 -> int8 with offset_d)."""
     dtype = "int16" if ACTIVATION_TYPES[spec.dtype] == "INT16" else "int8"
@@ -112,11 +122,11 @@ def ascend_quantize(
 ) -> list[AscendLayer]:
     """Quantize ``graph`` for ATC: rewrite it into the fake-quant model, put the deploy model and record in ``ctx``."""
     opset = ir.default_opset(graph)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ConfigError(
-            f"--target ascend: the model imports ai.onnx opset {opset}; ATC registers the Ascend ops for "
-            f"opsets {MIN_OPSET}..{MAX_OPSET} only: re-export the model at opset {MAX_OPSET} or lower"
-        )
+    if opset > MAX_OPSET:
+        if ctx.source_model is None:
+            raise ConfigError(f"--target ascend: opset {opset} > {MAX_OPSET} and no source model to convert")
+        _convert_down(graph, ctx.source_model)
+        result.notes.append(f"converted opset {opset} -> {MAX_OPSET} (ATC registers the Ascend ops for 8..22)")
     check_formats(config, options.int4)
     if config.ops == DEFAULT_OPS:  # ATC also quantizes ConvTranspose, which onnxruntime has no integer kernel for
         config = replace(config, ops=ASCEND_OPS)
