@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -284,25 +286,24 @@ def distill(
     learn_bias: bool | None = None,
     teacher_input: bool | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
-    calibration: CalibrationLike = None,
-    calib_samples: int | None = None,
-    batch_size: int = 16,
-    batch_axis: Mapping[str, int | None] | None = None,
     fuse: bool = True,
-    force: bool = False,
-    progress: bool = False,
-    external_data: bool | None = None,
-    **quantize_keywords: Any,
+    **keywords: Any,
 ) -> RunReport:
     """Layer-wise distillation: :func:`quantize` with learned rounding, scales and biases (docs/distill.md).
 
-    Takes every format keyword of :func:`quantize` (``weights``, ``activations``, ``granularity``,
-    ``config``, ...) and writes the same outputs; ``iters`` (Adam steps per block), ``lr``,
-    ``batch_rows`` (output rows per step), ``round_weight`` and the ``learn_*`` switches tune the
-    learning; ``teacher_input`` feeds each block the float model's input instead of the student's.
-    Needs ``calibration`` (unlabelled inputs).
+    ``keywords`` are the format keywords of :func:`quantize` (``weights``, ``activations``,
+    ``granularity``, ``config``, ...) and the run options (``calibration``, ``calib_samples``,
+    ``batch_size``, ``force``, ...); it writes the same outputs. ``iters`` (Adam steps per block),
+    ``lr``, ``batch_rows`` (output rows per step), ``round_weight`` and the ``learn_*`` switches
+    tune the learning; ``teacher_input`` feeds each block the float model's input instead of the
+    student's. Needs ``calibration`` (unlabelled inputs).
     """
-    options = quantize_options(**quantize_keywords)
+    run_names = {f.name for f in dataclasses.fields(RunOptions)}
+    format_names = set(inspect.signature(quantize_options).parameters)
+    unknown = sorted(set(keywords) - run_names - format_names)
+    if unknown:
+        raise TypeError(f"distill() got unexpected keyword argument(s): {', '.join(unknown)}")
+    options = quantize_options(**{k: v for k, v in keywords.items() if k in format_names and k not in run_names})
     learning = {
         "iters": iters,
         "lr": lr,
@@ -314,7 +315,7 @@ def distill(
         "teacher_input": teacher_input,
     }
     options = {**options, **{k: v for k, v in learning.items() if v is not None}}
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    run = RunOptions(**{k: v for k, v in keywords.items() if k in run_names})
     report = _run(model, Recipe(with_fusions([make_pass("distill", options)], fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0, "kernel_report": False}

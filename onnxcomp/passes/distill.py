@@ -38,9 +38,9 @@ class Distill(Quantize):
     @dataclass(frozen=True)
     class Options(Quantize.Options):
         iters: int = 300  # Adam steps per block
-        lr: float = 0.01  # step of the rounding variables (scales: lr / 10, bias: relative to the output)
+        lr: float = 0.1  # step of the rounding variables (scales: lr / 10, bias: relative to the output)
         batch_rows: int = 1024  # output rows (positions) per step
-        round_weight: float = 0.01  # weight of the rounding regularizer
+        round_weight: float = 1.0  # weight of the rounding regularizer
         learn_rounding: bool = True
         learn_scales: bool = True
         learn_bias: bool = True

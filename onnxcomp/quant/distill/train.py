@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxcomp.blas import single_threaded_blas
 from onnxcomp.quant.distill.block import Tail, backward, forward
 from onnxcomp.quant.distill.grid import GridWeight, rect_sigmoid, reduce
 from onnxcomp.quant.distill.rows import Layer, RowSource
@@ -30,9 +31,9 @@ class Settings:
     """What is learned and how (the ``distill`` pass options)."""
 
     iters: int = 300
-    lr: float = 0.01  # Adam step of the rounding variables (scales and bias use scaled steps)
+    lr: float = 0.1  # Adam step of the rounding variables (scales and bias use scaled steps)
     batch_rows: int = 1024  # output rows per step
-    round_weight: float = 0.01
+    round_weight: float = 1.0
     learn_rounding: bool = True
     learn_scales: bool = True
     learn_bias: bool = True
@@ -124,6 +125,22 @@ def learn_block(
     progress: Callable[[int, float], Any] | None = None,
 ) -> Learned:
     """Distill one block on the stored (student input, teacher output) pair."""
+    # small matrices: OpenBLAS's spinning threads made each step 30x slower on a loaded machine
+    with single_threaded_blas():
+        return _learn_block(source, target, layer, gw, bias0, tails, settings, rng, progress)
+
+
+def _learn_block(
+    source: RowSource,
+    target: np.ndarray,
+    layer: Layer,
+    gw: GridWeight,
+    bias0: np.ndarray | None,
+    tails: list[Tail],
+    settings: Settings,
+    rng: np.random.Generator,
+    progress: Callable[[int, float], Any] | None,
+) -> Learned:
     rtn_codes = gw.qw.codes.astype(np.float64)
     if not settings.learn_rounding:
         gw = replace(gw, low=rtn_codes, high=rtn_codes, frac=np.zeros_like(rtn_codes))
