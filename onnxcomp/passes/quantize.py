@@ -193,8 +193,8 @@ class Quantize(Pass):
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         if self.options.target == "ascend":  # the Ascend emitters (onnxcomp/quant/ascend/) after scale migration
             result = PassResult(modified=False)
-            self._migrate_scales(graph, ctx, result)
-            ascend_quantize(graph, ctx, self.config, AscendOptions.from_pass(self.options), result)
+            options = AscendOptions.from_pass(self.options)
+            ascend_quantize(graph, ctx, self.config, options, result, lambda: self._migrate_scales(graph, ctx, result))
             return result
         if self.options.target == "ascend-qdq":
             check_float_inputs(graph)

@@ -9,6 +9,7 @@ same float graph and handed to the API as ``ctx.artifacts["deploy_model"]`` (wri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.framework.manager import convert_opset
 from onnxcomp.quant.apply import ranges_from
+from onnxcomp.quant.ascend.balance import balance_factors, weight_snapshot
 from onnxcomp.quant.ascend.emit import emit_deploy, emit_fake_quant
 from onnxcomp.quant.ascend.layers import (
     ACTIVATION_TYPES,
@@ -118,9 +120,18 @@ def _bias(plan: NodePlan) -> np.ndarray | None:
 
 
 def ascend_quantize(
-    graph: ir.Graph, ctx: PassContext, config: QuantConfig, options: AscendOptions, result: PassResult
+    graph: ir.Graph,
+    ctx: PassContext,
+    config: QuantConfig,
+    options: AscendOptions,
+    result: PassResult,
+    migrate: Callable[[], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> list[AscendLayer]:
-    """Quantize ``graph`` for ATC: rewrite it into the fake-quant model, put the deploy model and record in ``ctx``."""
+    """Quantize ``graph`` for ATC: rewrite it into the fake-quant model, put the deploy model and record in ``ctx``.
+
+    ``migrate`` runs the quantizer's scale migration (equalization, SmoothQuant) on ``graph``
+    after the opset check; the SmoothQuant factors go to the record's ``tensor_balance_factor``.
+    """
     opset = ir.default_opset(graph)
     if opset > MAX_OPSET:
         if ctx.source_model is None:
@@ -130,6 +141,9 @@ def ascend_quantize(
     check_formats(config, options.int4)
     if config.ops == DEFAULT_OPS:  # ATC also quantizes ConvTranspose, which onnxruntime has no integer kernel for
         config = replace(config, ops=ASCEND_OPS)
+    before = weight_snapshot(graph, config.ops) if migrate is not None else {}
+    migrated = migrate() if migrate is not None else {}
+    smoothed = {e["node"] for e in migrated.get("smoothquant", []) if "node" in e}
     plans, declined = plan_nodes(graph, config, output_quant=False, placement="all")
     result.declined.extend(declined)
     accepted: list[tuple[NodePlan, TensorSpec, np.ndarray]] = []
@@ -180,6 +194,8 @@ def ascend_quantize(
         if isinstance(layer, str):
             result.declined.append((plan.node.name, layer))
             continue
+        if plan.node.name in smoothed and plan.node.name in before:
+            layer.balance = balance_factors(plan.node, before[plan.node.name])
         layers.append(layer)
     if not layers:
         return []
