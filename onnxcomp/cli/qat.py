@@ -78,5 +78,6 @@ def _qat(args: argparse.Namespace) -> int:
         **flags,
     )
     if not args.quiet:
-        print(f"wrote {args.output} (epoch {report.best_epoch}, held-out {report.metric} {report.best_metric:.4f})")
+        kept = "the starting point (no epoch improved it)" if report.best_epoch == 0 else f"epoch {report.best_epoch}"
+        print(f"wrote {args.output}: {kept}, held-out {report.metric} {report.best_metric:.4f}")
     return 0

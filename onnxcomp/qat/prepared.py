@@ -193,7 +193,7 @@ class QATModule(torch.nn.Module):
             return None
         fq = self.act_quant[key]
         assert isinstance(fq, FakeQuant)
-        same = fq.dtype == a["dtype"] and float(fq.scale) == float(a["scale"])
+        same = fq.dtype == a["dtype"] and float(fq.scale.detach()) == float(a["scale"])
         return key if same and float(fq.zero_point) == float(a["zero_point"]) else None
 
     # -- running --------------------------------------------------------------------------------

@@ -85,13 +85,14 @@ def _loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], labels: torc
     return sum(F.mse_loss(y, t) / t.pow(2).mean().clamp_min(1e-12) for y, t in zip(outputs, targets, strict=True))  # type: ignore[return-value]
 
 
-def _metric(outputs: np.ndarray, targets: np.ndarray, labels: np.ndarray | None) -> float:
-    if labels is not None and labels.dtype.kind in "iu" and outputs.ndim == 2:
-        return float(np.mean(outputs.argmax(1) == labels))
-    if labels is None and outputs.ndim >= 2 and outputs.shape[-1] > 1 and outputs.dtype.kind == "f":
-        return float(np.mean(outputs.argmax(-1) == targets.argmax(-1)))
-    reference = labels if labels is not None else targets
-    return -float(np.mean((outputs - reference.reshape(outputs.shape)) ** 2))
+def _metric(outputs: list[np.ndarray], targets: list[np.ndarray], labels: np.ndarray | None) -> float:
+    """Higher is better: accuracy against integer labels, else minus the relative squared error."""
+    y = outputs[0]
+    if labels is not None and labels.dtype.kind in "iu" and y.ndim == 2:
+        return float(np.mean(y.argmax(1) == labels))
+    if labels is not None:
+        return -float(np.mean((y - labels.reshape(y.shape)) ** 2))
+    return -sum(float(np.mean((o - t) ** 2) / max(np.mean(t**2), 1e-12)) for o, t in zip(outputs, targets, strict=True))
 
 
 def fit(
@@ -126,7 +127,11 @@ def fit(
     held, train = order[:cut], order[cut:]
     targets = _teacher(teacher or module.float_model, dict(data), names, 256) if labels is None else []
     float_outputs = [i for i, t in enumerate(targets) if t.dtype.kind == "f"] if labels is None else [0]
-    report = TrainReport("accuracy" if labels is not None and labels.dtype.kind in "iu" else "teacher top-1 agreement")
+    if labels is None:
+        what = "-distillation error"
+    else:
+        what = "accuracy" if labels.dtype.kind in "iu" else "-squared error"
+    report = TrainReport(what)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     start = 0
@@ -146,9 +151,14 @@ def fit(
         if not len(held):
             return float("nan")
         with torch.no_grad():
-            out = module(feeds(held))[names[float_outputs[0]]].numpy()
-        ref = targets[float_outputs[0]][held] if labels is None else out
-        return _metric(out, ref, labels[held] if labels is not None else None)
+            out = module(feeds(held))
+        ys = [out[names[i]].numpy() for i in float_outputs]
+        refs = [targets[i][held] for i in float_outputs] if labels is None else []
+        return _metric(ys, refs, labels[held] if labels is not None else None)
+
+    if start == 0:  # the starting point (PTQ / the pruned model) competes with every epoch
+        report.best_epoch, report.best_metric = 0, evaluate()
+        report.history.append({"epoch": 0, report.metric: report.best_metric})
 
     for epoch in range(start, epochs):
         batches = _batches(len(train), batch_size, np.random.default_rng([seed, epoch]), True)
