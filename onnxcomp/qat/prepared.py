@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp.errors import ConfigError
-from onnxcomp.formats import IntegerFormat, get_format
+from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.fakequant import FakeQuant
 from onnxcomp.qat.interpreter import GraphModule
@@ -37,6 +37,9 @@ UNSUPPORTED_OPTIONS = {
     "embeddings": "none",
 }
 
+
+#: Element float formats whose weight codes are stored as such for DequantizeLinear (the others use lookup tables).
+DQ_FLOAT_WEIGHTS = ("fp8_e4m3", "fp8_e5m2")
 
 #: Ops that move values without changing them: their output on the input's grid shares its quantizer.
 PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
@@ -146,10 +149,11 @@ class QATModule(torch.nn.Module):
             )
         dq = nodes.get(f"{name}_DequantizeLinear")
         fmt = get_format(w["dtype"])
-        if dq is None or not isinstance(fmt, IntegerFormat):
+        exportable = isinstance(fmt, IntegerFormat) or fmt.name in DQ_FLOAT_WEIGHTS
+        if dq is None or not exportable:
             raise ConfigError(
                 f"{where}: weight {name!r} stored as {w['stored_as']!r}; quantization-aware training exports "
-                "integer weights stored for DequantizeLinear (int4/uint4/int8/uint8/int16; weight-only MatMul/Gemm "
+                "weights stored for DequantizeLinear (int4/uint4/int8/uint8/int16/uint16, fp8_e4m3/fp8_e5m2; weight-only MatMul/Gemm "
                 "need weight_only_format='dq')"
             )
         scale = np.asarray(w["scale"], np.float32)
@@ -285,7 +289,7 @@ class QATModule(torch.nn.Module):
             scale = fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)
             zp = fq.zero_point.numpy()
             fmt = get_format(fq.dtype)
-            assert isinstance(fmt, IntegerFormat)  # _attach_weight accepts integer formats only
+            assert isinstance(fmt, (IntegerFormat, ElementFormat))  # _attach_weight accepts these only
             wide_scale = fq._broadcast(torch.from_numpy(scale), torch.from_numpy(w)).numpy()
             wide_zp = fq._broadcast(torch.from_numpy(zp), torch.from_numpy(w)).numpy().astype(np.int32)
             codes = quantize_codes(fmt, w, wide_scale, wide_zp)

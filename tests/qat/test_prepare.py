@@ -35,6 +35,7 @@ def _x(n: int = 32) -> np.ndarray:
         {"weights": "int4", "activations": "uint4"},
         {"weights": "int4", "activations": "uint8", "granularity": "tensor"},
         {"weights": "int8", "activations": "none", "weight_only_format": "dq"},
+        {"weights": "fp8_e4m3", "activations": "uint8"},
     ],
 )
 def test_export_without_training_is_quantize_output(flags: dict[str, str]) -> None:
@@ -157,3 +158,16 @@ def test_base_install_never_imports_torch_and_missing_torch_gives_the_hint() -> 
     )
     plain = "import sys, onnxcomp, onnxcomp.api, onnxcomp.cli.main; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", plain], cwd=REPO, timeout=120).returncode == 0
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "hif8"])
+def test_float_grid_fake_quant_equals_the_codec(dtype: str) -> None:
+    """Element float grids: the nearest value of the codec's table (random data: no exact ties)."""
+    from onnxcomp.formats import get_format
+
+    fmt = get_format(dtype)
+    scale = np.float32(0.013)
+    x = (np.random.default_rng(2).standard_normal(4096) * 0.5).astype(np.float32)
+    ref = np.multiply(fmt.decode(fmt.encode(np.divide(x, scale))), scale, dtype=np.float32)
+    got = FakeQuant(dtype, np.asarray(scale), np.asarray(0))(torch.from_numpy(x)).detach().numpy()
+    assert np.array_equal(got, ref)
