@@ -44,13 +44,13 @@ def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None
 
 
 def ort_session(  # noqa: ANN201
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Path,
     level: str = "all",
     threads: int = 1,
     config: dict[str, str] | None = None,
     optimized_path: str | None = None,
 ):
-    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB).
+    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB) or a model file.
 
     ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
     ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``);
@@ -72,6 +72,8 @@ def ort_session(  # noqa: ANN201
         opts.add_session_config_entry(key, value)
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
+    if isinstance(model, Path):  # a file (external data beside it): onnxruntime reads it directly
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     if model.ByteSize() < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")

@@ -6,28 +6,33 @@ survive. Each batch's outputs are fed to their
 observers and dropped at once, so memory is one batch's activations plus the observers' fixed
 state, whatever the number of batches. This is the fix for onnxruntime's calibrators, which keep
 every intermediate output of every batch (microsoft/onnxruntime#10503, #11020, #21979).
+
+The run's :class:`~onnxcomp.calibration.shard.CalibrationResources` decide the rest
+(``docs/scale.md``): batches sharded over worker processes or Ray actors and merged in a fixed
+order (:mod:`onnxcomp.calibration.shard`), and the tensors exposed in groups, one pass over the
+data per group, when all of them would exceed the memory budget
+(:mod:`onnxcomp.calibration.partition`). Neither changes the result of exactly mergeable
+observers.
 """
 
 from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx
 
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.progress import progress_bar
-from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
 
+from .partition import Spool, estimate_bytes, group_tensors, machine_budget
+from .session import BatchFeeder, FeedPlan, SupportsUpdate
+from .shard import CalibrationResources, add_note, current_resources, run_sharded, why_not_shardable
 
-class SupportsUpdate(Protocol):
-    """What the calibrator needs of an observer: ``update(x)`` with each observed array."""
-
-    def update(self, x: np.ndarray, /) -> None: ...
-
+__all__ = ["Calibrator", "SupportsUpdate", "Tee", "collect_many"]
 
 ObserverT = TypeVar("ObserverT", bound=SupportsUpdate)
 
@@ -59,21 +64,16 @@ class Calibrator(Generic[ObserverT]):
                 raise CalibrationError(f"tensor {name!r} is not a graph input or a node output of the model{hint}")
         self.tensors: tuple[str, ...] = tuple(tensors)
         self._factories: dict[str, Callable[[], ObserverT]] = dict(tensors)
-        self._inputs: tuple[str, ...] = tuple(n for n in self.tensors if n in inputs)
-        self._required: tuple[str, ...] = tuple(inputs)
-        self._fetch: list[str] = [n for n in self.tensors if n not in self._inputs]
+        observed_inputs = tuple(n for n in self.tensors if n in inputs)
+        fetch = tuple(n for n in self.tensors if n not in observed_inputs)
+        self._model = model
+        self._plan = FeedPlan(observed_inputs, fetch, tuple(inputs))
         #: number of batches consumed by the last :meth:`run`
         self.batches_seen = 0
-        self._session = None
-        self._feed_names: tuple[str, ...] = tuple(inputs)
-        if self._fetch:
-            augmented = with_outputs(model, self._fetch)
-            try:
-                self._session = ort_session(augmented, level="disable", threads=ALL_CORES)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-                raise CalibrationError(f"onnxruntime cannot load the calibration model: {first_line(exc)}") from exc
-            del augmented  # only the session is kept (a >= 2 GB model is not held twice)
-            self._feed_names = tuple(i.name for i in self._session.get_inputs())
+        #: how the last :meth:`run` ran: tensor groups, workers, or why it stayed in this process
+        self.notes: list[str] = []
+        # In one process the session is made now, as it always was (load errors surface here).
+        self._feeder: BatchFeeder | None = None if current_resources().sharded else BatchFeeder(model, self._plan)
 
     def run(
         self,
@@ -81,11 +81,14 @@ class Calibrator(Generic[ObserverT]):
         max_batches: int | None = None,
         progress: bool = False,
         total: int | None = None,
+        resources: CalibrationResources | None = None,
     ) -> dict[str, ObserverT]:
         """Stream ``batches`` (at most ``max_batches``) through the session; the filled observers.
 
         A batch maps input names to arrays; keys that are not model inputs are ignored (labels,
-        ids). Raises CalibrationError on empty data, a missing input, an onnxruntime failure, or a
+        ids). ``resources`` (default: the run's, :func:`~onnxcomp.calibration.shard.current_resources`)
+        may shard the batches over workers and split the tensors into groups; the result is the
+        same. Raises CalibrationError on empty data, a missing input, an onnxruntime failure, or a
         non-finite observed value (naming the tensor and the 0-based batch index).
         """
         if max_batches is not None and (
@@ -96,46 +99,95 @@ class Calibrator(Generic[ObserverT]):
             total = len(batches) if isinstance(batches, Sized) else None
             if max_batches is not None:
                 total = max_batches if total is None else min(total, max_batches)
-        observers = {name: factory() for name, factory in self._factories.items()}
-        stream = iter(batches) if max_batches is None else itertools.islice(batches, max_batches)
-        self.batches_seen = 0
-        with progress_bar(total, "calibrating", enabled=progress) as bar:
-            for index, batch in enumerate(stream):
-                self._observe(index, batch, observers)
-                self.batches_seen += 1
-                bar.update(1)
-        if self.batches_seen == 0:
+        resources = resources if resources is not None else current_resources()
+        self.notes = []
+
+        def stream_of(source: Iterable[Any]) -> Iterator[Any]:
+            return iter(source) if max_batches is None else itertools.islice(source, max_batches)
+
+        stream = stream_of(batches)
+        first = next(stream, None)
+        if first is None:
+            self.batches_seen = 0
             raise CalibrationError("calibration data is empty")
+        stream = itertools.chain([first], stream)
+        groups = self._groups(first, resources)
+        observers: dict[str, ObserverT] = {name: factory() for name, factory in self._factories.items()}
+        reason = why_not_shardable(observers) if resources.sharded else None
+        if reason is not None:
+            self.notes.append(f"calibrated in this process: {reason}")
+        shard = resources if resources.sharded and reason is None else None
+        rerun = iter(batches) is not batches  # a list or another re-iterable: read again per group
+        spool = Spool(stream) if len(groups) > 1 and not rerun else None
+        try:
+            with progress_bar(None if total is None else total * len(groups), "calibrating", enabled=progress) as bar:
+                for index, group in enumerate(groups):
+                    if index == 0:
+                        source: Iterator[Any] = spool.record() if spool is not None else stream
+                    else:
+                        source = spool.replay() if spool is not None else stream_of(batches)
+                    plan = FeedPlan(self._plan.observed_inputs if index == 0 else (), group, self._plan.required)
+                    seen = self._pass(plan, source, observers, shard, total, bar.update)
+                    self.batches_seen = seen if index == 0 else self.batches_seen
+        finally:
+            if spool is not None:
+                spool.close()
+        if shard is not None:
+            where = f"the Ray cluster at {shard.ray}" if shard.ray is not None else f"{shard.workers} worker processes"
+            self.notes.append(f"calibration sharded over {where}")
+        for note in self.notes:
+            add_note(note)
         return observers
 
-    def _observe(self, index: int, batch: Mapping[str, np.ndarray], observers: dict[str, ObserverT]) -> None:
-        if not isinstance(batch, Mapping):
-            raise CalibrationError(
-                f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
+    def _groups(self, first: Any, resources: CalibrationResources) -> list[tuple[str, ...]]:
+        """The fetched tensors in groups that fit the memory budget (one group: all at once)."""
+        fetch = self._plan.fetch
+        if len(fetch) < 2 or not isinstance(first, Mapping):
+            return [fetch]
+        budget = resources.memory if resources.memory is not None else machine_budget()
+        sizes = estimate_bytes(self._model, fetch, first)
+        if all(size is None for size in sizes.values()):  # nothing to go by: groups of one would be a guess
+            if resources.memory is not None:
+                self.notes.append("no tensor size could be inferred: every tensor exposed at once, whatever the budget")
+            return [fetch]
+        groups = group_tensors(fetch, sizes, budget)
+        if len(groups) > 1:
+            self._feeder = None  # each group gets a session of its own; release the all-at-once one
+            known = sum(s for s in sizes.values() if s is not None)
+            self.notes.append(
+                f"{len(fetch)} tensors (~{known / 2**20:.1f} MiB per batch) exceed the calibration memory budget of "
+                f"{budget / 2**20:.1f} MiB: calibrated in {len(groups)} groups, one pass over the data each"
             )
-        missing = [n for n in self._required if n not in batch]
-        if missing:
-            raise CalibrationError(
-                f"calibration batch {index}: missing model input(s) {', '.join(missing)} (batch has {', '.join(sorted(map(str, batch)))})"
-            )
-        for name in self._inputs:
-            self._update(observers[name], name, batch[name], index)
-        if self._session is None:
-            return
-        feeds = {n: batch[n] for n in self._feed_names if n in batch}
-        try:
-            values = self._session.run(self._fetch, feeds)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-            raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first_line(exc)}") from exc
-        for name, value in zip(self._fetch, values, strict=True):
-            self._update(observers[name], name, value, index)
+        return groups
 
-    @staticmethod
-    def _update(observer: SupportsUpdate, name: str, value: np.ndarray, index: int) -> None:
-        try:
-            observer.update(np.asarray(value))
-        except CalibrationError as exc:
-            raise CalibrationError(f"calibration batch {index}: tensor {name!r}: {exc}") from exc
+    def _pass(
+        self,
+        plan: FeedPlan,
+        source: Iterator[Any],
+        observers: dict[str, ObserverT],
+        shard: CalibrationResources | None,
+        total: int | None,
+        advance: Callable[[int], None],
+    ) -> int:
+        """One pass over the data observing ``plan``'s tensors; the number of batches read."""
+        if shard is not None:
+            names = (*plan.observed_inputs, *plan.fetch)
+
+            def fresh() -> dict[str, Any]:
+                return {name: self._factories[name]() for name in names}
+
+            merged, seen = run_sharded(self._model, plan, fresh, source, shard, total, advance)
+            observers.update(merged)
+            return seen
+        feeder = self._feeder if self._feeder is not None and plan.fetch == self._plan.fetch else None
+        if feeder is None:
+            feeder = BatchFeeder(self._model, plan)
+        seen = 0
+        for index, batch in enumerate(source):
+            feeder.observe(index, batch, observers)
+            seen += 1
+            advance(1)
+        return seen
 
 
 class Tee:
@@ -147,6 +199,19 @@ class Tee:
     def update(self, x: np.ndarray) -> None:
         for collector in self.collectors.values():
             collector.update(x)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether every collector merges (then the Tee can be filled in shards)."""
+        return all(callable(getattr(c, "merge", None)) for c in self.collectors.values())
+
+    def merge(self, other: Tee) -> None:
+        """Merge each purpose's collector with ``other``'s (same purposes, same order)."""
+        if list(other.collectors) != list(self.collectors):
+            raise CalibrationError(f"cannot merge collectors of {list(other.collectors)} into {list(self.collectors)}")
+        for purpose, collector in self.collectors.items():
+            merge: Callable[[Any], None] = collector.merge  # type: ignore[attr-defined]  # mergeable says so
+            merge(other.collectors[purpose])
 
 
 def collect_many(

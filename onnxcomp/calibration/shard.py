@@ -1,0 +1,305 @@
+"""Calibration sharded over worker processes (standard library) or Ray actors, merged in a fixed order.
+
+The stream of batches is cut into *chunks* of consecutive batches (the chunk size depends only on
+the number of batches and workers). Each chunk goes to a worker, which feeds it through its own
+onnxruntime session (:class:`onnxcomp.calibration.session.BatchFeeder`) into fresh copies of the
+observers and returns their states; the driver merges the states chunk by chunk, in chunk order,
+into fresh observers. So the result does not depend on which worker finished first: observers
+whose merge is exact (min/max, histograms, ChannelStats) give the single-process result bit for
+bit, float sums (ChannelMean, Gram matrices) the same up to the order of the additions.
+
+The model is shipped to each worker once: written to a temporary file that every local worker
+opens in its initializer, or put once in Ray's object store (a node need not share our disk) and
+opened by each actor when it starts. Only the chunks travel per task, and at most two chunks per
+worker are in flight, so the driver holds a bounded number of batches.
+
+Which resources calibration may use is set for a whole run with :func:`calibration_resources`
+(``api._run`` does, from ``--workers`` / ``--ray`` / ``--calib-memory``); the calibrator reads it
+with :func:`current_resources`, so every pass that calibrates is sharded without knowing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import os
+import pickle
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import onnx
+
+from onnxcomp.errors import CalibrationError, ConfigError, OnnxCompError
+from onnxcomp.runtime import PROTOBUF_LIMIT, first_line, with_outputs, write_model_file
+
+from .session import BatchFeeder, FeedPlan, observe_chunk
+
+_MAX_CHUNK = 8  # batches per task at most: bounds what the driver holds, keeps workers balanced
+_IN_FLIGHT = 2  # chunks queued per worker: one running, one ready
+_RAY_HINT = "install it with: pip install 'onnxcomp[distributed]' (or pip install ray)"
+
+
+@dataclass(frozen=True)
+class CalibrationResources:
+    """Where calibration runs and how much it may expose at once.
+
+    ``workers``: local worker processes (1 = in this process); with ``ray``, the number of Ray
+    actors (1 = one per CPU of the cluster). ``ray``: a Ray address (``auto`` = the running
+    cluster) or None. ``memory``: bytes the tensors exposed for one batch may take (None: a
+    quarter of the machine's memory, see :mod:`onnxcomp.calibration.partition`).
+    """
+
+    workers: int = 1
+    ray: str | None = None
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise ConfigError(f"ray must be a cluster address such as 'auto', got {self.ray!r}")
+        if self.memory is not None and (
+            isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1
+        ):
+            raise ConfigError(f"the calibration memory budget must be a positive number of bytes, got {self.memory!r}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.workers > 1 or self.ray is not None
+
+
+_CURRENT: ContextVar[tuple[CalibrationResources, list[str]] | None] = ContextVar("calibration_resources", default=None)
+
+
+@contextlib.contextmanager
+def calibration_resources(resources: CalibrationResources) -> Iterator[list[str]]:
+    """Every calibration inside the ``with`` block uses ``resources``; yields the notes they make.
+
+    The notes say how each calibration ran (on which workers, in how many groups, or why it stayed
+    in this process), once each, in order: ``api._run`` adds them to the run report.
+    """
+    notes: list[str] = []
+    token = _CURRENT.set((resources, notes))
+    try:
+        yield notes
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_resources() -> CalibrationResources:
+    """The resources set by the innermost :func:`calibration_resources` (default: one process)."""
+    current = _CURRENT.get()
+    return current[0] if current is not None else CalibrationResources()
+
+
+def add_note(note: str) -> None:
+    """Tell the run how a calibration ran (kept once; dropped outside :func:`calibration_resources`)."""
+    current = _CURRENT.get()
+    if current is not None and note not in current[1]:
+        current[1].append(note)
+
+
+def why_not_shardable(templates: Mapping[str, Any]) -> str | None:
+    """Why these (fresh) observers cannot be filled in workers and merged, or None if they can.
+
+    An observer must say it merges (``mergeable``, else a ``merge`` method) and pickle: collectors
+    that write into objects the caller keeps (a fan-out to shared accumulators) cannot.
+    """
+    for name, observer in templates.items():
+        flag = getattr(observer, "mergeable", None)
+        if not (flag if flag is not None else callable(getattr(observer, "merge", None))):
+            return f"the collector of tensor {name!r} ({type(observer).__name__}) cannot merge partial results"
+        try:
+            pickle.dumps(observer)
+        except Exception as exc:  # noqa: BLE001 - pickling raises several unrelated types
+            return f"the collector of tensor {name!r} ({type(observer).__name__}) cannot be sent to a worker: {first_line(exc)}"
+    return None
+
+
+def chunk_size(total: int | None, workers: int) -> int:
+    """Batches per task: the batches spread evenly over the workers, at most ``_MAX_CHUNK``."""
+    if total is None:
+        return _MAX_CHUNK // 2
+    return max(1, min(_MAX_CHUNK, math.ceil(total / workers)))
+
+
+def _chunks(stream: Iterator[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    first, chunk = 0, []
+    for batch in stream:
+        chunk.append(dict(batch) if isinstance(batch, Mapping) else batch)  # a plain dict pickles
+        if len(chunk) == size:
+            yield first, chunk
+            first, chunk = first + size, []
+    if chunk:
+        yield first, chunk
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+_LOCAL: BatchFeeder | None = None  # a local worker process's feeder, made once by its initializer
+
+
+def _start_local(path: str, plan: FeedPlan, threads: int) -> None:
+    global _LOCAL
+    _LOCAL = BatchFeeder(Path(path), plan, threads)
+
+
+def _local_task(first: int, batches: list[Any], observers: dict[str, Any]) -> MutableMapping[str, Any]:
+    assert _LOCAL is not None, "the worker initializer did not run"
+    return observe_chunk(_LOCAL, first, batches, observers)
+
+
+class RayWorker:
+    """A Ray actor's state: the model files written to a private directory, one session over them."""
+
+    def __init__(self, files: dict[str, bytes], plan: FeedPlan, threads: int) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="onnxcomp-ray-")
+        for name, data in files.items():
+            Path(self._dir.name, name).write_bytes(data)
+        self._feeder = BatchFeeder(Path(self._dir.name, "model.onnx"), plan, threads)
+
+    def observe(self, first: int, batches: list[Any], observers: bytes) -> bytes:
+        # observers travel pickled: Ray hands numpy arrays over read-only, and observers update theirs in place
+        return pickle.dumps(observe_chunk(self._feeder, first, batches, pickle.loads(observers)))
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a CalibrationError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise CalibrationError(f"--ray needs Ray, which is not installed; {_RAY_HINT}") from None
+    return ray
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+def run_sharded(
+    model: onnx.ModelProto,
+    plan: FeedPlan,
+    fresh: Callable[[], dict[str, Any]],
+    stream: Iterator[Any],
+    resources: CalibrationResources,
+    total: int | None,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], int]:
+    """Fill ``fresh()`` observers from ``stream`` on the workers of ``resources``; (merged, batches).
+
+    ``advance(n)`` is called as chunks of n batches are merged (the progress bar).
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-shard-") as tmp:
+        path = Path(tmp, "model.onnx")
+        augmented = with_outputs(model, list(plan.fetch)) if plan.fetch else model
+        write_model_file(augmented, path, external=augmented.ByteSize() >= PROTOBUF_LIMIT)
+        del augmented
+        if resources.ray is not None:
+            return _run_ray(path, plan, fresh, stream, resources, total, advance)
+        return _run_local(path, plan, fresh, stream, resources.workers, total, advance)
+
+
+def _threads(workers: int) -> int:
+    """Intra-op threads per worker session: the cores shared out (oversubscribing slows every worker)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _run_local(
+    path: Path,
+    plan: FeedPlan,
+    fresh: Callable[[], dict[str, Any]],
+    stream: Iterator[Any],
+    workers: int,
+    total: int | None,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], int]:
+    # 'spawn': a fork would copy the driver's onnxruntime thread pools, which is unsafe
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _start_local, (str(path), plan, _threads(workers))) as pool:
+
+        def submit(first: int, chunk: list[Any]) -> Future[MutableMapping[str, Any]]:
+            return pool.submit(_local_task, first, chunk, fresh())
+
+        return _drive(submit, lambda future: future.result(), fresh, stream, workers, total, advance)
+
+
+def _run_ray(
+    path: Path,
+    plan: FeedPlan,
+    fresh: Callable[[], dict[str, Any]],
+    stream: Iterator[Any],
+    resources: CalibrationResources,
+    total: int | None,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], int]:
+    ray = import_ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=resources.ray, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError
+            raise CalibrationError(
+                f"cannot connect to a Ray cluster at {resources.ray!r}: {first_line(exc)} "
+                "(start one with `ray start --head`, or pass --workers N for local processes)"
+            ) from exc
+    workers = resources.workers if resources.workers > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    files = {p.name: p.read_bytes() for p in sorted(path.parent.iterdir())}
+    model_ref = ray.put(files)  # once: every actor reads it from the object store
+    del files
+    actor = ray.remote(num_cpus=1)(RayWorker)
+    actors = [actor.remote(model_ref, plan, 1) for _ in range(workers)]
+    turn = iter(range(1 << 62))
+
+    def submit(first: int, chunk: list[Any]) -> Any:
+        return actors[next(turn) % workers].observe.remote(first, chunk, pickle.dumps(fresh()))
+
+    def result(ref: Any) -> MutableMapping[str, Any]:
+        try:
+            return cast(MutableMapping[str, Any], pickle.loads(ray.get(ref)))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, OnnxCompError):
+                raise cause from None
+            raise CalibrationError(f"a Ray calibration worker failed: {first_line(cause or exc)}") from None
+
+    try:
+        return _drive(submit, result, fresh, stream, workers, total, advance)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _drive(
+    submit: Callable[[int, list[Any]], Any],
+    result: Callable[[Any], MutableMapping[str, Any]],
+    fresh: Callable[[], dict[str, Any]],
+    stream: Iterator[Any],
+    workers: int,
+    total: int | None,
+    advance: Callable[[int], None],
+) -> tuple[dict[str, Any], int]:
+    """Submit chunks with a bounded queue; merge the results in submission (= batch) order."""
+    merged = fresh()
+    pending: deque[tuple[Any, int]] = deque()
+    seen = 0
+
+    def merge_oldest() -> None:
+        nonlocal seen
+        handle, size = pending.popleft()
+        for name, part in result(handle).items():
+            merged[name].merge(part)
+        seen += size
+        advance(size)
+
+    for first, chunk in _chunks(stream, chunk_size(total, workers)):
+        if len(pending) >= _IN_FLIGHT * workers:
+            merge_oldest()
+        pending.append((submit(first, chunk), len(chunk)))
+    while pending:
+        merge_oldest()
+    return merged, seen
