@@ -97,6 +97,18 @@ def check_formats(config: QuantConfig, int4: bool) -> None:
             )
 
 
+def _name_nodes(graph: ir.Graph) -> int:
+    """Give every top-level node a unique non-empty name (record keys, ``<layer>.quant``); returns how many changed."""
+    seen: set[str] = set()
+    changed = 0
+    for node in graph.nodes:
+        if not node.name or node.name in seen:
+            node.name = ir.unique_name(graph, node.name or node.op)
+            changed += 1
+        seen.add(node.name)
+    return changed
+
+
 def _convert_down(graph: ir.Graph, template: Any) -> None:
     """Rewrite ``graph`` in place at opset 22 (onnx's version converter; its error says to re-export)."""
     why = f"ATC registers the Ascend ops for ai.onnx opsets {MIN_OPSET}..{MAX_OPSET}"
@@ -139,6 +151,9 @@ def ascend_quantize(
         _convert_down(graph, ctx.source_model)
         result.notes.append(f"converted opset {opset} -> {MAX_OPSET} (ATC registers the Ascend ops for 8..22)")
     check_formats(config, options.int4)
+    renamed = _name_nodes(graph)
+    if renamed:
+        result.notes.append(f"named {renamed} unnamed or duplicate-named nodes (the record is keyed by node name)")
     if config.ops == DEFAULT_OPS:  # ATC also quantizes ConvTranspose, which onnxruntime has no integer kernel for
         config = replace(config, ops=ASCEND_OPS)
     before = weight_snapshot(graph, config.ops) if migrate is not None else {}
