@@ -69,4 +69,12 @@ def prepare(
     ctx = _context(seed, calibration, proto, batch_size, calib_samples)
     quantized = PassManager([*passes, make_pass("quantize", options)], validate=LOCATE).run(proto, ctx).model
     record = ctx.artifacts.get("quant_record", [])
-    return QATModule(float_model, quantized, record)
+    module = QATModule(float_model, quantized, record)
+
+    def simulation() -> onnx.ModelProto:  # what `quantize --simulation-output` writes
+        sim = make_pass("quantize", {**options, "emit": "simulate", "report_batches": 0})
+        sim_ctx = _context(seed, calibration, proto, batch_size, calib_samples)
+        return PassManager([*passes, sim], validate=LOCATE).run(proto, sim_ctx).model
+
+    module.simulation_source = simulation
+    return module

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from onnxcomp.errors import ModelLoadError
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.ops import OPS
+from onnxcomp.qat.ops_spatial import SPATIAL_OPS
 
 #: Inputs of these ops that are weights (trained), when they are constants.
 WEIGHT_INPUTS = {
@@ -34,6 +35,9 @@ WEIGHT_INPUTS = {
 
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+assert all(name in OPS for name in SPATIAL_OPS)
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:

@@ -11,7 +11,8 @@ codes and scales of that same PTQ output: same structure, same record, the learn
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +20,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.errors import ConfigError
+from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.model_io import save_model
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.fakequant import FakeQuant
 from onnxcomp.qat.interpreter import GraphModule
+from onnxcomp.quant.qparams import dequantize
 from onnxcomp.quant.qparams import quantize as quantize_codes
 from onnxcomp.quant.qweight import storage_array
 
@@ -90,6 +93,8 @@ class QATModule(torch.nn.Module):
         self.float_model = float_model
         self.quantized_model = quantized_model
         self.record = record
+        #: builds the same pipeline's ``emit="simulate"`` output on demand (set by ``prepare``)
+        self.simulation_source: Callable[[], onnx.ModelProto] | None = None
         self.weight_quant = torch.nn.ModuleDict()
         self.act_quant = torch.nn.ModuleDict()
         self._weight_keys: dict[str, str] = {}
@@ -271,6 +276,46 @@ class QATModule(torch.nn.Module):
         mask = self.masks.get(name)
         return (w * mask if mask is not None else w).numpy().astype(np.float32)
 
+    def _learned_weight(self, name: str) -> tuple[IntegerFormat | ElementFormat, np.ndarray, np.ndarray, np.ndarray]:
+        """(format, codes, dequantized weight, scale) of quantized weight ``name`` as trained."""
+        fq = self._fq(self.weight_quant, self._weight_keys, name)
+        assert fq is not None
+        w = self._masked(name)
+        scale = fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)
+        fmt = get_format(fq.dtype)
+        assert isinstance(fmt, (IntegerFormat, ElementFormat))  # _attach_weight accepts these only
+        wide_scale = fq._broadcast(torch.from_numpy(scale), torch.from_numpy(w)).numpy()
+        wide_zp = fq._broadcast(fq.zero_point, torch.from_numpy(w)).numpy().astype(np.int32)
+        codes = quantize_codes(fmt, w, wide_scale, wide_zp)
+        return fmt, codes, dequantize(fmt, codes, wide_scale, wide_zp), scale
+
+    def simulation_model(self) -> onnx.ModelProto:
+        """The fake-quant simulation model (``quantize``'s ``emit="simulate"``) with the learned values."""
+        if self.quantized_model is None:
+            return self.learned_float_model()
+        if self.simulation_source is None:
+            raise OnnxCompError("this module has no simulation source: build it with onnxcomp.qat.prepare")
+        model = self.simulation_source()
+        inits = {t.name: t for t in model.graph.initializer}
+        nodes = {n.name: n for n in model.graph.node}
+        for name in self._weight_slots:
+            target = inits.get(f"{name}_fakequant")
+            if target is None:
+                raise OnnxCompError(f"simulation model: no fake-quant weight {name}_fakequant for {name!r}")
+            target.CopyFrom(numpy_helper.from_array(self._learned_weight(name)[2], target.name))
+        for name in self._act_slots:
+            scale = inits[nodes[f"{name}_QuantizeLinear"].input[1]]
+            scale.CopyFrom(numpy_helper.from_array(self.scale_of(name).reshape(tuple(scale.dims)), scale.name))
+        return model
+
+    def export(
+        self, path: str | os.PathLike[str], simulation: str | os.PathLike[str] | None = None, force: bool = False
+    ) -> None:
+        """Save the deployable model at ``path`` (and the simulation model at ``simulation``)."""
+        save_model(self.export_model(), path, overwrite=force)
+        if simulation is not None:
+            save_model(self.simulation_model(), simulation, overwrite=force)
+
     def export_model(self) -> onnx.ModelProto:
         """The deployable model: the PTQ output with the learned codes and scales (the float model if none)."""
         if self.quantized_model is None:
@@ -283,16 +328,8 @@ class QATModule(torch.nn.Module):
             old.CopyFrom(numpy_helper.from_array(value.reshape(tuple(old.dims)), name))
 
         for name, slot in self._weight_slots.items():
-            fq = self._fq(self.weight_quant, self._weight_keys, name)
-            assert fq is not None and slot.codes is not None
-            w = self._masked(name)
-            scale = fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)
-            zp = fq.zero_point.numpy()
-            fmt = get_format(fq.dtype)
-            assert isinstance(fmt, (IntegerFormat, ElementFormat))  # _attach_weight accepts these only
-            wide_scale = fq._broadcast(torch.from_numpy(scale), torch.from_numpy(w)).numpy()
-            wide_zp = fq._broadcast(torch.from_numpy(zp), torch.from_numpy(w)).numpy().astype(np.int32)
-            codes = quantize_codes(fmt, w, wide_scale, wide_zp)
+            assert slot.codes is not None
+            fmt, codes, _, scale = self._learned_weight(name)
             put(slot.codes, storage_array(codes, fmt))
             put(slot.scale, scale)
         for name, slot in self._act_slots.items():

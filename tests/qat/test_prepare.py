@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -171,3 +172,13 @@ def test_float_grid_fake_quant_equals_the_codec(dtype: str) -> None:
     ref = np.multiply(fmt.decode(fmt.encode(np.divide(x, scale))), scale, dtype=np.float32)
     got = FakeQuant(dtype, np.asarray(scale), np.asarray(0))(torch.from_numpy(x)).detach().numpy()
     assert np.array_equal(got, ref)
+
+
+def test_simulation_export_without_training_is_quantize_simulation(tmp_path: Path) -> None:
+    flags = {"weights": "int4", "activations": "uint8"}
+    module = prepare(DEMO, None, CALIB, **flags)
+    sim = tmp_path / "sim.onnx"
+    api.quantize(DEMO, tmp_path / "q.onnx", calibration=CALIB, reports=False, simulation_output=sim, **flags)
+    module.export(tmp_path / "a.onnx", tmp_path / "a_sim.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
+    assert (tmp_path / "a_sim.onnx").read_bytes() == sim.read_bytes()
