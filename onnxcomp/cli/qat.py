@@ -27,10 +27,10 @@ def _qat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--labels", metavar="NAME", help="array of --data holding labels (default: distillation, label-free)"
     )
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training data (0: export the start)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (weights and scales)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the batch order and torch")
     p.add_argument(
         "--calib", type=Path, help="calibration data for the initial PTQ scales (default: the training data)"
     )
