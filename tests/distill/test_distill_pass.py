@@ -133,3 +133,37 @@ def test_input_file_is_not_modified(tmp_path: Path) -> None:
     calib = {"x": np.random.default_rng(2).standard_normal((8, 8, 64)).astype(np.float32)}
     distill(path, tmp_path / "o.onnx", weights="int4", activations="none", calibration=calib, iters=10)
     assert path.read_bytes() == before
+
+
+def test_teacher_input_and_combined_compression(tmp_path: Path) -> None:
+    """Teacher inputs, equalization + SmoothQuant first, and a 2:4 model whose zeros stay exactly zero."""
+    from onnxcomp import sparsify
+
+    calib, held = _demo_data()
+    ref = run_model(onnx.load(str(DEMO)), held, level="disable")[0]
+    sparse = sparsify(DEMO, tmp_path / "s.onnx", pattern="2:4", method="magnitude").model
+    kw = {"weights": "int4", "activations": "uint8", "placement": "all", "calibration": calib, **FAST}
+    rtn = quantize(sparse, weights="int4", activations="uint8", placement="all", calibration=calib, reports=False)
+    out = distill(sparse, teacher_input=True, equalize=True, smoothquant=0.5, **kw)
+    record = out.result("distill").data["record"]
+    assert any(e.get("algorithms") for e in record)  # equalization / SmoothQuant ran before distilling
+    assert sum(e.get("distill", {}).get("kept") == "distilled" for e in record) >= 3
+    assert _rel_err(out.model, ref, held) < _rel_err(rtn.model, ref, held)
+    # the 2:4 pattern survives: no pruned weight became non-zero
+    patterns = {e["node"]: e["weights"]["sparsity"]["pattern"] for e in rtn.result("quantize").data["record"]}
+    assert sum(p == "2:4" for p in patterns.values()) >= 3
+    for e in record:
+        if patterns.get(e["node"]) == "2:4":
+            assert e["weights"]["sparsity"]["pattern"] == "2:4", e["node"]
+
+
+def test_stash_spills_to_a_memory_mapped_file(tmp_path: Path) -> None:
+    from onnxcomp.quant.distill.driver import _Stash
+
+    stash = _Stash([1000], tmp_path)
+    parts = [np.full((3, 50), i, np.float32) for i in range(4)]
+    for p in parts:
+        stash.add(p)
+    got = stash.array()
+    assert isinstance(got, np.memmap)
+    np.testing.assert_array_equal(got, np.concatenate(parts))

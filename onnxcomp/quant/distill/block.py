@@ -140,6 +140,8 @@ def forward(
     matrix = matrix.astype(rows.dtype, copy=False)  # float32 rows: BLAS sgemm (float64 is 10-30x slower here)
     if matrix.shape[0] == 1:
         y = rows[:, 0, :] @ matrix[0].T
+    elif matrix.shape[1] == 1:  # depthwise: one output per group, a few taps (elementwise beats batched GEMM)
+        y = np.einsum("pgk,gk->pg", rows, matrix[:, 0, :])
     else:
         y = matmul_rows(rows, matrix)
     if bias is not None:
@@ -161,6 +163,8 @@ def backward(
     grad_bias = g.sum(axis=0)
     if groups == 1:
         grad_matrix = (g.T @ rows[:, 0, :])[None]
+    elif g.shape[1] == groups:  # depthwise
+        grad_matrix = np.einsum("pg,pgk->gk", g, rows)[:, None, :]
     else:
         per_group = g.reshape(g.shape[0], groups, -1)
         grad_matrix = np.einsum("pgo,pgk->gok", per_group, rows, optimize=True)

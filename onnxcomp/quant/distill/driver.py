@@ -47,20 +47,24 @@ class Outcome:
 
 
 class _Stash:
-    """Batches of one tensor stacked on axis 0: in memory up to ``budget`` bytes, then a memory-mapped file."""
+    """Batches of one tensor stacked on axis 0: in memory while the shared ``budget`` lasts, then a memory-mapped file.
 
-    def __init__(self, budget: int, folder: Path) -> None:
+    ``budget`` is a one-element list of the bytes left, shared by every stash of one run.
+    """
+
+    def __init__(self, budget: list[int], folder: Path) -> None:
         self.parts: list[np.ndarray] = []
-        self.bytes, self.budget, self.folder = 0, budget, folder
+        self.budget, self.folder = budget, folder
         self.file: Any = None
         self.rows = 0
 
     def add(self, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a, np.float32)
-        self.bytes += a.nbytes
         self.rows += a.shape[0]
         self.tail = a.shape[1:]
-        if self.file is None and self.bytes > self.budget:
+        if self.file is None:
+            self.budget[0] -= a.nbytes
+        if self.file is None and self.budget[0] < 0:
             self.file = tempfile.NamedTemporaryFile(dir=self.folder, suffix=".f32", delete=False)  # noqa: SIM115
             for p in self.parts:
                 self.file.write(p.tobytes())
@@ -72,7 +76,9 @@ class _Stash:
 
     def array(self) -> np.ndarray:
         if self.file is None:
-            return np.concatenate(self.parts, axis=0)
+            whole = np.concatenate(self.parts, axis=0)
+            self.parts = [whole]
+            return whole
         self.file.close()
         return np.memmap(self.file.name, np.float32, "r", shape=(self.rows, *self.tail))
 
@@ -175,37 +181,50 @@ def distill_plans(
         if p.spec.weights is not None and p.weight_index is not None:
             name = p.node.inputs[p.weight_index].name
             readers[name] = readers.get(name, 0) + 1
+    # topologically sorted: scale migration appends its Muls, and truncated runners walk the nodes backwards
+    teacher = ir.import_model(float_model)
+    ir.finalize(teacher)
+    float_model = ir.export_model(teacher, float_model)
     student = onnx.ModelProto()
     student.CopyFrom(float_model)
+    prepared: list[tuple[NodePlan, tuple[Block, GridWeight, np.ndarray | None] | str]] = []
+    for plan in plans:
+        if plan.spec.weights is None or plan.weight_index is None:
+            continue
+        w_name = plan.node.inputs[plan.weight_index].name
+        if readers[w_name] > 1:
+            prepared.append((plan, f"weight {w_name!r} is read by {readers[w_name]} nodes"))
+        else:
+            prepared.append((plan, _prepare(graph, plan, fp4_storage, (energies or {}).get(plan.node.name))))
+    blocks = [p[1][0] for p in prepared if not isinstance(p[1], str)]
     with tempfile.TemporaryDirectory(prefix="onnxcomp-distill-") as tmp:
+        budget = [memory_mb << 20]
 
         def stash() -> _Stash:
-            return _Stash(memory_mb << 20, Path(tmp))
+            return _Stash(budget, Path(tmp))
 
-        for plan in plans:
+        # every teacher tensor in one run (and the inputs too with teacher_input)
+        wanted = [b.output_name for b in blocks] + ([b.input_name for b in blocks] if teacher_input else [])
+        teacher_tensors = _collect(float_model, list(dict.fromkeys(wanted)), ctx.calibration, calib_batches, stash)
+        for plan, ready in prepared:
             node = plan.node
-            if plan.spec.weights is None or plan.weight_index is None:
-                continue
-            w_name = node.inputs[plan.weight_index].name
-            prepared = (
-                f"weight {w_name!r} is read by {readers[w_name]} nodes"
-                if readers[w_name] > 1
-                else _prepare(graph, plan, fp4_storage, (energies or {}).get(node.name))
-            )
+            w_name = node.inputs[plan.weight_index or 0].name
             fake = _input_quantizer(plan, ranges)
-            if isinstance(prepared, str):
-                outcome.entries[node.name] = {"kept": "rtn", "reason": prepared}
+            if isinstance(ready, str):
+                outcome.entries[node.name] = {"kept": "rtn", "reason": ready}
                 continue
-            block, gw, bias0 = prepared
+            block, gw, bias0 = ready
+            target = teacher_tensors[block.output_name]
             if teacher_input:
-                got = _collect(
-                    float_model, [block.input_name, block.output_name], ctx.calibration, calib_batches, stash
-                )
-                x, target = got[block.input_name], got[block.output_name]
+                x = teacher_tensors[block.input_name]
             else:
-                x = _collect(student, [block.input_name], ctx.calibration, calib_batches, stash)[block.input_name]
-                target = _collect(float_model, [block.output_name], ctx.calibration, calib_batches, stash)[
-                    block.output_name
+                left = [max(budget[0], 0)]  # what the teacher's tensors left; freed with this block's input
+
+                def student_stash(left: list[int] = left) -> _Stash:
+                    return _Stash(left, Path(tmp))
+
+                x = _collect(student, [block.input_name], ctx.calibration, calib_batches, student_stash)[
+                    block.input_name
                 ]
             if not isinstance(fake, str):
                 x = fake(x)

@@ -21,7 +21,7 @@ from onnxcomp.quant.distill.grid import GridWeight, rect_sigmoid, reduce
 from onnxcomp.quant.distill.rows import Layer, RowSource
 
 #: Largest number of output rows the before/after error is measured on (a fixed random subset).
-EVAL_ROWS = 16384
+EVAL_ROWS = 8192
 WARMUP = 0.2  # fraction of the iterations before the rounding regularizer starts
 BETA_START, BETA_END = 20.0, 2.0
 
@@ -84,8 +84,8 @@ def block_error(
     num = den = 0.0
     for start in range(0, len(index), 4096):
         part = index[start : start + 4096]
-        y, _ = forward(source.rows(part).astype(np.float32), matrix, bias, tails)
-        t = source.targets(target, part).astype(np.float32)
+        y, _ = forward(source.rows(part).astype(np.float32, copy=False), matrix, bias, tails)
+        t = source.targets(target, part).astype(np.float32, copy=False)
         num += float(((y - t) ** 2).sum(dtype=np.float64))
         den += float((t**2).sum(dtype=np.float64))
     return num / max(den, 1e-30)
@@ -163,8 +163,8 @@ def _learn_block(
     for it in range(settings.iters):
         adam.t = it + 1
         index = rng.integers(0, source.count, size=min(settings.batch_rows, source.count))
-        rows = source.rows(index).astype(np.float32)
-        t = source.targets(target, index).astype(np.float32)
+        rows = source.rows(index).astype(np.float32, copy=False)
+        t = source.targets(target, index).astype(np.float32, copy=False)
         loss, grad_v, grad_log, grad_bias = loss_and_grads(gw, v, log_scale, bias, rows, t, layer, tails, norm)
         if settings.learn_rounding:
             if it >= warm:
