@@ -16,13 +16,17 @@ after 5 warm-up runs) and the task metric. A second part compares calibration al
 and entropy): onnxcomp's streaming ``Calibrator`` against ORT's ``create_calibrator().collect_data()
 + compute_data()`` on the same tensors and batches.
 
-Matched settings: int8 weights symmetric per-channel, int8 activations asymmetric per-tensor,
-QDQ format, the ops Conv/ConvTranspose/Gemm/MatMul with a constant weight (ORT's activation x
+Matched settings: int8 weights symmetric per-channel, uint8 activations asymmetric per-tensor
+(onnxcomp's default and ORT's ``QUInt8``), QDQ format, the ops Conv/ConvTranspose/Gemm/MatMul with a constant weight (ORT's activation x
 activation MatMuls are excluded, as onnxcomp leaves them float), the same calibration samples in
 the same batches. ORT's static and dynamic flows run its recommended ``quant_pre_process`` first
 (``skip_symbolic_shape=True``: symbolic shape inference fails on both real models) and, for
 opset < 13 models, ``onnx.version_converter`` to 13 (ORT per-channel QDQ needs it); both are
-inside ORT's timed region, as onnxcomp's own fusions and opset upgrade are inside its.
+inside ORT's timed region, as onnxcomp's own fusions and opset upgrade are inside its. onnxcomp
+otherwise runs at its defaults (placement speed: thin depthwise and small 1x1 convs stay float;
+MatMul outputs stay float) with ``reports=False`` (no SQNR / fused-kernel report, which ORT does not
+make either). The "defaults" row pairs each tool's default calibration: onnxcomp's histogram-error
+observer and ORT's MinMax.
 
 ORT's ``MatMulNBitsQuantizer`` imports ``onnx_ir`` (which needs ``sympy``); onnxruntime does not
 declare them. If the venv lacks them, they are pip-installed (``--no-deps``, pinned) into a cache
@@ -169,12 +173,12 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
     _imports("onnxcomp")
     import onnxcomp.api as api
 
-    data = _load_npz(task.get("calib"), task.get("n"))
+    data: Any = _load_npz(task.get("calib"), task.get("n"))
     mode = task["mode"]
     start = time.perf_counter()
     if mode == "static":
         acts = {
-            "dtype": "int8",
+            "dtype": "uint8",
             "granularity": "tensor",
             "symmetric": False,
             "observer": task["observer"],
@@ -191,11 +195,19 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
             config=config,
             calib_samples=task["n"],
             batch_size=task["bs"],
+            reports=False,
             force=True,
         )
     elif mode == "dynamic":
         report = api.quantize(
-            task["model"], task["out"], weights="int8", granularity="channel", dynamic=True, force=True
+            task["model"],
+            task["out"],
+            weights="int8",
+            granularity="channel",
+            dynamic=True,
+            dynamic_granularity=task.get("dynamic_granularity", "tensor"),
+            reports=False,
+            force=True,
         )
     elif mode == "int4":
         report = api.quantize(
@@ -205,6 +217,7 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
             granularity="group:32",
             activations="none",
             weight_observer=task.get("weight_observer"),
+            reports=False,
             force=True,
         )
     else:
@@ -244,7 +257,7 @@ def child_ort_static(task: dict[str, Any]) -> dict[str, Any]:
         op_types_to_quantize=QUANT_OPS,
         per_channel=True,
         reduce_range=False,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if task.get("act_dtype", "uint8") == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude,
         calibrate_method=method,
@@ -274,18 +287,35 @@ def child_ort_dynamic(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_ort_nbits(task: dict[str, Any]) -> dict[str, Any]:
+    """ORT's MatMulNBitsQuantizer, 4-bit symmetric blocks of ``block`` (32): its default RTN,
+    ``algorithm: k_quant`` or ``algorithm: gptq``: its GPTQ (needs torch) (``GPTQWeightOnlyQuantConfig`` on the calibration batches,
+    ``act_order``, ``damp``)."""
     _imports("ort_nbits")
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    algo_config: Any = None
+    if task.get("algorithm", "rtn") == "k_quant":
+        from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig
+
+        algo_config = KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    elif task.get("algorithm", "rtn") == "gptq":
+        data = _load_npz(task["calib"], task["n"])
+        algo_config = GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=_ort_reader(data, task["bs"]),
+            percdamp=task.get("damp", 0.01),
+            actorder=bool(task.get("act_order", False)),
+            op_types_to_quantize=("MatMul",),
+        )
     start = time.perf_counter()
     quantizer = MatMulNBitsQuantizer(
         onnx.load(task["model"]),
         bits=4,
-        block_size=32,
+        block_size=task.get("block", 32),
         is_symmetric=True,
         accuracy_level=task.get("accuracy_level"),
         op_types_to_quantize=("MatMul",),
+        algo_config=algo_config,
     )
     quantizer.process()
     quantizer.model.save_model_to_file(task["out"], False)
@@ -540,10 +570,34 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
         return str(work / f"{bench.key}.{name}.onnx")
 
     common_task = {"model": bench.src, "calib": bench.calib, "n": bench.n, "bs": bench.bs}
+    bench.jobs.append(
+        Job(
+            "static, defaults",
+            "onnxcomp",
+            {
+                **common_task,
+                "kind": "onnxcomp_quant",
+                "mode": "static",
+                "observer": "histogram",
+                "out": out("oc_default"),
+            },
+            "onnxcomp",
+            note="onnxcomp's default activation observer: histogram (range minimizing the quantization error)",
+        )
+    )
+    bench.jobs.append(
+        Job(
+            "static, defaults",
+            "onnxruntime",
+            {**common_task, "kind": "ort_static", "observer": "minmax", "out": out("ort_default")},
+            "ort",
+            note="ORT's default calibration method: MinMax (the same job as its minmax row, run again)",
+        )
+    )
     observers = ("minmax", "entropy") if quick and bench.key != "digits_cnn" else ("minmax", "percentile", "entropy")
     for obs in observers:
         opts = {"percentile": PERCENTILE} if obs == "percentile" else {}
-        label = f"static int8, {obs}" + (f" {PERCENTILE:g}" if obs == "percentile" else "")
+        label = f"static, {obs}" + (f" {PERCENTILE:g}" if obs == "percentile" else "")
         bench.jobs.append(
             Job(
                 label,
@@ -582,9 +636,27 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
             "onnxcomp",
             {**nocal, "kind": "onnxcomp_quant", "mode": "dynamic", "out": out("oc_dynamic")},
             "onnxcomp",
-            note="per-token symmetric activations",
+            note="`dynamic_granularity='tensor'`: per-tensor uint8 activations (ORT's fused integer kernels)",
         )
     )
+    if not quick:
+        bench.jobs.append(
+            Job(
+                "dynamic int8 (W per-channel)",
+                "onnxcomp per-token",
+                {
+                    **nocal,
+                    "kind": "onnxcomp_quant",
+                    "mode": "dynamic",
+                    "dynamic_granularity": "token",
+                    "out": out("oc_dynamic_token"),
+                },
+                "onnxcomp",
+                matched=False,
+                note="onnxcomp's API default `dynamic_granularity='token'`: one symmetric scale per row, "
+                "emulated in float ops (more accurate, slower)",
+            )
+        )
     bench.jobs.append(
         Job(
             "dynamic int8 (W per-channel)",
@@ -600,8 +672,7 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
             "onnxcomp",
             {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "out": out("oc_int4")},
             "onnxcomp",
-            note="defaults (4-bit weights: MSE clipping search); DQ(int4) -> MatMul, ORT fuses it "
-            "to MatMulNBits (accuracy level 4)",
+            note="defaults (4-bit weights: MSE clipping search); written as MatMulNBits (accuracy level 4)",
         )
     )
     if have_nbits:
@@ -855,6 +926,59 @@ def _ratio_range(values: list[float]) -> str:
     return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
 
 
+def _med_range(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def cost_table(benches: list[ModelBench]) -> str:
+    """Quantize wall time and peak RSS of onnxcomp against ORT over the matched pairs: medians of the
+    per-pair values and of the per-pair ratios (min-max in brackets), per model and over all models."""
+    headers = [
+        "model",
+        "matched pairs",
+        "onnxcomp time s",
+        "ORT time s",
+        "time oc/ORT",
+        "onnxcomp peak MB",
+        "ORT peak MB",
+        "peak RSS oc/ORT",
+        "above baseline oc/ORT",
+    ]
+    rows = []
+    everything: list[tuple[Row, Row]] = []
+    for b in benches:
+        pairs = [(oc, ort) for oc, ort in _pairs(b) if ort.tool == "onnxruntime"]
+        everything += pairs
+        if not pairs:
+            continue
+        rows.append(_cost_row(b.key, pairs))
+    if len(benches) > 1 and everything:
+        rows.append(_cost_row("all models", everything))
+    return common.markdown_table(headers, rows, "lrrrrrrrr")
+
+
+def _cost_row(name: str, pairs: list[tuple[Row, Row]]) -> list[str]:
+    def med(values: list[float], digits: int) -> str:
+        values = [v for v in values if v == v]
+        return common.fmt(statistics.median(values), digits) if values else "-"
+
+    return [
+        name,
+        str(len(pairs)),
+        med([oc.time_s for oc, _ in pairs], 2),
+        med([ort.time_s for _, ort in pairs], 2),
+        _med_range([oc.time_s / ort.time_s for oc, ort in pairs]),
+        med([oc.peak_mb for oc, _ in pairs], 0),
+        med([ort.peak_mb for _, ort in pairs], 0),
+        _med_range([oc.peak_mb / ort.peak_mb for oc, ort in pairs]),
+        _med_range([oc.above_mb / ort.above_mb for oc, ort in pairs if ort.above_mb > 0]),
+    ]
+
+
 def summary(benches: list[ModelBench], cal_rows: list[CalibRow]) -> tuple[str, list[str]]:
     """Plain per-model statements of where onnxcomp is better/worse, and the list of metric losses."""
     losses: list[str] = []
@@ -864,7 +988,9 @@ def summary(benches: list[ModelBench], cal_rows: list[CalibRow]) -> tuple[str, l
         if not pairs:
             continue
         tol = 1e-9 if b.key == "digits_cnn" else 5e-5
-        better, equal, worse = [], [], []
+        better: list[str] = []
+        equal: list[str] = []
+        worse: list[str] = []
         for oc, ort in pairs:
             d = oc.metric - ort.metric
             what = f"{oc.setting} vs {ort.tool}: {oc.metric:.5g} vs {ort.metric:.5g} ({d:+.2g})"
@@ -915,9 +1041,14 @@ def render(
     out = [
         "onnxcomp's `quantize` against `onnxruntime.quantization` (`quantize_static` in QDQ format, "
         "`quantize_dynamic`, `MatMulNBitsQuantizer`) with the same calibration samples in the same batches and "
-        "matched settings: int8 weights symmetric per-channel, int8 activations asymmetric per-tensor, the ops "
-        "Conv/ConvTranspose/Gemm/MatMul with a constant weight (ORT's activation x activation MatMuls are "
-        f"excluded because onnxcomp keeps them float), percentile {PERCENTILE:g} for both.",
+        "matched settings: int8 weights symmetric per-channel, uint8 activations asymmetric per-tensor (onnxcomp's "
+        "default; ORT's `QUInt8`), the ops Conv/ConvTranspose/Gemm/MatMul with a constant weight (ORT's activation "
+        f"x activation MatMuls are excluded because onnxcomp keeps them float), percentile {PERCENTILE:g} for both. "
+        "onnxcomp otherwise runs at its defaults: placement speed (thin depthwise and small 1x1 convs stay float "
+        "where QLinearConv is slower on ORT CPU; ORT quantizes every conv), MatMul outputs left float (ORT puts a "
+        "Q/DQ on them), `reports=False` (no SQNR / fused-kernel report; ORT makes none). The `static, defaults` "
+        "row pairs each tool's default calibration (onnxcomp: histogram-error search; ORT: MinMax); dynamic is "
+        "per-tensor uint8 on both sides.",
         "",
         "```sh",
         f".venv/bin/python bench/ptq.py{flag}",
@@ -929,8 +1060,8 @@ def render(
         "",
         f"- **quant time**: wall time inside a fresh subprocess around the quantization call only (not the "
         f"interpreter start, imports or data loading); {'median of ' + str(repeats) + ' runs' if repeats > 1 else '1 run (use --full for the median of 3)'}. "
-        "onnxcomp's includes its fusions, opset upgrade, output validation after each pass, its SQNR report "
-        "(4 calibration batches through the float and the quantized model) and writing its record JSON; ORT's includes "
+        "onnxcomp's includes its fusions, opset upgrade, calibration, output validation after each pass and "
+        "writing its record JSON (not the optional SQNR / kernel reports: `reports=False`); ORT's includes "
         "`onnx.version_converter` to opset 13 when the model is older (ppocr_det: ORT per-channel QDQ needs 13) and "
         "`quant_pre_process(skip_symbolic_shape=True)` for the static and dynamic flows (ORT's recommended step; "
         "it folds BatchNorm and drops Identity/Dropout like onnxcomp's fusions; symbolic shape inference fails "
@@ -1025,7 +1156,21 @@ def render(
                 ]
             )
         out += [common.markdown_table(headers, rows, "llrrrrrrrrr"), ""]
-    out += ["### Where onnxcomp is better or worse", "", para, ""]
+    out += [
+        "### Quantize time and peak RSS, onnxcomp vs ORT",
+        "",
+        "Over the matched pairs of the tables above (onnxcomp row vs the `onnxruntime` row of the same setting): "
+        "medians of each tool's quantize wall time and peak RSS, and the median (min-max) of the per-pair ratios "
+        "onnxcomp / ORT (< 1: onnxcomp faster or smaller). *above baseline* = peak minus the peak of a process "
+        "that only imports the tool and loads the model and data.",
+        "",
+        cost_table(benches),
+        "",
+        "### Where onnxcomp is better or worse",
+        "",
+        para,
+        "",
+    ]
     return "\n".join(out), losses
 
 
