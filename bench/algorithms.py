@@ -3,7 +3,7 @@
 
 Run from the repo root::
 
-    .venv/bin/python bench/algorithms.py            # about 10 min on 2 cores
+    .venv/bin/python bench/algorithms.py            # 13 min of CPU; 37 min wall at load 11 on 2 cores
     .venv/bin/python bench/algorithms.py --quick    # smoke run: fewer samples, fewer rows
     .venv/bin/python bench/algorithms.py --only minilm_l3 --no-readme
 

@@ -2,7 +2,7 @@
 
 Run from the repo root::
 
-    .venv/bin/python bench/ptq.py           # 3.5 min on 2 cores (10 min with other jobs at load 5)
+    .venv/bin/python bench/ptq.py           # 3.5 min on 2 cores (13 min with other jobs at load 10)
     .venv/bin/python bench/ptq.py --quick   # 2 min: smoke run, fewer samples, smaller inputs
     .venv/bin/python bench/ptq.py --full    # quantization time = median of 3 runs, 50 latency runs
     .venv/bin/python bench/ptq.py --only minilm_l3 --no-readme   # one model, print only
