@@ -30,7 +30,7 @@ observer and ORT's MinMax.
 
 ORT's ``MatMulNBitsQuantizer`` imports ``onnx_ir`` (which needs ``sympy``); onnxruntime does not
 declare them. If the venv lacks them, they are pip-installed (``--no-deps``, pinned) into a cache
-folder outside the repo (``$ONNXCOMP_BENCH_PEERS`` or ``~/.cache/onnxcomp-bench/peers``) and put
+folder of the user's cache (``$ONNXCOMP_BENCH_PEERS`` overrides it) and put
 on ``PYTHONPATH`` of the ORT children only; the project venv is left untouched.
 
 The result replaces the "## Post-training quantization" section of bench/README.md.
@@ -1086,7 +1086,7 @@ def render(
         "percentile value and with their own defaults otherwise.",
         f"- ORT's `MatMulNBitsQuantizer` imports `onnx_ir`, which needs `sympy`; onnxruntime does not declare them. "
         f"When the venv lacks them the script pip-installs {', '.join(f'`{p}`' for p in PEER_PINS)} (`--no-deps`) "
-        "into `~/.cache/onnxcomp-bench/peers` (or `$ONNXCOMP_BENCH_PEERS`) and puts that folder on the ORT "
+        "into a folder of the user's cache (`$ONNXCOMP_BENCH_PEERS` overrides it) and puts that folder on the ORT "
         "children's `PYTHONPATH` only; the project venv is not changed.",
         "",
     ]
