@@ -167,3 +167,52 @@ def test_stash_spills_to_a_memory_mapped_file(tmp_path: Path) -> None:
     got = stash.array()
     assert isinstance(got, np.memmap)
     np.testing.assert_array_equal(got, np.concatenate(parts))
+
+
+def _decoder(seed: int = 0) -> onnx.ModelProto:
+    """x (B, 4, 8, 8) -> Conv 3x3 + Relu -> ConvTranspose stride 2 (grouped) + LeakyRelu -> Conv 1x1."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 4, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((16, 4, 3, 3)) * 0.2).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b2"),
+        numpy_helper.from_array((rng.standard_normal((6, 8, 1, 1)) * 0.3).astype(np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node(
+            "ConvTranspose", ["r1", "w2", "b2"], ["t2"], name="up", strides=[2, 2], pads=[1, 1, 0, 0], group=2
+        ),
+        helper.make_node("LeakyRelu", ["t2"], ["l2"], name="leaky", alpha=0.1),
+        helper.make_node("Conv", ["l2", "w3"], ["y"], name="conv3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "decoder",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_transpose_block_end_to_end(tmp_path: Path) -> None:
+    model = _decoder()
+    rng = np.random.default_rng(4)
+    calib = {"x": rng.standard_normal((16, 4, 8, 8)).astype(np.float32)}
+    held = {"x": rng.standard_normal((16, 4, 8, 8)).astype(np.float32)}
+    ref = run_model(model, held, level="disable")[0]
+    kw = {"weights": "int4", "activations": "none", "placement": "all", "calibration": calib}
+    kw["config"] = {"ops": ["Conv", "ConvTranspose"]}
+    rtn = quantize(model, **kw, reports=False).model
+    out, sim = tmp_path / "d.onnx", tmp_path / "sim.onnx"
+    report = distill(model, out, simulation_output=sim, **kw, **FAST)
+    record = {e["node"]: e for e in report.result("distill").data["record"]}
+    assert record["up"]["distill"]["block"] == ["ConvTranspose", "LeakyRelu"]
+    assert record["up"]["distill"]["kept"] == "distilled"
+    assert _rel_err(report.model, ref, held) < _rel_err(rtn, ref, held)
+    deployed = run_model(onnx.load(str(out)), held, level="disable")[0]
+    simulated = run_model(onnx.load(str(sim)), held, level="disable")[0]
+    np.testing.assert_allclose(deployed, simulated, rtol=1e-5, atol=1e-5 * np.abs(simulated).max())

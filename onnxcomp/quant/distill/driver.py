@@ -141,8 +141,11 @@ def _prepare(
     tails, end, matmul_bias = find_tail(graph, node, layer)
     bias_owner, bias = matmul_bias, None
     if node.op != "MatMul" and len(node.inputs) > 2 and node.inputs[2].name:
-        if plan.bias_index != 2 or float(node.attrs.get("beta", 1.0)) != 1.0:
+        value = ir.folded_value(node.inputs[2])
+        per_channel = plan.bias_index == 2 or (value is not None and value.shape == (layer.out_channels,))
+        if not per_channel or float(node.attrs.get("beta", 1.0)) != 1.0:
             return "its bias is not a per-channel constant"
+        ir.fold_constant_input(graph, node, 2)  # a grouped ConvTranspose's bias is not planned as per-channel
         bias_owner = (node, 2)
     if bias_owner is not None:
         found = ir.constant_value(bias_owner[0].inputs[bias_owner[1]])
