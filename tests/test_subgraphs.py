@@ -261,3 +261,28 @@ def test_real_if_model_weight_only_int8(silero_if, tmp_path):
         assert np.abs(got[0] - want[0]).max() < 0.02  # speech probabilities
         cosine = float(np.sum(got[1] * want[1]) / (np.linalg.norm(got[1]) * np.linalg.norm(want[1])))
         assert cosine > 0.999  # LSTM state (the int8 STFT Conv moves single values by up to ~0.07)
+
+
+def test_sparsify_2to4_inside_if_branches_by_magnitude(tmp_path):
+    """Bodies get 2:4 by magnitude (no calibration statistic exists inside them), said in a note."""
+    from onnxcomp.formats.nm import apply_nm, nm_fraction, parse_pattern
+
+    src = tmp_path / "if.onnx"
+    onnx.save(if_model(), src)
+    calib = {"x": np.random.default_rng(3).standard_normal((8, 16)).astype(np.float32), "cond": np.array(True)}
+    report = onnxcomp.sparsify(src, tmp_path / "s.onnx", pattern="2:4", calibration=calib, batch_axis={"cond": None})
+    step = report.result("sparsify_2to4")
+    assert step.stats["layers"] == 2 and any("magnitude (calibration cannot tap" in n for n in step.notes)
+    out = onnx.load(tmp_path / "s.onnx")
+    weights = {t.name: nh.to_array(t) for t in out.graph.initializer}
+    pattern = parse_pattern("2:4")
+    rng = np.random.default_rng(0)
+    originals = {"W1": rng.standard_normal((16, 8)), "W2": rng.standard_normal((16, 8))}
+    for cond, name in ((True, "W1"), (False, "W2")):
+        w = next(v for k, v in weights.items() if k.startswith(name))
+        assert nm_fraction(w, 0, pattern) == 1.0
+        np.testing.assert_array_equal(w, apply_nm(originals[name].astype(np.float32), 0, pattern))
+        feeds = _if_feeds(cond)
+        want = np.maximum(feeds["x"] @ w + weights["b1"], 0)
+        for level in LEVELS:
+            np.testing.assert_allclose(run(out, feeds, level)[0], want, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -111,6 +112,27 @@ class Sparsify2to4(Pass):
         return method
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        """The graph, then every If/Loop/Scan body by magnitude: onnxruntime cannot expose a
+        body's tensors, so no calibration statistic (SparseGPT's Hessians) exists there."""
+        result = self._run_graph(graph, ctx)
+        bodies = list(ir.iter_graphs(graph))[1:]
+        if not bodies:
+            return result
+        plain = Sparsify2to4(dataclasses.replace(self.options, method="magnitude", dense_layers=0))
+        inner_ctx = PassContext(seed=ctx.seed, artifacts=ctx.artifacts, source_model=ctx.source_model)
+        for body, where in bodies:
+            inner = plain._run_graph(body, inner_ctx)  # noqa: SLF001 - the same pass on one body
+            result.modified |= inner.modified
+            for key, value in inner.stats.items():
+                result.stats[key] = result.stats.get(key, 0) + value
+            result.changed += [f"{item} ({where})" for item in inner.changed]
+            result.declined += [(name, f"{where}: {reason}") for name, reason in inner.declined]
+            result.data.setdefault("layers", []).extend(inner.data.get("layers", []))
+            if inner.changed and self.method(ctx) == "sparsegpt":
+                result.notes.append(f"{where}: magnitude (calibration cannot tap subgraph tensors)")
+        return result
+
+    def _run_graph(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"layers": 0, "already": 0, "zeroed": 0, "groups": 0, "groups_ok": 0})
         pruned = record.layers_of_kind(ctx, "channels")
         method = self.method(ctx)
