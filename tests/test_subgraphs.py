@@ -286,3 +286,13 @@ def test_sparsify_2to4_inside_if_branches_by_magnitude(tmp_path):
         want = np.maximum(feeds["x"] @ w + weights["b1"], 0)
         for level in LEVELS:
             np.testing.assert_allclose(run(out, feeds, level)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_pruning_and_decomposition_say_they_skip_bodies(tmp_path):
+    src = tmp_path / "if.onnx"
+    onnx.save(if_model(), src)
+    pruned = onnxcomp.sparsify(src, tmp_path / "p.onnx", ratio=0.25)
+    declined = dict(pruned.result("prune_channels").declined)
+    assert "main graph only" in declined["then_matmul"] and "inside If 'the_if'" in declined["else_matmul"]
+    low = onnxcomp.decompose(src, tmp_path / "d.onnx", layers="matmul")
+    assert any("main graph only" in reason for _, reason in low.result("decompose_matmul").declined)

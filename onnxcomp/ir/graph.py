@@ -317,6 +317,12 @@ def iter_graphs(graph: Graph) -> Iterator[tuple[Graph, str]]:
     yield from bodies(graph)
 
 
+def body_nodes(graph: Graph, ops: Iterable[str]) -> list[tuple[Node, str]]:
+    """Nodes of ``ops`` inside If/Loop/Scan bodies, each with where it is (for passes that decline them)."""
+    wanted = tuple(ops)
+    return [(node, where) for body, where in list(iter_graphs(graph))[1:] for node in body.nodes if node.op in wanted]
+
+
 def iter_nodes(graph: Graph, ops: Iterable[str] | None = None, subgraphs: bool = False) -> Iterator[Node]:
     """Nodes of the graph (a snapshot: safe to mutate while iterating), optionally by op.
 

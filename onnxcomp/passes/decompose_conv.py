@@ -192,4 +192,7 @@ class DecomposeConv(Pass):
         allow_dilation: bool = False  # decompose dilated convs too (exact; declined by default)
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
-        return run_decomposition(graph, ctx, _ConvDecomposer(self.options))
+        result = run_decomposition(graph, ctx, _ConvDecomposer(self.options))
+        for node, where in ir.body_nodes(graph, ("Conv",)):
+            result.declined.append((node.name, f"{where}: layers are decomposed in the main graph only"))
+        return result

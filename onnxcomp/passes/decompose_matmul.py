@@ -133,4 +133,7 @@ class DecomposeMatMul(Pass):
         pass
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
-        return run_decomposition(graph, ctx, _MatMulDecomposer(self.options))
+        result = run_decomposition(graph, ctx, _MatMulDecomposer(self.options))
+        for node, where in ir.body_nodes(graph, ("MatMul", "Gemm")):
+            result.declined.append((node.name, f"{where}: layers are decomposed in the main graph only"))
+        return result

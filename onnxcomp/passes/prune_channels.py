@@ -79,7 +79,10 @@ class PruneChannels(Pass):
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         with single_threaded_blas():  # small matrices: OpenBLAS threads only spin on a loaded machine
-            return self._run(graph, ctx)
+            result = self._run(graph, ctx)
+        for node, where in ir.body_nodes(graph, self.options.ops):
+            result.declined.append((node.name, f"{where}: channels are pruned in the main graph only"))
+        return result
 
     def _run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         o = self.options
