@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnxcomp.api import compress
 from onnxcomp.cli.main import main
+from onnxcomp.flags import FUSE_PIPELINE
 from onnxcomp.runtime import ort_session
 from tests.conftest import MODELS
 
@@ -56,3 +58,30 @@ def test_bad_labels_name_is_one_line(tmp_path: Path, labelled: Path, capsys: pyt
     assert _run(tmp_path / "x.onnx", labelled, "--labels", "target") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no labels array 'target'; arrays: input, label" in err[0]
+
+
+def test_recipe_pass_equals_the_command(tmp_path: Path, labelled: Path) -> None:
+    """A recipe naming the pass by module:Class writes the model `onnxcomp qat` writes (same seed)."""
+    recipe = tmp_path / "qat.toml"
+    recipe.write_text(
+        "\n".join(
+            [
+                *(f'[[passes]]\npass = "{name}"\n' for name in FUSE_PIPELINE),
+                "[[passes]]",
+                'pass = "onnxcomp.qat.qat_pass:QuantizationAwareTraining"',
+                f'data = "{labelled}"',
+                'labels = "label"',
+                "epochs = 1",
+                "lr = 1e-3",
+                'weights = "int4"',
+                'activations = "uint4"',
+                "",
+            ]
+        )
+    )
+    report = compress(DEMO, recipe, tmp_path / "recipe.onnx")
+    assert report.result("qat").stats["epochs"] == 1
+    assert _run(tmp_path / "cli.onnx", labelled, "--labels", "label") == 0
+    ref = ort_session(tmp_path / "cli.onnx").run(None, {"input": np.load(labelled)["input"][:32]})[0]
+    got = ort_session(tmp_path / "recipe.onnx").run(None, {"input": np.load(labelled)["input"][:32]})[0]
+    np.testing.assert_array_equal(got, ref)
