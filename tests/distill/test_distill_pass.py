@@ -216,3 +216,14 @@ def test_conv_transpose_block_end_to_end(tmp_path: Path) -> None:
     deployed = run_model(onnx.load(str(out)), held, level="disable")[0]
     simulated = run_model(onnx.load(str(sim)), held, level="disable")[0]
     np.testing.assert_allclose(deployed, simulated, rtol=1e-5, atol=1e-5 * np.abs(simulated).max())
+
+
+def test_table_storage_keeps_round_to_nearest_with_a_reason() -> None:
+    """HiF8 weights are a table storage: every block is declined, the model is still written (as quantize's)."""
+    calib = {"x": np.random.default_rng(5).standard_normal((8, 8, 64)).astype(np.float32)}
+    kw = {"weights": "hif8", "activations": "none", "calibration": calib, "reports": False}
+    report = distill(_encoder(), iters=5, **kw)
+    entries = [e["distill"] for e in report.result("distill").data["record"]]
+    assert entries and all(d["kept"] == "rtn" and "storage 'lut'" in d["reason"] for d in entries)
+    rtn = quantize(_encoder(), **kw).model
+    assert rtn.SerializeToString(deterministic=True) == report.model.SerializeToString(deterministic=True)

@@ -208,7 +208,9 @@ def distill_plans(
 
         # every teacher tensor in one run (and the inputs too with teacher_input)
         wanted = [b.output_name for b in blocks] + ([b.input_name for b in blocks] if teacher_input else [])
-        teacher_tensors = _collect(float_model, list(dict.fromkeys(wanted)), ctx.calibration, calib_batches, stash)
+        teacher_tensors = (
+            _collect(float_model, list(dict.fromkeys(wanted)), ctx.calibration, calib_batches, stash) if wanted else {}
+        )
         for plan, ready in prepared:
             node = plan.node
             w_name = node.inputs[plan.weight_index or 0].name
