@@ -29,6 +29,7 @@ FORMATS = [
     ("mxfp4", "group:32"),
     ("fp8_e4m3", "channel"),
     ("mxfp8", "group:32"),
+    ("hif8", "channel"),  # a table storage: learned in value units
 ]
 
 

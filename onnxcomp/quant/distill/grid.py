@@ -95,6 +95,7 @@ class GridWeight:
     scale0: np.ndarray  # float64 per unit (RTN's)
     zero: np.ndarray  # float64 per element
     learn_scale: bool  # False for MX: its block scales are powers of two
+    rtn: np.ndarray  # round-to-nearest's codes in the same units as low/high
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -133,7 +134,11 @@ class GridWeight:
     def to_quantized(self, codes: np.ndarray, log_scale: np.ndarray, algorithm: dict[str, Any]) -> QuantizedWeight:
         """A :class:`QuantizedWeight` in the RTN weight's storage with the learned codes and scales."""
         stored_dtype = self.qw.codes.dtype
-        if _storage_is_integer(self.qw.codes):
+        if self.qw.storage == "lut":  # HiF8: the learned values back to their uint8 codes (exact: on the grid)
+            fmt = get_format(self.qw.spec.dtype)
+            assert isinstance(fmt, ElementFormat)
+            stored = fmt.encode(codes.astype(np.float32)).astype(stored_dtype)
+        elif _storage_is_integer(self.qw.codes):
             stored = np.rint(codes).astype(np.int32).astype(stored_dtype)
         else:
             stored = codes.astype(np.float32).astype(stored_dtype)
@@ -150,12 +155,19 @@ class GridWeight:
 
 def grid_weight(w: np.ndarray, qw: QuantizedWeight) -> GridWeight | str:
     """The learnable form of ``qw`` (the RTN quantization of ``w``), or why its storage cannot be learned."""
-    if qw.storage != "dq" or qw.zero_point is None:
-        return f"storage {qw.storage!r} keeps round-to-nearest (distillation learns DequantizeLinear storages)"
+    lut = qw.storage == "lut"  # HiF8: uint8 codes -> 256-entry table -> * scale; learned in value units
+    if not lut and (qw.storage != "dq" or qw.zero_point is None):
+        return f"storage {qw.storage!r} keeps round-to-nearest (distillation learns DequantizeLinear and HiF8 storages)"
     shape = tuple(w.shape)
     grid = code_grid(qw)
-    codes = qw.codes.astype(np.float64)
-    zero = expand(np.asarray(qw.zero_point).astype(np.float64), qw, shape)
+    fmt = get_format(qw.spec.dtype)
+    if lut:
+        assert isinstance(fmt, ElementFormat)
+        codes = fmt.decode(qw.codes).astype(np.float64)
+        zero = np.zeros(shape)
+    else:
+        codes = qw.codes.astype(np.float64)
+        zero = expand(np.asarray(qw.zero_point).astype(np.float64), qw, shape)
     scale0 = np.asarray(qw.scale, np.float64)
     s = expand(scale0, qw, shape)
     check = np.multiply((codes - zero).astype(np.float32), s.astype(np.float32), dtype=np.float32)
@@ -171,4 +183,4 @@ def grid_weight(w: np.ndarray, qw: QuantizedWeight) -> GridWeight | str:
     step = high - low
     frac = np.where(step > 0, (c - low) / np.where(step > 0, step, 1.0), 0.0)
     mx = isinstance(get_format(qw.spec.dtype), MXFormat)
-    return GridWeight(qw, low, high, np.clip(frac, 0.0, 1.0), scale0, zero, learn_scale=not mx)
+    return GridWeight(qw, low, high, np.clip(frac, 0.0, 1.0), scale0, zero, learn_scale=not mx, rtn=codes)

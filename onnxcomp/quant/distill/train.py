@@ -141,7 +141,7 @@ def _learn_block(
     rng: np.random.Generator,
     progress: Callable[[int, float], Any] | None,
 ) -> Learned:
-    rtn_codes = gw.qw.codes.astype(np.float64)
+    rtn_codes = gw.rtn
     if not settings.learn_rounding:
         gw = replace(gw, low=rtn_codes, high=rtn_codes, frac=np.zeros_like(rtn_codes))
     eval_index = np.sort(rng.choice(source.count, min(source.count, EVAL_ROWS), replace=False))
