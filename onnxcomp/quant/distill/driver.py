@@ -240,7 +240,8 @@ def distill_plans(
                 outcome.learned[node.name] = gw.to_quantized(
                     learned.codes, learned.log_scale, {"name": "distill", **_summary(entry)}
                 )
-                _set_initializer(student, w_name, outcome.learned[node.name].dequantized)
+                if not _set_initializer(student, w_name, outcome.learned[node.name].dequantized):
+                    entry["student"] = "its weight is no initializer of the float model: later blocks see it in float"
                 if block.bias_owner is not None and learned.bias is not None:
                     owner, k = block.bias_owner
                     bias_name = owner.inputs[k].name
