@@ -55,7 +55,7 @@ def _data(model: str, quick: bool, tmp: Path) -> tuple[str, Path, dict[str, np.n
             held["label"],
         )
     x, meta = make_inputs("ppocr_cls", n=128 if quick else 512, seed=1, return_meta=True)
-    train = make_inputs("ppocr_cls", n=64 if quick else 192, seed=3)
+    train = make_inputs("ppocr_cls", n=64 if quick else 384, seed=3)
     path = tmp / "ppocr_cls_train.npz"
     np.savez(path, **train)
     return str(fetch("ppocr_cls")), path, x, np.asarray(meta["labels"])
@@ -114,7 +114,7 @@ def main() -> int:
         _child(json.loads(args.child))
         return 0
     rows = []
-    epochs = {"digits": 4 if args.quick else 20, "ppocr_cls": 1 if args.quick else 2}
+    epochs = {"digits": 4 if args.quick else 20, "ppocr_cls": 1 if args.quick else 8}
     lr = {"digits": 1e-4, "ppocr_cls": 1e-4}
     # ppocr_cls trains ~100x slower per sample in the torch interpreter: the Done-when settings only
     only = {"ppocr_cls": ("2:4", "W4A8")}
