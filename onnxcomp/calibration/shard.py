@@ -25,10 +25,12 @@ import math
 import multiprocessing
 import os
 import pickle
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,16 +146,31 @@ def _chunks(stream: Iterator[Any], size: int) -> Iterator[tuple[int, list[Any]]]
 # --- workers ------------------------------------------------------------------------------------
 
 _LOCAL: BatchFeeder | None = None  # a local worker process's feeder, made once by its initializer
+_LOCAL_ERROR: OnnxCompError | None = None  # why it could not be made
 
 
 def _start_local(path: str, plan: FeedPlan, threads: int) -> None:
-    global _LOCAL
-    _LOCAL = BatchFeeder(Path(path), plan, threads)
+    global _LOCAL, _LOCAL_ERROR
+    try:
+        _LOCAL = BatchFeeder(Path(path), plan, threads)
+    except OnnxCompError as exc:  # raised by the first task: an initializer's error would only break the pool
+        _LOCAL_ERROR = exc
 
 
 def _local_task(first: int, batches: list[Any], observers: dict[str, Any]) -> MutableMapping[str, Any]:
+    if _LOCAL_ERROR is not None:
+        raise _LOCAL_ERROR
     assert _LOCAL is not None, "the worker initializer did not run"
     return observe_chunk(_LOCAL, first, batches, observers)
+
+
+def _local_result(future: Future[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        raise CalibrationError(
+            f"a calibration worker process died ({first_line(exc)}); out of memory? try fewer --workers"
+        ) from exc
 
 
 class RayWorker:
@@ -205,6 +222,27 @@ def run_sharded(
         return _run_local(path, plan, fresh, stream, resources.workers, total, advance)
 
 
+def _context() -> multiprocessing.context.BaseContext:
+    """'forkserver' where there is one, else 'spawn'; never a plain fork of the driver.
+
+    A fork would copy the driver's onnxruntime thread pools (unsafe). The fork server imports
+    onnxruntime and this module once and forks each worker from that clean process (no session
+    made, so no thread pools), so a worker starts in milliseconds instead of re-importing numpy,
+    onnx and onnxruntime as a spawned one does; that matters for the many small calibrations of
+    bias correction (one per level).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Every worker re-imports the driver's main module before it starts (as with 'spawn'); with
+    # the onnxcomp modules the driver has loaded (the CLI: every pass) already in the server, that
+    # is quick. onnxruntime: runtime.ort_session imports it lazily. ('__main__' itself cannot be
+    # preloaded: Python 3.11's fork server drops its path.)
+    loaded = sorted(name for name in sys.modules if name == "onnxcomp" or name.startswith("onnxcomp."))
+    context.set_forkserver_preload(["onnxruntime", *loaded, __name__])
+    return context
+
+
 def _threads(workers: int) -> int:
     """Intra-op threads per worker session: the cores shared out (oversubscribing slows every worker)."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -219,14 +257,12 @@ def _run_local(
     total: int | None,
     advance: Callable[[int], None],
 ) -> tuple[dict[str, Any], int]:
-    # 'spawn': a fork would copy the driver's onnxruntime thread pools, which is unsafe
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _start_local, (str(path), plan, _threads(workers))) as pool:
+    with ProcessPoolExecutor(workers, _context(), _start_local, (str(path), plan, _threads(workers))) as pool:
 
         def submit(first: int, chunk: list[Any]) -> Future[MutableMapping[str, Any]]:
             return pool.submit(_local_task, first, chunk, fresh())
 
-        return _drive(submit, lambda future: future.result(), fresh, stream, workers, total, advance)
+        return _drive(submit, _local_result, fresh, stream, workers, total, advance)
 
 
 def _run_ray(
