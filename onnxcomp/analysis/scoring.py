@@ -19,6 +19,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class Scorer:
         self.batches = [dict(b) for b in batches]
         self.outputs = [o.name for o in reference.graph.output if o.type.HasField("tensor_type")]
         self.trials = 0
+        self._lock = threading.Lock()
         self._reference = reference
         self._ref: list[list[np.ndarray]] = []
         if evaluator is None:
@@ -104,7 +106,8 @@ class Scorer:
         return float("inf") if self.metric == "sqnr" else 1.0
 
     def score(self, candidate: onnx.ModelProto) -> float:
-        self.trials += 1
+        with self._lock:  # candidates may be scored from several threads
+            self.trials += 1
         if self.evaluator is not None:
             return self._evaluate(candidate)
         session = ort_session(candidate, level="all")

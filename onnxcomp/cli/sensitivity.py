@@ -23,6 +23,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--batch-size", type=int, default=16, help="calibration samples per batch (default 16)")
     p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="build and score N candidates at a time")
     add_scoring_flags(p.add_argument_group("scoring"))
     add_quantize_flags(p)
 
@@ -62,6 +63,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         evaluator=args.evaluator,
         eval_data=args.eval_data,
         sensitivity=True,
+        trial_workers=args.workers,
         **{**quantize_flag_kwargs(args), "reports": False},
     )
     data = report.result("quantize").data["sensitivity"]

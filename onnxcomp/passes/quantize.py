@@ -105,6 +105,7 @@ class Quantize(Pass):
         evaluator: str | None = None  # FILE.py:FUNCTION scoring a model file (higher is better)
         eval_data: str | None = None  # data the metric runs on (default: the calibration data)
         eval_batches: int = 8  # evaluation batches per candidate
+        trial_workers: int = 1  # sensitivity / search: candidates built and scored on this many threads
         # node overrides chosen by the accuracy search, applied after SmoothQuant/equalization
         fallback: dict[str, Any] = field(default_factory=dict)
         # ort: Q/DQ for onnxruntime; ascend: ATC's deploy model + fake-quant model + record (docs/ascend.md)

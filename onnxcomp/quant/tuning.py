@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,17 @@ class Ladders:
         return f"w {w} / a {a}"
 
 
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """``[fn(x) for x in items]``, on ``workers`` threads when > 1 (onnxruntime releases the GIL while
+    it runs; every candidate builds its own graph and session). The first item runs alone, so it
+    fills the shared statistics cache before the others read it. Order and results are the same."""
+    if workers <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    first = fn(items[0])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [first, *pool.map(fn, items[1:])]
+
+
 def sensitivity(
     ladders: Ladders,
     names: Sequence[str],
@@ -105,24 +117,29 @@ def sensitivity(
     build: Build,
     both: bool = True,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Per node: the score with only it quantized and (``both``) with only it left in float; ranked.
 
     "Only quantized": every other searched node in float; the cheap, independent figure the search
-    ranks by. "Only in float": every other node quantized; what leaving it out recovers.
+    ranks by. "Only in float": every other node quantized; what leaving it out recovers. Trials
+    are independent: ``workers`` run them in parallel with the same results.
     """
     all_float = {n: len(ladders.rungs[n]) - 1 for n in names}
-    rows = []
-    for i, name in enumerate(names):
+
+    def measure(item: tuple[int, str]) -> dict[str, Any]:
+        i, name = item
         alone = scorer.score(build(ladders.fallback({**all_float, name: 0})))
         row: dict[str, Any] = {"node": name, "op": ladders.candidates[name].op, "only_quantized": alone}
         if both:
             row["only_float"] = scorer.score(build(ladders.fallback({name: len(ladders.rungs[name]) - 1})))
         c = ladders.candidates[name]
         row.update(macs=c.macs, weight_bytes=int(c.weight_elements * _bits(c.spec) // 8), index=i)
-        rows.append(row)
         if progress is not None:
             progress(f"sensitivity {i + 1}/{len(names)}: {name} {alone:.6g}")
+        return row
+
+    rows = parallel_map(measure, list(enumerate(names)), workers)
     rows.sort(key=lambda r: (r["only_quantized"], r["index"]))
     for rank, row in enumerate(rows):
         row["rank"] = rank
@@ -130,19 +147,25 @@ def sensitivity(
 
 
 def greedy_curve(
-    ladders: Ladders, ranked: Sequence[Mapping[str, Any]], scorer: Scorer, build: Build, points: int = 12
+    ladders: Ladders,
+    ranked: Sequence[Mapping[str, Any]],
+    scorer: Scorer,
+    build: Build,
+    points: int = 12,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """The metric as nodes are quantized least sensitive first (the rest in float): at most ``points`` + 1."""
     order = [r["node"] for r in sorted(ranked, key=lambda r: -r["only_quantized"])]
     total = sum(ladders.candidates[n].weight_elements for n in order) or 1
     cuts = sorted({round(i * len(order) / max(1, points)) for i in range(points + 1)})
-    curve = []
-    for k in cuts:
+
+    def point(k: int) -> dict[str, Any]:
         quantized = set(order[:k])
         steps = {n: len(ladders.rungs[n]) - 1 for n in order if n not in quantized}
         done = sum(ladders.candidates[n].weight_elements for n in quantized)
-        curve.append({"nodes": k, "fraction": done / total, "score": scorer.score(build(ladders.fallback(steps)))})
-    return curve
+        return {"nodes": k, "fraction": done / total, "score": scorer.score(build(ladders.fallback(steps)))}
+
+    return parallel_map(point, cuts, workers)
 
 
 @dataclass
@@ -161,12 +184,13 @@ def accuracy_search(
     scorer: Scorer,
     build: Build,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> Outcome:
     """Rank by sensitivity, then :func:`onnxcomp.quant.fallback.search`; the record of every trial."""
     names = [n for n in ladders.rungs if n not in pinned and len(ladders.rungs[n]) > 1]
     float_score = scorer.reference_score()
     threshold = float_score - target.value if target.metric == "drop" else target.value
-    ranked = sensitivity(ladders, names, scorer, build, both=False, progress=progress)
+    ranked = sensitivity(ladders, names, scorer, build, both=False, progress=progress, workers=workers)
     sens = {r["node"]: r["only_quantized"] for r in ranked}
 
     def trial(steps: dict[str, int]) -> float:
@@ -285,15 +309,15 @@ def tuned_quantize(pass_: Any, graph: ir.Graph, ctx: PassContext) -> PassResult:
     fallback: dict[str, Any] = {}
     if o.sensitivity:
         names = [n for n in ladders.rungs if n not in pinned and len(ladders.rungs[n]) > 1]
-        rows = sensitivity(ladders, names, scorer, build, True, say)
+        rows = sensitivity(ladders, names, scorer, build, True, say, o.trial_workers)
         data["sensitivity"] = {
             "metric": metric,
             "nodes": rows,
-            "curve": greedy_curve(ladders, rows, scorer, build),
+            "curve": greedy_curve(ladders, rows, scorer, build, workers=o.trial_workers),
             "trials": scorer.trials,
         }
     if pass_.target is not None:
-        outcome = accuracy_search(ladders, pinned, pass_.target, scorer, build, say)
+        outcome = accuracy_search(ladders, pinned, pass_.target, scorer, build, say, o.trial_workers)
         fallback = outcome.fallback
         data["search"] = outcome.record
     final = type(pass_)(dataclasses.replace(plain, fallback={**o.fallback, **fallback}))

@@ -192,3 +192,12 @@ def test_sensitivity_command_writes_report_and_plot(tmp_path: Path) -> None:
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", header[16:24])
     assert (width, height) == (1400, 900)
+
+
+def test_sensitivity_on_two_threads_equals_one() -> None:
+    model, calib = _mlp(), _data()
+    one = quantize(model, calibration=calib, sensitivity=True, reports=False, **W4)
+    two = quantize(model, calibration=calib, sensitivity=True, reports=False, trial_workers=2, **W4)
+    a, b = (r.result("quantize").data["sensitivity"] for r in (one, two))
+    assert a["nodes"] == b["nodes"] and a["curve"] == b["curve"]
+    assert one.model.SerializeToString() == two.model.SerializeToString()
