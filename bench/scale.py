@@ -153,7 +153,7 @@ def main() -> None:
             "store. The memory budget trades passes over the data (one per group) for a bounded set of "
             "exposed tensors (`docs/scale.md`): compare the peak RSS of the last two rows; what it saves is the "
             "exposed tensors only, not the model, the session's own intermediates (here the attention scores) "
-            "or the feeds.",
+            "or the feeds. Timings from a machine shared with other jobs are noisy; compare rows of one run.",
             environment_line(["onnxruntime", "numpy", "ray"]),
         ]
     )
