@@ -1,9 +1,10 @@
 """The ``qat`` pass: quantization-aware training (or sparse retraining) as a step of a recipe.
 
 Not a built-in (the built-in passes sit below the training engine); a recipe names it as
-``onnxcomp.qat.qat_pass:QuantizationAwareTraining`` (``docs/writing-a-pass.md``), after which it
-is also registered as ``qat``. It trains the graph it is given (the fusions of the recipe already
-ran) on ``data`` and leaves in its place the model ``onnxcomp qat`` would write.
+``onnxcomp.qat.qat_pass:QuantizationAwareTraining`` (``docs/writing-a-pass.md``); it is not
+registered under a name, so the resolved recipe names it by that path too. It trains the graph
+it is given (the fusions of the recipe already ran) on ``data`` and leaves in its place the model
+``onnxcomp qat`` would write.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from onnxcomp import ir
 from onnxcomp.errors import RecipeError
 from onnxcomp.flags import quantize_options
 from onnxcomp.framework import Pass, PassContext, PassResult, make_pass
-from onnxcomp.framework.registry import register_pass
 from onnxcomp.qat.build import prepare
 from onnxcomp.qat.recipe import CALIBRATION_SAMPLES, learned_record
 from onnxcomp.qat.training import fit, load_training_data
 
 
-@register_pass
 class QuantizationAwareTraining(Pass):
     """Train the model with fake quant where ``quantize`` puts Q/DQ (and fixed sparsity masks), then export it.
 

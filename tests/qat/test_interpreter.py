@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS
 from onnx import TensorProto, helper
 
 from onnxcomp.runtime import ort_session
-from tests.conftest import MODELS
 from tests.real_models import make_inputs, real_model
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed: pip install 'onnxcomp[train]'")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS, REPO
 
 from onnxcomp import api
 from onnxcomp.runtime import ort_session
-from tests.conftest import MODELS, REPO
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed: pip install 'onnxcomp[train]'")
 

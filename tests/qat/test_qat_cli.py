@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MODELS
 
 from onnxcomp.api import compress
 from onnxcomp.cli.main import main
 from onnxcomp.flags import FUSE_PIPELINE
 from onnxcomp.runtime import ort_session
-from tests.conftest import MODELS
 
 pytest.importorskip("torch", reason="the train extra (torch) is not installed: pip install 'onnxcomp[train]'")
 
