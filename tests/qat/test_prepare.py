@@ -13,6 +13,7 @@ from conftest import MODELS, REPO
 
 from onnxcomp import api
 from onnxcomp.runtime import ort_session
+from tests.real_models import make_inputs, real_model
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is not installed: pip install 'onnxcomp[train]'")
 
@@ -182,3 +183,14 @@ def test_simulation_export_without_training_is_quantize_simulation(tmp_path: Pat
     module.export(tmp_path / "a.onnx", tmp_path / "a_sim.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
     assert (tmp_path / "a_sim.onnx").read_bytes() == sim.read_bytes()
+
+
+def test_transformer_export_without_training_is_quantize_output() -> None:
+    """MiniLM-L3 W8A8 (MatMul weights, int8 activations): the same bytes as quantize."""
+    path = real_model("minilm_l3")
+    calib = [make_inputs("minilm_l3", 8, 2)]
+    flags = {"weights": "int8", "activations": "int8"}
+    module = prepare(path, None, calib, **flags)
+    assert len(module.weight_quant) == 18
+    ptq = api.quantize(path, calibration=calib, reports=False, **flags).model
+    assert module.export_model().SerializeToString() == ptq.SerializeToString()
