@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	touch $(STAMP)
 
-# optional extras whose code the tests cover (matplotlib for the sensitivity plot)
+# optional extras whose code the tests cover (matplotlib for the sensitivity plot, torch for onnxcomp qat,
+# ray for the sharded-calibration tests)
 $(EXTRAS): $(STAMP)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint,plot]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint,plot,train,distributed]'
 	touch $(EXTRAS)
 
 demo: $(STAMP)
@@ -26,7 +27,8 @@ test: $(EXTRAS)
 	$(BIN)/python -m pytest -q
 
 # ruff (lint + format check) and mypy on the package; CI runs it before the tests.
-lint: $(STAMP)
+# mypy checks the optional engines' code against the extras' type information (torch, ray)
+lint: $(EXTRAS)
 	$(BIN)/ruff check onnxcomp tests models bench
 	$(BIN)/ruff format --check onnxcomp tests models bench
 	$(BIN)/mypy

@@ -24,6 +24,7 @@ from onnxcomp._version import __version__
 from onnxcomp.analysis.compare import compare_models
 from onnxcomp.analysis.comparison import ComparisonReport
 from onnxcomp.calibration.data import calibration_source
+from onnxcomp.calibration.shard import calibration_resources
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.flags import (
     FUSE_PIPELINE,
@@ -110,6 +111,9 @@ def compress(
     calib_samples: int | None = None,
     batch_size: int = 16,
     batch_axis: Mapping[str, int | None] | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    calib_memory: float | None = None,
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
@@ -119,10 +123,14 @@ def compress(
     ``calibration`` is an .npz file, a directory of .npz/.npy files, or any iterable of
     ``{input name: array}`` batches (samples along each input's batch dim, found from the model's
     symbolic dims; ``batch_axis={"state": 1, "sr": None}`` overrides it, None = given once);
-    ``calib_samples`` bounds the samples used. Records the passes make are saved beside the output
-    as ``OUT.<feature>_record.json``.
+    ``calib_samples`` bounds the samples used. ``workers`` (local processes) or ``ray`` (a Ray
+    address, ``"auto"``) shard calibration; ``calib_memory`` (GB) bounds the tensors it exposes per
+    batch (docs/scale.md). Records the passes make are saved beside the output as
+    ``OUT.<feature>_record.json``.
     """
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    run = RunOptions(
+        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+    )
     return _run(model, _as_recipe(recipe), output, run)
 
 
@@ -142,10 +150,18 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             max_samples=run.calib_samples,
             batch_axis=run.batch_axis,
         )
-    report = PassManager(plan.passes, validate=plan.validate).run(proto, ctx)
+    with calibration_resources(run.calibration_resources()) as calibration_notes:
+        report = PassManager(plan.passes, validate=plan.validate).run(proto, ctx)
+    report.notes.extend(calibration_notes)
+    # A deliverable onnxruntime cannot validate (the Ascend deploy model) is OUT.onnx; the validated
+    # model it was derived with goes beside it as OUT.fake_quant.onnx (docs/ascend.md).
+    deploy = ctx.artifacts.pop("deploy_model", None)
     if out_path is not None:
-        save_model(report.model, out_path, external_data=run.external_data, overwrite=run.force)
         paths = output_artifacts(out_path)
+        save_model(report.model if deploy is None else deploy, out_path, run.external_data, run.force)
+        if deploy is not None:
+            fake_quant = out_path.with_name(f"{paths['stem']}.fake_quant.onnx")
+            save_model(report.model, fake_quant, external_data=run.external_data, overwrite=run.force)
         meta: dict[str, Any] = {
             "onnxcomp": __version__,
             "onnx": onnx.__version__,
@@ -210,11 +226,17 @@ def quantize(
     evaluator: str | None = None,
     eval_data: str | os.PathLike[str] | None = None,
     sensitivity: bool | None = None,
+    trial_workers: int | None = None,
+    target: str | None = None,
+    ascend_int4: bool | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
     calibration: CalibrationLike = None,
     calib_samples: int | None = None,
     batch_size: int = 16,
     batch_axis: Mapping[str, int | None] | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    calib_memory: float | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -234,7 +256,9 @@ def quantize(
     (docs/algorithms.md). ``accuracy_target`` (``"cos:0.995"``, ``"agree:0.99"``, ``"drop:0.01"``
     with ``evaluator="eval.py:func"``) searches for the most compression meeting it, scored on
     ``eval_data`` (default: the calibration data) (docs/accuracy.md). With
-    ``simulation_output``, the fake-quant simulation model is written there too.
+    ``simulation_output``, the fake-quant simulation model is written there too. ``target="ascend"``
+    writes ATC's deploy model to ``output``, AMCT's fake-quant model to ``OUT.fake_quant.onnx`` and
+    the record to ``OUT.record.txt`` (``ascend_int4`` allows INT4 weights; docs/ascend.md).
     """
     options = quantize_options(
         config,
@@ -264,8 +288,15 @@ def quantize(
         evaluator=evaluator,
         eval_data=str(eval_data) if eval_data is not None else None,
         sensitivity=sensitivity,
+        trial_workers=trial_workers,
+        target=target,
+        ascend_int4=ascend_int4,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    run = RunOptions(
+        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+    )
+    if simulation_output is not None and options.get("target") == "ascend":
+        raise OnnxCompError("--simulation with --target ascend: the simulation is written as OUT.fake_quant.onnx")
     report = _run(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0}
@@ -336,6 +367,9 @@ def decompose(
     calib_samples: int | None = None,
     batch_size: int = 16,
     batch_axis: Mapping[str, int | None] | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    calib_memory: float | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -356,7 +390,9 @@ def decompose(
     passes = decompose_passes(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    run = RunOptions(
+        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+    )
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 
@@ -378,6 +414,9 @@ def sparsify(
     calib_samples: int | None = None,
     batch_size: int = 16,
     batch_axis: Mapping[str, int | None] | None = None,
+    workers: int = 1,
+    ray: str | None = None,
+    calib_memory: float | None = None,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -385,12 +424,14 @@ def sparsify(
     prune_ratio: float | None = None,
     reconstruct: bool | None = None,
     method: str | None = None,
+    dense_layers: int | None = None,
 ) -> RunReport:
     """Sparsity: fusions (unless ``fuse=False``), then n:m ``pattern`` or channel pruning by ``ratio``.
 
     An n:m ``pattern`` is chosen by ``method``: ``"sparsegpt"`` (mask by second-order saliency and
     compensating update of the kept weights, from calibration data; the default when
-    ``calibration`` is given) or ``"magnitude"`` (the default without data).
+    ``calibration`` is given) or ``"magnitude"`` (the default without data); ``dense_layers=N``
+    leaves the N layers SparseGPT fits worst dense.
 
     Channel pruning refits the consumers by least squares when calibration data is given
     (``refit=None``), and can choose channels from data (``criterion="data"``). With
@@ -416,8 +457,11 @@ def sparsify(
         quantize=quantize,
         activations=activations,
         method=method,
+        dense_layers=dense_layers,
     )
-    run = RunOptions(calibration, calib_samples, batch_size, force, progress, external_data, batch_axis)
+    run = RunOptions(
+        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+    )
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from onnxcomp.calibration.shard import CalibrationResources
 from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.framework import Pass, get_pass, make_pass, option_fields
 
@@ -61,8 +62,10 @@ class RunOptions:
     ``{input name: array}`` batches; ``calib_samples`` bounds the calibration *samples* used (None:
     all); ``batch_size`` is the number of samples per calibration batch; ``batch_axis`` overrides
     the axis along which an input's calibration arrays stack samples (``{"state": 1}``; ``None``:
-    the input has no sample axis and is given once). (``fuse``, the other shared keyword, decides
-    the pass list: :func:`with_fusions`.)
+    the input has no sample axis and is given once). ``workers`` / ``ray`` shard calibration over
+    local processes / a Ray cluster; ``calib_memory`` (GB) bounds the tensors calibration exposes
+    per batch (None: a quarter of the machine's memory). (``fuse``, the other shared keyword,
+    decides the pass list: :func:`with_fusions`.)
     """
 
     calibration: Any = None
@@ -72,6 +75,16 @@ class RunOptions:
     progress: bool = False
     external_data: bool | None = None
     batch_axis: Mapping[str, int | None] | None = None
+    workers: int = 1
+    ray: str | None = None
+    calib_memory: float | None = None
+
+    def calibration_resources(self) -> CalibrationResources:
+        """The calibration resources of these options (ConfigError on a bad value)."""
+        memory = self.calib_memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0):
+            raise ConfigError(f"calib_memory must be a positive number of GB, got {memory!r}")
+        return CalibrationResources(self.workers, self.ray, None if memory is None else max(1, int(memory * 2**30)))
 
 
 def renamed_keyword(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:
@@ -120,6 +133,9 @@ def quantize_options(
     evaluator: str | None = None,
     eval_data: str | None = None,
     sensitivity: bool | None = None,
+    trial_workers: int | None = None,
+    target: str | None = None,
+    ascend_int4: bool | None = None,
 ) -> dict[str, Any]:
     """The ``quantize`` pass options from a config (file or mapping) plus flag-style overrides."""
     if config is None:
@@ -192,6 +208,9 @@ def quantize_options(
         ("evaluator", evaluator),
         ("eval_data", eval_data),
         ("sensitivity", sensitivity),
+        ("trial_workers", trial_workers),
+        ("target", target),
+        ("ascend_int4", ascend_int4),
     ):
         if value is not None:
             data[key] = value
@@ -217,6 +236,7 @@ def sparsify_passes(
     activations: str | None = None,
     granularity: str = "channel",
     method: str | None = None,
+    dense_layers: int | None = None,
 ) -> list[Pass]:
     """Fusions (unless ``fuse=False``), one sparsity pass, then ``quantize`` if a weight format is given.
 
@@ -237,6 +257,8 @@ def sparsify_passes(
         nm: dict[str, Any] = {"pattern": pattern, "skip": list(skip)}
         if method is not None:
             nm["method"] = method
+        if dense_layers is not None:
+            nm["dense_layers"] = dense_layers
         passes.append(make_pass("sparsify_2to4", nm))
     else:
         options = {"ratio": ratio, "skip": list(skip), **dict(prune_options or {})}

@@ -91,6 +91,25 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
             "model's symbolic dims by default, e.g. 1 for an RNN state [2, B, H]); NAME=none: the input "
             "has no sample axis, its array is given once and reused for every batch (repeatable)",
         )
+        group.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            metavar="N",
+            help="calibrate in N local worker processes (batches split, statistics merged: the same model)",
+        )
+        group.add_argument(
+            "--ray",
+            metavar="ADDRESS",
+            help="calibrate on the Ray cluster at ADDRESS (auto: the running one; pip install 'onnxcomp[distributed]')",
+        )
+        group.add_argument(
+            "--calib-memory",
+            type=float,
+            metavar="GB",
+            help="memory the tensors calibration exposes per batch may take; above it, calibrate in groups "
+            "of tensors, one pass over the data each (default: a quarter of the machine's memory)",
+        )
     if fuse:
         group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
     group.add_argument(
@@ -120,6 +139,7 @@ def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "calib"):
         out.update(calibration=args.calib, calib_samples=args.calib_samples, batch_size=args.batch_size)
         out["batch_axis"] = dict(args.batch_axis) or None
+        out.update(workers=args.workers, ray=args.ray, calib_memory=args.calib_memory)
     if hasattr(args, "no_fuse"):
         out["fuse"] = not args.no_fuse
     return out

@@ -20,9 +20,11 @@ from onnxcomp.api import compress, fuse
 from onnxcomp.cli import compare as _compare_command  # noqa: F401 - registers ``compare``
 from onnxcomp.cli import decompose as _decompose_command  # noqa: F401 - registers ``decompose``
 from onnxcomp.cli import distill as _distill_command  # noqa: F401 - registers ``distill``
+from onnxcomp.cli import qat as _qat_command  # noqa: F401 - registers ``qat``
 from onnxcomp.cli import quantize as _quantize_command  # noqa: F401 - registers ``quantize``
 from onnxcomp.cli import sensitivity as _sensitivity_command  # noqa: F401 - registers ``sensitivity``
 from onnxcomp.cli import sparsify as _sparsify_command  # noqa: F401 - registers ``sparsify``
+from onnxcomp.cli import verify_ascend as _verify_ascend_command  # noqa: F401 - registers ``verify-ascend``
 from onnxcomp.cli.common import (
     COMMANDS,
     add_run_options,

@@ -45,6 +45,15 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p, calibration="calibration data: .npz named by model input, or a directory")
     add_quantize_flags(p)
     p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
+    p.add_argument(
+        "--target",
+        choices=("ort", "ascend", "ascend-qdq"),
+        help="ort (default): Q/DQ for onnxruntime; ascend: ATC's deploy model, OUT.fake_quant.onnx and "
+        "OUT.record.txt; ascend-qdq: QDQ for AMCT's convert_qat_model (docs/ascend.md)",
+    )
+    p.add_argument(
+        "--ascend-int4", action="store_true", help="--target ascend: allow INT4 weights (UNVERIFIED packing)"
+    )
     target = p.add_argument_group("accuracy target (docs/accuracy.md)")
     target.add_argument(
         "--accuracy-target",
@@ -53,6 +62,9 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
         "model's score), score:V (the evaluator's value); nodes fall back int4 -> int8 -> int16 -> float",
     )
     add_scoring_flags(target)
+    target.add_argument(
+        "--trial-workers", type=int, metavar="N", help="build and score N candidate models at a time (threads)"
+    )
 
 
 def add_scoring_flags(group: Any) -> None:
@@ -212,6 +224,9 @@ def _quantize(args: argparse.Namespace) -> int:
         accuracy_target=args.accuracy_target,
         evaluator=args.evaluator,
         eval_data=args.eval_data,
+        trial_workers=args.trial_workers,
+        target=args.target,
+        ascend_int4=args.ascend_int4 or None,
         **quantize_flag_kwargs(args),
         **run_kwargs(args),
     )
