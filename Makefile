@@ -9,15 +9,16 @@ EXTRAS := $(VENV)/.extras
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
+	# -qq: errors only (a machine's pip configuration may warn about every package it looks up);
 	# setuptools' build backend warns about every editable install of a flat layout: not ours to fix
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -qq -e '.[test,lint]'
 	touch $(STAMP)
 
 # optional extras whose code the tests cover (matplotlib for the sensitivity plot, torch for onnxcomp qat,
 # ray for the sharded-calibration tests)
 $(EXTRAS): $(STAMP)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,lint,plot,train,distributed]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -qq -e '.[test,lint,plot,train,distributed]'
 	touch $(EXTRAS)
 
 demo: $(STAMP)
