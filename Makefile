@@ -7,11 +7,11 @@ EXTRAS := $(VENV)/.extras
 
 .PHONY: demo test lint format bench clean
 
+# pip -qq: errors only (a machine's pip configuration may warn about every package it looks up);
+# PYTHONWARNINGS: setuptools' backend warns about every editable install of a flat layout
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	# -qq: errors only (a machine's pip configuration may warn about every package it looks up);
-	# setuptools' build backend warns about every editable install of a flat layout: not ours to fix
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -qq -e '.[test,lint]'
 	touch $(STAMP)
 
