@@ -18,10 +18,18 @@ from onnxcomp.qat.interpreter import GraphModule  # noqa: E402
 
 
 def _max_error(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """Worst output error relative to max(1, |output|), against onnxruntime running the graph as
+    written (no fused kernels) on one thread, with torch on one thread: the sums run in a fixed
+    order on both sides, so the figure does not change with the machine's load."""
     module = GraphModule(model)
-    with torch.no_grad():
-        got = module(feeds)
-    ref = ort_session(model).run(module.output_names, feeds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            got = module(feeds)
+    finally:
+        torch.set_num_threads(threads)
+    ref = ort_session(model, level="disable", threads=1).run(module.output_names, feeds)
     worst = 0.0
     for name, r in zip(module.output_names, ref, strict=True):
         y = got[name].numpy()
