@@ -21,6 +21,7 @@ from onnxcomp.framework.registry import register_pass
 from onnxcomp.model_io import runs_on_ort
 from onnxcomp.quant.apply import (
     apply_plans,
+    attach_migrated,
     energies_from,
     energy_factories,
     hessian_factories,
@@ -248,7 +249,7 @@ class Quantize(Pass):
             assert float_model is not None and ctx.calibration is not None  # checked with the statistics
             _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
         record += tables
-        _attach(record, migrated)
+        attach_migrated(record, migrated)
         result.modified = True
         result.stats = {**_stats(plans), **result.stats}
         record += self._quantize_bodies(graph, ctx, result)  # after the statistics: the float model has none
@@ -358,17 +359,6 @@ def _factory_key(factory: Any) -> str:
     if isinstance(factory, partial) and all(isinstance(a, (str, int, float, bool)) for a in factory.args):
         return repr((factory.func.__qualname__, factory.args, sorted(factory.keywords.items())))
     return f"unshared:{id(factory)}"
-
-
-def _attach(record: list[dict[str, Any]], migrated: dict[str, list[dict[str, Any]]]) -> None:
-    """Each quantized node's entry gets what equalization / SmoothQuant / AWQ did to it."""
-    by_node = {e["node"]: e for e in record}
-    for algorithm, entries in migrated.items():
-        for item in entries:
-            names = [item["node"]] if "node" in item else [item["first"], item["second"]]  # equalize: a pair
-            for name in names:
-                if name in by_node:
-                    by_node[name].setdefault("algorithms", {})[algorithm] = item
 
 
 def _needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]) -> str:

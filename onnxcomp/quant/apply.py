@@ -116,6 +116,17 @@ def energies_from(plans: list[NodePlan], observers: Mapping[str, Any]) -> dict[s
     }
 
 
+def attach_migrated(record: list[dict[str, Any]], migrated: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Each quantized node's record entry gets what equalization / SmoothQuant / AWQ did to it
+    (entries name a ``node``, or an equalized pair ``first`` / ``second``)."""
+    by_node = {e.get("node"): e for e in record}
+    for algorithm, entries in migrated.items():
+        for item in entries:
+            for name in [item["node"]] if "node" in item else [item["first"], item["second"]]:
+                if name in by_node:
+                    by_node[name].setdefault("algorithms", {})[algorithm] = item
+
+
 def _tolist(a: np.ndarray) -> Any:
     return (
         np.asarray(a, dtype=np.float64).tolist()

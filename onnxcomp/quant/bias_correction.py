@@ -227,7 +227,7 @@ def _correct(graph: ir.Graph, t: Target, e: np.ndarray) -> str:
             )
             emit_bias_int32(graph, node, 2, -e / np.float32(beta), scales[0], scales[1])
             return "new int32 bias"
-        return _correct_input(graph, node, 2, e / np.float32(beta), "new bias")
+        return _correct_input(graph, node, 2, e / np.float32(beta), "bias")  # absent: created
     return _correct_after(graph, node, e)
 
 
@@ -247,7 +247,7 @@ def _correct_input(graph: ir.Graph, node: ir.Node, index: int, e: np.ndarray, wh
         node.inputs.append(bias)
     else:
         node.inputs[index] = bias
-    return f"new {what}" if not what.startswith("new") else what
+    return f"new {what}"
 
 
 def _int32_scales(entry: Mapping[str, Any]) -> tuple[float, np.ndarray] | None:

@@ -155,7 +155,6 @@ class Trial:
     score: float
     met: bool
     phase: str
-    cost: float = 0.0  # what the assignment gives up (see SearchResult.cost): lower is more compression
 
 
 @dataclass
@@ -172,7 +171,6 @@ def search(
     sensitivity: Mapping[str, float],
     trial: Callable[[dict[str, int]], float],
     meets: Callable[[float], bool],
-    cost: Callable[[dict[str, int]], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """The least fallback meeting the target (module docstring). ``ladders[n]`` is the number of
@@ -187,7 +185,7 @@ def search(
         if key not in cache:
             cache[key] = trial(dict(key))
             ok = meets(cache[key])
-            history.append(Trial(dict(key), cache[key], ok, phase, cost(dict(key)) if cost else 0.0))
+            history.append(Trial(dict(key), cache[key], ok, phase))
             if progress is not None:
                 progress(f"{phase}: {len(key)} node(s) raised, score {cache[key]:.6g}{' (meets)' if ok else ''}")
         return cache[key]

@@ -400,6 +400,7 @@ _DEFAULT_OBSERVER = {("weights", "int4"): "mse", ("weights", "uint4"): "mse"}
 _DEFAULT_WEIGHTS = TensorSpec("int8", Granularity("channel"), True, "minmax")
 #: uint8, not int8: on x86, onnxruntime fuses int8 activations only where a tensor has a single
 #: reader (docs/onnxruntime.md#int8-activations-with-several-readers-stay-float); the grids are equal.
-#: The histogram-error search is the most accurate range on every bench model (bench/README.md,
-#: "Activation observers"; MiniLM cosine 0.9696 vs 0.9670 minmax) at under 2x minmax's time.
+#: The histogram-error search beats minmax on the OCR recognizer, detector and MiniLM and ties on
+#: the demo; minmax is ahead on the PP-OCR classifier (docs/algorithms.md, bench/README.md
+#: "Accuracy algorithms"); it costs 1.0-1.9x minmax's quantize time.
 _DEFAULT_ACTIVATIONS = TensorSpec("uint8", Granularity("tensor"), False, "histogram")

@@ -23,10 +23,12 @@ from onnxcomp.analysis.macs import model_macs
 from onnxcomp.analysis.scoring import Scorer, load_evaluator
 from onnxcomp.calibration.data import calibration_source
 from onnxcomp.errors import CalibrationError
+from onnxcomp.formats import get_format
 from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.framework.options import options_to_dict
 from onnxcomp.framework.recipe import dump_options
 from onnxcomp.ir import match_glob
+from onnxcomp.quant.apply import attach_migrated
 from onnxcomp.quant.fallback import AccuracyTarget, SearchResult, ladder, search, spec_table
 from onnxcomp.quant.plan import plan_nodes
 from onnxcomp.quant.spec import NodeSpec
@@ -50,18 +52,15 @@ class Candidate:
 
 def _bits(spec: NodeSpec | None) -> float:
     """Stored bits per weight element at a rung (32 for float)."""
-    if spec is None or spec.weights is None:
-        return 32.0
-    dtype = spec.weights.dtype
-    return 4.0 if "4" in dtype and dtype != "fp8_e4m3" else (16.0 if "16" in dtype else 8.0)
+    return 32.0 if spec is None or spec.weights is None else float(get_format(spec.weights.dtype).bits)
 
 
 def _low(spec: NodeSpec | None) -> bool:
-    """True when the rung runs at 8 bits or fewer for both weights and activations (or weight-only <= 8)."""
+    """True when weights and activations (if quantized) are 8 bits or fewer at this rung."""
     if spec is None or spec.weights is None:
         return False
     acts = spec.activations
-    return _bits(spec) <= 8 and (acts is None or "16" not in acts.dtype)
+    return _bits(spec) <= 8 and (acts is None or get_format(acts.dtype).bits <= 8)
 
 
 class Ladders:
@@ -196,16 +195,12 @@ def accuracy_search(
     def trial(steps: dict[str, int]) -> float:
         return scorer.score(build(ladders.fallback(steps)))
 
-    def cost(steps: dict[str, int]) -> float:
-        return float(ladders.describe(steps)["weight_bytes"])
-
     result = search(
         names,
         {n: len(ladders.rungs[n]) for n in names},
         sens,
         trial,
         lambda s: s >= threshold,
-        cost,
         progress,
     )
     history = [
@@ -326,7 +321,7 @@ def tuned_quantize(pass_: Any, graph: ir.Graph, ctx: PassContext) -> PassResult:
     result.modified = result.modified or head.modified
     result.stats = {**head.stats, **result.stats}
     if "record" in result.data:
-        _attach_migrated(result.data["record"], migrated)
+        attach_migrated(result.data["record"], migrated)
     for key, value in data.items():
         result.data[key] = value
         ctx.artifacts[f"quant_{key}"] = value
@@ -360,15 +355,6 @@ def tuned_quantize(pass_: Any, graph: ir.Graph, ctx: PassContext) -> PassResult:
 
 def _opset_need(spec: NodeSpec) -> int:
     return max([13] + [min_opset_for(t) for t in (spec.weights, spec.activations) if t is not None])
-
-
-def _attach_migrated(record: list[dict[str, Any]], migrated: dict[str, list[dict[str, Any]]]) -> None:
-    by_node = {e.get("node"): e for e in record}
-    for algorithm, entries in migrated.items():
-        for item in entries:
-            for name in [item["node"]] if "node" in item else [item["first"], item["second"]]:
-                if name in by_node:
-                    by_node[name].setdefault("algorithms", {})[algorithm] = item
 
 
 def format_search(record: Mapping[str, Any]) -> str:

@@ -68,7 +68,7 @@ def test_smoothquant_lowers_w8a8_error_and_is_recorded(alpha: float | str) -> No
     assert (sq["alpha"] == 0.5) if alpha == 0.5 else (0.0 <= sq["alpha"] <= 1.0 and "loss" in sq)
 
 
-def test_smoothquant_in_simulation_keeps_float_model_exact() -> None:
+def test_smoothquant_alone_keeps_the_float_model_exact() -> None:
     """With weights and activations left in float, SmoothQuant alone must not change the outputs."""
     model, calib, held = _outlier_mlp(3)
     report = quantize(model, calibration=calib, fuse=False, reports=False, smoothquant=0.7)
@@ -94,7 +94,7 @@ def test_awq_int4_weight_only_beats_round_to_nearest() -> None:
     assert entry["algorithms"]["awq"]["loss_after"] <= entry["algorithms"]["awq"]["loss_before"]
 
 
-def test_equalize_through_the_pass_is_recorded_and_exact_in_float() -> None:
+def test_equalize_through_the_pass_is_recorded_and_lowers_w8_error() -> None:
     rng = np.random.default_rng(5)
     gains = np.exp(rng.uniform(np.log(0.01), np.log(10.0), 16)).astype(np.float32)
     inits = [
