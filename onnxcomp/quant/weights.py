@@ -63,13 +63,18 @@ def quantize_weight(
     if spec.scale_format is not None:
         return quantize_two_level(w32, spec, layout, fp4_storage)
     lo, hi = _unit_amax(view, axes)
-    codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
     if spec.observer in ("mse", "output_mse"):
         weight: float | np.ndarray = 1.0
         if spec.observer == "output_mse":
             if input_energy is None:
                 raise ConfigError(f"weight {name!r}: observer output_mse needs calibration data (input energies)")
             weight = _energy_view(input_energy, view.shape, spec, layout, w32.shape[layout.reduction_axis])
+        if isinstance(fmt, IntegerFormat):
+            lo, hi = _searched_range(fmt, view, axes, lo, hi, spec.symmetric, weight)
+            codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
+            return _to_onnx_layout(codes, scale, zp, deq, w32.shape, spec, layout, padded, fmt, fp4_storage)
+    codes, scale, zp, deq = _qdq_units(fmt, view, lo, hi, spec.symmetric)
+    if spec.observer in ("mse", "output_mse"):
         err = (weight * (deq - view) ** 2).sum(axis=axes, keepdims=True, dtype=np.float64)
         for ratio in MSE_RATIOS[:-1]:
             c2, s2, z2, d2 = _qdq_units(fmt, view, lo * ratio, hi * ratio, spec.symmetric)
@@ -81,6 +86,70 @@ def quantize_weight(
                 codes = np.where(better, c2, codes)
                 deq = np.where(better, d2, deq)
     return _to_onnx_layout(codes, scale, zp, deq, w32.shape, spec, layout, padded, fmt, fp4_storage)
+
+
+#: Elements per block of the integer search: the candidates are scored block by block so that the
+#: block's scratch buffer stays in the CPU cache across all of them (one pass over memory per block).
+SEARCH_BLOCK = 1 << 15
+
+
+def _searched_range(
+    fmt: IntegerFormat,
+    view: np.ndarray,
+    axes: tuple[int, ...],
+    lo: np.ndarray,
+    hi: np.ndarray,
+    symmetric: bool,
+    weight: float | np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-unit range of the clipping search: amax, else the first ratio of ``MSE_RATIOS`` with
+    a strictly smaller error, exactly as trying amax then each ratio in turn would choose.
+
+    Each candidate's error is computed with the arithmetic of QuantizeLinear + DequantizeLinear
+    in float32 (the same values as ``_qdq_units``) in one scratch buffer, block by block along
+    axis 0 when axis 0 is not reduced (a unit's error is then summed over the same elements in the
+    same order); only the small per-unit ranges are chosen here, the codes are computed once.
+    """
+    candidates = [(lo, hi)] + [(lo * ratio, hi * ratio) for ratio in MSE_RATIOS[:-1]]
+    params = [qparams_for_range(fmt, c_lo, c_hi, symmetric) for c_lo, c_hi in candidates]
+    unit_shape = np.broadcast_shapes(lo.shape, hi.shape)
+    errors = np.empty((len(candidates), *unit_shape), np.float64)
+    zero_points = [zp.astype(np.float32) for _, zp in params]
+    shift = any(bool(z.any()) for z in zero_points)  # signed symmetric grids have zp 0: nothing to add
+    rows = view.shape[0] if view.ndim and 0 not in axes else 1
+    step = max(1, SEARCH_BLOCK // max(1, view.size // max(1, rows))) if rows > 1 else 1
+    scratch = np.empty((min(step, rows), *view.shape[1:]) if rows > 1 else view.shape, np.float32)
+
+    def rows_of(a: np.ndarray | float, start: int, stop: int) -> np.ndarray | float:
+        return a[start:stop] if rows > 1 and isinstance(a, np.ndarray) and a.ndim and a.shape[0] == rows else a
+
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = view[start:stop] if rows > 1 else view
+        buf = scratch[: stop - start] if rows > 1 else scratch
+        w_block = rows_of(weight, start, stop)
+        for k, (scale, _) in enumerate(params):
+            s = rows_of(scale, start, stop)
+            with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
+                np.divide(block, s, out=buf)
+            np.rint(buf, out=buf)
+            if shift:
+                z = rows_of(zero_points[k], start, stop)
+                np.add(buf, z, out=buf)
+                np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
+                np.subtract(buf, z, out=buf)  # exact: integers below 2^24
+            else:
+                np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
+            np.multiply(buf, s, out=buf)
+            np.subtract(buf, block, out=buf)
+            np.square(buf, out=buf)
+            err = buf if isinstance(w_block, float) else w_block * buf
+            target = errors[k, start:stop] if rows > 1 else errors[k]
+            target[...] = err.sum(axis=axes, keepdims=True, dtype=np.float64)
+    best = np.argmin(errors, axis=0)  # the first minimum: amax, then the ratios in increasing order
+    ratio = np.where(best == 0, 1.0, MSE_RATIOS[np.maximum(best - 1, 0)])
+    # Units keeping amax keep their float32 range (its parameters are computed from it, not from x1.0).
+    return np.where(best == 0, lo, lo * ratio), np.where(best == 0, hi, hi * ratio)
 
 
 def _to_onnx_layout(codes, scale, zp, deq, shape, spec, layout, padded, fmt, fp4_storage) -> QuantizedWeight:  # noqa: ANN001
