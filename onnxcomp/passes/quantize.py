@@ -218,7 +218,6 @@ class Quantize(Pass):
             else:
                 result.notes.append("no node to quantize")
             return result
-        float_model = ir.export_model(graph, ctx.source_model) if ctx.source_model is not None else None
         static = _static_tensors(plans)
         wanted = {
             "ranges": range_factories(static),
@@ -230,6 +229,14 @@ class Quantize(Pass):
             if self.options.weight_algorithm == "gptq"
             else {},
         }
+        sqnr_report = self.options.report_batches > 0 and ctx.calibration is not None
+        reads_float = any(wanted.values()) or sqnr_report or self.options.bias_correction != "none"
+        # The float model is a model-sized copy: exported only when something reads it.
+        float_model = (
+            ir.export_model(graph, ctx.source_model)
+            if ctx.source_model is not None and (reads_float or type(self).learn_weights is not Quantize.learn_weights)
+            else None
+        )
         stats: dict[str, dict[str, Any]] = {purpose: {} for purpose in wanted}
         if any(wanted.values()):
             if ctx.calibration is None:
@@ -256,21 +263,22 @@ class Quantize(Pass):
         result.changed = [p.node.name for p in plans] + result.changed
         result.data["record"] = record
         ctx.set_record("quant", record)
-        if self.options.report_batches > 0 and ctx.calibration is not None and float_model is not None:
-            ir.finalize(graph)  # the report runs the rewritten graph: it must be sorted
+        sqnr_report = sqnr_report and float_model is not None
+        kernels_report = self.options.kernel_report and self.options.emit == "qdq" and ctx.source_model is not None
+        if not (sqnr_report or kernels_report):
+            return result
+        ir.finalize(graph)  # the reports run the rewritten graph: it must be sorted
+        quantized = ir.export_model(graph, ctx.source_model)  # one export for both reports
+        if sqnr_report:
+            assert float_model is not None and ctx.calibration is not None
             report = quantization_report(
-                float_model,
-                ir.export_model(graph, float_model),
-                outputs,
-                ctx.calibration(),
-                self.options.report_batches,
+                float_model, quantized, outputs, ctx.calibration(), self.options.report_batches
             )
             result.data["report"] = report
             ctx.artifacts["quant_report"] = report
-        if self.options.kernel_report and self.options.emit == "qdq":
-            ir.finalize(graph)
+        del float_model  # the kernel report's session is the next big allocation
+        if kernels_report:
             nodes = [(p.node.name, p.node.op, _emulated(p)) for p in plans]
-            quantized = ir.export_model(graph, ctx.source_model)
             if runs_on_ort(quantized):
                 kernels = kernel_report(quantized, nodes)
                 result.data["kernels"] = kernels
