@@ -66,6 +66,16 @@ WEIGHT_ONLY: list[tuple[str, dict[str, Any] | None, bool]] = [
 ]
 
 
+#: ``--dq-weights``: the emulated variants with their FP8 / MXFP8 weights written as DequantizeLinear
+#: (``float_weight_format = "dq"``, decoded at every run) instead of the default ``cast`` form that
+#: onnxruntime folds at load: the difference is what the weight form costs
+DQ_WEIGHTS: list[tuple[str, dict[str, Any] | None, bool]] = [
+    (f"{label} (dq weights)", {**kwargs, "config": {"float_weight_format": "dq"}}, static)
+    for label, kwargs, static in VARIANTS + WEIGHT_ONLY
+    if kwargs is not None and not str(kwargs["weights"]).startswith("hif8")
+]
+
+
 @dataclass(frozen=True)
 class ModelCase:
     """One model: how to load it, its timing batch and its calibration batches."""
@@ -184,6 +194,35 @@ def quantize_variant(model: Any, kwargs: dict[str, Any], calib: list[dict[str, n
     return quantize(model, calibration=calib, **kwargs).model
 
 
+_QUANTIZE_ELSEWHERE = """
+import pickle, sys
+checkout, job = sys.argv[1], sys.argv[2]
+sys.path.insert(0, checkout)
+from onnxcomp.api import quantize
+with open(job, "rb") as f:
+    model, kwargs, calib, out = pickle.load(f)
+quantize(model, out, calibration=calib, force=True, **kwargs)
+"""
+
+
+def quantize_elsewhere(
+    checkout: Path, model: Any, kwargs: dict[str, Any], calib: list[dict[str, np.ndarray]] | None, out: Path
+) -> None:
+    """``quantize`` with the onnxcomp of another checkout (``--before``), in a fresh interpreter."""
+    import pickle
+    import subprocess
+
+    job = out.with_suffix(".job.pkl")
+    with open(job, "wb") as f:
+        pickle.dump((model, kwargs, calib, str(out)), f)
+    done = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE_ELSEWHERE, str(checkout), str(job)], capture_output=True, text=True
+    )
+    job.unlink()
+    if done.returncode:
+        raise RuntimeError(f"quantize in {checkout}: {done.stderr.strip().splitlines()[-1]}")
+
+
 def bench_model(case: ModelCase, variants: list[str], args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     import onnx
 
@@ -192,16 +231,25 @@ def bench_model(case: ModelCase, variants: list[str], args: argparse.Namespace, 
     np.savez(feeds_path, **feeds)
     rows: list[dict[str, Any]] = []
     paths: list[str] = []
-    for label, kwargs, static in VARIANTS + WEIGHT_ONLY:
-        if label not in variants:
+    jobs = [(label, kwargs, static, None) for label, kwargs, static in VARIANTS + WEIGHT_ONLY + DQ_WEIGHTS]
+    if args.before is not None:  # each variant also quantized by the other checkout, timed in the same run
+        jobs += [
+            (f"{label} (before)", kw, static, args.before) for label, kw, static, _ in jobs if kw and "config" not in kw
+        ]
+    for label, kwargs, static, checkout in jobs:
+        if label.removesuffix(" (before)") not in variants:
             continue
         row: dict[str, Any] = {"model": case.name, "variant": label}
         path = tmp / f"{case.name}_{len(rows)}.onnx"
         try:
             start = time.perf_counter()
-            q = model if kwargs is None else quantize_variant(model, kwargs, calib if static else None)
+            if checkout is not None:
+                quantize_elsewhere(checkout, model, kwargs or {}, calib if static else None, path)
+                q = onnx.load(str(path))
+            else:
+                q = model if kwargs is None else quantize_variant(model, kwargs, calib if static else None)
+                onnx.save(q, str(path))
             row["quantize_s"] = time.perf_counter() - start
-            onnx.save(q, str(path))
             row["nodes"] = len(q.graph.node)
         except Exception as exc:  # noqa: BLE001 - keep the row, report the error
             traceback.print_exc()
@@ -282,11 +330,22 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of timed latency rounds per model")
     parser.add_argument("--mem-runs", type=int, default=2, help="runs in the peak-RSS process")
     parser.add_argument("--weight-only", action="store_true", help="also the weight-only variants (WEIGHT_ONLY)")
+    parser.add_argument(
+        "--dq-weights", action="store_true", help="also the DequantizeLinear-weight variants (DQ_WEIGHTS)"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also quantize every variant with the onnxcomp of this checkout (e.g. `git archive REV`), same run",
+    )
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.weight_only:
         variants += [v[0] for v in WEIGHT_ONLY]
+    if args.dq_weights:
+        variants += [v[0] for v in DQ_WEIGHTS if v[0].split(" (")[0] in variants]
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-emulated-"))
     try:

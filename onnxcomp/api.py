@@ -213,6 +213,7 @@ def quantize(
     fp4_storage: str | None = None,
     scale_format: str | None = None,
     weight_only_format: str | None = None,
+    float_weight_format: str | None = None,
     embeddings: str | None = None,
     placement: str | None = None,
     reports: bool = True,
@@ -247,7 +248,9 @@ def quantize(
     The format keywords are those of :func:`onnxcomp.flags.quantize_options`; ``config`` is a
     TOML file or mapping of ``quantize`` pass options that they override.
     ``weight_only_format`` writes weight-only MatMul/Gemm as ``matmulnbits`` (onnxruntime's packed
-    kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``embeddings`` (``int8`` per row,
+    kernel, the default) or ``dq`` (DequantizeLinear, any runtime); ``float_weight_format`` writes FP8 /
+    MXFP8 weights as ``cast`` (Cast(codes) * scale, decoded once by onnxruntime at load, the default) or
+    ``dq`` (DequantizeLinear, for runtimes that read FP8 Q/DQ); ``embeddings`` (``int8`` per row,
     ``int4`` per group of 32) also stores Gather tables in low bits; ``reports=False`` skips the SQNR
     and fused-kernel reports; ``bias_correction`` (``full`` or ``fast``) subtracts each layer's mean
     output error on the calibration data through its bias; ``weight_algorithm`` ``gptq`` (with
@@ -275,6 +278,7 @@ def quantize(
         fp4_storage=fp4_storage,
         scale_format=scale_format,
         weight_only_format=weight_only_format,
+        float_weight_format=float_weight_format,
         embeddings=embeddings,
         placement=placement,
         reports=reports,

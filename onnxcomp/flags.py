@@ -120,6 +120,7 @@ def quantize_options(
     fp4_storage: str | None = None,
     scale_format: str | None = None,
     weight_only_format: str | None = None,
+    float_weight_format: str | None = None,
     embeddings: str | None = None,
     placement: str | None = None,
     reports: bool = True,
@@ -193,6 +194,8 @@ def quantize_options(
         data["fp4_storage"] = fp4_storage
     if weight_only_format is not None:
         data["weight_only_format"] = weight_only_format
+    if float_weight_format is not None:
+        data["float_weight_format"] = float_weight_format
     if embeddings is not None:
         data["embeddings"] = embeddings
     if placement is not None:

@@ -213,6 +213,8 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
         if name in inits:
             return name, _dtype_name(inits[name].data_type), 0
         node = producers.get(name)
+        if node is not None and node.op_type == "Cast" and node.input[0] in inits:  # FP8 codes (cast form)
+            return node.input[0], _dtype_name(inits[node.input[0]].data_type), 0
         if node is not None and node.op_type == "Gather" and node.input[0] in inits:
             idx = producers.get(node.input[1])
             src = idx.input[0] if idx is not None and idx.op_type == "Cast" else node.input[1]
@@ -238,7 +240,8 @@ def weight_storage(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
                 extra += sum(bits(n) for n in scale_node.input)
         elif node.op_type == "Mul" and node.output[0] in weight_inputs:
             src, label, table_bits = codes_of(node.input[0])
-            extra = bits(node.input[1])
+            scale = producers.get(node.input[1])  # block scales expanded by a Gather (cast form): the stored scales
+            extra = bits(scale.input[0] if scale is not None and scale.op_type == "Gather" else node.input[1])
         else:
             continue
         if src is None:

@@ -143,6 +143,12 @@ def add_quantize_flags(p: argparse.ArgumentParser) -> None:
         help="weight-only MatMul/Gemm: onnxruntime's MatMulNBits kernel (default) or DequantizeLinear (any runtime)",
     )
     p.add_argument(
+        "--float-weight-format",
+        choices=("cast", "dq"),
+        help="FP8/MXFP8 weights: Cast(codes) * scale, decoded once by onnxruntime at load (default), "
+        "or DequantizeLinear (runtimes that read FP8 Q/DQ)",
+    )
+    p.add_argument(
         "--quantize-embeddings",
         metavar="FORMAT",
         choices=("int8", "int4"),
@@ -203,6 +209,7 @@ def quantize_flag_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         fp4_storage="float4e2m1" if args.standard_types else args.fp4_storage,
         scale_format=args.scale_format,
         weight_only_format=args.weight_only_format,
+        float_weight_format=args.float_weight_format,
         embeddings=args.quantize_embeddings,
         placement=args.placement,
         reports=not args.no_report,

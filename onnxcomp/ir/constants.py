@@ -5,7 +5,7 @@ initializer, a ``Constant`` node, or a short chain of value-preserving ops over 
 write in front of weights (Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Identity, Cast such as
 bf16/fp16 -> fp32, and Mul/Div by a constant). :func:`folded_value` computes such a value,
 :func:`float_weight` says why an input is not a usable float weight (including "already quantized"
-for a DequantizeLinear of stored codes), and :func:`fold_constant_input` replaces the chain by one
+for a DequantizeLinear of stored codes or a Cast of FP8 / FP4 codes), and :func:`fold_constant_input` replaces the chain by one
 initializer before a pass rewrites the weight, so every pass reads and writes the same tensor.
 """
 
@@ -131,9 +131,17 @@ def quantized_source(tensor: Tensor, depth: int = 0) -> Node | None:
         return None
     if node.op == "DequantizeLinear":
         return node if folded_value(node.inputs[0]) is not None else None
+    if node.op == "Cast" and _float_codes(node.inputs[0]):
+        return node  # FP8 / FP4 codes decoded by a Cast (the form onnxruntime folds at load)
     if node.op in VALUE_PRESERVING_OPS or node.op in SCALING_OPS:
         return quantized_source(node.inputs[0], depth + 1)
     return None
+
+
+def _float_codes(tensor: Tensor) -> bool:
+    """A constant of an 8- or 4-bit float type: stored low-bit codes, never a float weight."""
+    value = constant_value(tensor)
+    return value is not None and value.dtype.name.startswith(("float8", "float4"))
 
 
 def float_weight(node: Node, index: int, what: str) -> np.ndarray | str:

@@ -88,6 +88,8 @@ class Quantize(Pass):
         kernel_report: bool = True  # say which kernel onnxruntime runs for each quantized node
         # weight-only MatMul/Gemm: com.microsoft MatMulNBits (onnxruntime) or DequantizeLinear (any runtime)
         weight_only_format: Literal["matmulnbits", "dq"] = "matmulnbits"
+        # FP8 / MXFP8 weights: cast (Cast(codes) * scale, decoded once by onnxruntime at load) or dq (any runtime)
+        float_weight_format: Literal["cast", "dq"] = "cast"
         matmulnbits_accuracy_level: int = 4  # 4: int8 compute (onnxruntime's default); 0: float compute
         # subtract each layer's mean output error through its bias: full (level by level), fast (one pass)
         bias_correction: Literal["none", "full", "fast"] = "none"

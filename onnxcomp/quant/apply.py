@@ -35,6 +35,7 @@ from onnxcomp.quant.emit import (
     emit_weight_dq,
     shield_float_readers,
 )
+from onnxcomp.quant.folded_weights import emit_cast_weight, folds_at_load
 from onnxcomp.quant.gptq import gptq_quantize
 from onnxcomp.quant.lowbit import stored_as
 from onnxcomp.quant.matmulnbits import bias_add, emit_matmulnbits, pack_weight, weight_constants
@@ -259,7 +260,7 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
                         "fix": "weight scale raised so that the int32 bias fits",
                     }
             if options.emit == "qdq":
-                out = _emit_weight(graph, w, qw, plan)
+                out = _emit_weight(graph, w, qw, plan, options.float_weight_format)
                 stored = stored_as(spec.weights.dtype, qw.storage, qw.codes)
             else:
                 out = ir.make_constant(ir.unique_name(graph, f"{w.name}_fakequant"), qw.dequantized)
@@ -442,7 +443,9 @@ def _emit_matmulnbits(
     return f"MatMulNBits {packed.bits}-bit, block {packed.block_size}{signed}{folded}"
 
 
-def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodePlan) -> ir.Tensor:
+def _emit_weight(graph: ir.Graph, w: ir.Tensor, qw: QuantizedWeight, plan: NodePlan, float_form: str) -> ir.Tensor:
+    if float_form == "cast" and folds_at_load(qw):  # FP8 / MXFP8 codes that onnxruntime decodes once, at load
+        return emit_cast_weight(graph, w, qw)
     fmt = get_format(qw.spec.dtype)
     elem = fmt.element if hasattr(fmt, "element") else fmt
     if qw.storage == "lut":
