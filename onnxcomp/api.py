@@ -141,7 +141,8 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
         raise OnnxCompError(f"{out_path}: output would overwrite the input model; choose another path")
     if out_path is not None and out_path.exists() and not run.force:
         raise OnnxCompError(f"{out_path}: already exists; choose another output path or pass --force")
-    ctx = PassContext(seed=plan.seed, progress=Progress(run.progress))
+    # load_model checked the file in full (or repaired its declared shapes): the manager need not again
+    ctx = PassContext(seed=plan.seed, progress=Progress(run.progress), source_checked=source is not None)
     if run.calibration is not None:
         ctx.calibration, ctx.calibration_name = calibration_source(
             run.calibration,
@@ -158,7 +159,8 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
     deploy = ctx.artifacts.pop("deploy_model", None)
     if out_path is not None:
         paths = output_artifacts(out_path)
-        save_model(report.model if deploy is None else deploy, out_path, run.external_data, run.force)
+        serialized = report.serialized if deploy is None else None  # the validated bytes: no re-serialisation
+        save_model(report.model if deploy is None else deploy, out_path, run.external_data, run.force, serialized)
         if deploy is not None:
             fake_quant = out_path.with_name(f"{paths['stem']}.fake_quant.onnx")
             save_model(report.model, fake_quant, external_data=run.external_data, overwrite=run.force)
@@ -180,6 +182,7 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
                 write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}"), data)
             else:
                 write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), _json(data))
+    report.serialized = None  # model-sized, and the caller has report.model
     return report
 
 

@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
         )
     if check:
         try:
-            check_model(model)
+            check_model(model, file=None if _uses_external(model) else path)
         except ValidationError as exc:
             repaired, notes = repair_declared_shapes(model)
             if not notes:
@@ -195,10 +195,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker (with full_check); large models are checked through a temporary file."""
+def check_model(model: onnx.ModelProto, file: Path | None = None, serialized: bytes | None = None) -> None:
+    """onnx.checker (with full_check); large models are checked through a temporary file.
+
+    ``file`` (the file ``model`` was read from unchanged, without external data) or ``serialized``
+    (``model``'s bytes) are checked instead: no second serialisation of a model-sized message.
+    """
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if file is not None:
+            onnx.checker.check_model(str(file), full_check=True)
+        elif serialized is not None:
+            onnx.checker.check_model(serialized, full_check=True)
+        elif model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
@@ -219,14 +227,23 @@ def runs_on_ort(model: onnx.ModelProto) -> bool:
     return not any(t.data_type in NOT_RUNNABLE_ON_ORT for t in model.graph.initializer)
 
 
-def validate_model(model: onnx.ModelProto):  # noqa: ANN201 - an onnxruntime.InferenceSession, or None
+def serialize_model(model: onnx.ModelProto) -> bytes | None:
+    """``model``'s bytes exactly as :func:`save_model` writes them, or None when it is written with
+    external data (2 GiB and more, or mapped weights). Validation, the checker and saving share them."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
+        return None
+    return model.SerializeToString(deterministic=True)
+
+
+def validate_model(model: onnx.ModelProto, serialized: bytes | None = None):  # noqa: ANN201 - InferenceSession | None
     """onnx.checker plus an onnxruntime session at ORT_ENABLE_ALL; one-line ValidationError on failure.
 
     Returns the session (the manager runs it once on a sample: some fused kernels check their
     parameters only when they first run), or None for models with types ORT cannot run
-    (FLOAT4E2M1), which ``onnx.reference`` loads instead.
+    (FLOAT4E2M1), which ``onnx.reference`` loads instead. ``serialized`` (:func:`serialize_model`)
+    spares both the checker and onnxruntime a serialisation of their own.
     """
-    check_model(model)
+    check_model(model, serialized=serialized)
     if not runs_on_ort(model):
         from onnx.reference import ReferenceEvaluator
 
@@ -236,7 +253,7 @@ def validate_model(model: onnx.ModelProto):  # noqa: ANN201 - an onnxruntime.Inf
             raise ValidationError(f"onnx.reference cannot load it: {_first_line(exc)}") from exc
         return None
     try:
-        return ort_session(model, level="all")
+        return ort_session(model if serialized is None else serialized, level="all")
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ValidationError(f"onnxruntime cannot load it: {_first_line(exc)}") from exc
 
@@ -246,14 +263,20 @@ def save_model(
     path: str | os.PathLike[str],
     external_data: bool | None = None,
     overwrite: bool = False,
+    serialized: bytes | None = None,
 ) -> list[Path]:
     """Write ``model`` atomically; returns the files written (model first).
 
     ``external_data=None`` chooses external data only when the model would not fit in one
-    protobuf (>= 2 GB). Existing files are replaced only with ``overwrite=True``.
+    protobuf (>= 2 GB). Existing files are replaced only with ``overwrite=True``. ``serialized``
+    (:func:`serialize_model` of ``model``, from its validation) is written as is when the model
+    goes in one file.
     """
     path = Path(path)
-    external = external_data if external_data is not None else model.ByteSize() >= PROTOBUF_LIMIT
+    if external_data is None:
+        external = model.ByteSize() >= PROTOBUF_LIMIT if serialized is None else False
+    else:
+        external = external_data
     targets = [path, path.with_name(path.name + ".data")] if external else [path]
     if not overwrite:
         for target in targets:
@@ -269,7 +292,10 @@ def save_model(
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=path.parent))
     try:
         staged = tmpdir / path.name
-        write_model_file(model, staged, external)
+        if serialized is not None and not external:
+            staged.write_bytes(serialized)
+        else:
+            write_model_file(model, staged, external)
         written = []
         # Data before model: a reader never sees a model whose data file is missing.
         for target in reversed(targets):

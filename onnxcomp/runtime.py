@@ -44,7 +44,7 @@ def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None
 
 
 def ort_session(  # noqa: ANN201
-    model: onnx.ModelProto | Path,
+    model: onnx.ModelProto | Path | bytes,
     level: str = "all",
     threads: int = 1,
     config: dict[str, str] | None = None,
@@ -74,6 +74,8 @@ def ort_session(  # noqa: ANN201
         opts.optimized_model_filepath = optimized_path
     if isinstance(model, Path):  # a file (external data beside it): onnxruntime reads it directly
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, bytes):  # already serialised (model_io.serialize_model): no second copy
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     if model.ByteSize() < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")

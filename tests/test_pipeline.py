@@ -58,7 +58,7 @@ def test_failing_pass_is_named(validate: str) -> None:
 def test_locate_validates_once_when_the_model_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = manager.validate_model
-    monkeypatch.setattr(manager, "validate_model", lambda m: calls.append(1) or real(m))
+    monkeypatch.setattr(manager, "validate_model", lambda m, **kw: calls.append(1) or real(m, **kw))
     passes = [make_pass("remove_identity"), make_pass("fold_batchnorm"), make_pass("dedupe_initializers")]
     PassManager(passes, validate="locate").run(conv_bn_model())
     each = len(calls)

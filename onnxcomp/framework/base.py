@@ -71,6 +71,7 @@ class PassContext:
     progress: Progress = field(default_factory=lambda: Progress(False))
     artifacts: dict[str, Any] = field(default_factory=dict)
     source_model: Any = None  # the original onnx.ModelProto (read-only), for passes that need it
+    source_checked: bool = False  # the model passed onnx.checker's full check on load (no shape repair needed)
 
     def record(self, feature: str) -> dict[str, Any]:
         """The run's record of ``feature``, saved beside the output as ``OUT.<feature>_record.json``.

@@ -14,7 +14,7 @@ from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.validation import InferenceSample, check_inference, inference_sample
-from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, repair_declared_shapes, validate_model
+from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, repair_declared_shapes, serialize_model, validate_model
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ class RunReport:
     model: onnx.ModelProto
     steps: list[StepReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``model``'s bytes when the final validation serialised it (saved as they are, then dropped)
+    serialized: bytes | None = field(default=None, repr=False)
 
     def result(self, name: str) -> PassResult:
         """The result of the first step named ``name``."""
@@ -83,7 +85,8 @@ class PassManager:
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
         ctx = ctx or PassContext()
-        model, repaired = repair_declared_shapes(model)  # a stale declared shape is the model's, not a pass's
+        # A stale declared shape is the model's, not a pass's (a model that passed the full check has none).
+        model, repaired = (model, []) if ctx.source_checked else repair_declared_shapes(model)
         if ctx.source_model is None:
             ctx.source_model = model
         report = RunReport(model=model, notes=repaired)
@@ -107,6 +110,7 @@ class PassManager:
                 before = default_opset(current)
                 upgraded = convert_opset(current, need, f"{pass_.name} needs opset {need}")
                 graph = ir.import_model(upgraded)
+                del current, upgraded  # model-sized copies: the graph holds its own until the end
                 report.notes.append(f"converted opset {before} -> {need} for {pass_.name}")
                 log.info("converted opset %d -> %d for %s", before, need, pass_.name)
             start = time.perf_counter()
@@ -129,8 +133,9 @@ class PassManager:
         # Nothing changed (no pass, no opset upgrade): the model itself (an export is not byte-identical).
         unchanged = not any(s.result.modified for s in report.steps) and ir.default_opset(graph) == default_opset(model)
         out = model if unchanged else ir.export_model(graph, template)
+        del graph  # its weights are in ``out`` now: one copy fewer while validation loads a session
         if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
-            self._validate(out, "the pipeline", done, sample, self._close(len(self.passes)))
+            report.serialized = self._validate(out, "the pipeline", done, sample, self._close(len(self.passes)))
         report.model = out
         return report
 
@@ -169,11 +174,14 @@ class PassManager:
     @staticmethod
     def _validate(
         model: onnx.ModelProto, where: str, done: list[str], sample: InferenceSample | None = None, close: bool = True
-    ) -> None:
+    ) -> bytes | None:
+        """Check ``model`` and run it once; returns its bytes (:func:`serialize_model`), serialised once."""
         try:
-            session = validate_model(model)
+            serialized = serialize_model(model)
+            session = validate_model(model, serialized=serialized)
             if session is not None and sample is not None:
                 check_inference(session, sample, compare_values=close)
         except ValidationError as exc:
             after = f" (after {', '.join(done)})" if done else ""
             raise PassError(f"{where} produced an invalid model{after}: {exc}") from exc
+        return serialized

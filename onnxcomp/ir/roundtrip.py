@@ -122,7 +122,7 @@ def _place_initializers(model: onnx.ModelProto, scopes: dict[str, ScopePath]) ->
             found.setdefault(init.name, []).append(path)
     for name, paths in found.items():
         protos = [next(t for t in graphs[p].initializer if t.name == name) for p in paths]
-        if len({t.SerializeToString() for t in protos}) > 1:
+        if len(protos) > 1 and len({t.SerializeToString() for t in protos}) > 1:  # one scope: nothing to compare
             continue  # sibling scopes with their own local tensors of one name: not copies
         target = _common_prefix(paths)
         declared = scopes.get(name)
