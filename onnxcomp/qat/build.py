@@ -62,8 +62,7 @@ def prepare(
         float_model = PassManager(passes, validate=LOCATE).run(proto, ctx).model
     if config is None and not quantize_flags:
         return QATModule(float_model, None, [])
-    # FP8 weights as DequantizeLinear (not the Cast form onnxruntime folds): the export writes learned codes there
-    options = quantize_options(config, **{"reports": False, "float_weight_format": "dq", **quantize_flags})
+    options = quantize_options(config, **{"reports": False, **quantize_flags})
     check_options(options)
     # one run of the whole pipeline, as `onnxcomp quantize` / `sparsify --quantize` runs it: the export
     # patches this model, so its bytes (initializer order included) are those of the PTQ output

@@ -5,7 +5,10 @@ Integer grids compute exactly what QuantizeLinear -> DequantizeLinear computes
 like ONNX), so a fake-quantized module matches the exported model bit for bit. The scale is an
 trained with LSQ's gradient (as a log-gain on the PTQ scale) (Esser et al. 2020: the straight-through estimator
 for the rounding, the scale's gradient scaled by ``1 / sqrt(N * qmax)``, N the values sharing
-the scale). Element float grids (FP8, FP4, HiF8) round to the nearest value of the codec's table.
+the scale). Element float grids (FP8, FP4, MX elements, HiF8) round to the nearest value of the
+codec's table, ties as the codec breaks them: to the even code (FP8, FP4: every other magnitude of
+the sorted table has an even code) or away from zero (HiF8); beyond the table they saturate. Such a
+grid may be given in stored-code units (FP4 stored as INT8 ``2 * v`` under the scale ``s / 2``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 
 import numpy as np
 
-from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, get_format
 from onnxcomp.qat.engine import torch
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -35,7 +38,7 @@ class FakeQuant(torch.nn.Module):
 
     zero_point: torch.Tensor
     initial_scale: torch.Tensor
-    grid: torch.Tensor
+    magnitudes: torch.Tensor
     midpoints: torch.Tensor
 
     def __init__(
@@ -46,9 +49,12 @@ class FakeQuant(torch.nn.Module):
         axis: int | None = None,
         block_size: int = 0,
         values_per_scale: int = 1,
+        grid: np.ndarray | None = None,
+        learn_scale: bool = True,
     ) -> None:
         super().__init__()
         fmt = get_format(dtype)
+        fmt = fmt.element if isinstance(fmt, MXFormat) else fmt  # MX: the element grid under fixed block scales
         if not isinstance(fmt, (IntegerFormat, ElementFormat)):
             raise ValueError(f"format {dtype!r} has no element grid to fake-quantize")
         self.dtype = dtype
@@ -57,17 +63,20 @@ class FakeQuant(torch.nn.Module):
         # relatively (Adam's step is ~lr whatever the gradient's size), and exp(0) = 1 keeps the PTQ
         # scale to the bit until training moves it
         self.register_buffer("initial_scale", torch.from_numpy(np.array(scale, np.float32)))
-        self.log_gain = torch.nn.Parameter(torch.zeros_like(self.initial_scale))
+        self.log_gain = torch.nn.Parameter(torch.zeros_like(self.initial_scale), requires_grad=learn_scale)
         self.register_buffer("zero_point", torch.from_numpy(np.asarray(zero_point).astype(np.float32)))
         self.axis, self.block_size = axis, block_size
         if isinstance(fmt, IntegerFormat):
             self.qmin, self.qmax = float(fmt.qmin), float(fmt.qmax)
             top = max(abs(self.qmin), self.qmax)
         else:
-            grid = np.unique(fmt.values[np.isfinite(fmt.values)]).astype(np.float32)
-            self.register_buffer("grid", torch.from_numpy(grid))
-            self.register_buffer("midpoints", torch.from_numpy(((grid[1:] + grid[:-1]) / 2).astype(np.float32)))
-            top = float(np.abs(grid).max())
+            values = np.unique(fmt.values[np.isfinite(fmt.values)]) if grid is None else np.asarray(grid)
+            magnitudes = np.unique(np.abs(values.astype(np.float64)))  # symmetric tables: 0 first
+            self.register_buffer("magnitudes", torch.from_numpy(magnitudes.astype(np.float32)))
+            midpoints = ((magnitudes[1:] + magnitudes[:-1]) / 2).astype(np.float32)  # exact: few significant bits
+            self.register_buffer("midpoints", torch.from_numpy(midpoints))
+            self.ties_away = fmt.name == "hif8"
+            top = float(magnitudes.max())
         self.gradient_factor = 1.0 / math.sqrt(max(1, values_per_scale) * top)
         self.enabled = True
 
@@ -101,6 +110,14 @@ class FakeQuant(torch.nn.Module):
             # clip, then round (LSQ's order; the same values as ONNX's round-then-saturate for integer bounds)
             q = round_ste(torch.clamp(v, self.qmin - zp, self.qmax - zp))
             return q * s
-        index = torch.bucketize(v.detach(), self.midpoints)
-        nearest = self.grid[index]
+        nearest = self.nearest(v.detach())
         return (v + (nearest - v).detach()) * s
+
+    def nearest(self, v: torch.Tensor) -> torch.Tensor:
+        """The grid value nearest to ``v`` (element float grids), ties and saturation as the codec."""
+        a = v.abs()
+        index = torch.bucketize(a, self.midpoints)  # a == midpoints[i] gives i: the smaller magnitude
+        tie = index < self.midpoints.numel()
+        tie = tie & (a == self.midpoints[index.clamp_max(self.midpoints.numel() - 1)])
+        up = tie if self.ties_away else tie & (index % 2 == 1)  # to the even code: the even magnitude index
+        return torch.sign(v) * self.magnitudes[index + up.long()]

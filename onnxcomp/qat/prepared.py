@@ -21,11 +21,19 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp.errors import ConfigError, OnnxCompError
-from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
+from onnxcomp.formats import IntegerFormat, get_format
 from onnxcomp.model_io import save_model
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.fakequant import FakeQuant
 from onnxcomp.qat.interpreter import GraphModule
+from onnxcomp.qat.reemit import FLOAT_ACTIVATIONS, put_float_activation_scales
+from onnxcomp.qat.storage import (
+    WeightStorage,
+    find_storage,
+    packed_initializers,
+    put_activation_scales,
+    stored_codes,
+)
 from onnxcomp.quant.qparams import dequantize
 from onnxcomp.quant.qparams import quantize as quantize_codes
 from onnxcomp.quant.qweight import storage_array
@@ -40,9 +48,6 @@ UNSUPPORTED_OPTIONS = {
     "embeddings": "none",
 }
 
-
-#: Element float formats whose weight codes are stored as such for DequantizeLinear (the others use lookup tables).
-DQ_FLOAT_WEIGHTS = ("fp8_e4m3", "fp8_e5m2")
 
 #: Ops that move values without changing them: their output on the input's grid shares its quantizer.
 PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
@@ -99,8 +104,10 @@ class QATModule(torch.nn.Module):
         self.act_quant = torch.nn.ModuleDict()
         self._weight_keys: dict[str, str] = {}
         self._act_keys: dict[str, str] = {}
-        self._weight_slots: dict[str, _Slot] = {}
+        self._weight_slots: dict[str, WeightStorage] = {}
         self._act_slots: dict[str, _Slot] = {}
+        #: static FP8 / HiF8 activations (exact subgraphs, onnxcomp.qat.reemit): tensor -> (format, PTQ scale)
+        self._float_acts: dict[str, tuple[str, float]] = {}
         self._biases: dict[str, _BiasSlot] = {}
         if quantized_model is not None:
             self._attach(quantized_model, record)
@@ -116,6 +123,7 @@ class QATModule(torch.nn.Module):
     # -- building -------------------------------------------------------------------------------
     def _attach(self, q: onnx.ModelProto, record: list[dict[str, Any]]) -> None:
         producers = _producer_index(q)
+        self._inits = {t.name: t for t in q.graph.initializer}
         self._float_producers = _producer_index(self.float_model)
         nodes = {n.name: n for n in q.graph.node}
         float_nodes = {n.name: n for n in self.float_model.graph.node}
@@ -123,12 +131,13 @@ class QATModule(torch.nn.Module):
             where = f"node {entry.get('node')!r}"
             w = entry.get("weights")
             if w is not None:
-                self._attach_weight(w, where, nodes)
+                self._attach_weight(entry, where, nodes)
             acts = [*(entry.get("activations") or []), *(entry.get("outputs") or [])]
             if isinstance(entry.get("activations"), dict):
                 raise ConfigError(
                     f"{where}: {entry['activations'].get('granularity')} activations are computed at run time; "
-                    "quantization-aware training supports static per-tensor activations (--activations int8/uint8/int4)"
+                    "quantization-aware training supports static per-tensor activations "
+                    f"(--activations int8/uint8/int4/uint4/{'/'.join(FLOAT_ACTIVATIONS)})"
                 )
             for a in acts:
                 self._attach_activation(a, where, nodes)
@@ -143,7 +152,8 @@ class QATModule(torch.nn.Module):
                     _Slot(dq.input[0], dq.input[1]),
                 )
 
-    def _attach_weight(self, w: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
+    def _attach_weight(self, entry: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
+        w = entry["weights"]
         name = w["tensor"]
         if name in self._weight_keys:
             return
@@ -152,36 +162,37 @@ class QATModule(torch.nn.Module):
                 f"{where}: quantize rewrote its weight into {name!r}, which the float model lacks; "
                 "skip the node (--skip) to train the rest"
             )
-        dq = nodes.get(f"{name}_DequantizeLinear")
-        fmt = get_format(w["dtype"])
-        exportable = isinstance(fmt, IntegerFormat) or fmt.name in DQ_FLOAT_WEIGHTS
-        if dq is None or not exportable:
-            raise ConfigError(
-                f"{where}: weight {name!r} stored as {w['stored_as']!r}; quantization-aware training exports "
-                "weights stored for DequantizeLinear (int4/uint4/int8/uint8/int16/uint16, fp8_e4m3/fp8_e5m2; weight-only MatMul/Gemm "
-                "need weight_only_format='dq')"
-            )
+        assert self.quantized_model is not None
+        float_node = {n.name: n for n in self.float_model.graph.node}[entry["node"]]
+        storage = find_storage(self.quantized_model, entry, float_node, nodes, self._inits)
         scale = np.asarray(w["scale"], np.float32)
         values = int(np.prod(w["shape"])) // max(1, scale.size)
         key = f"q{len(self._weight_keys)}"
         self._weight_keys[name] = key
         zp = np.asarray(w["zero_point"])
-        self.weight_quant[key] = FakeQuant(w["dtype"], scale, zp, w["axis"], w["block_size"], values)
-        self._weight_slots[name] = _Slot(dq.input[0], dq.input[1], dq.input[2] if len(dq.input) > 2 else None)
+        self.weight_quant[key] = FakeQuant(
+            w["dtype"], scale, zp, w["axis"], w["block_size"], values, storage.grid, storage.learn_scale
+        )
+        self._weight_slots[name] = storage
 
     def _attach_activation(self, a: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
         name = a["tensor"]
         if name in self._act_keys:
             return
         qnode = nodes.get(f"{name}_QuantizeLinear")
-        if qnode is None or not isinstance(get_format(a["dtype"]), IntegerFormat):
+        floating = a["dtype"] in FLOAT_ACTIVATIONS
+        if not floating and (qnode is None or not isinstance(get_format(a["dtype"]), IntegerFormat)):
             raise ConfigError(
                 f"{where}: activation {name!r} ({a['dtype']}) is not a QuantizeLinear/DequantizeLinear pair; "
-                "quantization-aware training supports integer static activations"
+                f"quantization-aware training supports static integer and {'/'.join(FLOAT_ACTIVATIONS)} activations"
             )
         key = self._shared_activation(name, a) or f"a{len(self._act_keys)}"
         self._act_keys[name] = key
-        self._act_slots[name] = _Slot(None, qnode.input[1], qnode.input[2] if len(qnode.input) > 2 else None)
+        if floating:
+            self._float_acts[name] = (a["dtype"], float(a["scale"]))
+        else:
+            assert qnode is not None
+            self._act_slots[name] = _Slot(None, qnode.input[1], qnode.input[2] if len(qnode.input) > 2 else None)
         if key in self.act_quant:
             return
         self.act_quant[key] = FakeQuant(
@@ -276,18 +287,36 @@ class QATModule(torch.nn.Module):
         mask = self.masks.get(name)
         return (w * mask if mask is not None else w).numpy().astype(np.float32)
 
-    def _learned_weight(self, name: str) -> tuple[IntegerFormat | ElementFormat, np.ndarray, np.ndarray, np.ndarray]:
-        """(format, codes, dequantized weight, scale) of quantized weight ``name`` as trained."""
+    def _learned_weight(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stored codes, dequantized weight, scale) of quantized weight ``name`` as trained."""
         fq = self._fq(self.weight_quant, self._weight_keys, name)
         assert fq is not None
+        storage = self._weight_slots[name]
         w = self._masked(name)
         scale = fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32)
-        fmt = get_format(fq.dtype)
-        assert isinstance(fmt, (IntegerFormat, ElementFormat))  # _attach_weight accepts these only
         wide_scale = fq._broadcast(torch.from_numpy(scale), torch.from_numpy(w)).numpy()
-        wide_zp = fq._broadcast(fq.zero_point, torch.from_numpy(w)).numpy().astype(np.int32)
-        codes = quantize_codes(fmt, w, wide_scale, wide_zp)
-        return fmt, codes, dequantize(fmt, codes, wide_scale, wide_zp), scale
+        if storage.grid is None:  # integer codes: the codec's own rounding
+            fmt = get_format(fq.dtype)
+            assert isinstance(fmt, IntegerFormat)
+            wide_zp = fq._broadcast(fq.zero_point, torch.from_numpy(w)).numpy().astype(np.int32)
+            codes = quantize_codes(fmt, w, wide_scale, wide_zp)
+            return storage_array(codes, fmt), dequantize(fmt, codes, wide_scale, wide_zp), scale
+        values = fq.nearest(torch.from_numpy(np.divide(w, wide_scale, dtype=np.float32))).numpy()
+        deq = np.multiply(values, wide_scale, dtype=np.float32)
+        return stored_codes(storage, fq.dtype, values), deq, scale
+
+    def _put_trained_floats(self, model: onnx.ModelProto) -> None:
+        """Trained float parameters (biases, normalization) into the same-named initializers of ``model``.
+
+        Only values training changed are written: an untrained export keeps the PTQ bytes.
+        """
+        quantized = {*self._weight_slots, *self._biases}
+        for init in model.graph.initializer:
+            if init.name in self.graph.weight_keys and init.name not in quantized:
+                value = self._masked(init.name)
+                if init.data_type == onnx.TensorProto.FLOAT and tuple(init.dims) == value.shape:
+                    if not np.array_equal(numpy_helper.to_array(init), value):
+                        init.CopyFrom(numpy_helper.from_array(value, init.name))
 
     def simulation_model(self) -> onnx.ModelProto:
         """The fake-quant simulation model (``quantize``'s ``emit="simulate"``) with the learned values."""
@@ -297,15 +326,14 @@ class QATModule(torch.nn.Module):
             raise OnnxCompError("this module has no simulation source: build it with onnxcomp.qat.prepare")
         model = self.simulation_source()
         inits = {t.name: t for t in model.graph.initializer}
-        nodes = {n.name: n for n in model.graph.node}
         for name in self._weight_slots:
             target = inits.get(f"{name}_fakequant")
             if target is None:
                 raise OnnxCompError(f"simulation model: no fake-quant weight {name}_fakequant for {name!r}")
-            target.CopyFrom(numpy_helper.from_array(self._learned_weight(name)[2], target.name))
-        for name in self._act_slots:
-            scale = inits[nodes[f"{name}_QuantizeLinear"].input[1]]
-            scale.CopyFrom(numpy_helper.from_array(self.scale_of(name).reshape(tuple(scale.dims)), scale.name))
+            target.CopyFrom(numpy_helper.from_array(self._learned_weight(name)[1], target.name))
+        put_activation_scales(model, {name: self.scale_of(name) for name in self._act_slots})
+        self._put_trained_floats(model)
+        put_float_activation_scales(model, self._float_scales(), "simulation model")
         return model
 
     def export(
@@ -327,15 +355,24 @@ class QATModule(torch.nn.Module):
             old = inits[name]
             old.CopyFrom(numpy_helper.from_array(value.reshape(tuple(old.dims)), name))
 
-        for name, slot in self._weight_slots.items():
-            assert slot.codes is not None
-            fmt, codes, _, scale = self._learned_weight(name)
-            put(slot.codes, storage_array(codes, fmt))
-            put(slot.scale, scale)
-        for name, slot in self._act_slots.items():
-            fq = self._fq(self.act_quant, self._act_keys, name)
+        for name, storage in self._weight_slots.items():
+            codes, deq, scale = self._learned_weight(name)
+            if storage.kind != "matmulnbits":
+                put(storage.codes, codes)
+                put(storage.scale, scale)
+                continue
+            fq = self._fq(self.weight_quant, self._weight_keys, name)
             assert fq is not None
-            put(slot.scale, fq.scale.detach().clamp_min(1e-30).numpy().astype(np.float32))
+            zp = fq.zero_point.numpy().astype(np.int32).reshape(scale.shape)
+            for init_name, value in packed_initializers(
+                storage, codes, scale, zp, fq.axis, fq.block_size, deq, None
+            ).items():
+                put(init_name, value)
+            if storage.folded_bias is not None and storage.float_bias is not None:
+                folded = self._masked(storage.float_bias).reshape(-1)
+                if not np.array_equal(numpy_helper.to_array(inits[storage.folded_bias]).reshape(-1), folded):
+                    put(storage.folded_bias, folded)
+        put_activation_scales(model, {name: self.scale_of(name) for name in self._act_slots})
         for bias in self._biases.values():
             act = self._fq(self.act_quant, self._act_keys, bias.activation)
             weight = self._fq(self.weight_quant, self._weight_keys, bias.weight)
@@ -347,4 +384,13 @@ class QATModule(torch.nn.Module):
             q = np.clip(np.rint(b / scale.astype(np.float64)), np.iinfo(np.int32).min, np.iinfo(np.int32).max)
             put(bias.slot.codes, q.astype(np.int32))
             put(bias.slot.scale, scale)
+        self._put_trained_floats(model)
+        put_float_activation_scales(model, self._float_scales(), "exported model")
         return model
+
+    def _float_scales(self) -> dict[str, tuple[str, float, float]]:
+        """tensor -> (format, PTQ scale, learned scale) of the FP8 / HiF8 activations."""
+        return {
+            name: (dtype, ptq, float(self.scale_of(name).reshape(-1)[0]))
+            for name, (dtype, ptq) in self._float_acts.items()
+        }
