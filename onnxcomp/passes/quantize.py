@@ -195,15 +195,24 @@ class Quantize(Pass):
         return done
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
+        if self.options.target == "ascend-qdq":
+            check_float_inputs(graph)
+        if self.target is not None or self.options.sensitivity:  # candidates are runs of this pass, Ascend ones too
+            return tuned_quantize(self, graph, ctx)
         if self.options.target == "ascend":  # the Ascend emitters (onnxcomp/quant/ascend/) after scale migration
             result = PassResult(modified=False)
             options = AscendOptions.from_pass(self.options)
-            ascend_quantize(graph, ctx, self.config, options, result, lambda: self._migrate_scales(graph, ctx, result))
+            ascend_quantize(
+                graph,
+                ctx,
+                self.config,
+                options,
+                result,
+                lambda: self._migrate_scales(graph, ctx, result),
+                self.learn_weights,
+                lambda model, wanted: self._collect(model, wanted, ctx),
+            )
             return result
-        if self.options.target == "ascend-qdq":
-            check_float_inputs(graph)
-        if self.target is not None or self.options.sensitivity:
-            return tuned_quantize(self, graph, ctx)
         result = PassResult(modified=False)
         migrated = self._migrate_scales(graph, ctx, result)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)

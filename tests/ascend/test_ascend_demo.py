@@ -162,7 +162,7 @@ def test_smoothquant_runs_first_and_both_models_carry_it(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("keyword", "value", "flag"),
-    [("bias_correction", "full", "--bias-correction"), ("accuracy_target", "cos:0.99", "--accuracy-target")],
+    [("embeddings", "int8", "--quantize-embeddings")],
 )
 def test_options_the_target_does_not_carry_out_are_a_one_line_error(
     tmp_path: Path, keyword: str, value: str, flag: str

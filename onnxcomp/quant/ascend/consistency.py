@@ -1,9 +1,11 @@
 """Does a record reproduce its deploy model? Every quantized node, walked in both.
 
 From each record entry alone: AscendQuant ``scale`` = float32(1 / scale_d) and ``offset`` =
-offset_d, an AscendAntiQuant's ``scale`` = scale_d and ``offset`` = offset_d, AscendDequant's UINT64 parameter = pack(float32(scale_d * scale_w[c])), one weight
-scale per output channel, int8 weights and int32 bias; and every AscendDequant of the deploy
-model has an entry. Used by the tests and ``onnxcomp verify-ascend``.
+offset_d, an AscendAntiQuant's ``scale`` = scale_d and ``offset`` = offset_d, AscendDequant's
+UINT64 parameter = pack(float32(scale_d * scale_w[c])), one weight scale per output channel,
+int8 weights and int32 bias (input 2, or the constant of a MatMul's bias Add that the
+AscendDequant reads); and every AscendDequant of the deploy model has an entry. Used by the
+tests and ``onnxcomp verify-ascend``.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
         ):
             problems.append(f"{layer}: AscendAntiQuant {anti.name} does not undo the layer's AscendQuant")
         dequant = nodes.get(f"{layer}.dequant")
-        if dequant is None or dequant.op_type != "AscendDequant" or dequant.input[0] != node.output[0]:
-            problems.append(f"{layer}: no AscendDequant {layer}.dequant reading its output")
+        source = producers.get(dequant.input[0]) if dequant is not None and dequant.input else None
+        bias_add = source if source is not None and source.op_type == "Add" and node.output[0] in source.input else None
+        if dequant is None or dequant.op_type != "AscendDequant" or (source is not node and bias_add is None):
+            problems.append(f"{layer}: no AscendDequant {layer}.dequant reading its output (or its bias Add's)")
             continue
         param = numpy_helper.to_array(inits[dequant.input[1]]) if dequant.input[1] in inits else None
         scale_w = np.array(value.scale_w, np.float32)
@@ -81,6 +85,10 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
             channels = weight.shape[0 if node.op_type == "Conv" else 1]
             if channels != scale_w.size:
                 problems.append(f"{layer}: {scale_w.size} weight scales for {channels} output channels")
+        if bias_add is not None:
+            bias = inits.get(next((i for i in bias_add.input if i != node.output[0]), ""))
+            if bias is None or numpy_helper.to_array(bias).dtype != np.int32:
+                problems.append(f"{layer}: the bias of {bias_add.name} is not an int32 initializer")
         if len(node.input) > 2 and node.input[2]:
             bias_name = node.input[2]
             cast = producers.get(bias_name)

@@ -62,6 +62,48 @@ def _reroute(reader: ir.Node, old: ir.Tensor, new: ir.Tensor) -> None:
             reader.inputs[i] = new
 
 
+def _has_bias(node: ir.Node) -> bool:
+    return len(node.inputs) > 2 and bool(node.inputs[2].name)
+
+
+def _bias_name(graph: ir.Graph, node: ir.Node, suffix: str) -> str:
+    """``<bias>.quant``, or ``<layer>.bias.quant`` for a bias that bias correction created."""
+    return ir.unique_name(graph, f"{node.inputs[2].name if _has_bias(node) else node.name + '.bias'}{suffix}")
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, bias: ir.Tensor) -> None:
+    """Input 2 of Conv / ConvTranspose / Gemm (appended when the float layer had none)."""
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias
+    else:
+        node.inputs.append(bias)
+
+
+def _integer_output(
+    graph: ir.Graph, nodes: dict[str, ir.Node], layer: AscendLayer, dtype: type[np.generic], suffix: str
+) -> tuple[ir.Tensor, ir.Tensor]:
+    """(the float tensor the dequantization writes, the integer tensor it reads).
+
+    The op writes ``<layer>.int_out``; with a bias Add folded in, the Add reads it and the int32
+    bias (``<layer>.bias_out``, docs/ascend.md: AscendDequant after the Add).
+    """
+    node = nodes[layer.node]
+    out = node.outputs[0]
+    acc = ir.make_variable(graph, f"{layer.node}.int_out", dtype=dtype)
+    node.outputs[0] = acc
+    if layer.bias_add is None:
+        return out, acc
+    assert layer.bias is not None
+    add = nodes[layer.bias_add]
+    k = 1 if add.inputs[0] is out else 0  # the bias constant's index
+    add.inputs[1 - k] = acc
+    add.inputs[k] = ir.make_constant(ir.unique_name(graph, f"{add.inputs[k].name}{suffix}"), layer.bias.astype(dtype))
+    out = add.outputs[0]
+    summed = ir.make_variable(graph, f"{layer.node}.bias_out", dtype=dtype)
+    add.outputs[0] = summed
+    return out, summed
+
+
 def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
     """Rewrite ``graph`` (standard ops, runs on onnxruntime) into AMCT's fake-quant form."""
     nodes = _nodes_by_name(graph)
@@ -99,11 +141,11 @@ def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
                     _reroute(reader, x, restored)
         node.inputs[0] = shared[key]
         ir.replace_constant(graph, node, 1, layer.codes.astype(np.float32), ".fake_quant")
-        if layer.bias is not None:
-            ir.replace_constant(graph, node, 2, layer.bias.astype(np.float32), ".fake_quant")
-        out = node.outputs[0]
-        acc = ir.make_variable(graph, f"{layer.node}.int_out", dtype=np.float32)
-        node.outputs[0] = acc
+        if layer.bias is not None and layer.bias_add is None:
+            _set_bias(
+                graph, node, ir.make_constant(_bias_name(graph, node, ".fake_quant"), layer.bias.astype(np.float32))
+            )
+        out, acc = _integer_output(graph, nodes, layer, np.float32, ".fake_quant")
         deq = ir.make_constant(
             ir.unique_name(graph, f"{layer.node}.dequant.scale"),
             layer.deq.reshape(_deq_shape(layer, layer.codes.ndim)) if layer.per_channel else layer.deq.reshape(()),
@@ -142,18 +184,16 @@ def emit_deploy(graph: ir.Graph, layers: list[AscendLayer]) -> None:
         if layer.wts_type == "INT4":
             codes = pack_int4(codes, int4_axis(layer.op, bool(node.attrs.get("transB", 0))))
         ir.replace_constant(graph, node, 1, codes.astype(np.int8), ".quant")
-        if layer.bias is not None:
-            bias = ir.make_constant(ir.unique_name(graph, f"{node.inputs[2].name}.quant"), layer.bias)
+        if layer.bias is not None and layer.bias_add is None:
+            bias = ir.make_constant(_bias_name(graph, node, ".quant"), layer.bias)
             if layer.wts_type == "INT4":  # AMCT's bias_quant Cast between the int32 bias and an INT4 op
                 cast = ir.make_variable(graph, f"{layer.node}.bias_quant.out", dtype=np.float32)
                 ir.make_node(
                     graph, "Cast", [bias], [cast], name=f"{layer.node}.bias_quant", attrs={"to": onnx.TensorProto.FLOAT}
                 )
-                node.inputs[2] = cast
+                _set_bias(graph, node, cast)
             else:
-                node.inputs[2] = bias
-        out = node.outputs[0]
-        acc = ir.make_variable(graph, f"{layer.node}.int_out", dtype=np.int32)
-        node.outputs[0] = acc
+                _set_bias(graph, node, bias)
+        out, acc = _integer_output(graph, nodes, layer, np.int32, ".quant")
         param = ir.make_constant(ir.unique_name(graph, f"{layer.node}.dequant.param"), pack_deq_scale(layer.deq))
         ir.make_node(graph, "AscendDequant", [acc, param], [out], name=f"{layer.node}.dequant", attrs={"dtype": 0})

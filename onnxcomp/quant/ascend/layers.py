@@ -7,15 +7,21 @@ weight into the factors that both the deploy model and the fake-quant model are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from onnxcomp import ir
 from onnxcomp.formats import IntegerFormat, get_format
 from onnxcomp.quant.ascend.packing import deq_scale
+from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.spec import Granularity, TensorSpec
 from onnxcomp.quant.weights import quantize_weight
+
+#: How a layer's weight is rounded on its Ascend grid: (weight, spec, layout, name) -> QuantizedWeight.
+WeightQuantizer = Callable[[np.ndarray, TensorSpec, ir.WeightLayout, str], QuantizedWeight]
 
 #: Ops this target quantizes (ATC also takes AveragePool, which onnxcomp leaves float).
 ASCEND_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -44,6 +50,8 @@ class AscendLayer:
     bias: np.ndarray | None  # int32 (C_out,) or None
     s19: bool = False
     balance: np.ndarray | None = None  # smoothing factors folded into this layer (tensor_balance_factor)
+    notes: dict[str, Any] = field(default_factory=dict)  # GPTQ / distill / bias correction: the JSON record's
+    bias_add: str | None = None  # a MatMul's bias Add, folded into the integer path (AscendDequant after it)
 
     @property
     def per_channel(self) -> bool:
@@ -109,6 +117,34 @@ def constraint_reason(graph: ir.Graph, node: ir.Node, weight: np.ndarray, act_ty
     return None
 
 
+def matmul_bias_add(graph: ir.Graph, node: ir.Node, wts_type: str) -> tuple[ir.Node, np.ndarray] | None:
+    """The Add after a MatMul that holds its bias, with the bias (N,), or None.
+
+    It must be the MatMul's only reader (not a graph output) and add a float32 constant of N
+    values along the last axis. AMCT then puts the bias into the integer path and the
+    AscendDequant after the Add (docs/ascend.md). Not for INT4 weights: AMCT's ``bias_quant``
+    Cast would make the Add mix int32 and float.
+    """
+    if node.op != "MatMul" or wts_type != "INT8":
+        return None
+    out = node.outputs[0]
+    users = ir.consumers(out)
+    if len(users) != 1 or users[0].op != "Add" or ir.is_graph_output(graph, out) or len(users[0].inputs) != 2:
+        return None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is out:
+        return None
+    value = ir.constant_value(other)
+    weight = ir.constant_value(node.inputs[1])
+    if value is None or weight is None or value.dtype != np.float32 or weight.ndim != 2:
+        return None
+    channels = weight.shape[1]
+    if value.size != channels or (value.ndim > 0 and value.shape[-1] != channels):
+        return None
+    return add, value.reshape(-1)
+
+
 def _int4_axis(node: ir.Node) -> int:
     if node.op == "Conv":
         return 1
@@ -125,6 +161,26 @@ def activation_qparams(act_type: str, lo: float, hi: float, symmetric: bool, nam
     return np.float32(np.asarray(scale).reshape(())), int(np.asarray(zp).reshape(()))
 
 
+def weight_spec(op: str, wspec: TensorSpec) -> TensorSpec:
+    """The weight spec ATC takes for ``op``: symmetric, per channel for convs, per tensor for Gemm/MatMul."""
+    per_channel = op in ("Conv", "ConvTranspose")
+    return TensorSpec(
+        "int4" if WEIGHT_TYPES[wspec.dtype] == "INT4" else "int8",
+        Granularity("channel" if per_channel else "tensor"),
+        True,
+        wspec.observer if wspec.observer in ("minmax", "mse") else "minmax",
+        wspec.observer_options if wspec.observer in ("minmax", "mse") else (),
+    )
+
+
+def layer_layout(node: ir.Node, weight: np.ndarray) -> ir.WeightLayout:
+    return ir.weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
+
+
+def _round_to_nearest(w: np.ndarray, spec: TensorSpec, layout: ir.WeightLayout, name: str) -> QuantizedWeight:
+    return quantize_weight(w, spec, layout, name)
+
+
 def make_layer(
     node: ir.Node,
     weight: np.ndarray,
@@ -132,20 +188,20 @@ def make_layer(
     act: tuple[str, np.float32, int],
     wspec: TensorSpec,
     s19: bool,
+    quantizer: WeightQuantizer = _round_to_nearest,
 ) -> AscendLayer | str:
-    """The layer's factors (symmetric weights: per channel for convs, per tensor for Gemm/MatMul), or why not."""
+    """The layer's factors (symmetric weights: per channel for convs, per tensor for Gemm/MatMul), or why not.
+
+    ``quantizer`` chooses the codes (and may choose the scales) on that grid: round to nearest by
+    default, GPTQ or a distilled weight from the pipeline; ATC needs offset_w = 0, so a result
+    with a non-zero zero point is refused.
+    """
     act_type, scale_d, offset_d = act
     wts_type = WEIGHT_TYPES[wspec.dtype]
-    layout = ir.weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
-    per_channel = node.op in ("Conv", "ConvTranspose")
-    spec = TensorSpec(
-        "int4" if wts_type == "INT4" else "int8",
-        Granularity("channel" if per_channel else "tensor"),
-        True,
-        wspec.observer if wspec.observer in ("minmax", "mse") else "minmax",
-        wspec.observer_options if wspec.observer in ("minmax", "mse") else (),
-    )
-    qw = quantize_weight(weight, spec, layout, node.inputs[1].name)
+    layout = layer_layout(node, weight)
+    qw = quantizer(weight, weight_spec(node.op, wspec), layout, node.inputs[1].name)
+    if qw.zero_point is not None and np.any(np.asarray(qw.zero_point).astype(np.int32) != 0):
+        return "the learned weight has a non-zero zero point: ATC needs symmetric weights (offset_w = 0)"
     codes = np.asarray(qw.codes).astype(np.int8)
     scale_w = np.asarray(qw.scale, dtype=np.float32).reshape(-1)
     layer = AscendLayer(
@@ -162,12 +218,20 @@ def make_layer(
         None,
         s19,
     )
+    if qw.algorithm is not None:
+        layer.notes["weights"] = qw.algorithm
     if bias is not None:
-        deq = layer.deq.astype(np.float64)
-        channels = weight.shape[layout.channel_axis]
-        q = np.round(np.asarray(bias, np.float64).reshape(-1) / np.broadcast_to(deq, (channels,)))
-        if np.any(np.abs(q) > INT32_MAX):
-            worst = float(np.abs(q).max())
-            return f"int32 bias overflow (|bias / deq| reaches {worst:.3g} > 2^31 - 1): add the layer to the skip list"
-        layer.bias = q.astype(np.int32)
+        q = bias_codes(np.asarray(bias, np.float64), layer.deq, weight.shape[layout.channel_axis])
+        if isinstance(q, str):
+            return q
+        layer.bias = q
     return layer
+
+
+def bias_codes(bias: np.ndarray, deq: np.ndarray, channels: int) -> np.ndarray | str:
+    """int32 round(bias / deq[c]) per output channel, or why it does not fit (AMCT's overflow error)."""
+    q = np.round(np.asarray(bias, np.float64).reshape(-1) / np.broadcast_to(deq.astype(np.float64), (channels,)))
+    if np.any(np.abs(q) > INT32_MAX):
+        worst = float(np.abs(q).max())
+        return f"int32 bias overflow (|bias / deq| reaches {worst:.3g} > 2^31 - 1): add the layer to the skip list"
+    return q.astype(np.int32)

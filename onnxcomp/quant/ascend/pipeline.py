@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxcomp import ir
 from onnxcomp.calibration.collect import collect_many
@@ -22,9 +23,11 @@ from onnxcomp.calibration.observers import make_observer
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.framework.manager import convert_opset
-from onnxcomp.quant.apply import ranges_from
+from onnxcomp.quant.apply import hessian_factories, hessians_from, ranges_from
 from onnxcomp.quant.ascend.balance import balance_factors, weight_snapshot
+from onnxcomp.quant.ascend.bias import correct_biases, output_means
 from onnxcomp.quant.ascend.emit import emit_deploy, emit_fake_quant
+from onnxcomp.quant.ascend.float16 import float16_to_float32, is_float16_model
 from onnxcomp.quant.ascend.layers import (
     ACTIVATION_TYPES,
     ASCEND_OPS,
@@ -33,11 +36,15 @@ from onnxcomp.quant.ascend.layers import (
     activation_qparams,
     constraint_reason,
     format_reason,
+    layer_layout,
     make_layer,
+    matmul_bias_add,
+    weight_spec,
 )
+from onnxcomp.quant.ascend.learned import Learner, weight_quantizer
 from onnxcomp.quant.ascend.record import record_text
 from onnxcomp.quant.plan import NodePlan, plan_nodes
-from onnxcomp.quant.spec import DEFAULT_OPS, QuantConfig, TensorSpec
+from onnxcomp.quant.spec import DEFAULT_OPS, NodeSpec, QuantConfig, TensorSpec
 
 #: The ai.onnx opsets ATC registers the Ascend ops for.
 MIN_OPSET, MAX_OPSET = 8, 22
@@ -50,28 +57,43 @@ class AscendOptions:
     int4: bool = False  # --ascend-int4: INT4 weights where the config asks for int4 (UNVERIFIED layout)
     s19: bool = False  # AMCT's FORCE_FP16_QUANT: deq factors truncated to 19 significant bits
     calib_batches: int | None = None
+    gptq: bool = False  # --weight-algorithm gptq: codes by GPTQ on the round-to-nearest grid
+    act_order: bool = False
+    gptq_damp: float = 0.01
+    gram_rows: int = 4096
+    bias_correction: str = "none"  # none | full | fast: moved into the int32 bias (onnxcomp/quant/ascend/bias.py)
+
+    @property
+    def gptq_settings(self) -> tuple[bool, float]:
+        return self.act_order, self.gptq_damp
 
     @classmethod
     def from_pass(cls, options: Any) -> AscendOptions:
         """From the quantize pass options; a one-line error for an option this target does not carry out."""
         unsupported = [
-            flag
-            for flag, used in (
-                ("--accuracy-target", options.accuracy_target is not None),
-                ("--sensitivity", options.sensitivity),
-                ("--weight-algorithm gptq", options.weight_algorithm == "gptq"),
-                ("--bias-correction", options.bias_correction != "none"),
-                ("--quantize-embeddings", options.embeddings not in ("none", None)),
-                ("--emit simulate", options.emit == "simulate"),
+            (flag, why)
+            for flag, used, why in (
+                (
+                    "--quantize-embeddings",
+                    options.embeddings not in ("none", None),
+                    "ATC quantizes no Gather tables",
+                ),
+                ("--emit simulate", options.emit == "simulate", "OUT.fake_quant.onnx is the simulation"),
             )
             if used
         ]
         if unsupported:
-            raise ConfigError(
-                f"--target ascend does not support {', '.join(unsupported)} yet; drop it "
-                "(the fake-quant model OUT.fake_quant.onnx is the simulation)"
-            )
-        return cls(int4=options.ascend_int4, calib_batches=options.calib_batches)
+            flags = ", ".join(flag for flag, _ in unsupported)
+            raise ConfigError(f"--target ascend does not support {flags} ({unsupported[0][1]}); drop it")
+        return cls(
+            int4=options.ascend_int4,
+            calib_batches=options.calib_batches,
+            gptq=options.weight_algorithm == "gptq",
+            act_order=options.act_order,
+            gptq_damp=options.gptq_damp,
+            gram_rows=options.gram_rows,
+            bias_correction=options.bias_correction,
+        )
 
 
 def check_formats(config: QuantConfig, int4: bool) -> None:
@@ -109,13 +131,31 @@ def _name_nodes(graph: ir.Graph) -> int:
     return changed
 
 
+def _replace(graph: ir.Graph, model: onnx.ModelProto) -> None:
+    """``graph`` becomes ``model``'s graph in place (the pass manager holds this graph object)."""
+    converted = ir.import_model(model)
+    graph.__dict__.clear()
+    graph.__dict__.update(converted.__dict__)
+
+
 def _convert_down(graph: ir.Graph, template: Any) -> None:
     """Rewrite ``graph`` in place at opset 22 (onnx's version converter; its error says to re-export)."""
     why = f"ATC registers the Ascend ops for ai.onnx opsets {MIN_OPSET}..{MAX_OPSET}"
-    converted = ir.import_model(convert_opset(ir.export_model(graph, template), MAX_OPSET, why))
-    # the pass manager holds this graph object: it takes over the converted graph's state
-    graph.__dict__.clear()
-    graph.__dict__.update(converted.__dict__)
+    _replace(graph, convert_opset(ir.export_model(graph, template), MAX_OPSET, why))
+
+
+def _float16_to_float32(graph: ir.Graph, template: Any, result: PassResult) -> None:
+    """A float16 model computes in float32 from here on (onnxcomp/quant/ascend/float16.py), or a one-line error."""
+    model = ir.export_model(graph, template)
+    if not is_float16_model(model):
+        return
+    converted = float16_to_float32(model)
+    if isinstance(converted, str):
+        raise ConfigError(f"--target ascend: {converted}")
+    _replace(graph, converted)
+    result.notes.append(
+        "float16 model: computed in float32 (what ATC takes), float16 inputs and outputs kept through Casts"
+    )
 
 
 def _act_spec(spec: TensorSpec) -> TensorSpec:
@@ -124,11 +164,21 @@ def _act_spec(spec: TensorSpec) -> TensorSpec:
     return TensorSpec(dtype, spec.granularity, spec.symmetric, spec.observer, spec.observer_options)
 
 
-def _bias(plan: NodePlan) -> np.ndarray | None:
+def _bias(graph: ir.Graph, plan: NodePlan, wts_type: str) -> tuple[np.ndarray | None, str | None]:
+    """The layer's float bias (input 2, or a MatMul's bias Add) and the name of that Add, if any."""
+    add = matmul_bias_add(graph, plan.node, wts_type)
+    if add is not None:
+        return np.asarray(add[1], np.float64), add[0].name
     if plan.bias_index is None:
-        return None
+        return None, None
     value = ir.constant_value(plan.node.inputs[plan.bias_index])
-    return None if value is None else np.asarray(value, np.float64)
+    return (None if value is None else np.asarray(value, np.float64)), None
+
+
+def _measured(graph: ir.Graph, plan: NodePlan, wts_type: str) -> str:
+    """The tensor whose channel means bias correction compares: the layer's output, or its bias Add's."""
+    add = matmul_bias_add(graph, plan.node, wts_type)
+    return str((add[0] if add is not None else plan.node).outputs[0].name)
 
 
 def ascend_quantize(
@@ -138,11 +188,16 @@ def ascend_quantize(
     options: AscendOptions,
     result: PassResult,
     migrate: Callable[[], dict[str, list[dict[str, Any]]]] | None = None,
+    learn: Learner | None = None,
+    collect: Callable[[Any, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]] | None = None,
 ) -> list[AscendLayer]:
     """Quantize ``graph`` for ATC: rewrite it into the fake-quant model, put the deploy model and record in ``ctx``.
 
     ``migrate`` runs the quantizer's scale migration (equalization, SmoothQuant) on ``graph``
     after the opset check; the SmoothQuant factors go to the record's ``tensor_balance_factor``.
+    ``learn`` (the ``distill`` pass) learns weights, scales and biases on the Ascend grid first;
+    GPTQ and bias correction come from ``options``. ``collect`` gathers the calibration statistics
+    (the pass's, which reuses them across the candidates of an accuracy search; default one pass).
     """
     opset = ir.default_opset(graph)
     if opset > MAX_OPSET:
@@ -151,6 +206,8 @@ def ascend_quantize(
         _convert_down(graph, ctx.source_model)
         result.notes.append(f"converted opset {opset} -> {MAX_OPSET} (ATC registers the Ascend ops for 8..22)")
     check_formats(config, options.int4)
+    if ctx.source_model is not None:
+        _float16_to_float32(graph, ctx.source_model, result)
     renamed = _name_nodes(graph)
     if renamed:
         result.notes.append(f"named {renamed} unnamed or duplicate-named nodes (the record is keyed by node name)")
@@ -181,6 +238,19 @@ def ascend_quantize(
     if not accepted:
         result.notes.append("no node to quantize for ATC")
         return []
+    # read off the weights before distillation rewrites any bias (balance_factors solves through the bias ratio)
+    balance = {
+        plan.node.name: balance_factors(plan.node, before[plan.node.name])
+        for plan, _, _ in accepted
+        if plan.node.name in smoothed and plan.node.name in before
+    }
+    ascend_plans = [
+        replace(
+            plan, spec=NodeSpec(weight_spec(plan.node.op, plan.spec.weights), act), layout=layer_layout(plan.node, w)
+        )
+        for plan, act, w in accepted
+        if plan.spec.weights is not None
+    ]
     static: dict[str, TensorSpec] = {}
     for plan, act, _ in accepted:
         static.setdefault(plan.node.inputs[0].name, act)
@@ -188,40 +258,82 @@ def ascend_quantize(
         raise CalibrationError(
             "--target ascend: static INT8/INT16 activations need calibration data: pass --calib DATA"
         )
-    factories = {
-        name: partial(make_observer, spec.observer, **{k: v for k, v in spec.options().items() if k == "num_bins"})
-        for name, spec in static.items()
+    float_graph = ir.import_model(ir.export_model(graph, ctx.source_model))  # the float layers, by the same names
+    ir.finalize(float_graph)
+    float_model = ir.export_model(float_graph, ctx.source_model)
+    wanted: dict[str, dict[str, Any]] = {
+        "ranges": {
+            name: partial(make_observer, spec.observer, **{k: v for k, v in spec.options().items() if k == "num_bins"})
+            for name, spec in static.items()
+        },
+        "hessians": hessian_factories(ascend_plans, options.gram_rows, ctx.rng) if options.gptq else {},
+        "means": output_means(
+            [
+                (_measured(graph, p, WEIGHT_TYPES[p.spec.weights.dtype]), p.node.op)
+                for p in ascend_plans
+                if p.spec.weights
+            ]
+        )
+        if options.bias_correction != "none"
+        else {},
     }
-    float_model = ir.export_model(graph, ctx.source_model)
-    stats = collect_many(
-        float_model, {"ranges": factories}, ctx.calibration(), options.calib_batches, ctx.progress.enabled
-    )
+    if collect is None:
+        stats = collect_many(float_model, wanted, ctx.calibration(), options.calib_batches, ctx.progress.enabled)
+    else:
+        stats = collect(float_model, wanted)
     ranges = ranges_from(static, stats["ranges"])
+    hessians = hessians_from(stats["hessians"])
+    learned, learn_notes = learn(graph, ascend_plans, ranges, float_model, ctx, {}) if learn is not None else ({}, {})
     layers: list[AscendLayer] = []
     for plan, act, weight in accepted:
         name = plan.node.inputs[0].name
         act_type = ACTIVATION_TYPES[act.dtype]
         scale_d, offset_d = activation_qparams(act_type, *ranges[name], act.symmetric, name)
         assert plan.spec.weights is not None
+        quantizer = weight_quantizer(plan.node.name, options.gptq_settings, hessians, learned)
+        bias, bias_add = _bias(graph, plan, WEIGHT_TYPES[plan.spec.weights.dtype])
         layer = make_layer(
-            plan.node, weight, _bias(plan), (act_type, scale_d, offset_d), plan.spec.weights, options.s19
+            plan.node, weight, bias, (act_type, scale_d, offset_d), plan.spec.weights, options.s19, quantizer
         )
         if isinstance(layer, str):
             result.declined.append((plan.node.name, layer))
             continue
-        if plan.node.name in smoothed and plan.node.name in before:
-            layer.balance = balance_factors(plan.node, before[plan.node.name])
+        layer.bias_add = bias_add
+        layer.balance = balance.get(plan.node.name)
+        if plan.node.name in learn_notes:
+            layer.notes["distill"] = learn_notes[plan.node.name]
         layers.append(layer)
     if not layers:
         return []
+    if options.bias_correction != "none":
+        done = correct_biases(
+            float_graph,
+            float_model,
+            layers,
+            stats["means"],
+            ctx.calibration,
+            options.bias_correction,
+            options.calib_batches,
+            ctx.progress.enabled,
+        )
+        for layer in layers:
+            layer.notes["bias_correction"] = done[layer.node]
+        result.stats["bias_corrected"] = sum("site" in entry for entry in done.values())
+    if learned:
+        result.stats["distilled"] = len(learned)
+    if options.gptq:
+        result.stats["gptq"] = sum(layer.node in hessians for layer in layers)
     deploy = ir.import_model(float_model)
     emit_deploy(deploy, layers)
     ir.finalize(deploy)
     ctx.artifacts[DEPLOY_KEY] = ir.export_model(deploy, ctx.source_model)
     emit_fake_quant(graph, layers)
     ctx.artifacts[RECORD_KEY] = record_text(layers)
-    ctx.set_record("quant", layer_entries(layers))
-    result.data.update(deploy_model=ctx.artifacts[DEPLOY_KEY], record=ctx.artifacts[RECORD_KEY], layers=layers)
+    entries = layer_entries(layers)  # one list: what the accuracy search attaches to it lands in the JSON record
+    ctx.set_record("quant", entries)
+    result.data.update(
+        deploy_model=ctx.artifacts[DEPLOY_KEY], record=entries, record_text=ctx.artifacts[RECORD_KEY], layers=layers
+    )
     result.modified = True
     result.changed += [layer.node for layer in layers]
     for layer in layers:
@@ -243,6 +355,7 @@ def layer_entries(layers: list[AscendLayer]) -> list[dict[str, Any]]:
             "offset_d": layer.offset_d,
             "scale_w": [float(s) for s in layer.scale_w],
             "bias_int32": layer.bias is not None,
+            **layer.notes,
         }
         for layer in layers
     ]
