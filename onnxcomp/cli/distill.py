@@ -31,10 +31,27 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     learn.add_argument("--no-learn-scales", action="store_true", help="keep the observer's weight scales")
     learn.add_argument("--no-learn-bias", action="store_true", help="keep the float biases")
     learn.add_argument(
+        "--learn-ranges",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="learn each block input's activation clipping range (static activations)",
+    )
+    learn.add_argument(
+        "--balance-channels",
+        action="store_true",
+        help="weight each output channel's error by 1 / its teacher energy",
+    )
+    learn.add_argument(
         "--teacher-input",
         action="store_true",
         help="feed each block the float model's input (default: the already-distilled student's)",
     )
+
+
+def _optional_learning(args: argparse.Namespace) -> dict[str, bool]:
+    """The learning switches given on the command line (unset ones keep the pass defaults)."""
+    given = {"learn_ranges": args.learn_ranges, "balance_channels": args.balance_channels or None}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @command("distill", "quantization with rounding, scales and biases learned layer by layer (no labels)", _distill_args)
@@ -51,6 +68,7 @@ def _distill(args: argparse.Namespace) -> int:
         learn_scales=False if args.no_learn_scales else None,
         learn_bias=False if args.no_learn_bias else None,
         teacher_input=args.teacher_input or None,
+        **_optional_learning(args),
         **quantize_flag_kwargs(args),
         **run_kwargs(args),
     )

@@ -44,6 +44,8 @@ class Distill(Quantize):
         learn_rounding: bool = True
         learn_scales: bool = True
         learn_bias: bool = True
+        learn_ranges: bool = False  # each block input's clipping range (static activations)
+        balance_channels: bool = False  # weight each output channel's error by 1 / its energy
         teacher_input: bool = False  # feed each block the teacher's input instead of the student's
         memory_mb: int = 1024  # collected tensors beyond this go to a memory-mapped temporary file
 
@@ -69,7 +71,17 @@ class Distill(Quantize):
         if ctx.calibration is None or float_model is None:
             raise CalibrationError("distill needs calibration data (unlabelled inputs): pass --calib DATA")
         o = self.options
-        settings = Settings(o.iters, o.lr, o.batch_rows, o.round_weight, o.learn_rounding, o.learn_scales, o.learn_bias)
+        settings = Settings(
+            o.iters,
+            o.lr,
+            o.batch_rows,
+            o.round_weight,
+            o.learn_rounding,
+            o.learn_scales,
+            o.learn_bias,
+            o.learn_ranges,
+            o.balance_channels,
+        )
         outcome = distill_plans(
             graph,
             plans,
@@ -83,4 +95,5 @@ class Distill(Quantize):
             teacher_input=o.teacher_input,
             memory_mb=o.memory_mb,
         )
+        ranges.update(outcome.ranges)  # the emitters write the learned clipping ranges
         return outcome.learned, outcome.entries

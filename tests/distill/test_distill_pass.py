@@ -218,16 +218,27 @@ def test_conv_transpose_block_end_to_end(tmp_path: Path) -> None:
     np.testing.assert_allclose(deployed, simulated, rtol=1e-5, atol=1e-5 * np.abs(simulated).max())
 
 
-def test_table_storage_keeps_round_to_nearest_with_a_reason() -> None:
-    """FP4 as uint4 codes + table: every block is declined, and the output is exactly quantize's."""
-    calib = {"x": np.random.default_rng(5).standard_normal((8, 8, 64)).astype(np.float32)}
-    kw = {"weights": "fp4_e2m1", "activations": "none", "fp4_storage": "uint4_lut", "calibration": calib}
-    kw.update(weight_only_format="dq", reports=False)
-    report = distill(_encoder(), iters=5, **kw)
-    entries = [e["distill"] for e in report.result("distill").data["record"]]
-    assert entries and all(d["kept"] == "rtn" and "storage 'lut_dq'" in d["reason"] for d in entries)
-    rtn = quantize(_encoder(), **kw).model
-    assert rtn.SerializeToString(deterministic=True) == report.model.SerializeToString(deterministic=True)
+@pytest.mark.parametrize(
+    "storage", [{"fp4_storage": "uint4_lut"}, {"scale_format": "fp8_e4m3", "granularity": "group:16"}], ids=str
+)
+def test_table_and_two_level_storages_end_to_end(tmp_path: Path, storage: dict[str, str]) -> None:
+    """FP4 as uint4 codes + table, and two-level FP4 scales: distilled in their own storage (better
+    than round-to-nearest on held-out data; the deployed model equals the simulation model)."""
+    rng = np.random.default_rng(5)
+    calib = {"x": rng.standard_normal((16, 8, 64)).astype(np.float32)}
+    held = {"x": rng.standard_normal((16, 8, 64)).astype(np.float32)}
+    model = _encoder()
+    ref = run_model(model, held, level="disable")[0]
+    kw = {"weights": "fp4_e2m1", "activations": "none", "calibration": calib, "weight_only_format": "dq", **storage}
+    out, sim = tmp_path / "d.onnx", tmp_path / "sim.onnx"
+    report = distill(model, out, simulation_output=sim, **kw, **FAST)
+    record = report.result("distill").data["record"]
+    assert record and all(e["distill"]["kept"] == "distilled" for e in record), [e["distill"] for e in record]
+    rtn = quantize(model, **kw, reports=False).model
+    assert _rel_err(report.model, ref, held) < _rel_err(rtn, ref, held)  # held-out data, the whole model
+    deployed = run_model(onnx.load(str(out)), held, level="disable")[0]
+    simulated = run_model(onnx.load(str(sim)), held, level="disable")[0]
+    np.testing.assert_allclose(deployed, simulated, rtol=1e-5, atol=1e-5 * np.abs(simulated).max())
 
 
 def test_hif8_weights_and_activations(tmp_path: Path) -> None:

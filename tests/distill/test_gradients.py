@@ -8,10 +8,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxcomp import ir
-from onnxcomp.quant.distill.block import Tail, backward, forward
+from onnxcomp.quant.distill.block import Tail, backward, backward_input, forward
+from onnxcomp.quant.distill.clip import InputQuantizer
 from onnxcomp.quant.distill.grid import grid_weight
 from onnxcomp.quant.distill.rows import Layer, RowSource, layer_of
-from onnxcomp.quant.distill.train import loss_and_grads
+from onnxcomp.quant.distill.train import channel_weights_of, loss_and_grads
 from onnxcomp.quant.spec import Granularity, TensorSpec
 from onnxcomp.quant.weights import quantize_weight
 from onnxcomp.runtime import ort_session
@@ -161,11 +162,102 @@ def test_rounding_and_scale_gradients_match_finite_differences(dtype: str, granu
     log_scale = np.random.default_rng(5).normal(0, 0.05, np.shape(gw.scale0))
     bias = np.linspace(-0.1, 0.1, layer.out_channels)
     tails = [Tail("Relu")]
-    _, grad_v, grad_log, grad_bias = loss_and_grads(gw, v, log_scale, bias, rows, target, layer, tails, 1.0)
+    _, grad_v, grad_log, grad_bias, _ = loss_and_grads(gw, v, log_scale, bias, rows, target, layer, tails, 1.0)
 
     def loss() -> float:
         return loss_and_grads(gw, v, log_scale, bias, rows, target, layer, tails, 1.0)[0]
 
+    np.testing.assert_allclose(grad_v, _numeric(loss, v), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(grad_log, _numeric(loss, log_scale), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(grad_bias, _numeric(loss, bias), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+def test_input_gradient_matches_finite_differences(case: str) -> None:
+    """d loss / d input rows (what the learned input range's gradient flows through), every layer kind."""
+    layer, x, w, y = _layer(case)
+    source = RowSource(layer, x)
+    index = np.random.default_rng(6).integers(0, source.count, 6)
+    rows = np.ascontiguousarray(source.rows(index), np.float64)  # _numeric perturbs it in place
+    target = source.targets(y, index).astype(np.float64) * 0.5
+    matrix = layer.to_matrix(w.astype(np.float64))
+    bias, tails = np.linspace(-0.3, 0.3, layer.out_channels), [Tail("HardSwish"), Tail("Clip", (-0.2, 2.0))]
+
+    def loss() -> float:
+        out, _ = forward(rows, matrix, bias, tails)
+        return float(np.sum((out - target) ** 2))
+
+    out, slopes = forward(rows, matrix, bias, tails)
+    np.testing.assert_allclose(
+        backward_input(2 * (out - target), slopes, matrix), _numeric(loss, rows), rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype,symmetric", [("uint8", False), ("int8", True), ("fp8_e4m3", True)])
+def test_input_range_gradient_matches_finite_differences(dtype: str, symmetric: bool) -> None:
+    """LSQ's gradient of the input range's log-gain, through a Conv and its tail.
+
+    The straight-through estimator is the exact derivative of the quantizer with its rounding
+    error frozen and scaled with the step (LSQ's model): ``x + e g`` inside the representable
+    interval, the clipped end ``x' g`` outside. Finite differences of the loss through that
+    surrogate must equal what ``loss_and_grads`` returns; on clipped elements the surrogate is
+    the quantizer itself, checked too.
+    """
+    layer, x, w, y = _layer("conv3x3_stride2_pad")
+    x = x * 2.0  # some inputs beyond the range: clipped elements
+    source = RowSource(layer, x)
+    rows = source.rows(np.arange(source.count)[:24]).astype(np.float64)
+    target = source.targets(y, np.arange(source.count)[:24]).astype(np.float64)
+    spec = TensorSpec("int4", Granularity("channel", 0), True, "minmax")
+    qw = quantize_weight(w, spec, ir.weight_layout("Conv", 4))
+    gw = grid_weight(w, qw)
+    assert not isinstance(gw, str)
+    v, log_scale = gw.initial_v().astype(np.float64), np.zeros(np.shape(gw.scale0))
+    iq = InputQuantizer(dtype, -2.5 if not symmetric else -3.0, 3.0, symmetric, learn=True)
+    a0 = 0.07
+    xq, d_x, d_gain = iq.fake_and_grads(rows, a0)
+    clipped = d_x == 0
+    assert 0 < clipped.mean() < 0.5
+    np.testing.assert_allclose(d_gain, np.where(clipped, xq, xq - rows), rtol=1e-6, atol=1e-6)
+    eps = 1e-4
+    numeric_clip = (iq.fake(rows, a0 + eps) - iq.fake(rows, a0 - eps)) / (2 * eps)
+    np.testing.assert_allclose(numeric_clip[clipped], d_gain[clipped], rtol=2e-3, atol=1e-5)
+    weights = channel_weights_of(target)
+    tails = [Tail("Relu")]
+
+    def loss_at(a: float) -> float:
+        g = np.exp(a - a0)
+        rows_a = np.where(clipped, xq * g, rows + (xq - rows) * g)
+        return loss_and_grads(gw, v, log_scale, None, rows_a, target, layer, tails, 1.0, weights)[0]
+
+    got = loss_and_grads(
+        gw, v, log_scale, None, xq.astype(np.float64), target, layer, tails, 1.0, weights, (d_x, d_gain)
+    )
+    numeric = (loss_at(a0 + 1e-6) - loss_at(a0 - 1e-6)) / 2e-6
+    assert got[4] == pytest.approx(numeric, rel=1e-4)
+
+
+def test_channel_weighted_loss_gradients_match_finite_differences() -> None:
+    layer, x, w, y = _layer("conv_grouped_dilated")
+    source = RowSource(layer, x)
+    index = np.arange(min(source.count, 20))
+    rows, target = source.rows(index).astype(np.float64), source.targets(y, index).astype(np.float64)
+    target[:, 0] *= 0.01  # a quiet channel: weighted 100x more than the others
+    weights = channel_weights_of(target)
+    assert weights.mean() == pytest.approx(1.0) and weights[0] > 10 * np.median(weights)
+    spec = TensorSpec("int4", Granularity("channel", 0), True, "minmax")
+    gw = grid_weight(w, quantize_weight(w, spec, ir.weight_layout("Conv", 4)))
+    assert not isinstance(gw, str)
+    v = np.random.default_rng(7).normal(0, 1, gw.shape)
+    log_scale = np.random.default_rng(8).normal(0, 0.05, np.shape(gw.scale0))
+    bias = np.linspace(-0.1, 0.1, layer.out_channels)
+
+    def loss() -> float:
+        return loss_and_grads(gw, v, log_scale, bias, rows, target, layer, [Tail("Tanh")], 1.0, weights)[0]
+
+    _, grad_v, grad_log, grad_bias, _ = loss_and_grads(
+        gw, v, log_scale, bias, rows, target, layer, [Tail("Tanh")], 1.0, weights
+    )
     np.testing.assert_allclose(grad_v, _numeric(loss, v), rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(grad_log, _numeric(loss, log_scale), rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(grad_bias, _numeric(loss, bias), rtol=1e-4, atol=1e-8)

@@ -145,3 +145,57 @@ def test_cli_distill_writes_model_and_record(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert out.exists() and (tmp_path / "d.quant_record.json").exists()
     assert "distilled" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "dtype,scale_format,fp4_storage",
+    [
+        ("fp4_e2m1", None, "uint4_lut"),
+        ("mxfp4", None, "uint4_lut"),
+        ("fp4_e2m1", "fp8_e4m3", "int8"),
+        ("fp4_e1m2", "fp8_e4m3", "int8"),
+    ],
+)
+@pytest.mark.parametrize("real", [False, True])
+def test_table_and_two_level_storages_are_distilled(
+    dtype: str, scale_format: str | None, fp4_storage: str, real: bool
+) -> None:
+    """FP4 as uint4 codes + int8 table, and two-level FP4 (FP8 group scales x float32 channel scales):
+    learned in the storage's own integers, error <= RTN, codes of the storage, and (two-level) the
+    stored scales untouched."""
+    layer, w, bias, x, tails = _case(real, 2)
+    source = RowSource(layer, x)
+    every = np.arange(source.count)
+    target_rows, _ = forward(source.rows(every).astype(np.float64), layer.to_matrix(w.astype(np.float64)), bias, tails)
+    target = source.assemble(target_rows.astype(np.float32), x.shape[0])
+    spec = TensorSpec(dtype, Granularity("group", 16 if real else 32), True, "minmax", scale_format=scale_format)
+    qw = quantize_weight(w, spec, ir.weight_layout(layer.op, w.ndim, layer.transposed_weight), "w", fp4_storage)
+    assert qw.storage == ("dq2" if scale_format else "lut_dq")
+    gw = grid_weight(w, qw)
+    assert not isinstance(gw, str), gw
+    assert gw.learn_scale is False if scale_format or dtype.startswith("mx") else gw.learn_scale
+    learned = learn_block(
+        source,
+        target,
+        layer,
+        gw,
+        bias.astype(np.float64),
+        tails,
+        Settings(iters=150, batch_rows=512),
+        np.random.default_rng(0),
+    )
+    assert learned.kept == "distilled"
+    assert learned.error_after < 0.9 * learned.error_before
+    deployed = gw.to_quantized(learned.codes, learned.log_scale, {"name": "distill"})
+    assert deployed.codes.dtype == qw.codes.dtype and deployed.storage == qw.storage
+    after = block_error(source, target, layer, deployed.dequantized, learned.bias, tails, every)
+    assert after == pytest.approx(learned.error_after, rel=1e-5)
+    # the stored codes read back (through the storage's own decoding) as the deployed weight
+    again = grid_weight(deployed.dequantized, deployed)
+    assert not isinstance(again, str), again
+    np.testing.assert_array_equal(again.rtn, learned.codes)
+    if scale_format:
+        np.testing.assert_array_equal(deployed.scale, qw.scale)
+        np.testing.assert_array_equal(
+            np.asarray(deployed.group_scale_codes).view(np.uint8), np.asarray(qw.group_scale_codes).view(np.uint8)
+        )

@@ -169,3 +169,18 @@ def backward(
         per_group = g.reshape(g.shape[0], groups, -1)
         grad_matrix = np.einsum("pgo,pgk->gok", per_group, rows, optimize=True)
     return grad_matrix, grad_bias
+
+
+def backward_input(grad_out: np.ndarray, slopes: list[np.ndarray], matrix: np.ndarray) -> np.ndarray:
+    """d loss / d input rows ``(P, groups, K)`` from d loss / d block output (for a learned input quantizer)."""
+    g = grad_out
+    for d in reversed(slopes):
+        g = g * d
+    matrix = matrix.astype(g.dtype, copy=False)
+    groups = matrix.shape[0]
+    if groups == 1:
+        return (g @ matrix[0])[:, None, :]
+    if matrix.shape[1] == 1:  # depthwise
+        return g[:, :, None] * matrix[:, 0, :][None]
+    per_group = g.reshape(g.shape[0], groups, -1)
+    return np.einsum("pgo,gok->pgk", per_group, matrix, optimize=True)

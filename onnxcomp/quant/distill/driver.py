@@ -5,8 +5,9 @@ or the teacher's input with ``teacher_input``) and the teacher's tensor at the b
 collected with onnxruntime over the calibration data (in memory up to ``memory_mb``, then in a
 memory-mapped temporary file), the block is learned (:mod:`onnxcomp.quant.distill.train`), and
 the learned weight goes back as a :class:`QuantizedWeight` in the quantizer's own storage, for the
-quantizer's emitters. The static activation quantization of the block's input is simulated with
-the calibrated range; earlier blocks' activation quantization is not (their weights are).
+quantizer's emitters. The student is the deployed computation: earlier blocks' learned weights
+and every static activation quantizer (:mod:`onnxcomp.quant.distill.student`); the block's own
+input quantizer is simulated in numpy with the calibrated range.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from onnxcomp import ir
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
 from onnxcomp.framework.base import PassContext
 from onnxcomp.quant.distill.block import Block, find_tail
+from onnxcomp.quant.distill.clip import InputQuantizer
 from onnxcomp.quant.distill.grid import GridWeight, grid_weight
 from onnxcomp.quant.distill.rows import RowSource, layer_of
+from onnxcomp.quant.distill.student import student_model
 from onnxcomp.quant.distill.train import Learned, Settings, learn_block
-from onnxcomp.quant.emit import activation_qparams
 from onnxcomp.quant.plan import NodePlan
-from onnxcomp.quant.qparams import dequantize, quantize
 from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.weights import quantize_weight
 from onnxcomp.runtime import TensorRunner
@@ -44,6 +45,7 @@ class Outcome:
 
     learned: dict[str, QuantizedWeight] = field(default_factory=dict)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # learned activation ranges
 
 
 class _Stash:
@@ -97,25 +99,19 @@ def _collect(
 
 
 def _input_quantizer(
-    plan: NodePlan, ranges: Mapping[str, tuple[float, float]]
-) -> Callable[[np.ndarray], np.ndarray] | str:
-    """The fake quantization of the block's input the deployed model applies, or why none is simulated."""
+    plan: NodePlan, ranges: Mapping[str, tuple[float, float]], learn: bool
+) -> InputQuantizer | str | None:
+    """The block input's static quantizer (None: float activations), or why it is not simulated."""
     a = plan.spec.activations
     if a is None:
-        return lambda x: x
+        return None
     x = plan.node.inputs[0].name
     if a.granularity.kind != "tensor" or x not in ranges:
         return f"{a.granularity.kind} {a.dtype} activations are not simulated (the block input is float)"
-    fmt = get_format(a.dtype)
-    if not isinstance(fmt, (IntegerFormat, ElementFormat)):
+    if not isinstance(get_format(a.dtype), (IntegerFormat, ElementFormat)):
         return f"{a.dtype} activations are not simulated"
     lo, hi = ranges[x]
-    scale, zp = activation_qparams(a.dtype, lo, hi, a.symmetric)
-
-    def fake(v: np.ndarray) -> np.ndarray:
-        return dequantize(fmt, quantize(fmt, np.asarray(v, np.float32), scale, zp), scale, zp)
-
-    return fake
+    return InputQuantizer(a.dtype, float(lo), float(hi), a.symmetric, learn)
 
 
 def _prepare(
@@ -188,8 +184,14 @@ def distill_plans(
     teacher = ir.import_model(float_model)
     ir.finalize(teacher)
     float_model = ir.export_model(teacher, float_model)
-    student = onnx.ModelProto()
-    student.CopyFrom(float_model)
+    # the deployed model's activation quantizers (rebuilt when a block learns its input's range);
+    # ``weighted``: the float model with every learned weight and bias so far
+    weighted = onnx.ModelProto()
+    weighted.CopyFrom(float_model)
+    local_ranges = dict(ranges)
+    student, float_tensors = (weighted, []) if teacher_input else student_model(weighted, plans, local_ranges)
+    stale = False  # a learned range is not in ``student`` yet
+    fixed: set[str] = set()  # inputs an earlier block learned on: their range stays
     prepared: list[tuple[NodePlan, tuple[Block, GridWeight, np.ndarray | None] | str]] = []
     for plan in plans:
         if plan.spec.weights is None or plan.weight_index is None:
@@ -214,7 +216,10 @@ def distill_plans(
         for plan, ready in prepared:
             node = plan.node
             w_name = node.inputs[plan.weight_index or 0].name
-            fake = _input_quantizer(plan, ranges)
+            x_name = node.inputs[0].name
+            learn_range = settings.learn_ranges and x_name not in fixed and len(ir.consumers(node.inputs[0])) == 1
+            quantizer = _input_quantizer(plan, local_ranges, learn_range)
+            fixed.add(x_name)
             if isinstance(ready, str):
                 outcome.entries[node.name] = {"kept": "rtn", "reason": ready}
                 continue
@@ -223,6 +228,9 @@ def distill_plans(
             if teacher_input:
                 x = teacher_tensors[block.input_name]
             else:
+                if stale:
+                    student, _ = student_model(weighted, plans, local_ranges)
+                    stale = False
                 left = [max(budget[0], 0)]  # what the teacher's tensors left; freed with this block's input
 
                 def student_stash(left: list[int] = left) -> _Stash:
@@ -231,25 +239,40 @@ def distill_plans(
                 x = _collect(student, [block.input_name], ctx.calibration, calib_batches, student_stash)[
                     block.input_name
                 ]
-            if not isinstance(fake, str):
-                x = fake(x)
-            learned = _learn(block, gw, bias0, x, target, settings, ctx)
-            entry = _entry(block, learned, settings, fake if isinstance(fake, str) else None)
+            iq = quantizer if isinstance(quantizer, InputQuantizer) else None
+            if iq is not None and not iq.learn:
+                x, iq = iq.fake(np.asarray(x)), None  # once on the tensor (cheaper than on every sampled row)
+            learned = _learn(block, gw, bias0, x, target, settings, ctx, iq)
+            entry = _entry(block, learned, settings, quantizer if isinstance(quantizer, str) else None)
+            if float_tensors:
+                entry["float_activations"] = len(float_tensors)  # earlier quantizers the student could not simulate
             outcome.entries[node.name] = entry
-            if learned.kept == "distilled":
-                outcome.learned[node.name] = gw.to_quantized(
-                    learned.codes, learned.log_scale, {"name": "distill", **_summary(entry)}
-                )
-                if not _set_initializer(student, w_name, outcome.learned[node.name].dequantized):
+            if learned.kept != "distilled":
+                continue
+            outcome.learned[node.name] = gw.to_quantized(
+                learned.codes, learned.log_scale, {"name": "distill", **_summary(entry)}
+            )
+            if iq is not None and learned.log_gain != 0.0:
+                new_range = iq.learned_range(learned.log_gain)
+                entry["input_range"] = {
+                    "tensor": x_name,
+                    "calibrated": list(local_ranges[x_name]),
+                    "learned": list(new_range),
+                }
+                local_ranges[x_name] = outcome.ranges[x_name] = new_range
+                stale = True
+            for target_model in {id(weighted): weighted, id(student): student}.values():
+                if not _set_initializer(target_model, w_name, outcome.learned[node.name].dequantized):
                     entry["student"] = "its weight is no initializer of the float model: later blocks see it in float"
-                if block.bias_owner is not None and learned.bias is not None:
-                    owner, k = block.bias_owner
-                    bias_name = owner.inputs[k].name
-                    old = ir.constant_value(owner.inputs[k])
-                    assert old is not None
-                    new_bias = learned.bias.astype(np.float32).reshape(old.shape)
-                    ir.write_input(graph, owner, k, new_bias)
-                    _set_initializer(student, bias_name, new_bias)
+            if block.bias_owner is not None and learned.bias is not None:
+                owner, k = block.bias_owner
+                bias_name = owner.inputs[k].name
+                old = ir.constant_value(owner.inputs[k])
+                assert old is not None
+                new_bias = learned.bias.astype(np.float32).reshape(old.shape)
+                ir.write_input(graph, owner, k, new_bias)
+                for target_model in {id(weighted): weighted, id(student): student}.values():
+                    _set_initializer(target_model, bias_name, new_bias)
     return outcome
 
 
@@ -261,6 +284,7 @@ def _learn(
     target: np.ndarray,
     settings: Settings,
     ctx: PassContext,
+    input_quant: InputQuantizer | None,
 ) -> Learned:
     source = RowSource(block.layer, np.asarray(x))
     with ctx.progress(settings.iters, f"distill {block.node.name}") as bar:
@@ -280,6 +304,7 @@ def _learn(
             settings,
             ctx.rng(f"distill:{block.node.name}"),
             report,
+            input_quant,
         )
 
 

@@ -134,7 +134,13 @@ class GridWeight:
     def to_quantized(self, codes: np.ndarray, log_scale: np.ndarray, algorithm: dict[str, Any]) -> QuantizedWeight:
         """A :class:`QuantizedWeight` in the RTN weight's storage with the learned codes and scales."""
         stored_dtype = self.qw.codes.dtype
-        if self.qw.storage == "lut":  # HiF8: the learned values back to their uint8 codes (exact: on the grid)
+        if self.qw.storage == "lut_dq":  # the table's integers back to their uint4 element codes
+            fmt = get_format(self.qw.spec.dtype)
+            element = fmt.element if isinstance(fmt, MXFormat) else fmt
+            assert isinstance(element, ElementFormat)
+            values = (codes / INT_FACTOR[element.name]).astype(np.float32)
+            stored = element.encode(values).astype(np.uint8).astype(stored_dtype)
+        elif self.qw.storage == "lut":  # HiF8: the learned values back to their uint8 codes (exact: on the grid)
             fmt = get_format(self.qw.spec.dtype)
             assert isinstance(fmt, ElementFormat)
             stored = fmt.encode(codes.astype(np.float32)).astype(stored_dtype)
@@ -143,7 +149,10 @@ class GridWeight:
         else:
             stored = codes.astype(np.float32).astype(stored_dtype)
         unit = self.unit_scale(log_scale)
-        scale = unit if unit.shape == np.shape(self.qw.scale) else unit.reshape(np.shape(self.qw.scale))
+        if self.qw.storage == "dq2":  # the scales are not learned: the stored FP8 group and channel scales stay
+            scale = np.asarray(self.qw.scale, np.float32)
+        else:
+            scale = unit if unit.shape == np.shape(self.qw.scale) else unit.reshape(np.shape(self.qw.scale))
         return replace(
             self.qw,
             codes=stored,
@@ -153,22 +162,47 @@ class GridWeight:
         )
 
 
+def _two_level_scale(qw: QuantizedWeight) -> np.ndarray:
+    """A two-level weight's effective group scales: FP8 group code x its channel's float32 scale, as DQ computes it."""
+    import ml_dtypes
+
+    assert qw.group_scale_codes is not None and qw.axis is not None
+    g8 = np.asarray(qw.group_scale_codes).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    view = [1] * g8.ndim
+    view[1 if qw.axis == 0 else 0] = -1  # the channel axis: the one beside the reduction (block) axis
+    return np.multiply(g8, np.asarray(qw.scale, np.float32).reshape(view), dtype=np.float32)
+
+
 def grid_weight(w: np.ndarray, qw: QuantizedWeight) -> GridWeight | str:
-    """The learnable form of ``qw`` (the RTN quantization of ``w``), or why its storage cannot be learned."""
+    """The learnable form of ``qw`` (the RTN quantization of ``w``), or why its storage cannot be learned.
+
+    Storages: DequantizeLinear codes (``dq``); HiF8's uint8 codes + table (``lut``, learned in value
+    units); FP4 as uint4 codes + int8 table -> DQ (``lut_dq``, learned as the table's integers);
+    two-level FP4 (``dq2``: element integers under FP8 group scales x float32 channel scales,
+    learned as the integers with every scale fixed: the group scales must stay FP8).
+    """
     lut = qw.storage == "lut"  # HiF8: uint8 codes -> 256-entry table -> * scale; learned in value units
-    if not lut and (qw.storage != "dq" or qw.zero_point is None):
-        return f"storage {qw.storage!r} keeps round-to-nearest (distillation learns DequantizeLinear and HiF8 storages)"
+    if not lut and (qw.storage not in ("dq", "lut_dq", "dq2") or qw.zero_point is None):
+        return (
+            f"storage {qw.storage!r} keeps round-to-nearest (distillation learns DequantizeLinear and table storages)"
+        )
     shape = tuple(w.shape)
     grid = code_grid(qw)
     fmt = get_format(qw.spec.dtype)
+    element = fmt.element if isinstance(fmt, MXFormat) else fmt
     if lut:
         assert isinstance(fmt, ElementFormat)
         codes = fmt.decode(qw.codes).astype(np.float64)
         zero = np.zeros(shape)
+    elif qw.storage == "lut_dq":  # the int8 table's integers: value x factor
+        assert isinstance(element, ElementFormat)
+        codes = element.decode(np.asarray(qw.codes, np.uint8)).astype(np.float64) * INT_FACTOR[element.name]
+        zero = np.zeros(shape)
     else:
         codes = qw.codes.astype(np.float64)
         zero = expand(np.asarray(qw.zero_point).astype(np.float64), qw, shape)
-    scale0 = np.asarray(qw.scale, np.float64)
+    two_level = qw.storage == "dq2"
+    scale0 = (_two_level_scale(qw) if two_level else np.asarray(qw.scale)).astype(np.float64)
     s = expand(scale0, qw, shape)
     check = np.multiply((codes - zero).astype(np.float32), s.astype(np.float32), dtype=np.float32)
     if not np.array_equal(check, qw.dequantized) or not np.isin(codes, grid).all():
@@ -182,5 +216,5 @@ def grid_weight(w: np.ndarray, qw: QuantizedWeight) -> GridWeight | str:
     low = np.where(below, grid[0], low)
     step = high - low
     frac = np.where(step > 0, (c - low) / np.where(step > 0, step, 1.0), 0.0)
-    mx = isinstance(get_format(qw.spec.dtype), MXFormat)
-    return GridWeight(qw, low, high, np.clip(frac, 0.0, 1.0), scale0, zero, learn_scale=not mx, rtn=codes)
+    fixed_scales = isinstance(fmt, MXFormat) or two_level  # powers of two / FP8 group scales
+    return GridWeight(qw, low, high, np.clip(frac, 0.0, 1.0), scale0, zero, learn_scale=not fixed_scales, rtn=codes)

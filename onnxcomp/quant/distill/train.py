@@ -9,6 +9,7 @@ evaluation rows (so distillation never makes a layer worse on its own data).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from onnxcomp.blas import single_threaded_blas
-from onnxcomp.quant.distill.block import Tail, backward, forward
+from onnxcomp.quant.distill.block import Tail, backward, backward_input, forward
+from onnxcomp.quant.distill.clip import InputQuantizer
 from onnxcomp.quant.distill.grid import GridWeight, rect_sigmoid, reduce
 from onnxcomp.quant.distill.rows import Layer, RowSource
 
@@ -24,6 +26,8 @@ from onnxcomp.quant.distill.rows import Layer, RowSource
 EVAL_ROWS = 8192
 WARMUP = 0.2  # fraction of the iterations before the rounding regularizer starts
 BETA_START, BETA_END = 20.0, 2.0
+COSINE = False
+GAIN_LR = 0.05  # the input range's log-gain step, relative to ``lr`` (one number per block: small steps)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Settings:
     learn_rounding: bool = True
     learn_scales: bool = True
     learn_bias: bool = True
+    learn_ranges: bool = False  # the input quantizer's clipping range (LSQ-style gain on its scale)
+    balance_channels: bool = False  # weight each output channel's error by 1 / its teacher energy
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Learned:
     error_after: float  # of the deployed one (== before when RTN was kept)
     kept: str  # "distilled" or "rtn"
     soft_left: int  # rounding variables not yet hard when learning stopped (then rounded at 1/2)
+    log_gain: float = 0.0  # learned gain of the input quantizer's range (0: the calibrated range)
 
 
 class _Adam:
@@ -78,13 +85,18 @@ def block_error(
     bias: np.ndarray | None,
     tails: list[Tail],
     index: np.ndarray,
+    input_quant: InputQuantizer | None = None,
+    log_gain: float = 0.0,
 ) -> float:
-    """Relative MSE of the block output on the rows ``index`` (chunked)."""
+    """Relative MSE of the block output on the rows ``index`` (chunked), through ``input_quant`` when given."""
     matrix = layer.to_matrix(w.astype(np.float32))
     num = den = 0.0
     for start in range(0, len(index), 4096):
         part = index[start : start + 4096]
-        y, _ = forward(source.rows(part).astype(np.float32, copy=False), matrix, bias, tails)
+        rows = source.rows(part).astype(np.float32, copy=False)
+        if input_quant is not None:
+            rows = input_quant.fake(rows, log_gain)
+        y, _ = forward(rows, matrix, bias, tails)
         t = source.targets(target, part).astype(np.float32, copy=False)
         num += float(((y - t) ** 2).sum(dtype=np.float64))
         den += float((t**2).sum(dtype=np.float64))
@@ -101,16 +113,41 @@ def loss_and_grads(
     layer: Layer,
     tails: list[Tail],
     norm: float,
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """(reconstruction loss, its gradients w.r.t. the rounding variables, the log-scales and the bias)."""
+    channel_weights: np.ndarray | None = None,
+    input_slopes: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(loss, its gradients w.r.t. the rounding variables, the log-scales, the bias and the input gain).
+
+    ``rows`` are the (already fake-quantized) inputs; ``input_slopes`` their (d x'/d x, d x'/d
+    log_gain) when the input range is learned. ``channel_weights`` (mean 1) weight each output
+    channel's squared error.
+    """
     w, dw_dv, q, s_e = gw.soft(v, log_scale)
-    y, slopes = forward(rows, layer.to_matrix(w), bias, tails)
+    matrix = layer.to_matrix(w)
+    y, slopes = forward(rows, matrix, bias, tails)
     diff = y - target
-    loss = float(np.mean(diff * diff, dtype=np.float64)) / norm
-    grad_matrix, grad_bias = backward(2.0 * diff / (diff.size * norm), rows, slopes, layer.group)
+    weighted = diff if channel_weights is None else diff * channel_weights.astype(diff.dtype)
+    loss = float(np.mean(diff * weighted, dtype=np.float64)) / norm
+    grad_out = 2.0 * weighted / (diff.size * norm)
+    grad_matrix, grad_bias = backward(grad_out, rows, slopes, layer.group)
     grad_w = layer.from_matrix(grad_matrix)
     grad_log = reduce(grad_w * q * s_e, gw.qw, np.shape(log_scale))
-    return loss, grad_w * dw_dv, grad_log, grad_bias
+    grad_gain = 0.0
+    if input_slopes is not None:
+        grad_rows = backward_input(grad_out, slopes, matrix.astype(np.float32))
+        grad_gain = float(np.sum(grad_rows * input_slopes[1], dtype=np.float64))
+    return loss, grad_w * dw_dv, grad_log, grad_bias, grad_gain
+
+
+def channel_weights_of(target_rows: np.ndarray) -> np.ndarray:
+    """Per-channel loss weights (mean 1): the inverse of each channel's teacher energy, floored at 1/100 of the mean.
+
+    Without it a block's loss is dominated by its loudest channels; with it each channel's
+    relative error counts alike (quiet channels feed later layers too).
+    """
+    energy = np.mean(target_rows.astype(np.float64) ** 2, axis=0)
+    inverse = 1.0 / np.maximum(energy, 0.01 * max(float(energy.mean()), 1e-30))
+    return inverse / inverse.mean()
 
 
 def learn_block(
@@ -123,11 +160,17 @@ def learn_block(
     settings: Settings,
     rng: np.random.Generator,
     progress: Callable[[int, float], Any] | None = None,
+    input_quant: InputQuantizer | None = None,
 ) -> Learned:
-    """Distill one block on the stored (student input, teacher output) pair."""
+    """Distill one block on the stored (student input, teacher output) pair.
+
+    A pure function of its arguments (and ``rng``'s state). ``input_quant``: the block's input
+    quantizer, applied to the stored float input on the fly (its range learned when
+    ``input_quant.learn``); None when ``source`` already holds the quantized input.
+    """
     # small matrices: OpenBLAS's spinning threads made each step 30x slower on a loaded machine
     with single_threaded_blas():
-        return _learn_block(source, target, layer, gw, bias0, tails, settings, rng, progress)
+        return _learn_block(source, target, layer, gw, bias0, tails, settings, rng, progress, input_quant)
 
 
 def _learn_block(
@@ -140,6 +183,7 @@ def _learn_block(
     settings: Settings,
     rng: np.random.Generator,
     progress: Callable[[int, float], Any] | None,
+    input_quant: InputQuantizer | None,
 ) -> Learned:
     rtn_codes = gw.rtn
     if not settings.learn_rounding:
@@ -147,11 +191,15 @@ def _learn_block(
     eval_index = np.sort(rng.choice(source.count, min(source.count, EVAL_ROWS), replace=False))
     zero_scale = np.zeros(np.shape(gw.scale0))
     rtn_w = gw.dequantize(rtn_codes, zero_scale)
-    before = block_error(source, target, layer, rtn_w, bias0, tails, eval_index)
-    norm = max(float(np.mean(source.targets(target, eval_index).astype(np.float64) ** 2)), 1e-30)
+    before = block_error(source, target, layer, rtn_w, bias0, tails, eval_index, input_quant)
+    eval_targets = source.targets(target, eval_index)
+    norm = max(float(np.mean(eval_targets.astype(np.float64) ** 2)), 1e-30)
+    weights = channel_weights_of(eval_targets) if settings.balance_channels else None
 
     v = gw.initial_v().astype(np.float64)
     log_scale = zero_scale.copy()
+    log_gain = 0.0
+    learn_gain = input_quant is not None and input_quant.learn
     bias = None if bias0 is None else bias0.astype(np.float64).copy()
     learnable = gw.high > gw.low
     n_learnable = max(int(learnable.sum()), 1)
@@ -162,10 +210,19 @@ def _learn_block(
     warm = int(settings.iters * WARMUP)
     for it in range(settings.iters):
         adam.t = it + 1
+        decay = 0.5 * (1.0 + math.cos(math.pi * it / settings.iters)) if COSINE else 1.0
         index = rng.integers(0, source.count, size=min(settings.batch_rows, source.count))
         rows = source.rows(index).astype(np.float32, copy=False)
+        slopes = None
+        if input_quant is not None and learn_gain:
+            rows, d_x, d_gain = input_quant.fake_and_grads(rows, log_gain)
+            slopes = (d_x, d_gain)
+        elif input_quant is not None:
+            rows = input_quant.fake(rows)
         t = source.targets(target, index).astype(np.float32, copy=False)
-        loss, grad_v, grad_log, grad_bias = loss_and_grads(gw, v, log_scale, bias, rows, t, layer, tails, norm)
+        loss, grad_v, grad_log, grad_bias, grad_gain = loss_and_grads(
+            gw, v, log_scale, bias, rows, t, layer, tails, norm, weights, slopes
+        )
         if settings.learn_rounding:
             if it >= warm:
                 beta = BETA_START + (BETA_END - BETA_START) * (it - warm) / max(settings.iters - warm - 1, 1)
@@ -175,9 +232,11 @@ def _learn_block(
                 grad_v = grad_v + np.where(learnable, reg_grad * dh, 0.0)
             v = adam.step("v", v, grad_v, settings.lr)
         if learn_scale:
-            log_scale = adam.step("s", log_scale, grad_log, settings.lr * 0.1)
+            log_scale = adam.step("s", log_scale, grad_log, settings.lr * 0.1 * decay)
         if learn_bias and bias is not None:
-            bias = adam.step("b", bias, grad_bias, bias_lr)
+            bias = adam.step("b", bias, grad_bias, bias_lr * decay)
+        if learn_gain:
+            log_gain = float(adam.step("g", np.array(log_gain), np.array(grad_gain), settings.lr * GAIN_LR * decay))
         if progress is not None:
             progress(it, loss)
     h, _ = rect_sigmoid(v)
@@ -185,7 +244,7 @@ def _learn_block(
     codes = gw.hard_codes(v) if settings.learn_rounding else rtn_codes
     deployed_w = gw.dequantize(codes, log_scale)
     bias_out = None if bias is None else bias.astype(np.float32)
-    after = block_error(source, target, layer, deployed_w, bias_out, tails, eval_index)
+    after = block_error(source, target, layer, deployed_w, bias_out, tails, eval_index, input_quant, log_gain)
     if after > before:  # never deploy a block worse than round-to-nearest on its own data
         return Learned(rtn_codes, zero_scale, bias0, before, before, "rtn", soft_left)
-    return Learned(codes, log_scale, bias_out, before, after, "distilled", soft_left)
+    return Learned(codes, log_scale, bias_out, before, after, "distilled", soft_left, log_gain)
