@@ -370,6 +370,35 @@ def unique_name(graph: Graph, base: str) -> str:
 # --- shape information ---------------------------------------------------------------------
 
 
+#: Initializers above this size are weights, never the shape-like inputs (Reshape shape, Resize
+#: scales, Pad pads, Slice starts, axes ...) whose values shape inference reads.
+SHAPE_INPUT_MAX_BYTES = 4096
+
+
+def _without_weight_data(graph: Graph) -> None:
+    """Give the weight-sized Constants of ``graph`` (a copy: values are shared, never changed) data-free
+    values, dims and element type only: inference needs nothing more of them, and exporting and
+    serialising every weight for it would cost model-sized copies."""
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, Constant):
+            continue
+        values = tensor._values  # noqa: SLF001 - replaced, never loaded
+        if isinstance(values, LazyValues) and values.nbytes > SHAPE_INPUT_MAX_BYTES:
+            dims, data_type = list(values.tensor.dims), values.tensor.data_type
+        elif isinstance(values, np.ndarray) and values.nbytes > SHAPE_INPUT_MAX_BYTES:
+            if np.dtype(tensor.export_dtype) != values.dtype:
+                continue  # exported in another element type: leave it
+            try:
+                data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            except (KeyError, TypeError, ValueError):
+                continue
+            dims = list(values.shape)
+        else:
+            continue
+        bare = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=dims)  # no data
+        tensor._values = LazyValues(bare)  # noqa: SLF001
+
+
 def infer_shapes(graph: Graph) -> None:
     """Fill in unknown dtypes/shapes of ``graph``'s Variables with onnx shape inference.
 
@@ -380,6 +409,7 @@ def infer_shapes(graph: Graph) -> None:
     """
     tidy = graph.copy()
     tidy.cleanup(remove_unused_graph_inputs=False).toposort()
+    _without_weight_data(tidy)
     model = gs.export_onnx(tidy, do_type_check=False)
     if model.ByteSize() >= 2**31 - 1:
         log.debug("infer_shapes: model too large to serialise; shapes left unknown")

@@ -207,6 +207,8 @@ class _Written:
     quantized: dict[tuple[str, TensorSpec, Any], QuantizedWeight] = field(default_factory=dict)
     packed: dict[tuple[int, bool], list[ir.Tensor]] = field(default_factory=dict)
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    #: dynamic FP8 / HiF8 / MX emulations by (tensor, format, axis): every reader of a tensor shares one
+    emulated: dict[tuple[str, str, int], ir.Tensor] = field(default_factory=dict)
 
 
 def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[str, Any]:  # noqa: ANN001
@@ -280,8 +282,12 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
             conv = node.op in ("Conv", "ConvTranspose")
             axis = 1 if conv else (0 if node.op == "Gemm" and node.attrs.get("transA", 0) else -1)  # reduction axis
             where = "channels of each position" if conv else "the last axis"
-            if a.dtype == "mxfp8":
-                node.inputs[0] = emit_mx_activation(
+            shared = (x.name, a.dtype, axis)
+            if shared in state.emulated and a.dtype in ("mxfp8", "hif8"):  # the same values for every reader
+                node.inputs[0] = state.emulated[shared]
+                how = f"dynamic, {'32-blocks' if a.dtype == 'mxfp8' else 'one scale per vector'} along {where}"
+            elif a.dtype == "mxfp8":
+                node.inputs[0] = state.emulated[shared] = emit_mx_activation(
                     graph,
                     x,
                     _reduction_length(x, node, plan),
@@ -292,7 +298,9 @@ def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[
                 )
                 how = f"dynamic 32-blocks along {where}"
             elif a.dtype == "hif8":
-                node.inputs[0] = emit_hif8_activation(graph, x, None, f"{x.name}_{node.name}_hif8", axis)
+                node.inputs[0] = state.emulated[shared] = emit_hif8_activation(
+                    graph, x, None, f"{x.name}_{node.name}_hif8", axis
+                )
                 how = f"dynamic, one scale per vector along {where}"
             else:
                 emit_dynamic_per_token(graph, node, 0, a.dtype, axis)

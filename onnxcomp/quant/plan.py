@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from onnxcomp import ir
+from onnxcomp.formats import ElementFormat, get_format
 from onnxcomp.ir import WeightLayout, weight_layout
 from onnxcomp.quant.spec import Granularity, NodeSpec, QuantConfig
 
@@ -246,7 +247,11 @@ def plan_nodes(
             if not ir.is_constant(x):
                 plan.activation_inputs.append(x)
             static = spec.activations.granularity.kind == "tensor"
-            if output_quant and static and _needs_output_q(graph, shapes, node):
+            # an output Q only serves onnxruntime's integer kernels: emulated float formats (FP8,
+            # HiF8) have none, and there it would be a second emulation of the same values (on the
+            # larger pre-pool tensor: 2 of the 9 subgraphs of the demo, half its emulation time)
+            emulated = isinstance(get_format(spec.activations.dtype), ElementFormat)
+            if output_quant and static and not emulated and _needs_output_q(graph, shapes, node):
                 target = _output_target(graph, node)
                 if target is not None:
                     plan.activation_outputs.append(target)
