@@ -114,6 +114,7 @@ class Quantize(Pass):
         # ort: Q/DQ for onnxruntime; ascend: ATC's deploy model + fake-quant model + record (docs/ascend.md)
         target: Literal["ort", "ascend", "ascend-qdq"] = "ort"
         ascend_int4: bool = False  # --target ascend: allow INT4 weights (packing UNVERIFIED against ATC)
+        ascend_avgpool: bool = False  # --target ascend: quantize AveragePool too (UNVERIFIED integer semantics)
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

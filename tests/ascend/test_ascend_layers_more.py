@@ -169,3 +169,50 @@ def test_a_float16_model_with_a_float16_op_type_is_declined_in_one_line(tmp_path
         raise AssertionError("a float16 EyeLike was not declined")
     assert "EyeLike 'eye' makes float16 values" in message and "convert it to float32 first" in message
     assert "\n" not in message and not (tmp_path / "q.onnx").exists()
+
+
+def _pooled_cnn(path: Path) -> Path:
+    """Conv -> Relu -> AveragePool 2x2 -> Conv -> AveragePool 3x3 (pads, count_include_pad 0) -> y."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, (8,)).astype(np.float32),
+        "w2": rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("AveragePool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("AveragePool", ["c2"], ["y"], name="pool2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    return _save(nodes, inits, ["N", 3, 8, 8], ["N", 4, 4, 4], path)
+
+
+def _with_avgpool(model: Path, out: Path, calib: Path, avgpool: bool) -> onnxcomp.framework.RunReport:
+    quantize = onnxcomp.framework.make_pass("quantize", {"target": "ascend", "ascend_avgpool": avgpool})
+    return onnxcomp.compress(model, [quantize], out, calibration=calib)
+
+
+def test_average_pool_is_quantized_behind_its_option(tmp_path: Path) -> None:
+    model = _pooled_cnn(tmp_path / "pool.onnx")
+    x = np.random.default_rng(1).normal(0.2, 1.0, (32, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    _with_avgpool(model, tmp_path / "plain.onnx", tmp_path / "calib.npz", False)
+    assert not any(
+        n.op_type == "AscendQuant" and n.name.startswith("pool") for n in onnx.load(tmp_path / "plain.onnx").graph.node
+    )
+    out = tmp_path / "q.onnx"
+    _with_avgpool(model, out, tmp_path / "calib.npz", True)
+    deploy = onnx.load(out)
+    nodes = {n.name: n for n in deploy.graph.node}
+    for pool in ("pool1", "pool2"):  # AscendQuant -> AveragePool -> AscendDequant(deq = scale_d)
+        assert nodes[f"{pool}.quant"].op_type == "AscendQuant" and nodes[pool].input[0] == f"{pool}.quant.out"
+        assert nodes[f"{pool}.dequant"].input[0] == nodes[pool].output[0]
+    record = parse_record((tmp_path / "q.record.txt").read_text())
+    assert list(record) == ["conv1", "pool1", "conv2", "pool2"] and list(record["pool1"].scale_w) == [1.0]
+    assert record_mismatches(deploy, record) == []
+    fake = _fake(tmp_path / "q.fake_quant.onnx", {"x": x})[0]
+    np.testing.assert_array_equal(deploy_session(str(out)).run(None, {"x": x})[0], fake)
+    float_y = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(fake - float_y).max() < 0.05 * np.abs(float_y).max()

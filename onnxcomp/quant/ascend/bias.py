@@ -104,7 +104,9 @@ def correct_biases(
     done: dict[str, dict[str, Any]] = {}
     eligible = []
     for layer in layers:
-        if layer.op == "MatMul" and layer.bias_add is None:
+        if layer.op == "AveragePool":
+            done[layer.node] = {"skipped": "an AveragePool has no bias"}
+        elif layer.op == "MatMul" and layer.bias_add is None:
             done[layer.node] = {"skipped": "a MatMul without a bias Add has no bias in the Ascend deploy form"}
         else:
             eligible.append(layer)

@@ -78,6 +78,10 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
         expected = pack_deq_scale(deq_scale(np.float32(value.scale_d), scale_w, mode_s19))
         if param is None or param.dtype != np.uint64 or not np.array_equal(param.reshape(-1), expected):
             problems.append(f"{layer}: AscendDequant parameter != pack(scale_d * scale_w) of the record")
+        if node.op_type == "AveragePool":  # no weight, no bias: scale_w is 1
+            if scale_w.size != 1 or scale_w[0] != 1:
+                problems.append(f"{layer}: an AveragePool's record needs scale_w = [1]")
+            continue
         weight = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         if weight is None or weight.dtype != np.int8:
             problems.append(f"{layer}: weight is not an int8 initializer")

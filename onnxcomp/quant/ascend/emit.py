@@ -140,7 +140,8 @@ def emit_fake_quant(graph: ir.Graph, layers: list[AscendLayer]) -> None:
                 for reader in readers:
                     _reroute(reader, x, restored)
         node.inputs[0] = shared[key]
-        ir.replace_constant(graph, node, 1, layer.codes.astype(np.float32), ".fake_quant")
+        if layer.op != "AveragePool":  # the one op without a weight
+            ir.replace_constant(graph, node, 1, layer.codes.astype(np.float32), ".fake_quant")
         if layer.bias is not None and layer.bias_add is None:
             _set_bias(
                 graph, node, ir.make_constant(_bias_name(graph, node, ".fake_quant"), layer.bias.astype(np.float32))
@@ -180,6 +181,11 @@ def emit_deploy(graph: ir.Graph, layers: list[AscendLayer]) -> None:
                 for reader in readers:
                     _reroute(reader, x, restored)
         node.inputs[0] = shared[key]
+        if layer.op == "AveragePool":  # the mean of the codes is no integer (UNVERIFIED, docs/ascend.md)
+            out, acc = _integer_output(graph, nodes, layer, np.float32, ".quant")
+            param = ir.make_constant(ir.unique_name(graph, f"{layer.node}.dequant.param"), pack_deq_scale(layer.deq))
+            ir.make_node(graph, "AscendDequant", [acc, param], [out], name=f"{layer.node}.dequant", attrs={"dtype": 0})
+            continue
         codes = layer.codes
         if layer.wts_type == "INT4":
             codes = pack_int4(codes, int4_axis(layer.op, bool(node.attrs.get("transB", 0))))

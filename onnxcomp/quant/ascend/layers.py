@@ -23,7 +23,7 @@ from onnxcomp.quant.weights import quantize_weight
 #: How a layer's weight is rounded on its Ascend grid: (weight, spec, layout, name) -> QuantizedWeight.
 WeightQuantizer = Callable[[np.ndarray, TensorSpec, ir.WeightLayout, str], QuantizedWeight]
 
-#: Ops this target quantizes (ATC also takes AveragePool, which onnxcomp leaves float).
+#: Ops this target quantizes with weights (AveragePool, which has none, behind ``ascend_avgpool``).
 ASCEND_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: Ops ATC quantizes with INT16 activations.
 INT16_OPS = ("Conv", "ConvTranspose", "Gemm")
@@ -226,6 +226,36 @@ def make_layer(
             return q
         layer.bias = q
     return layer
+
+
+def pool_reason(node: ir.Node, act_type: str) -> str | None:
+    """Why an AveragePool is not quantized for ATC, or None (2-D pooling of an NCHW tensor, INT8)."""
+    if act_type != "INT8":
+        return f"ATC takes INT16 activations only for {', '.join(INT16_OPS)}, not AveragePool"
+    if len(node.attrs.get("kernel_shape", [])) != 2:
+        return "AveragePool over other than 2 spatial axes: ATC's quantized pooling is 2-D"
+    return None
+
+
+def make_pool_layer(node: ir.Node, act: tuple[str, np.float32, int]) -> AscendLayer:
+    """An AveragePool's factors: no weight (scale_w = 1, so deq = scale_d), the mean of the codes dequantized.
+
+    UNVERIFIED (docs/ascend.md): that ATC's integer AveragePool yields the mean of ``x_q - offset_d``.
+    """
+    act_type, scale_d, offset_d = act
+    return AscendLayer(
+        node.name,
+        node.op,
+        node.inputs[0].name,
+        act_type,
+        "INT8",
+        scale_d,
+        offset_d,
+        np.ones(1, np.float32),
+        np.zeros(0, np.int8),
+        1,
+        None,
+    )
 
 
 def bias_codes(bias: np.ndarray, deq: np.ndarray, channels: int) -> np.ndarray | str:

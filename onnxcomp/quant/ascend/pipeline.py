@@ -38,7 +38,9 @@ from onnxcomp.quant.ascend.layers import (
     format_reason,
     layer_layout,
     make_layer,
+    make_pool_layer,
     matmul_bias_add,
+    pool_reason,
     weight_spec,
 )
 from onnxcomp.quant.ascend.learned import Learner, weight_quantizer
@@ -62,6 +64,7 @@ class AscendOptions:
     gptq_damp: float = 0.01
     gram_rows: int = 4096
     bias_correction: str = "none"  # none | full | fast: moved into the int32 bias (onnxcomp/quant/ascend/bias.py)
+    avgpool: bool = False  # AveragePool quantized too (UNVERIFIED integer semantics, docs/ascend.md)
 
     @property
     def gptq_settings(self) -> tuple[bool, float]:
@@ -93,6 +96,7 @@ class AscendOptions:
             gptq_damp=options.gptq_damp,
             gram_rows=options.gram_rows,
             bias_correction=options.bias_correction,
+            avgpool=options.ascend_avgpool,
         )
 
 
@@ -162,6 +166,25 @@ def _act_spec(spec: TensorSpec) -> TensorSpec:
     """The config's activation spec on the signed grid AscendQuant writes (uint8 -> int8 with offset_d)."""
     dtype = "int16" if ACTIVATION_TYPES[spec.dtype] == "INT16" else "int8"
     return TensorSpec(dtype, spec.granularity, spec.symmetric, spec.observer, spec.observer_options)
+
+
+def _pools(graph: ir.Graph, config: QuantConfig, result: PassResult) -> list[tuple[ir.Node, TensorSpec]]:
+    """The AveragePools to quantize (``ascend_avgpool``; skip list and overrides apply) with their activation spec."""
+    with_pools = replace(config, ops=(*config.ops, "AveragePool"))
+    found = []
+    for node in ir.iter_nodes(graph, ("AveragePool",)):
+        spec = with_pools.for_node(node.name, node.op)
+        if spec is None or spec.activations is None:
+            continue
+        if spec.activations.dtype not in ACTIVATION_TYPES or spec.activations.granularity.kind != "tensor":
+            continue  # check_formats has refused these already
+        act = _act_spec(spec.activations)
+        why = pool_reason(node, ACTIVATION_TYPES[act.dtype])
+        if why is not None:
+            result.declined.append((node.name, why))
+            continue
+        found.append((node, act))
+    return found
 
 
 def _bias(graph: ir.Graph, plan: NodePlan, wts_type: str) -> tuple[np.ndarray | None, str | None]:
@@ -235,7 +258,8 @@ def ascend_quantize(
             result.declined.append((plan.node.name, why))
             continue
         accepted.append((plan, _act_spec(spec.activations), weight))
-    if not accepted:
+    pools = _pools(graph, config, result) if options.avgpool else []
+    if not accepted and not pools:
         result.notes.append("no node to quantize for ATC")
         return []
     # read off the weights before distillation rewrites any bias (balance_factors solves through the bias ratio)
@@ -254,6 +278,8 @@ def ascend_quantize(
     static: dict[str, TensorSpec] = {}
     for plan, act, _ in accepted:
         static.setdefault(plan.node.inputs[0].name, act)
+    for node, act in pools:
+        static.setdefault(node.inputs[0].name, act)
     if ctx.calibration is None or ctx.source_model is None:
         raise CalibrationError(
             "--target ascend: static INT8/INT16 activations need calibration data: pass --calib DATA"
@@ -303,8 +329,16 @@ def ascend_quantize(
         if plan.node.name in learn_notes:
             layer.notes["distill"] = learn_notes[plan.node.name]
         layers.append(layer)
+    for node, act in pools:
+        act_type = ACTIVATION_TYPES[act.dtype]
+        name = node.inputs[0].name
+        layers.append(
+            make_pool_layer(node, (act_type, *activation_qparams(act_type, *ranges[name], act.symmetric, name)))
+        )
     if not layers:
         return []
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    layers.sort(key=lambda layer: order[layer.node])  # graph order: records, shared AscendQuant names
     if options.bias_correction != "none":
         done = correct_biases(
             float_graph,

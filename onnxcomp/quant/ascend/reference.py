@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_average_pool import AveragePool_19 as _AveragePool
 from onnx.reference.ops.op_conv import Conv as _Conv
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _ConvTranspose
 from onnx.reference.ops.op_gemm import Gemm_7 as _Gemm
@@ -115,7 +116,24 @@ class MatMul(OpRun):
         return (numpy_matmul(a, b),)
 
 
-ASCEND_OPS: list[type[OpRun]] = [AscendQuant, AscendDequant, AscendAntiQuant, Conv, ConvTranspose, Gemm, MatMul]
+class AveragePool(_AveragePool):
+    op_domain = ""
+
+    def _run(self, x, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        # integer codes: their mean in float32, as the fake-quant model's AveragePool computes it (UNVERIFIED)
+        return super()._run(np.asarray(x).astype(np.float32) if _is_int(x) else x, **kwargs)
+
+
+ASCEND_OPS: list[type[OpRun]] = [
+    AscendQuant,
+    AscendDequant,
+    AscendAntiQuant,
+    Conv,
+    ConvTranspose,
+    Gemm,
+    MatMul,
+    AveragePool,
+]
 
 
 class AscendOffset(OpRun):
@@ -142,7 +160,7 @@ def _prepared(model: onnx.ModelProto, int4_layers: set[str] | None) -> onnx.Mode
     inits = {t.name: t for t in graph.initializer}
     shifted: dict[str, str] = {}
     for node in list(graph.node):
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool") or not node.input:
             continue
         quant = producers.get(node.input[0])
         if quant is None or quant.op_type != "AscendQuant":
@@ -160,7 +178,7 @@ def _prepared(model: onnx.ModelProto, int4_layers: set[str] | None) -> onnx.Mode
             node.input[0] = shifted[node.input[0]]
         bias_cast = len(node.input) > 2 and (p := producers.get(node.input[2])) is not None and p.op_type == "Cast"
         int4 = node.name in int4_layers if int4_layers is not None else bias_cast
-        if not int4 or node.input[1] not in inits:
+        if not int4 or len(node.input) < 2 or node.input[1] not in inits:
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         tensor = inits[node.input[1]]
