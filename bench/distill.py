@@ -5,6 +5,7 @@ Run from the repo root::
     .venv/bin/python bench/distill.py                 # every model and setting
     .venv/bin/python bench/distill.py --quick         # fewer samples and iterations
     .venv/bin/python bench/distill.py --only ppocr_cls --no-readme
+    .venv/bin/python bench/distill.py --only ppocr_cls --setting W4A8 --seeds 0,1,2   # distill per run seed
 
 Settings: W4A8 (INT4 per-channel weights, UINT8 per-tensor activations; CNNs), W4 g32 weight-only
 (INT4 groups of 32), FP4_E2M1 and FP4_E1M2 g32 weight-only, MXFP4 weight-only, and HiF8 / MXFP8
@@ -67,7 +68,20 @@ def child_quantize(task: dict[str, Any]) -> dict[str, Any]:
     kw = {**task["settings"], "calibration": data, "batch_size": 8, "reports": False, "force": True}
     kw["placement"] = "all"
     start = time.perf_counter()
-    if task["method"] == "distill":
+    if task["method"] == "distill" and task.get("seed") is not None:  # the run's seed: a recipe
+        from onnxcomp.flags import quantize_options, with_fusions
+        from onnxcomp.framework.recipe import Recipe
+        from onnxcomp.framework.registry import make_pass
+
+        options = {**quantize_options(**task["settings"], placement="all", reports=False)}
+        if task.get("iters"):
+            options["iters"] = task["iters"]
+        recipe = Recipe(with_fusions([make_pass("distill", options)]), seed=task["seed"], validate=api.LOCATE)
+        report = api.compress(task["model"], recipe, task["out"], calibration=data, batch_size=8, force=True)
+        record = report.result("distill").data["record"]
+        blocks = [e["distill"] for e in record if "distill" in e]
+        extra = {"distilled": sum(b["kept"] == "distilled" for b in blocks), "blocks": len(blocks)}
+    elif task["method"] == "distill":
         if task.get("iters"):
             kw["iters"] = task["iters"]
         report = api.distill(task["model"], task["out"], **kw)
@@ -97,7 +111,7 @@ def _char_acc(pred: list[str], ref: list[str]) -> float:
     return 100.0 * (1.0 - dist / max(total, 1))
 
 
-def build_models(work: Path, quick: bool) -> list[ModelSpec]:
+def build_models(work: Path, quick: bool, cls_heldout: int = 256) -> list[ModelSpec]:
     from models.fetch import MODELS, ctc_decode, fetch, make_inputs, sentences, tokenize
 
     specs: list[ModelSpec] = []
@@ -123,7 +137,7 @@ def build_models(work: Path, quick: bool) -> list[ModelSpec]:
     )
 
     cls = str(fetch("ppocr_cls"))
-    n, n_eval = (16, 64) if quick else (32, 256)
+    n, n_eval = (16, 64) if quick else (32, cls_heldout)
     np.savez(work / "calib_cls.npz", **make_inputs("ppocr_cls", n, seed=1))
     held_cls, meta_cls = make_inputs("ppocr_cls", n_eval, seed=2, return_meta=True)
     cls_out = MODELS["ppocr_cls"]["primary_output"]
@@ -200,20 +214,26 @@ def build_models(work: Path, quick: bool) -> list[ModelSpec]:
 
 def run(args: argparse.Namespace) -> str:
     work = Path(tempfile.mkdtemp(prefix="bench-distill-"))
-    specs = [s for s in build_models(work, args.quick) if not args.only or s.key in args.only]
+    specs = [s for s in build_models(work, args.quick, args.cls_heldout) if not args.only or s.key in args.only]
     sections = []
     for spec in specs:
         fp32 = spec.evaluate(spec.path)
         rows = [["fp32", "-", common.fmt(fp32, 4 if spec.metric == "mean cos" else 2), "-", "-", ""]]
         print(f"{spec.key}: fp32 {fp32:.4f}", flush=True)
         for label, settings in spec.settings.items():
+            if args.setting and label not in args.setting:
+                continue
             methods = (
                 ["rtn", "gptq", "distill"] if settings["weights"].startswith(("int", "fp4")) else ["rtn", "distill"]
             )
-            for method in methods:
+            runs = [(m, None) for m in methods if m != "distill"]
+            runs += [("distill", seed) for seed in args.seeds] if args.seeds else [("distill", None)]
+            for method, seed in runs:
                 out = str(work / f"{spec.key}_{label.replace(' ', '_')}_{method}.onnx")
                 task = {"kind": "quantize", "model": spec.path, "calib": spec.calib, "settings": settings}
-                task.update(method=method, out=out, iters=args.iters)
+                task.update(method=method, out=out, iters=args.iters, seed=seed)
+                if seed is not None:
+                    method = f"distill, seed {seed}"
                 res = common.run_child(__file__, task, timeout=3600)
                 if not res.ok:
                     rows.append([label, method, "failed", "-", "-", res.error[:80]])
@@ -221,7 +241,9 @@ def run(args: argparse.Namespace) -> str:
                     continue
                 value = spec.evaluate(out)
                 note = (
-                    f"{res.result['distilled']}/{res.result['blocks']} blocks distilled" if method == "distill" else ""
+                    f"{res.result['distilled']}/{res.result['blocks']} blocks distilled"
+                    if method.startswith("distill")
+                    else ""
                 )
                 digits = 4 if spec.metric == "mean cos" else 2
                 rows.append(
@@ -256,10 +278,19 @@ def main() -> None:
     p.add_argument("--only", action="append", default=[])
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--cls-heldout", type=int, default=256, help="ppocr_cls held-out lines (seed 2)")
+    p.add_argument("--setting", action="append", default=[], help="only these settings (e.g. W4A8)")
+    p.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="distill once per run seed (comma-separated), e.g. 0,1,2",
+    )
     args = p.parse_args()
     body = run(args)
     print(body)
-    if not args.no_readme and not args.only:
+    partial = args.only or args.setting or args.seeds or args.cls_heldout != 256
+    if not args.no_readme and not partial:
         common.write_readme_section(REPO / "bench" / "README.md", "## Layer-wise distillation", body)
 
 
