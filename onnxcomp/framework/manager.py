@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import onnx
 from onnx import version_converter
@@ -106,11 +107,11 @@ class PassManager:
             if need is not None and need > ir.default_opset(graph):
                 if need > MAX_EMIT_OPSET:
                     raise PassError(f"{where}: needs opset {need}, above the {MAX_EMIT_OPSET} onnxcomp emits")
-                current = ir.export_model(graph, template)
-                before = default_opset(current)
-                upgraded = convert_opset(current, need, f"{pass_.name} needs opset {need}")
-                graph = ir.import_model(upgraded)
-                del current, upgraded  # model-sized copies: the graph holds its own until the end
+                before, why = ir.default_opset(graph), f"{pass_.name} needs opset {need}"
+                upgraded = ir.upgrade_graph(graph, template, partial(convert_opset, target=need, why=why))
+                if upgraded is None:  # the converter changed a weight: convert the whole model
+                    upgraded = ir.import_model(convert_opset(ir.export_model(graph, template), need, why))
+                graph = upgraded
                 report.notes.append(f"converted opset {before} -> {need} for {pass_.name}")
                 log.info("converted opset %d -> %d for %s", before, need, pass_.name)
             start = time.perf_counter()

@@ -52,6 +52,7 @@ from onnxcomp.ir.graph import (
     replace_constant,
     set_constant,
     unique_name,
+    upgrade_graph,
     write_input,
 )
 from onnxcomp.ir.queries import (
@@ -112,6 +113,7 @@ __all__ = [
     "replace_constant",
     "set_constant",
     "unique_name",
+    "upgrade_graph",
     "weight_layout",
     "write_input",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -64,6 +64,7 @@ __all__ = [
     "replace_constant",
     "set_constant",
     "unique_name",
+    "upgrade_graph",
     "write_input",
 ]
 
@@ -375,10 +376,12 @@ def unique_name(graph: Graph, base: str) -> str:
 SHAPE_INPUT_MAX_BYTES = 4096
 
 
-def _without_weight_data(graph: Graph) -> None:
+def _without_weight_data(graph: Graph) -> set[str]:
     """Give the weight-sized Constants of ``graph`` (a copy: values are shared, never changed) data-free
-    values, dims and element type only: inference needs nothing more of them, and exporting and
-    serialising every weight for it would cost model-sized copies."""
+    values, dims and element type only: inference and opset conversion need nothing more of them,
+    and exporting and serialising every weight for them would cost model-sized copies. Returns
+    the names of the Constants it emptied."""
+    emptied = set()
     for tensor in graph.tensors().values():
         if not isinstance(tensor, Constant):
             continue
@@ -397,6 +400,45 @@ def _without_weight_data(graph: Graph) -> None:
             continue
         bare = onnx.TensorProto(name=tensor.name, data_type=data_type, dims=dims)  # no data
         tensor._values = LazyValues(bare)  # noqa: SLF001
+        emptied.add(tensor.name)
+    return emptied
+
+
+def upgrade_graph(
+    graph: Graph, template: onnx.ModelProto, convert: Callable[[onnx.ModelProto], onnx.ModelProto]
+) -> Graph | None:
+    """``graph`` converted by ``convert`` (onnx's opset converter), without a copy of its weights.
+
+    The converter rewrites ops and attributes, never weight values: it gets the model with
+    data-free weights, and each weight goes back by name onto the converted graph. Returns None
+    (convert the full model instead) when the converter changed a weight's name, shape or type.
+    """
+    bare = graph.copy()
+    bare._onnxcomp_facts = graph.__dict__.get("_onnxcomp_facts")  # noqa: SLF001 - what export_model reads
+    emptied = _without_weight_data(bare)
+    converted = import_model(convert(export_model(bare, template)))
+    originals, found = graph.tensors(), converted.tensors()
+    for name in emptied:
+        old, new = originals[name], found.get(name)
+        if not (isinstance(old, Constant) and isinstance(new, Constant)) or tuple(new.shape) != tuple(old.shape):
+            return None
+        if not isinstance(new._values, LazyValues) or new._values.tensor.data_type != _onnx_type(old):  # noqa: SLF001
+            return None
+    for name in emptied:
+        new = found[name]
+        assert isinstance(new, Constant)
+        new._values = originals[name]._values  # noqa: SLF001 - the weight itself, shared, not copied
+    return converted
+
+
+def _onnx_type(tensor: Constant) -> int | None:
+    values = tensor._values  # noqa: SLF001
+    if isinstance(values, LazyValues):
+        return int(values.tensor.data_type)
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def infer_shapes(graph: Graph) -> None:
