@@ -6,6 +6,8 @@ Run from the repo root::
     .venv/bin/python bench/ptq.py --quick   # 2 min: smoke run, fewer samples, smaller inputs
     .venv/bin/python bench/ptq.py --full    # quantization time = median of 3 runs, 50 latency runs
     .venv/bin/python bench/ptq.py --only minilm_l3 --no-readme   # one model, print only
+    .venv/bin/python bench/ptq.py --cost-only 3   # quantize time / peak RSS of the matched pairs only,
+                                                  # medians of 3 interleaved rounds (printed)
 
 Models: the demo digits CNN (held-out top-1), ppocr_det (output cosine vs fp32 on held-out pages)
 and minilm_l3 (sentence-embedding cosine vs fp32 over the corpus). For every model x setting x
@@ -770,6 +772,40 @@ def run_bench(
     log("  latency ms (1T/2T): " + ", ".join(f"{r.tool}:{r.lat1:.2f}/{r.lat2:.2f}" for r in timed))
 
 
+def run_costs(bench: ModelBench, repeats: int, peer_env: dict[str, str], log: Callable[[str], None]) -> None:
+    """``--cost-only``: quantize wall time and peak RSS of the matched jobs only (no metric, no
+    latency), in ``repeats`` interleaved rounds (every job once per round, each pair back to back), so
+    that load from other processes hits both tools alike; the rows hold the medians."""
+    for env_tool in sorted({j.env_tool for j in bench.jobs if j.matched}):
+        res = common.run_child(
+            __file__,
+            {"kind": "baseline", "tool": env_tool, "model": bench.src, "calib": bench.calib, "n": bench.n},
+            env=peer_env if env_tool != "onnxcomp" else None,
+        )
+        bench.baselines[env_tool] = res.peak_rss_mb if res.ok else float("nan")
+    jobs = [j for j in bench.jobs if j.matched]
+    runs: dict[int, list[tuple[float, float]]] = {id(j): [] for j in jobs}
+    errors: dict[int, str] = {}
+    for round_ in range(repeats):
+        for job in jobs:
+            if id(job) in errors:
+                continue
+            res = common.run_child(__file__, job.task, env=peer_env if job.env_tool != "onnxcomp" else None)
+            if res.ok:
+                runs[id(job)].append((res.result["time_s"], res.peak_rss_mb))
+            else:
+                errors[id(job)] = res.error
+        log(f"  round {round_ + 1}/{repeats} done")
+    for job in jobs:
+        row = Row(job.setting, job.tool, matched=True, note=job.note, error=errors.get(id(job), ""))
+        if runs[id(job)]:
+            row.time_s = statistics.median(t for t, _ in runs[id(job)])
+            row.peak_mb = statistics.median(m for _, m in runs[id(job)])
+            row.above_mb = row.peak_mb - bench.baselines.get(job.env_tool, float("nan"))
+        log(f"  {job.setting:32s} {job.tool:18s} {row.time_s:6.2f} s {row.peak_mb:6.0f} MB {row.error}")
+        bench.rows.append(row)
+
+
 # ---- calibration-only comparison ------------------------------------------------------------
 
 
@@ -1189,6 +1225,13 @@ def main() -> int:
         help="only these models (repeatable); the README is not written",
     )
     parser.add_argument("--no-calibration", action="store_true", help="skip the calibration-only comparison")
+    parser.add_argument(
+        "--cost-only",
+        type=int,
+        metavar="ROUNDS",
+        help="only the quantize time / peak RSS table of the matched pairs, medians of ROUNDS interleaved "
+        "rounds (no metrics, latency or calibration-only part; the README is not written)",
+    )
     parser.add_argument("--no-readme", action="store_true", help="print only; leave bench/README.md alone")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -1202,6 +1245,23 @@ def main() -> int:
     peer_env = _peer_env()
     have_nbits = bool(peer_env) or bool(importlib.util.find_spec("onnx_ir"))
     work = Path(tempfile.mkdtemp(prefix="onnxcomp-bench-ptq-"))
+    if args.cost_only:
+        try:
+            benches = [b for b in build_models(work, args.quick) if not args.only or b.key in args.only]
+            for b in benches:
+                log(f"{b.key}")
+                plan_jobs(b, work, have_nbits, args.quick)
+                run_costs(b, args.cost_only, peer_env, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        load = (load_start, common.load_average())
+        print(f"{common.environment_line(['onnx', 'onnxruntime', 'numpy'])}")
+        print(
+            f"{args.cost_only} interleaved rounds; 1-minute load average {load[0]} at the start, {load[1]} at the end"
+        )
+        print(cost_table(benches))
+        log(f"done in {time.perf_counter() - start:.0f} s")
+        return 0
     try:
         benches = [b for b in build_models(work, args.quick) if not args.only or b.key in args.only]
         for b in benches:
