@@ -39,6 +39,13 @@ MXFP8 (dynamic, 32-element blocks along the reduction axis): a Reshape splits th
 (blocks, 32) in place (no Transpose; an axis of at most 32 is reduced as is; a partial last block
 is a separate Split part instead of zero padding), amax over the finite elements (``Where``),
 ``2^X`` from ``ceil`` against a power of two (exact), then the E4M3 rounding above on x * 2^-X.
+
+Where they go (``quant.plan``, ``quant.apply``): only at the inputs of quantized nodes, once per
+tensor. A static FP8 / HiF8 tensor gets no second subgraph on the node's output (that Q exists for
+ORT's integer kernels, which these formats have none of), and a dynamic HiF8 / MX tensor read by
+several nodes along the same axis (Q, K and V projections) is emulated once for all of them. The
+weights of these nodes are decoded once at session load (``quant.folded_weights``), so what the
+emulation costs is these subgraphs alone (bench/README.md, issue 11).
 """
 
 from __future__ import annotations
