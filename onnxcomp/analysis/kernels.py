@@ -97,6 +97,9 @@ def _float_reason(node: onnx.NodeProto, model: onnx.ModelProto, emulated: str | 
             readers.setdefault(i, []).append(n)
     x = producers.get(node.input[0]) if node.input else None
     if x is None or x.op_type != "DequantizeLinear":
+        w = producers.get(node.input[1]) if len(node.input) > 1 else None
+        if w is not None and w.op_type == "Mul":  # Cast(FP8 codes) / Gather(HiF8 table) * scale
+            return "its input is not quantized (weight-only, a float format: decoded once at session load)"
         return "its input is not quantized (weight-only: the weight is dequantized at every run)"
     outs = readers.get(node.output[0], [])
     if node.output[0] in {o.name for o in model.graph.output}:

@@ -153,3 +153,14 @@ def test_cli_float_weight_format(tmp_path: Path) -> None:
         assert main([*args, "--float-weight-format", form, "--no-report"]) == 0
         assert op in {n.op_type for n in onnx.load(out).graph.node}
     assert model.read_bytes() == before  # the input file is never modified
+
+
+def test_kernel_report_says_float_weights_are_decoded_at_load() -> None:
+    from onnxcomp.analysis.kernels import kernel_report
+
+    for form, reason in (("cast", "decoded once at session load"), ("dq", "dequantized at every run")):
+        model = quantize(
+            _matmul(_weight()), weights="fp8_e4m3", activations="none", fuse=False, float_weight_format=form
+        )
+        (row,) = kernel_report(model.model, [("mm", "MatMul", None)])["nodes"]
+        assert not row["integer"] and reason in row["reason"], row
