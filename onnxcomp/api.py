@@ -142,7 +142,9 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
     if out_path is not None and out_path.exists() and not run.force:
         raise OnnxCompError(f"{out_path}: already exists; choose another output path or pass --force")
     # load_model checked the file in full (or repaired its declared shapes): the manager need not again
-    ctx = PassContext(seed=plan.seed, progress=Progress(run.progress), source_checked=source is not None)
+    ctx = PassContext(
+        seed=plan.seed, progress=Progress(run.progress), source_checked=source is not None, source_path=source
+    )
     if run.calibration is not None:
         ctx.calibration, ctx.calibration_name = calibration_source(
             run.calibration,

@@ -72,6 +72,7 @@ class PassContext:
     artifacts: dict[str, Any] = field(default_factory=dict)
     source_model: Any = None  # the original onnx.ModelProto (read-only), for passes that need it
     source_checked: bool = False  # the model passed onnx.checker's full check on load (no shape repair needed)
+    source_path: Any = None  # the file source_model was read from unchanged (a Path): sessions read it directly
 
     def record(self, feature: str) -> dict[str, Any]:
         """The run's record of ``feature``, saved beside the output as ``OUT.<feature>_record.json``.

@@ -144,7 +144,8 @@ class PassManager:
         """The input model's outputs on one sample, the reference every validation compares with."""
         if self.validate == "none":
             return None
-        found = inference_sample(model, ctx.calibration() if ctx.calibration is not None else None)
+        file = ctx.source_path if model is ctx.source_model else None  # not after a conversion
+        found = inference_sample(model, ctx.calibration() if ctx.calibration is not None else None, file)
         if isinstance(found, str):
             log.info("validation creates sessions only: %s", found)
             return None

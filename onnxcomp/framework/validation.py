@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,14 +78,15 @@ def _static_outputs(model: onnx.ModelProto) -> set[str]:
 
 
 def inference_sample(
-    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] | None = None
+    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] | None = None, file: Path | None = None
 ) -> InferenceSample | str:
     """The reference run of ``model`` on the first calibration batch (else generated inputs), or why none.
 
     The reference runs at ORT_ENABLE_ALL too, so what onnxruntime's own optimizations do to the
     input model (a BatchNorm fold that overflows) is not blamed on a pass. When the input model itself does not run on the sample
     (an input of a kind we cannot generate, a shape input), there is nothing to compare against
-    and the reason is returned: validation then only creates a session, as before.
+    and the reason is returned: validation then only creates a session, as before. ``file`` (the
+    file ``model`` was read from, unchanged) is loaded by onnxruntime directly: no serialisation.
     """
     generated = generated_feeds(model)
     first: Mapping[str, np.ndarray] | None = None
@@ -101,7 +103,7 @@ def inference_sample(
     else:
         feeds, source = generated, "inputs generated from the declared shapes"
     try:
-        session = ort_session(model, level="all")
+        session = ort_session(model if file is None else Path(file), level="all")
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         names = [o.name for o in session.get_outputs()]
