@@ -50,7 +50,7 @@ from onnxcomp.calibration.gram import (
 from onnxcomp.errors import CalibrationError
 from onnxcomp.formats.nm import NMPattern, apply_nm
 from onnxcomp.ir import describe
-from onnxcomp.sparsity.sparsegpt import matrix_axes, sparsegpt_nm
+from onnxcomp.sparsity.sparsegpt import MaskRule, matrix_axes, sparsegpt_nm
 
 __all__ = ["DenseTargetStats", "DenseFit", "fit_dense_target", "masked_refit"]
 
@@ -181,6 +181,7 @@ def fit_dense_target(
     ridge: float = 0.1,
     block: int = 128,
     refit_kept: bool = False,
+    mask_rule: MaskRule = "obs",
 ) -> DenseFit:
     """``weight`` made n:m sparse so the layer's output on the sparse model's input matches the dense one.
 
@@ -230,6 +231,7 @@ def fit_dense_target(
         reduction_axis=reduction_axis,
         damp=damp,
         block=block,
+        mask_rule=mask_rule,
     )
     sparse = _as_matrix(sparse_w, axes)
     keep = sparse != 0

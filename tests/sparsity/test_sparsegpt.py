@@ -45,6 +45,46 @@ def test_masks_are_exactly_nm_and_error_beats_magnitude(n: int, m: int) -> None:
     direct = np.sum((x @ (w - sparse).T.astype(np.float64)) ** 2) / np.sum((x @ w.T.astype(np.float64)) ** 2)
     assert e_sgpt == pytest.approx(direct, rel=1e-6)
     assert e_sgpt < 0.5 * e_mag, (e_sgpt, e_mag)
+    saliency = sparsegpt_nm(w, pattern, h, mask_rule="saliency", **axes)  # SparseGPT's own per-weight rule
+    assert is_nm_sparse(saliency, 1, pattern)
+    assert e_sgpt <= output_error(w, saliency, h, **axes), (e_sgpt, output_error(w, saliency, h, **axes))
+
+
+def _sweep_by_least_squares(w: np.ndarray, h: np.ndarray, pruned: tuple[int, ...]) -> float:
+    """The OBS sweep without Cholesky: column by column, zero it if pruned, then re-solve the columns
+    after it by least squares given the ones before (``min (w - v)^T H (w - v)`` with a fixed prefix)."""
+    d = len(w)
+    cur = w.astype(np.float64).copy()
+    for k in range(d):
+        if k in pruned:
+            cur[k] = 0.0
+        if k + 1 < d:
+            tail, head = slice(k + 1, d), slice(0, k + 1)
+            cur[tail] = w[tail] + np.linalg.solve(h[tail, tail], h[tail, head] @ (w[head] - cur[head]))
+    diff = w - cur
+    return float(diff @ h @ diff)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_obs_mask_rule_picks_the_cheapest_sweep_of_every_candidate(seed: int) -> None:
+    """One group of 4 columns: the "obs" rule's error is the least over all 6 masks of the sweep's
+    error, computed independently by least squares; SparseGPT's saliency rule is never below it."""
+    rng = np.random.default_rng(seed)
+    x = _inputs(400, 4, seed=seed + 20)
+    h = x.T @ x / len(x)
+    w = rng.standard_normal((12, 4))
+    axes = {"channel_axis": 0, "reduction_axis": 1}
+    obs = sparsegpt_nm(w, NMPattern(), h, damp=0.0, **axes)
+    saliency = sparsegpt_nm(w, NMPattern(), h, damp=0.0, mask_rule="saliency", **axes)
+    worse = 0
+    for r in range(len(w)):
+        best = min(_sweep_by_least_squares(w[r], h, pruned) for pruned in itertools.combinations(range(4), 2))
+        got = float((w[r] - obs[r]) @ h @ (w[r] - obs[r]))
+        assert got == pytest.approx(best, rel=1e-8, abs=1e-12), r
+        other = float((w[r] - saliency[r]) @ h @ (w[r] - saliency[r]))
+        assert other >= got * (1 - 1e-9)
+        worse += other > got * (1 + 1e-6)
+    assert worse > 0  # the rules differ on real rows, not only in principle
 
 
 def test_conv_groups_run_along_input_channels_at_every_kernel_position() -> None:
@@ -114,13 +154,13 @@ def test_sparsegpt_without_data_is_a_one_line_error_and_quantize_keeps_zeros() -
 
 
 def test_ppocr_cls_2to4_keeps_fp32_top1_accuracy() -> None:
-    """2:4 on every layer by SparseGPT (the CLI default: sequential, dense target) against the labels.
+    """2:4 on every layer by SparseGPT (the CLI default: sequential, dense target, "obs" masks) against the labels.
 
-    Measured here (64 calibration images, 500 held-out): fp32 0.926; dense target 0.862 (0.931 of
-    fp32, agreement 0.884); the plain sequential SparseGPT (target "layer") 0.514; magnitude 0.486;
-    opt-in dense_layers=4 0.900 (0.972). On 1500 held-out images the default keeps 0.937, 0.950 and
-    0.950 of fp32 with calibration seeds 1, 2, 3 (0.949 with 128 images): the issue's >= 0.95 with
-    every layer sparse is about reached, not with margin, so the assertion is 0.9 of fp32."""
+    Measured here (64 calibration images, 500 held-out): fp32 0.926; the default 0.896 (0.968 of
+    fp32, agreement 0.910); with SparseGPT's saliency mask rule 0.862 (0.931); the plain sequential
+    SparseGPT (target "layer") 0.514; magnitude 0.486. On 1500 held-out images over calibration
+    seeds 1-5 the default keeps 0.954-0.973 of fp32 top-1 (saliency rule: 0.935-0.957;
+    bench/README.md "2:4 SparseGPT across calibration seeds"), so the issue's >= 0.95 is asserted."""
     from tests.real_models import make_inputs, real_model
 
     model = onnx.load(str(real_model("ppocr_cls")))
@@ -138,6 +178,7 @@ def test_ppocr_cls_2to4_keeps_fp32_top1_accuracy() -> None:
     result = report.result("sparsify_2to4")
     assert set(result.data["method"].values()) == {"sparsegpt"} and len(result.data["method"]) == 41
     assert "not one whole group of 2:4" in dict(result.declined)["Conv@0"]  # the first conv: 3 image channels
+    assert "a depthwise conv" in dict(result.declined)["Conv@2"]  # 2:4 has nothing to choose in a 3x3 kernel
     for init in report.model.graph.initializer:
         w = onnx.numpy_helper.to_array(init)
         if w.ndim == 4 and w.shape[1] >= 4:
@@ -145,8 +186,8 @@ def test_ppocr_cls_2to4_keeps_fp32_top1_accuracy() -> None:
     for entry in result.data["layers"]:  # fitted to the dense model: never worse than magnitude on the data
         assert entry["target"] == "dense" and entry["output_error"] <= entry["output_error_magnitude"], entry
     accuracy, agreement = measure(report.model)
-    assert accuracy >= 0.9 * accuracy_fp32, (accuracy, accuracy_fp32, agreement)
-    assert agreement >= 0.85
+    assert accuracy >= 0.95 * accuracy_fp32, (accuracy, accuracy_fp32, agreement)
+    assert agreement >= 0.9
     accuracy_magnitude, _ = measure(sparsify(model, pattern="2:4", method="magnitude").model)
     assert accuracy_magnitude < 0.6 * accuracy_fp32
 
