@@ -97,8 +97,14 @@ class FakeQuant(torch.nn.Module):
         return (self.initial_scale * torch.exp(self.log_gain)).clamp_min(_TINY)
 
     def effective_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """:attr:`scale` to the bit (what the export writes), with LSQ's scaled gradient, laid out against ``x``.
+
+        The gradient-scaled path alone, ``(g - g f) + g f``, can land one ulp off ``exp(g)``: a
+        weight then rounds to another code in training than in the exported file.
+        """
         gain = grad_scale(self.log_gain, self.gradient_factor)
-        return self._broadcast((self.initial_scale * torch.exp(gain)).clamp_min(_TINY), x)
+        scaled = (self.initial_scale * torch.exp(gain)).clamp_min(_TINY)
+        return self._broadcast(self.scale.detach() + (scaled - scaled.detach()), x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -110,8 +116,10 @@ class FakeQuant(torch.nn.Module):
             # clip, then round (LSQ's order; the same values as ONNX's round-then-saturate for integer bounds)
             q = round_ste(torch.clamp(v, self.qmin - zp, self.qmax - zp))
             return q * s
-        nearest = self.nearest(v.detach())
-        return (v + (nearest - v).detach()) * s
+        # the grid value exactly (x - x.detach() is 0), straight-through gradient; v + (nearest - v) would
+        # lose the value to rounding where |v| is far beyond the grid (saturation)
+        inside = torch.clamp(v, -self.magnitudes[-1], self.magnitudes[-1])  # no gradient past saturation
+        return (self.nearest(v.detach()) + (inside - inside.detach())) * s
 
     def nearest(self, v: torch.Tensor) -> torch.Tensor:
         """The grid value nearest to ``v`` (element float grids), ties and saturation as the codec."""

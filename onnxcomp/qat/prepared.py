@@ -165,11 +165,11 @@ class QATModule(torch.nn.Module):
         assert self.quantized_model is not None
         float_node = {n.name: n for n in self.float_model.graph.node}[entry["node"]]
         storage = find_storage(self.quantized_model, entry, float_node, nodes, self._inits)
-        scale = np.asarray(w["scale"], np.float32)
+        scale = np.asarray(w["scale"] if storage.fixed_scale is None else storage.fixed_scale, np.float32)
         values = int(np.prod(w["shape"])) // max(1, scale.size)
         key = f"q{len(self._weight_keys)}"
         self._weight_keys[name] = key
-        zp = np.asarray(w["zero_point"])
+        zp = np.asarray(w["zero_point"]) if storage.fixed_scale is None else np.zeros(scale.shape, np.float32)
         self.weight_quant[key] = FakeQuant(
             w["dtype"], scale, zp, w["axis"], w["block_size"], values, storage.grid, storage.learn_scale
         )
@@ -359,7 +359,8 @@ class QATModule(torch.nn.Module):
             codes, deq, scale = self._learned_weight(name)
             if storage.kind != "matmulnbits":
                 put(storage.codes, codes)
-                put(storage.scale, scale)
+                if storage.kind != "dq2":  # two-level scales stay fixed
+                    put(storage.scale, scale)
                 continue
             fq = self._fq(self.weight_quant, self._weight_keys, name)
             assert fq is not None

@@ -33,7 +33,8 @@ _INTEGER_STORAGE = ("int4", "uint4", "int8", "uint8", "int16", "uint16")
 class WeightStorage:
     """One quantized weight in the PTQ output: initializer names and the grid of its stored codes."""
 
-    kind: str  # "dq" (codes -> DequantizeLinear), "lut" (HiF8 uint8 codes -> table -> Mul), "matmulnbits"
+    kind: str  # "dq" (codes -> DequantizeLinear), "lut" (HiF8 uint8 codes -> table -> Mul), "matmulnbits",
+    # "lut_dq" (FP4 uint4 codes -> 16-entry INT8 table -> DequantizeLinear), "dq2" (two-level scales)
     codes: str  # initializer of the codes (MatMulNBits: the packed B)
     scale: str
     zero_point: str | None
@@ -43,6 +44,7 @@ class WeightStorage:
     transposed: bool = False  # MatMulNBits of a Gemm with transB = 1
     folded_bias: str | None = None  # MatMulNBits: the initializer holding the Gemm's bias
     float_bias: str | None = None  # ... and that bias's name in the float model (a trained parameter)
+    fixed_scale: np.ndarray | None = None  # dq2: the per-group scale the element DQ reads (not learned)
 
 
 def element_format(dtype: str) -> Format:
@@ -104,17 +106,27 @@ def find_storage(
         )
     dq = nodes.get(f"{name}_DequantizeLinear")
     if dq is not None:
-        if dq.input[0] not in inits:
-            raise ConfigError(
-                f"{where}: stored as {w['stored_as']!r}; quantization-aware training exports fp4_storage='int8' "
-                "(drop fp4_storage='uint4_lut')"
-            )
-        if dq.input[1] not in inits:
-            raise ConfigError(
-                f"{where}: two-level scales ({w['stored_as']!r}) are not trained; drop scale_format to train it"
-            )
-        codes_dtype = numpy_helper.to_array(inits[dq.input[0]]).dtype
+        int8 = np.dtype(np.int8)
         zp = dq.input[2] if len(dq.input) > 2 else None
+        if dq.input[0] not in inits:  # FP4 as uint4 codes -> Cast -> Gather(INT8 table of f * v) -> DQ
+            cast = nodes.get(f"{name}_Cast")
+            if cast is None or cast.input[0] not in inits or dq.input[1] not in inits:
+                raise ConfigError(
+                    f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export"
+                )
+            grid = stored_grid(w["dtype"], int8)
+            return WeightStorage("lut_dq", cast.input[0], dq.input[1], zp, int8, grid, learn_scale)
+        if dq.input[1] not in inits:  # two-level: the element DQ's scale is DQ(FP8 group scales, channel scales)
+            group = nodes.get(f"{name}_group_scale_DequantizeLinear")
+            if group is None or group.output[0] != dq.input[1] or not all(i in inits for i in group.input[:2]):
+                raise ConfigError(
+                    f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export"
+                )
+            codes_dtype = numpy_helper.to_array(inits[dq.input[0]]).dtype
+            fixed = _dequantize(group, inits)
+            grid = stored_grid(w["dtype"], codes_dtype)
+            return WeightStorage("dq2", dq.input[0], dq.input[1], zp, codes_dtype, grid, False, fixed_scale=fixed)
+        codes_dtype = numpy_helper.to_array(inits[dq.input[0]]).dtype
         return WeightStorage(
             "dq", dq.input[0], dq.input[1], zp, codes_dtype, stored_grid(w["dtype"], codes_dtype), learn_scale
         )
@@ -134,12 +146,29 @@ def find_storage(
     raise ConfigError(f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export")
 
 
+def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """What a per-tensor / per-axis DequantizeLinear of constant float codes (zero point 0) computes."""
+    codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return np.multiply(codes, scale, dtype=np.float32)
+
+
 def stored_codes(storage: WeightStorage, dtype: str, values: np.ndarray) -> np.ndarray:
     """Stored-code values on ``storage.grid`` (float) as the array the storage holds."""
     if storage.kind == "lut":
         fmt = element_format(dtype)
         assert isinstance(fmt, ElementFormat)
         return fmt.encode(values.astype(np.float32)).astype(np.uint8)
+    if storage.kind == "lut_dq":  # the 4-bit E2M1 codes of the INT8 table's entries f * v
+        fmt = element_format(dtype)
+        assert isinstance(fmt, ElementFormat)
+        v = np.divide(values, np.float32(INT_FACTOR[fmt.name]), dtype=np.float32)
+        return fmt.encode(v).astype(np.uint8).astype(ml_dtypes.uint4)
     if storage.codes_dtype.name in _INTEGER_STORAGE:
         ints = np.rint(values).astype(np.int32)
         wide = np.int8 if storage.codes_dtype.name == "int4" else np.uint8
