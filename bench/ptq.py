@@ -8,6 +8,7 @@ Run from the repo root::
     .venv/bin/python bench/ptq.py --only minilm_l3 --no-readme   # one model, print only
     .venv/bin/python bench/ptq.py --cost-only 3   # quantize time / peak RSS of the matched pairs only,
                                                   # medians of 3 interleaved rounds (printed)
+    .venv/bin/python bench/ptq.py --observer-cost ppocr_rec   # every observer's calibration time vs minmax
 
 Models: the demo digits CNN (held-out top-1), ppocr_det (output cosine vs fp32 on held-out pages)
 and minilm_l3 (sentence-embedding cosine vs fp32 over the corpus). For every model x setting x
@@ -806,6 +807,64 @@ def run_costs(bench: ModelBench, repeats: int, peer_env: dict[str, str], log: Ca
         bench.rows.append(row)
 
 
+#: ``--observer-cost``: calibration data per model (samples, batch size), as in the sections above.
+OBSERVER_DATA = {"ppocr_rec": (32, 8), "minilm_l3": (64, 16), "ppocr_det": (8, 4), "digits_cnn": (128, 16)}
+OBSERVERS = ("minmax", "histogram", "percentile", "entropy", "mse")
+
+
+def observer_costs(key: str, rounds: int, log: Callable[[str], None]) -> str:
+    """Calibration time of every observer on ``key`` (the inputs of its Conv/MatMul/Gemm nodes,
+    uint8 asymmetric ranges): ``Calibrator.run`` + ``compute_range``, in-process, ``rounds``
+    interleaved rounds (every observer once per round); a markdown table of the medians."""
+    from functools import partial
+
+    import onnx
+
+    from models.fetch import fetch, make_inputs
+    from onnxcomp.calibration.collect import Calibrator
+    from onnxcomp.calibration.observers import compute_range, make_observer
+    from onnxcomp.quant.qparams import range_qdq
+
+    samples, bs = OBSERVER_DATA[key]
+    if key == "digits_cnn":
+        path, data = str(REPO / "models" / "digits_cnn.onnx"), dict(np.load(REPO / "models" / "digits_calib.npz"))
+    else:
+        path, data = str(fetch(key)), make_inputs(key, samples, seed=3)
+    model = onnx.load(path)
+    weights = {t.name for t in model.graph.initializer}
+    ops = ("Conv", "MatMul", "Gemm")
+    tensors = sorted({n.input[0] for n in model.graph.node if n.op_type in ops and n.input[0] not in weights})
+    batches = _batches(data, bs)
+    qdq = range_qdq("uint8", False)
+    times: dict[str, list[tuple[float, float]]] = {p: [] for p in OBSERVERS}
+    for round_ in range(rounds):
+        for policy in OBSERVERS:
+            start = time.perf_counter()
+            found = Calibrator(model, {t: partial(make_observer, policy) for t in tensors}).run(batches)
+            collected = time.perf_counter()
+            for observer in found.values():
+                compute_range(policy, observer, qdq, False)
+            times[policy].append((time.perf_counter() - start, collected - start))
+        log(f"  {key}: round {round_ + 1}/{rounds} done")
+    base = statistics.median(t for t, _ in times["minmax"])
+    rows = []
+    for policy in OBSERVERS:
+        total = statistics.median(t for t, _ in times[policy])
+        collect = statistics.median(c for _, c in times[policy])
+        rows.append(
+            [
+                policy,
+                common.fmt(total, 2),
+                common.fmt(collect, 2),
+                common.fmt(total - collect, 2),
+                f"{total / base:.2f}",
+            ]
+        )
+    headers = ["observer", "calibration s", "collect s", "ranges s", "x minmax"]
+    title = f"{key}: {len(tensors)} tensors, {samples} samples in batches of {bs}"
+    return f"{title}\n\n{common.markdown_table(headers, rows, 'lrrrr')}"
+
+
 # ---- calibration-only comparison ------------------------------------------------------------
 
 
@@ -1233,6 +1292,12 @@ def main() -> int:
         "rounds (no metrics, latency or calibration-only part; the README is not written)",
     )
     parser.add_argument("--no-readme", action="store_true", help="print only; leave bench/README.md alone")
+    parser.add_argument(
+        "--observer-cost",
+        choices=sorted(OBSERVER_DATA),
+        action="append",
+        help="only the calibration time of every observer on this model (repeatable), 2 interleaved rounds, printed",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     load_start = common.load_average()
@@ -1242,6 +1307,13 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    if args.observer_cost:
+        print(f"{common.environment_line(['onnx', 'onnxruntime', 'numpy'])}")
+        load_before = common.load_average()
+        tables = [observer_costs(key, 2, log) for key in args.observer_cost]
+        print(f"1-minute load average {load_before} at the start, {common.load_average()} at the end\n")
+        print("\n\n".join(tables))
+        return 0
     peer_env = _peer_env()
     have_nbits = bool(peer_env) or bool(importlib.util.find_spec("onnx_ir"))
     work = Path(tempfile.mkdtemp(prefix="onnxcomp-bench-ptq-"))
