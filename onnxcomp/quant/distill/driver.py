@@ -322,6 +322,7 @@ def _entry(block: Block, learned: Learned, settings: Settings, not_simulated: st
                 ("rounding", settings.learn_rounding),
                 ("scales", settings.learn_scales),
                 ("bias", settings.learn_bias),
+                ("input range", settings.learn_ranges),
             )
             if on
         ],

@@ -9,7 +9,6 @@ evaluation rows (so distillation never makes a layer worse on its own data).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,7 +25,6 @@ from onnxcomp.quant.distill.rows import Layer, RowSource
 EVAL_ROWS = 8192
 WARMUP = 0.2  # fraction of the iterations before the rounding regularizer starts
 BETA_START, BETA_END = 20.0, 2.0
-COSINE = False
 GAIN_LR = 0.05  # the input range's log-gain step, relative to ``lr`` (one number per block: small steps)
 
 
@@ -210,7 +208,6 @@ def _learn_block(
     warm = int(settings.iters * WARMUP)
     for it in range(settings.iters):
         adam.t = it + 1
-        decay = 0.5 * (1.0 + math.cos(math.pi * it / settings.iters)) if COSINE else 1.0
         index = rng.integers(0, source.count, size=min(settings.batch_rows, source.count))
         rows = source.rows(index).astype(np.float32, copy=False)
         slopes = None
@@ -232,11 +229,11 @@ def _learn_block(
                 grad_v = grad_v + np.where(learnable, reg_grad * dh, 0.0)
             v = adam.step("v", v, grad_v, settings.lr)
         if learn_scale:
-            log_scale = adam.step("s", log_scale, grad_log, settings.lr * 0.1 * decay)
+            log_scale = adam.step("s", log_scale, grad_log, settings.lr * 0.1)
         if learn_bias and bias is not None:
-            bias = adam.step("b", bias, grad_bias, bias_lr * decay)
+            bias = adam.step("b", bias, grad_bias, bias_lr)
         if learn_gain:
-            log_gain = float(adam.step("g", np.array(log_gain), np.array(grad_gain), settings.lr * GAIN_LR * decay))
+            log_gain = float(adam.step("g", np.array(log_gain), np.array(grad_gain), settings.lr * GAIN_LR))
         if progress is not None:
             progress(it, loss)
     h, _ = rect_sigmoid(v)
