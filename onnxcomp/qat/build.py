@@ -6,13 +6,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxcomp.calibration.data import CalibrationData, calibration_source
 from onnxcomp.flags import quantize_options, sparsify_passes, with_fusions
 from onnxcomp.framework import PassContext, PassManager, make_pass
 from onnxcomp.model_io import load_model
-from onnxcomp.qat.prepared import QATModule, check_options
+from onnxcomp.qat.engine import torch
+from onnxcomp.qat.prepared import QATModule, check_options, starts_from_ptq
 
 #: how api.py validates a run (the manager names the failing pass only when the model breaks)
 LOCATE = "locate"
@@ -77,4 +80,34 @@ def prepare(
         return PassManager([*passes, sim], validate=LOCATE).run(proto, sim_ctx).model
 
     module.simulation_source = simulation
+    if starts_from_ptq(options):  # GPTQ's codes, corrected biases, equalized weights: the PTQ run's float values
+        _start_from(module, quantized, simulation())
     return module
+
+
+def _start_from(module: QATModule, deployed: onnx.ModelProto, simulation: onnx.ModelProto) -> None:
+    """Set the module's parameters to the float values the PTQ run quantized (the masks stay the float model's).
+
+    Each quantized weight as PTQ dequantized it (``simulation``'s ``NAME_fakequant``: GPTQ's codes), each
+    int32 bias as its codes times their scale, every other parameter from the same-named initializer
+    of the ``deployed`` model (biases moved by bias correction, weights rescaled by equalization).
+    Rounding these again on the PTQ scales gives the PTQ codes, so the untrained export is the PTQ model.
+    """
+    deploy = {t.name: t for t in deployed.graph.initializer}
+    sim = {t.name: t for t in simulation.graph.initializer}
+    values: dict[str, np.ndarray] = {}
+    for name in module.graph.weight_keys:
+        if name in module._weight_keys:
+            values[name] = numpy_helper.to_array(sim[f"{name}_fakequant"])
+        elif name in module._biases:
+            slot = module._biases[name].slot
+            assert slot.codes is not None
+            codes = numpy_helper.to_array(deploy[slot.codes]).astype(np.float64)
+            values[name] = codes * numpy_helper.to_array(deploy[slot.scale]).astype(np.float64)
+        elif name in deploy and deploy[name].data_type == onnx.TensorProto.FLOAT:
+            values[name] = numpy_helper.to_array(deploy[name])
+    with torch.no_grad():
+        for name, value in values.items():
+            param = module.graph.weight(name)
+            if tuple(value.shape) == tuple(param.shape):
+                param.copy_(torch.from_numpy(value.astype(np.float32)))

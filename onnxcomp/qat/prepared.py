@@ -38,15 +38,16 @@ from onnxcomp.quant.qparams import dequantize
 from onnxcomp.quant.qparams import quantize as quantize_codes
 from onnxcomp.quant.qweight import storage_array
 
-#: quantize options QAT does not start from: they change the float weights or the codes' rule.
+#: quantize options QAT does not start from (their plain value): they insert nodes (SmoothQuant's and AWQ's
+#: Mul by 1/s where no neighbour absorbs it) the float model lacks, or search (accuracy_target)
 UNSUPPORTED_OPTIONS = {
     "smoothquant": None,
-    "equalize": False,
     "weight_algorithm": "rtn",
-    "bias_correction": "none",
     "accuracy_target": None,
     "embeddings": "none",
 }
+#: ... and the values it starts from: the float values the PTQ run quantized (``QATModule.start_from``)
+STARTS_FROM_PTQ = {"weight_algorithm": ("gptq",), "bias_correction": ("full", "fast"), "equalize": (True,)}
 
 
 #: Ops that move values without changing them: their output on the input's grid shares its quantizer.
@@ -72,11 +73,16 @@ class _BiasSlot:
 
 def check_options(options: Mapping[str, Any]) -> None:
     for key, plain in UNSUPPORTED_OPTIONS.items():
-        if key in options and options[key] not in (plain, None, False):
+        if key in options and options[key] not in (plain, None, False, *STARTS_FROM_PTQ.get(key, ())):
             raise ConfigError(
-                f"quantization-aware training starts from round-to-nearest PTQ: drop {key}={options[key]!r} "
-                "(training replaces what it does)"
+                f"quantization-aware training starts from round-to-nearest, GPTQ, bias-corrected or equalized PTQ: "
+                f"drop {key}={options[key]!r} (SmoothQuant / AWQ may insert nodes the float model lacks)"
             )
+
+
+def starts_from_ptq(options: Mapping[str, Any]) -> bool:
+    """Whether the PTQ run changes float values the module must start from (GPTQ, bias correction, equalization)."""
+    return any(options.get(key) in values for key, values in STARTS_FROM_PTQ.items())
 
 
 def _producer_index(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:

@@ -47,6 +47,17 @@ CASES: dict[str, tuple[dict[str, Any] | None, dict[str, str], float]] = {
     "hif8 weights and activations": (None, {"weights": "hif8", "activations": "hif8"}, 0.02),
     "fp4 as uint4 codes + table": (None, {**FP4_WEIGHT_ONLY, "fp4_storage": "uint4_lut"}, 1e-5),
     "fp4 two-level scales (fixed)": (None, {**FP4_WEIGHT_ONLY, "scale_format": "fp8_e4m3"}, 1e-5),
+    # starting points: the module starts from GPTQ's codes, the corrected (int32) biases, equalized weights
+    "W8A8 from GPTQ + bias correction": (
+        None,
+        {"weights": "int8", "activations": "uint8", "weight_algorithm": "gptq", "bias_correction": "fast"},
+        0.05,
+    ),
+    "W8A8 per tensor from equalization": (
+        None,
+        {"weights": "int8", "activations": "uint8", "granularity": "tensor", "equalize": True},
+        0.05,
+    ),
 }
 
 SIMULATED = ("fp4_e2m1 g32 weights, uint8 activations", "hif8 weights and activations")

@@ -138,8 +138,8 @@ def test_masks_stay_exact_after_training(tmp_path: object) -> None:
 
 
 def test_unsupported_config_is_declined_with_reason() -> None:
-    with pytest.raises(ConfigError, match="round-to-nearest PTQ: drop weight_algorithm='gptq'"):
-        prepare(DEMO, None, CALIB, weights="int8", activations="uint8", weight_algorithm="gptq")
+    with pytest.raises(ConfigError, match="equalized PTQ: drop weight_algorithm='awq'"):
+        prepare(DEMO, None, CALIB, weights="int4", activations="none", weight_algorithm="awq")
     # the storages it cannot export (uint4 tables, two-level scales, run-time activations): test_export_formats.py
 
 
