@@ -190,3 +190,14 @@ def test_sensitivity_ranks_every_ascend_layer(rtn: dict, tmp_path: Path) -> None
     assert all(0.99 < r["only_quantized"] <= 1.0 and 0.99 < r["only_float"] <= 1.0 for r in rows)
     got = _check(out)  # the sensitivity run writes the plain quantization
     np.testing.assert_array_equal(got["logits"], rtn["logits"])
+
+
+def test_distilled_activation_ranges_reach_the_ascend_quant_factors(rtn: dict, tmp_path: Path) -> None:
+    out = tmp_path / "ranges.onnx"
+    learn = onnxcomp.framework.make_pass("distill", {"target": "ascend", "iters": 60, "learn_ranges": True})
+    onnxcomp.compress(onnxcomp.fuse(DEMO).model, [learn], out, calibration=CALIB)
+    got = _check(out)  # AscendQuant scale / offset from the learned ranges in both models and the record
+    moved = [e["node"] for e in got["json"].values() if "input_range" in e["distill"]]
+    assert moved, "no input range was learned"
+    for layer in moved:
+        assert got["record"][layer].scale_d != rtn["record"][layer].scale_d

@@ -310,6 +310,8 @@ def ascend_quantize(
     ranges = ranges_from(static, stats["ranges"])
     hessians = hessians_from(stats["hessians"])
     learned, learn_notes = learn(graph, ascend_plans, ranges, float_model, ctx, {}) if learn is not None else ({}, {})
+    if learned:  # distillation wrote learned biases into ``graph``, also into nodes after a layer (BatchNormalization)
+        float_model = ir.export_model(graph, ctx.source_model)
     layers: list[AscendLayer] = []
     for plan, act, weight in accepted:
         name = plan.node.inputs[0].name
