@@ -19,9 +19,14 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
+from onnxcomp.ir.mapped import checkable_file, is_mapped, map_external_data
 from onnxcomp.runtime import PROTOBUF_LIMIT, ort_session, write_model_file
 
 log = logging.getLogger(__name__)
+
+#: Models with this much external data are loaded *mapped*: weights stay in their files and are
+#: read through memory maps one initializer at a time (``ir.mapped``, docs/scale.md).
+MAP_WEIGHTS_FROM_BYTES = 1 << 30
 
 #: onnxcomp never emits a model with a default-domain opset above this (ORT has no Q/DQ kernels
 #: above it; docs/onnxruntime.md).
@@ -58,8 +63,12 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelProto:
-    """Read an .onnx file (external data included) and check it; one-line errors otherwise."""
+def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | None = None) -> onnx.ModelProto:
+    """Read an .onnx file (external data included) and check it; one-line errors otherwise.
+
+    ``mapped`` (default: external data of ``MAP_WEIGHTS_FROM_BYTES`` or more) leaves the big
+    weights in their files, read through memory maps when a pass needs them (``ir.mapped``).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file; check the path")
@@ -77,7 +86,12 @@ def load_model(path: str | os.PathLike[str], check: bool = True) -> onnx.ModelPr
         raise ModelLoadError(
             f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind"
         )
-    if _uses_external(model):
+    if _uses_external(model) and (mapped if mapped is not None else _external_bytes(model) >= MAP_WEIGHTS_FROM_BYTES):
+        try:
+            map_external_data(model, path.parent)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: {_first_line(exc)}; keep the .data file beside the model") from exc
+    elif _uses_external(model):
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:  # noqa: BLE001 - onnx raises OSError, ValueError or ValidationError
@@ -190,6 +204,14 @@ def _uses_external(model: onnx.ModelProto) -> bool:
     )
 
 
+def _external_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    return total
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
@@ -206,6 +228,9 @@ def check_model(model: onnx.ModelProto, file: Path | None = None, serialized: by
             onnx.checker.check_model(str(file), full_check=True)
         elif serialized is not None:
             onnx.checker.check_model(serialized, full_check=True)
+        elif is_mapped(model):  # the checker wants relative locations of files beside the model
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
+                onnx.checker.check_model(str(checkable_file(model, Path(tmp))), full_check=True)
         elif model.ByteSize() < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
@@ -230,7 +255,7 @@ def runs_on_ort(model: onnx.ModelProto) -> bool:
 def serialize_model(model: onnx.ModelProto) -> bytes | None:
     """``model``'s bytes exactly as :func:`save_model` writes them, or None when it is written with
     external data (2 GiB and more, or mapped weights). Validation, the checker and saving share them."""
-    if model.ByteSize() >= PROTOBUF_LIMIT:
+    if is_mapped(model) or model.ByteSize() >= PROTOBUF_LIMIT:
         return None
     return model.SerializeToString(deterministic=True)
 
@@ -277,6 +302,7 @@ def save_model(
         external = model.ByteSize() >= PROTOBUF_LIMIT if serialized is None else False
     else:
         external = external_data
+    external = external or is_mapped(model)  # mapped weights are streamed to NAME.data
     targets = [path, path.with_name(path.name + ".data")] if external else [path]
     if not overwrite:
         for target in targets:
@@ -285,7 +311,7 @@ def save_model(
     if not path.parent.exists():
         raise OnnxCompError(f"{path.parent}: output directory does not exist; create it first")
     # save_model with external data mutates the proto (moves raw data out): work on a copy.
-    if external:
+    if external and not is_mapped(model):  # the streaming writer copies only the header
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy

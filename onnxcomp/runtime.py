@@ -9,8 +9,11 @@ provider runs and fuses.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp.errors import CalibrationError
+from onnxcomp.ir.mapped import is_mapped, relative_copy, write_streaming
 
 #: protobuf cannot serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -28,8 +32,14 @@ ALL_CORES = 0
 
 
 def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Serialise ``model`` to ``path`` (deterministic bytes), with every tensor in ``NAME.data`` if ``external``."""
-    if external:
+    """Serialise ``model`` to ``path`` (deterministic bytes), with every tensor in ``NAME.data`` if ``external``.
+
+    A mapped model (weights left in their files, ``ir.mapped``) is always written with external
+    data, its weights copied over in chunks.
+    """
+    if is_mapped(model):
+        write_streaming(model, path)
+    elif external:
         onnx.save_model(
             model,
             str(path),
@@ -76,6 +86,19 @@ def ort_session(  # noqa: ANN201
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     if isinstance(model, bytes):  # already serialised (model_io.serialize_model): no second copy
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    if is_mapped(model) and model.ByteSize() < PROTOBUF_LIMIT:
+        # onnxruntime reads the weights from their files (relative to the folder), never a copy of them
+        relative, folder = relative_copy(model)
+        # No arena: a DequantizeLinear's float weight is freed after its reader runs instead of
+        # being kept for the next run (an arena would hold a float copy of every quantized weight).
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
+        # MatMul reads the mapped weights where they are: prepacking would add a packed copy of each
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        session = ort.InferenceSession(relative.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        weakref.finalize(session, release_freed_memory)  # its weights leave the process with it
+        return session
     if model.ByteSize() < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
@@ -85,6 +108,13 @@ def ort_session(  # noqa: ANN201
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by onnxruntime back to the system (glibc keeps freed blocks otherwise,
+    and a big model's next session would be counted on top of the last one's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def first_line(exc: BaseException) -> str:

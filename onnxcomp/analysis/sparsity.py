@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxcomp import ir
 from onnxcomp.formats.nbits import unpack_rows
 from onnxcomp.formats.nm import NMPattern, nm_fraction
 from onnxcomp.ir import reduction_axis
@@ -65,12 +65,12 @@ def _matmulnbits_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorPro
     if node.input[1] not in constants or not (k and n and block):
         return None
     blocks = -(-k // block)
-    codes = unpack_rows(numpy_helper.to_array(constants[node.input[1]]).reshape(n, blocks, -1), bits, block)
+    codes = unpack_rows(ir.tensor_values(constants[node.input[1]]).reshape(n, blocks, -1), bits, block)
     zp_name = node.input[3] if len(node.input) > 3 else ""
     if zp_name:
         if zp_name not in constants or constants[zp_name].data_type != onnx.TensorProto.UINT8:
             return None
-        zp = unpack_rows(numpy_helper.to_array(constants[zp_name]).reshape(n, -1), bits, blocks)
+        zp = unpack_rows(ir.tensor_values(constants[zp_name]).reshape(n, -1), bits, blocks)
     else:
         zp = np.full((n, blocks), 1 << (bits - 1), np.uint8)
     zero = codes == zp[:, :, None]
@@ -81,9 +81,9 @@ def _dequantized_zeros(node: onnx.NodeProto, constants: dict[str, onnx.TensorPro
     """Where the output of a DequantizeLinear of constant codes is exactly zero (None if unknown)."""
     if node.input[0] not in constants:
         return None
-    codes = numpy_helper.to_array(constants[node.input[0]]).astype(np.int64)
+    codes = ir.tensor_values(constants[node.input[0]]).astype(np.int64)
     zp_name = node.input[2] if len(node.input) > 2 else ""
-    zp = numpy_helper.to_array(constants[zp_name]).astype(np.int64) if zp_name in constants else None
+    zp = ir.tensor_values(constants[zp_name]).astype(np.int64) if zp_name in constants else None
     if zp is None or not zp.any():
         return codes == 0
     if zp.size == 1:
@@ -110,7 +110,7 @@ def layer_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, np.
                 out.append((node, name, np.where(zero, 0.0, 1.0)))
             continue
         if name in constants:
-            value = numpy_helper.to_array(constants[name])
+            value = ir.tensor_values(constants[name])
             if value.dtype.kind == "f":
                 out.append((node, name, value))
             continue

@@ -15,6 +15,7 @@ from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.validation import InferenceSample, check_inference, inference_sample
+from onnxcomp.ir.mapped import attach_mapped, detach_mapped
 from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, repair_declared_shapes, serialize_model, validate_model
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,16 @@ class RunReport:
 
 def convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelProto:
     """onnx's version converter with a one-line error naming the reason for the conversion."""
+    bare, mapped = detach_mapped(model)  # the converter drops external references: keep them aside
     try:
-        converted = version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(bare, target)
     except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/IndexError/...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OnnxCompError(
             f"cannot convert the model from opset {default_opset(model)} to {target} ({why}): {first}; "
             f"re-export the model at opset {target}"
         ) from exc
+    attach_mapped(converted, mapped)
     return converted
 
 

@@ -55,6 +55,7 @@ from onnxcomp.ir.graph import (
     upgrade_graph,
     write_input,
 )
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.ir.queries import (
     Shapes,
     WeightLayout,
@@ -110,6 +111,7 @@ __all__ = [
     "quantized_source",
     "raw_axes",
     "reduction_axis",
+    "tensor_values",
     "replace_constant",
     "set_constant",
     "unique_name",

@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon import Constant, Graph, Node, Tensor, Variable
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxcomp.ir.mapped import MappedValues, map_constants, release_mapped
 from onnxcomp.ir.roundtrip import ModelFacts, finish_export, prepare_import
 
 __all__ = [
@@ -83,6 +84,7 @@ def import_model(model: onnx.ModelProto) -> Graph:
     private.CopyFrom(model)
     facts = prepare_import(private)
     graph = gs.import_onnx(private)
+    map_constants(graph)  # weights of a mapped model stay on disk (ir.mapped)
     graph._onnxcomp_facts = facts  # noqa: SLF001 - read back by export_model
     return graph
 
@@ -94,6 +96,7 @@ def export_model(graph: Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     initializers stay graph inputs, non-tensor graph I/O keeps its types, and an IR < 4 output
     lists its initializers as inputs (:mod:`onnxcomp.ir.roundtrip`).
     """
+    release_mapped(graph)  # unchanged mapped weights export as their references, not copies
     model = gs.export_onnx(graph, do_type_check=True)
     facts = graph.__dict__.get("_onnxcomp_facts") or ModelFacts()  # not getattr: see _names_cache
     model.ir_version = max(template.ir_version, _min_ir_version(model))
@@ -156,6 +159,8 @@ def constant_value(tensor: Tensor) -> np.ndarray | None:
     """
     if isinstance(tensor, Constant):
         values = tensor._values  # noqa: SLF001 - reading without caching is the point
+        if isinstance(values, MappedValues):
+            return values.load()  # a read-only map of the file, closed when the caller drops it
         if isinstance(values, LazyValues):
             return numpy_helper.to_array(values.tensor)
         return np.asarray(values)

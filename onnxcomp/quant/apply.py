@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -190,9 +191,16 @@ def apply_plans(
             key = (plan.node.inputs[plan.weight_index].name, plan.spec.weights, plan.layout)
             state.quantized[key] = learned[plan.node.name]
     record = []
+    # Each weight's quantized form (and its float dequantized copy) is dropped after the last node
+    # reading it: a pass over a big model holds one float weight at a time, not all of them.
+    names = [_weight_name(plan) for plan in plans]  # before _apply_one rewrites the nodes
+    readers = Counter(names)
     with ctx.progress(len(plans), "quantizing") as bar:
-        for plan in plans:
+        for plan, name in zip(plans, names, strict=True):
             record.append(_apply_one(graph, plan, ranges, options, state, energies or {}))
+            readers[name] -= 1
+            if name is not None and readers[name] == 0:
+                state.forget(name)
             bar.update(1)
     shield_float_readers(graph)  # float-pinned readers of quantized tensors stay float on onnxruntime
     return record
@@ -209,6 +217,24 @@ class _Written:
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
     #: dynamic FP8 / HiF8 / MX emulations by (tensor, format, axis): every reader of a tensor shares one
     emulated: dict[tuple[str, str, int], ir.Tensor] = field(default_factory=dict)
+
+    def forget(self, weight: str) -> None:
+        """Drop what is kept of ``weight`` (no node left reads it); packed entries go too, as
+        they are keyed by the id of a quantized weight that a new one may reuse."""
+        gone = {id(qw) for key, qw in self.quantized.items() if key[0] == weight}
+        gone |= {id(entry[0]) for key, entry in self.weights.items() if key[0] == weight}
+        for packed in [k for k in self.packed if k[0] in gone]:
+            del self.packed[packed]
+        for cache in (self.weights, self.quantized):
+            for key in [k for k in cache if k[0] == weight]:
+                del cache[key]
+
+
+def _weight_name(plan: NodePlan) -> str | None:
+    """The name of the plan's weight input as planned (before its node is rewritten)."""
+    if plan.weight_index is None or plan.weight_index >= len(plan.node.inputs):
+        return None
+    return plan.node.inputs[plan.weight_index].name
 
 
 def _apply_one(graph, plan, ranges, options, state: _Written, energies) -> dict[str, Any]:  # noqa: ANN001

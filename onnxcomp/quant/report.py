@@ -1,8 +1,8 @@
 """Quantization report: per-node output SQNR against the float model, worst first.
 
 Both models run on the same calibration batches with every compared tensor exposed as an extra
-output; sums of signal and noise power are accumulated per tensor, so memory does not grow with
-the number of batches.
+output, one model after the other (the float tensors of the few report batches are kept between
+them); sums of signal and noise power are accumulated per tensor.
 
 Two figures per node: the *cumulative* SQNR (the node's output in the quantized model, carrying
 every upstream error) and the *local* SQNR (the quantized node fed the float model's input, so
@@ -66,33 +66,42 @@ def quantization_report(
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
     local_inputs = plan.feeds if local_of else []
     exposed = list(dict.fromkeys(names + [n for n in local_inputs if n not in fed]))
+    # One session at a time (float, quantized, local), each over the same batches in order: a
+    # model's weights are in memory once at a time, whatever its size (docs/scale.md); the float
+    # tensors of the few report batches are kept in between.
     ref_sess = ort_session(with_outputs(float_model, exposed), level="disable", threads=ALL_CORES)
-    test_sess = ort_session(with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
-    local_sess: Any = None
-    accs = {n: _Acc() for n in names}
-    local_accs = {n: _Acc() for n in local_of.values()}
-    seen = 0
+    feeds_and_refs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for batch in batches:
-        if seen >= max_batches:
+        if len(feeds_and_refs) >= max_batches:
             break
         feeds = dict(batch)
         refs = dict(zip(exposed, ref_sess.run(exposed, feeds), strict=True))
         refs.update({n: feeds[n] for n in local_inputs if n in fed})
+        feeds_and_refs.append((feeds, refs))
+    del ref_sess
+    accs = {n: _Acc() for n in names}
+    test_sess = ort_session(with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
+    for feeds, refs in feeds_and_refs:
         for name, test in zip(names, test_sess.run(names, feeds), strict=True):
             if np.issubdtype(np.asarray(refs[name]).dtype, np.floating):
                 accs[name].add(np.asarray(refs[name]), np.asarray(test))
-        if local_of and local_sess is None:
-            try:  # built once the feeds' dtypes are known; no local figures rather than no report
-                model = plan.local_model(quant_model, {n: np.asarray(refs[n]).dtype for n in local_inputs})
-                local_sess = ort_session(model, level="disable", threads=ALL_CORES)
-            except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
-                local_of, local_accs = {}, {}
-        if local_of:
-            wanted = list(local_of)
+    del test_sess
+    local_accs = {n: _Acc() for n in local_of.values()}
+    local_sess: Any = None
+    if local_of and feeds_and_refs:
+        try:  # built once the feeds' dtypes are known; no local figures rather than no report
+            refs = feeds_and_refs[0][1]
+            model = plan.local_model(quant_model, {n: np.asarray(refs[n]).dtype for n in local_inputs})
+            local_sess = ort_session(model, level="disable", threads=ALL_CORES)
+        except Exception:  # noqa: BLE001 - onnxruntime raises several unrelated types
+            local_of, local_accs = {}, {}
+    if local_of:
+        wanted = list(local_of)
+        for _, refs in feeds_and_refs:
             outs = local_sess.run(wanted, {n: refs[n] for n in local_inputs})
             for name, test in zip(wanted, outs, strict=True):
                 local_accs[local_of[name]].add(np.asarray(refs[local_of[name]]), np.asarray(test))
-        seen += 1
+    seen = len(feeds_and_refs)
     nodes = [
         {
             "node": node_outputs[t][0],

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxcomp import ir
 from onnxcomp.analysis.inspect import human_bytes, human_count, summarize
 from onnxcomp.analysis.macs import with_input_shapes
 from onnxcomp.framework.base import PassResult
@@ -21,7 +21,7 @@ def nonzero_weights(model: onnx.ModelProto) -> int:
     count = 0
     for init in model.graph.initializer:
         if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-            count += int(np.count_nonzero(numpy_helper.to_array(init)))
+            count += int(np.count_nonzero(ir.tensor_values(init)))
     return count
 
 

