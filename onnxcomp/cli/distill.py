@@ -11,7 +11,7 @@ from pathlib import Path
 
 from onnxcomp.api import distill
 from onnxcomp.cli.common import add_run_options, command, print_run_report, run_kwargs
-from onnxcomp.cli.quantize import add_quantize_flags, quantize_flag_kwargs
+from onnxcomp.cli.quantize import add_quantize_flags, add_target_flags, quantize_flag_kwargs
 from onnxcomp.quant.report import format_report
 
 
@@ -20,6 +20,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p, calibration="unlabelled calibration data: .npz named by model input, or a directory")
     add_quantize_flags(p)
     p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
+    add_target_flags(p)
     learn = p.add_argument_group("distillation (docs/distill.md)")
     learn.add_argument("--iters", type=int, metavar="N", help="Adam steps per block (default 300)")
     learn.add_argument("--lr", type=float, help="step of the rounding variables (default 0.1)")
@@ -68,6 +69,8 @@ def _distill(args: argparse.Namespace) -> int:
         learn_scales=False if args.no_learn_scales else None,
         learn_bias=False if args.no_learn_bias else None,
         teacher_input=args.teacher_input or None,
+        target=args.target,
+        ascend_int4=args.ascend_int4 or None,
         **_optional_learning(args),
         **quantize_flag_kwargs(args),
         **run_kwargs(args),

@@ -45,15 +45,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     add_run_options(p, calibration="calibration data: .npz named by model input, or a directory")
     add_quantize_flags(p)
     p.add_argument("--simulation", type=Path, help="also write the simulation (fake-quant) model to this path")
-    p.add_argument(
-        "--target",
-        choices=("ort", "ascend", "ascend-qdq"),
-        help="ort (default): Q/DQ for onnxruntime; ascend: ATC's deploy model, OUT.fake_quant.onnx and "
-        "OUT.record.txt; ascend-qdq: QDQ for AMCT's convert_qat_model (docs/ascend.md)",
-    )
-    p.add_argument(
-        "--ascend-int4", action="store_true", help="--target ascend: allow INT4 weights (UNVERIFIED packing)"
-    )
+    add_target_flags(p)
     target = p.add_argument_group("accuracy target (docs/accuracy.md)")
     target.add_argument(
         "--accuracy-target",
@@ -74,6 +66,19 @@ def add_scoring_flags(group: Any) -> None:
         "--evaluator",
         metavar="FILE.py:FUNCTION",
         help="a Python function f(model_path) -> float (higher is better) scoring each candidate model",
+    )
+
+
+def add_target_flags(p: argparse.ArgumentParser) -> None:
+    """``--target`` and ``--ascend-int4`` (quantize, distill)."""
+    p.add_argument(
+        "--target",
+        choices=("ort", "ascend", "ascend-qdq"),
+        help="ort (default): Q/DQ for onnxruntime; ascend: ATC's deploy model, OUT.fake_quant.onnx and "
+        "OUT.record.txt; ascend-qdq: QDQ for AMCT's convert_qat_model (docs/ascend.md)",
+    )
+    p.add_argument(
+        "--ascend-int4", action="store_true", help="--target ascend: allow INT4 weights (UNVERIFIED packing)"
     )
 
 

@@ -118,3 +118,12 @@ def test_simulation_with_target_ascend_points_to_the_fake_quant_model(
     err = capsys.readouterr().err.strip()
     assert "OUT.fake_quant.onnx" in err and "\n" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_distill_takes_the_ascend_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d.onnx"
+    args = ["distill", str(DEMO), "-o", str(out), "--calib", str(CALIB), "--target", "ascend", "--iters", "60"]
+    assert main(args) == 0
+    assert re.search(r"distilled [4-6] of 6 blocks", capsys.readouterr().out)  # measured: 6 of 6
+    assert main(["verify-ascend", str(out), "--data", str(HELDOUT), "--samples", "64"]) == 0
+    assert "record: every quantized node agrees with the deploy model" in capsys.readouterr().out
