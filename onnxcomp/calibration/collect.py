@@ -28,6 +28,7 @@ import onnx
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.progress import progress_bar
 
+from .blocks import PartitionedFeeder, why_not_partitioned
 from .partition import Spool, estimate_bytes, group_tensors, machine_budget
 from .session import BatchFeeder, FeedPlan, SupportsUpdate
 from .shard import CalibrationResources, add_note, current_resources, run_sharded, why_not_shardable
@@ -70,6 +71,7 @@ class Calibrator(Generic[ObserverT]):
         self._plan = FeedPlan(observed_inputs, fetch, tuple(inputs))
         #: number of batches consumed by the last :meth:`run`
         self.batches_seen = 0
+        self._parts = 1  # partitions of the graph in the current run (calibration.blocks)
         #: how the last :meth:`run` ran: tensor groups, workers, or why it stayed in this process
         self.notes: list[str] = []
         # In one process the session is made now, as it always was (load errors surface here).
@@ -101,6 +103,17 @@ class Calibrator(Generic[ObserverT]):
                 total = max_batches if total is None else min(total, max_batches)
         resources = resources if resources is not None else current_resources()
         self.notes = []
+        self._parts = 1
+        if resources.partitions > 1:
+            reason = why_not_partitioned(self._model, resources.partitions)
+            if resources.sharded:
+                reason = "the batches are sharded over workers, each running the whole graph"
+            if reason is None:
+                self._parts = resources.partitions
+                self._feeder = None  # each partition gets a session of its own
+                self.notes.append(f"the graph ran in {resources.partitions} partitions, one session each")
+            else:
+                self.notes.append(f"the graph ran all at once, not in {resources.partitions} partitions: {reason}")
 
         def stream_of(source: Iterable[Any]) -> Iterator[Any]:
             return iter(source) if max_batches is None else itertools.islice(source, max_batches)
@@ -179,7 +192,11 @@ class Calibrator(Generic[ObserverT]):
             merged, seen = run_sharded(self._model, plan, fresh, source, shard, total, advance)
             observers.update(merged)
             return seen
-        feeder = self._feeder if self._feeder is not None and plan.fetch == self._plan.fetch else None
+        feeder: BatchFeeder | PartitionedFeeder | None = None
+        if self._parts > 1 and plan.fetch:
+            feeder = PartitionedFeeder(self._model, plan, self._parts)
+        elif self._feeder is not None and plan.fetch == self._plan.fetch:
+            feeder = self._feeder
         if feeder is None:
             feeder = BatchFeeder(self._model, plan)
         seen = 0

@@ -55,12 +55,15 @@ class CalibrationResources:
     ``workers``: local worker processes (1 = in this process); with ``ray``, the number of Ray
     actors (1 = one per CPU of the cluster). ``ray``: a Ray address (``auto`` = the running
     cluster) or None. ``memory``: bytes the tensors exposed for one batch may take (None: a
-    quarter of the machine's memory, see :mod:`onnxcomp.calibration.partition`).
+    quarter of the machine's memory, see :mod:`onnxcomp.calibration.partition`). ``partitions``:
+    run the graph in that many consecutive blocks of nodes, one session each, so a batch's live
+    tensors are about one block's (:mod:`onnxcomp.calibration.blocks`; in this process only).
     """
 
     workers: int = 1
     ray: str | None = None
     memory: int | None = None
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -71,6 +74,8 @@ class CalibrationResources:
             isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1
         ):
             raise ConfigError(f"the calibration memory budget must be a positive number of bytes, got {self.memory!r}")
+        if isinstance(self.partitions, bool) or not isinstance(self.partitions, int) or self.partitions < 1:
+            raise ConfigError(f"partitions must be a positive integer, got {self.partitions!r}")
 
     @property
     def sharded(self) -> bool:
