@@ -15,7 +15,8 @@ from onnxcomp.flags import quantize_options, sparsify_passes, with_fusions
 from onnxcomp.framework import PassContext, PassManager, make_pass
 from onnxcomp.model_io import load_model
 from onnxcomp.qat.engine import torch
-from onnxcomp.qat.prepared import QATModule, check_options, starts_from_ptq
+from onnxcomp.qat.options import check_options, starts_from_ptq
+from onnxcomp.qat.prepared import QATModule
 
 #: how api.py validates a run (the manager names the failing pass only when the model breaks)
 LOCATE = "locate"

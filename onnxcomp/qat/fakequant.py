@@ -129,3 +129,34 @@ class FakeQuant(torch.nn.Module):
         tie = tie & (a == self.midpoints[index.clamp_max(self.midpoints.numel() - 1)])
         up = tie if self.ties_away else tie & (index % 2 == 1)  # to the even code: the even magnitude index
         return torch.sign(v) * self.magnitudes[index + up.long()]
+
+
+class TokenFakeQuant(torch.nn.Module):
+    """Per-token activation quantization computed at run time (``quant.emit.emit_dynamic_per_token``).
+
+    ``s = max(max|x| over axis / top, tiny)``, integer: ``clip(RNE(x / s), qmin, qmax) * s``; FP8:
+    the nearest FP8 value of ``x / s`` (to even, saturating) times ``s``. Nothing is learned: the
+    op order and float32 arithmetic are those of the emitted subgraph, so the export needs no change.
+    """
+
+    def __init__(self, dtype: str, axis: int) -> None:
+        super().__init__()
+        fmt = get_format(dtype)
+        if isinstance(fmt, IntegerFormat):
+            self.top, self.qmin, self.qmax = float(fmt.qmax), float(fmt.qmin), float(fmt.qmax)
+            self.grid: FakeQuant | None = None
+        elif isinstance(fmt, ElementFormat):
+            self.top, self.grid = float(fmt.max_value), FakeQuant(dtype, np.asarray(1.0, np.float32), np.asarray(0))
+        else:
+            raise ValueError(f"format {dtype!r} has no per-token fake quantization")
+        self.dtype, self.axis, self.enabled = dtype, axis, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        amax = x.abs().amax(dim=self.axis, keepdim=True)
+        s = torch.clamp_min(amax / torch.tensor(self.top, dtype=x.dtype), _TINY)
+        v = x / s
+        if self.grid is None:
+            return torch.clamp(round_ste(v), self.qmin, self.qmax) * s
+        return (self.grid.nearest(v.detach()) + (v - v.detach())) * s

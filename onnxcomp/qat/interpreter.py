@@ -115,6 +115,8 @@ class GraphModule(torch.nn.Module):
                 self.register_buffer(f"c{i}", tensor, persistent=True)
         self.weight_view: Callable[[str, torch.Tensor], torch.Tensor] | None = None
         self.tensor_view: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+        #: (node name, its input 0) -> what the node reads: run-time (per-token) activation quantization
+        self.input_view: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def weight(self, name: str) -> torch.nn.Parameter:
         """The parameter holding ONNX initializer ``name``."""
@@ -129,6 +131,8 @@ class GraphModule(torch.nn.Module):
             env[name] = self._seen(name, value if isinstance(value, torch.Tensor) else torch.from_numpy(value))
         for node, attrs in self.nodes:
             inputs = [self._value(name, env) if name else None for name in node.input]
+            if self.input_view is not None and inputs and inputs[0] is not None:  # per-node quantization of input 0
+                inputs[0] = self.input_view(node.name, inputs[0])
             outputs = OPS[node.op_type](inputs, attrs, self.opset)
             for name, value in zip(node.output, outputs, strict=False):
                 if name:

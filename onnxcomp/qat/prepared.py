@@ -24,7 +24,7 @@ from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.formats import IntegerFormat, get_format
 from onnxcomp.model_io import save_model
 from onnxcomp.qat.engine import torch
-from onnxcomp.qat.fakequant import FakeQuant
+from onnxcomp.qat.fakequant import FakeQuant, TokenFakeQuant
 from onnxcomp.qat.interpreter import GraphModule
 from onnxcomp.qat.reemit import FLOAT_ACTIVATIONS, put_float_activation_scales
 from onnxcomp.qat.storage import (
@@ -37,18 +37,6 @@ from onnxcomp.qat.storage import (
 from onnxcomp.quant.qparams import dequantize
 from onnxcomp.quant.qparams import quantize as quantize_codes
 from onnxcomp.quant.qweight import storage_array
-
-#: quantize options QAT does not start from (their plain value): they insert nodes (SmoothQuant's and AWQ's
-#: Mul by 1/s where no neighbour absorbs it) the float model lacks, or search (accuracy_target)
-UNSUPPORTED_OPTIONS = {
-    "smoothquant": None,
-    "weight_algorithm": "rtn",
-    "accuracy_target": None,
-    "embeddings": "none",
-}
-#: ... and the values it starts from: the float values the PTQ run quantized (``QATModule.start_from``)
-STARTS_FROM_PTQ = {"weight_algorithm": ("gptq",), "bias_correction": ("full", "fast"), "equalize": (True,)}
-
 
 #: Ops that move values without changing them: their output on the input's grid shares its quantizer.
 PASS_THROUGH = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
@@ -69,20 +57,6 @@ class _BiasSlot:
     activation: str  # the tensor whose scale s_x multiplies
     weight: str  # the weight whose scale s_w multiplies
     slot: _Slot = field(default_factory=lambda: _Slot(None, ""))
-
-
-def check_options(options: Mapping[str, Any]) -> None:
-    for key, plain in UNSUPPORTED_OPTIONS.items():
-        if key in options and options[key] not in (plain, None, False, *STARTS_FROM_PTQ.get(key, ())):
-            raise ConfigError(
-                f"quantization-aware training starts from round-to-nearest, GPTQ, bias-corrected or equalized PTQ: "
-                f"drop {key}={options[key]!r} (SmoothQuant / AWQ may insert nodes the float model lacks)"
-            )
-
-
-def starts_from_ptq(options: Mapping[str, Any]) -> bool:
-    """Whether the PTQ run changes float values the module must start from (GPTQ, bias correction, equalization)."""
-    return any(options.get(key) in values for key, values in STARTS_FROM_PTQ.items())
 
 
 def _producer_index(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -108,6 +82,7 @@ class QATModule(torch.nn.Module):
         self.simulation_source: Callable[[], onnx.ModelProto] | None = None
         self.weight_quant = torch.nn.ModuleDict()
         self.act_quant = torch.nn.ModuleDict()
+        self.token_quant = torch.nn.ModuleDict()  # node name -> its per-token input quantizer
         self._weight_keys: dict[str, str] = {}
         self._act_keys: dict[str, str] = {}
         self._weight_slots: dict[str, WeightStorage] = {}
@@ -125,6 +100,8 @@ class QATModule(torch.nn.Module):
                 self.masks[name] = (w != 0).to(w.dtype)
         self.graph.weight_view = self._weight_view
         self.graph.tensor_view = self._tensor_view
+        if len(self.token_quant):
+            self.graph.input_view = self._input_view
 
     # -- building -------------------------------------------------------------------------------
     def _attach(self, q: onnx.ModelProto, record: list[dict[str, Any]]) -> None:
@@ -139,11 +116,13 @@ class QATModule(torch.nn.Module):
             if w is not None:
                 self._attach_weight(entry, where, nodes)
             acts = [*(entry.get("activations") or []), *(entry.get("outputs") or [])]
-            if isinstance(entry.get("activations"), dict):
+            if isinstance(entry.get("activations"), dict) and self._attach_token(entry):
+                acts = []
+            elif isinstance(entry.get("activations"), dict):
                 raise ConfigError(
-                    f"{where}: {entry['activations'].get('granularity')} activations are computed at run time; "
-                    "quantization-aware training supports static per-tensor activations "
-                    f"(--activations int8/uint8/int4/uint4/{'/'.join(FLOAT_ACTIVATIONS)})"
+                    f"{where}: {entry['activations']['dtype']} {entry['activations'].get('granularity')} activations "
+                    "are computed at run time; quantization-aware training supports static per-tensor activations "
+                    f"(int8/uint8/int4/uint4/{'/'.join(FLOAT_ACTIVATIONS)}) and per-token integer / FP8 ones"
                 )
             for a in acts:
                 self._attach_activation(a, where, nodes)
@@ -157,6 +136,19 @@ class QATModule(torch.nn.Module):
                     w["tensor"] if w is not None else "",
                     _Slot(dq.input[0], dq.input[1]),
                 )
+
+    def _attach_token(self, entry: dict[str, Any]) -> bool:
+        """Per-token integer / FP8 activations of ``entry``'s node (run-time scales); False for other kinds."""
+        a = entry["activations"]
+        if a.get("granularity") != "token" or not (
+            isinstance(get_format(a["dtype"]), IntegerFormat) or a["dtype"].startswith("fp8")
+        ):
+            return False
+        node = {n.name: n for n in self.float_model.graph.node}[entry["node"]]
+        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+        axis = 1 if node.op_type in ("Conv", "ConvTranspose") else (0 if node.op_type == "Gemm" and trans_a else -1)
+        self.token_quant[entry["node"]] = TokenFakeQuant(a["dtype"], axis)
+        return True
 
     def _attach_weight(self, entry: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
         w = entry["weights"]
@@ -225,8 +217,8 @@ class QATModule(torch.nn.Module):
     # -- running --------------------------------------------------------------------------------
     def quantized(self, enabled: bool = True) -> QATModule:
         """Fake-quant on (the quantized model) or off (the float model); returns self."""
-        for fq in [*self.weight_quant.values(), *self.act_quant.values()]:
-            assert isinstance(fq, FakeQuant)
+        for fq in [*self.weight_quant.values(), *self.act_quant.values(), *self.token_quant.values()]:
+            assert isinstance(fq, (FakeQuant, TokenFakeQuant))
             fq.enabled = enabled
         return self
 
@@ -262,6 +254,10 @@ class QATModule(torch.nn.Module):
         s = (act.effective_scale(b) * weight.scale.clamp_min(1e-30)).reshape(-1)
         flat = b.reshape(-1)
         return (flat + (torch.round(flat.double() / s.double()).float() * s - flat).detach()).reshape(b.shape)
+
+    def _input_view(self, node: str, value: torch.Tensor) -> torch.Tensor:
+        fq = self.token_quant[node] if node in self.token_quant else None
+        return fq(value) if fq is not None else value
 
     def _tensor_view(self, name: str, value: torch.Tensor) -> torch.Tensor:
         fq = self._fq(self.act_quant, self._act_keys, name)

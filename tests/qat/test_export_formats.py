@@ -47,6 +47,9 @@ CASES: dict[str, tuple[dict[str, Any] | None, dict[str, str], float]] = {
     "hif8 weights and activations": (None, {"weights": "hif8", "activations": "hif8"}, 0.02),
     "fp4 as uint4 codes + table": (None, {**FP4_WEIGHT_ONLY, "fp4_storage": "uint4_lut"}, 1e-5),
     "fp4 two-level scales (fixed)": (None, {**FP4_WEIGHT_ONLY, "scale_format": "fp8_e4m3"}, 1e-5),
+    # activations quantized at run time, one scale per token (nothing learned: the export is the PTQ model's form)
+    "int8 per-token activations": (None, {"weights": "int8", "activations": "int8", "dynamic": True}, 0.05),
+    "fp8 per-token activations": (None, {"weights": "fp8_e4m3", "activations": "fp8_e4m3", "dynamic": True}, 0.05),
     # starting points: the module starts from GPTQ's codes, the corrected (int32) biases, equalized weights
     "W8A8 from GPTQ + bias correction": (
         None,
@@ -161,10 +164,43 @@ def test_float_grid_ties_follow_the_codec(dtype: str) -> None:
     assert np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+def test_per_token_fake_quant_is_the_emitted_subgraph(dtype: str) -> None:
+    """MatMul by the identity after the emitted per-token quantization == TokenFakeQuant, bit for bit."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxcomp import ir
+    from onnxcomp.qat.fakequant import TokenFakeQuant
+    from onnxcomp.quant.emit import emit_dynamic_per_token
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 48)) * rng.uniform(0.01, 10, (64, 1))).astype(np.float32)
+    x[0] = 0.0  # an all-zero token: the scale floor
+    proto = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "eye"], ["y"], name="mm")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+            [numpy_helper.from_array(np.eye(48, dtype=np.float32), "eye")],
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    graph = ir.import_model(proto)
+    emit_dynamic_per_token(graph, graph.nodes[0], 0, dtype, -1)
+    ref = ort_session(ir.export_model(graph, proto), level="disable").run(None, {"x": x})[0]
+    got = TokenFakeQuant(dtype, -1)(torch.from_numpy(x)).detach().numpy()
+    assert np.array_equal(got, ref)
+
+
 @pytest.mark.parametrize(
     ("flags", "reason"),
     [
-        ({"weights": "int8", "activations": "mxfp8"}, "token activations are computed at run time"),
+        ({"weights": "int8", "activations": "mxfp8"}, "mxfp8 token activations are computed at run time"),
+        (
+            {"weights": "int8", "activations": "hif8", "dynamic": True},
+            "hif8 token activations are computed at run time",
+        ),
         ({"weights": "int8", "activations": "uint8", "smoothquant": 0.5}, "drop smoothquant=0.5"),
     ],
 )
