@@ -243,6 +243,14 @@ def make_node(
     return node
 
 
+def make_body(graph: Graph, nodes: list[Node], outputs: list[Variable]) -> Graph:
+    """An If/Loop body made of ``nodes``, moved out of ``graph`` (built there by :func:`make_node`, so
+    their names are unique model-wide); they may read ``graph``'s tensors directly (outer scope)."""
+    moved = {id(n) for n in nodes}
+    graph.nodes[:] = [n for n in graph.nodes if id(n) not in moved]
+    return Graph(nodes=nodes, inputs=[], outputs=outputs, opset=graph.opset, name=unique_name(graph, "body"))
+
+
 # --- structure -----------------------------------------------------------------------------
 
 

@@ -223,12 +223,14 @@ def test_hif8_dynamic_per_token_is_bit_exact() -> None:
     _assert_exact(model, x, want)
 
 
+@pytest.mark.parametrize("finite", [False, True])
 @pytest.mark.parametrize("width", [64, 70])
-def test_mxfp8_dynamic_activation_is_bit_exact(width: int) -> None:
+def test_mxfp8_dynamic_activation_is_bit_exact(width: int, finite: bool) -> None:
+    """With a NaN/Inf anywhere the block amax masks them (one If branch); all finite: the other branch."""
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((300, width)) * np.exp(rng.uniform(-40, 40, (300, 1)))).astype(np.float32)
     x[0] = 0.0
-    x[1, :6] = [np.nan, np.inf, -np.inf, 3e38, -3.0, 1e-40]
+    x[1, :6] = [-0.0, 2.5, -1e-45, 3e38, -3.0, 1e-40] if finite else [np.nan, np.inf, -np.inf, 3e38, -3.0, 1e-40]
     x[2, :3] = [448.0, 464.0, 480.0]  # E4M3 saturation and ties
     model = _activation_model(width, lambda g, t: emit_mx_activation(g, t, width, "mxfp8", "m"))
     _assert_exact(model, x, get_format("mxfp8").quantize_dequantize(x, axis=-1))
@@ -495,8 +497,9 @@ def test_hif8_after_relu_is_bit_exact(scale: float | None) -> None:
     _assert_exact(model, x, want)
 
 
+@pytest.mark.parametrize("finite", [False, True])
 @pytest.mark.parametrize("channels", [3, 32, 40, 64])
-def test_mxfp8_activation_along_channels_is_bit_exact(channels: int) -> None:
+def test_mxfp8_activation_along_channels_is_bit_exact(channels: int, finite: bool) -> None:
     """Conv inputs: 32-blocks along axis 1 of NCHW, no transpose; short and split last blocks."""
     rng = np.random.default_rng(4)
     graph = helper.make_graph(
@@ -513,7 +516,7 @@ def test_mxfp8_activation_along_channels_is_bit_exact(channels: int) -> None:
     assert not any(n.op_type in ("Transpose", "Pad") for n in model.graph.node)
     x = (rng.standard_normal((3, channels, 5, 7)) * np.exp(rng.uniform(-30, 30, (3, 1, 5, 7)))).astype(np.float32)
     x[0, :, 0, 0] = 0.0
-    x[0, 0, 1, 1], x[1, -1, 2, 2], x[2, 0, 3, 3] = np.nan, -np.inf, -0.0
+    x[0, 0, 1, 1], x[1, -1, 2, 2], x[2, 0, 3, 3] = (2e-45, -3e38, -0.0) if finite else (np.nan, -np.inf, -0.0)
     _assert_exact(model, x, get_format("mxfp8").quantize_dequantize(x, axis=1))
 
 
