@@ -35,12 +35,13 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         "--learn-ranges",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="learn each block input's activation clipping range (static activations)",
+        help="learn each block input's activation clipping range (static activations; default off)",
     )
     learn.add_argument(
         "--balance-channels",
-        action="store_true",
-        help="weight each output channel's error by 1 / its teacher energy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weight each output channel's error by 1 / its teacher energy (default on)",
     )
     learn.add_argument(
         "--teacher-input",
@@ -51,7 +52,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 
 def _optional_learning(args: argparse.Namespace) -> dict[str, bool]:
     """The learning switches given on the command line (unset ones keep the pass defaults)."""
-    given = {"learn_ranges": args.learn_ranges, "balance_channels": args.balance_channels or None}
+    given = {"learn_ranges": args.learn_ranges, "balance_channels": args.balance_channels}
     return {k: v for k, v in given.items() if v is not None}
 
 

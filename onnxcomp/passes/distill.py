@@ -45,7 +45,7 @@ class Distill(Quantize):
         learn_scales: bool = True
         learn_bias: bool = True
         learn_ranges: bool = False  # each block input's clipping range (static activations)
-        balance_channels: bool = False  # weight each output channel's error by 1 / its energy
+        balance_channels: bool = True  # each output channel's error weighted by 1 / its energy
         teacher_input: bool = False  # feed each block the teacher's input instead of the student's
         memory_mb: int = 1024  # collected tensors beyond this go to a memory-mapped temporary file
 

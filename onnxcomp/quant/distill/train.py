@@ -40,7 +40,7 @@ class Settings:
     learn_scales: bool = True
     learn_bias: bool = True
     learn_ranges: bool = False  # the input quantizer's clipping range (LSQ-style gain on its scale)
-    balance_channels: bool = False  # weight each output channel's error by 1 / its teacher energy
+    balance_channels: bool = True  # weight each output channel's error by 1 / its teacher energy (docs/distill.md)
 
 
 @dataclass
