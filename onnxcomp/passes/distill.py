@@ -23,14 +23,16 @@ from onnxcomp.quant.plan import NodePlan
 
 @register_pass
 class Distill(Quantize):
-    """Layer-wise distillation on top of the ``quantize`` pass (every DQ weight storage, and HiF8's table).
+    """Layer-wise distillation on top of the ``quantize`` pass (every DQ weight storage, HiF8's and FP4's tables, two-level FP4).
 
-    Per block (a quantized layer plus its elementwise tail), in topological order: AdaRound-style
-    rounding between the two neighbouring grid codes, LSQ-style per-unit scales (not for MX, whose
-    scales are powers of two) and the bias are learned with Adam against the float model's tensor
-    at the block's end. A block keeps round-to-nearest, with the reason in the record, when its
-    storage is a uint4 table or two-level FP4, its weight is shared, it is a batched
-    MatMul, or learning did not beat round-to-nearest on its data. Needs calibration data.
+    Per block (a quantized layer plus its elementwise tail), in topological order, on the input the
+    deployed model computes (earlier blocks' learned weights and every static activation
+    quantizer): AdaRound-style rounding between the two neighbouring grid codes, LSQ-style
+    per-unit scales (not for MX or two-level FP4, whose scales are powers of two / FP8), the bias
+    and optionally the input's clipping range are learned with Adam against the float model's
+    tensor at the block's end. A block keeps round-to-nearest, with the reason in the record,
+    when its weight is shared, it is a batched MatMul, or learning did not beat round-to-nearest
+    on its data. Needs calibration data.
     """
 
     name = "distill"
