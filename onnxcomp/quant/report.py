@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.analysis.local_error import plan_local_error
+from onnxcomp.ir.mapped import is_mapped
 from onnxcomp.runtime import ALL_CORES, ort_session, with_outputs
 
 
@@ -62,7 +63,10 @@ def quantization_report(
     outputs = [o.name for o in float_model.graph.output if o.name in {q.name for q in quant_model.graph.output}]
     names = list(dict.fromkeys(tensors + outputs))
     plan = plan_local_error(float_model, quant_model)  # each node fed the float model's own tensors
-    local_of = {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
+    # A model with mapped weights (over 1 GiB) gets no local figures: their float inputs would be
+    # kept for every report batch beside the outputs, for a third session (docs/scale.md).
+    big = is_mapped(float_model)
+    local_of = {} if big else {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
     local_inputs = plan.feeds if local_of else []
     exposed = list(dict.fromkeys(names + [n for n in local_inputs if n not in fed]))
@@ -119,7 +123,8 @@ def quantization_report(
         for o in outputs
         if o in float_outs
     ]
-    return {"batches": seen, "nodes": nodes, "outputs": outs}
+    skipped = {"local_sqnr": "not computed: the model's weights are mapped (docs/scale.md)"} if big else {}
+    return {"batches": seen, "nodes": nodes, "outputs": outs, **skipped}
 
 
 #: A node whose local SQNR is this far below the median is suggested for ``--skip``.
