@@ -53,7 +53,6 @@ def _qat(args: argparse.Namespace) -> int:
     if args.weights is not None:
         flags["weights"] = args.weights
         flags["activations"] = args.activations or "none"
-        flags["weight_only_format"] = "dq"  # MatMulNBits repacks the codes: training exports DequantizeLinear
     elif args.activations is not None:
         raise OnnxCompError("--activations needs --weights (a weight format) for quantization-aware training")
     if args.granularity is not None:

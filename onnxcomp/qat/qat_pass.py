@@ -51,7 +51,7 @@ class QuantizationAwareTraining(Pass):
         o = self.options
         if o.weights == "none":
             return {}
-        flags: dict[str, Any] = {"weights": o.weights, "activations": o.activations, "weight_only_format": "dq"}
+        flags: dict[str, Any] = {"weights": o.weights, "activations": o.activations}
         if o.granularity is not None:
             flags["granularity"] = o.granularity
         return flags
