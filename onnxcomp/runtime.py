@@ -22,7 +22,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp.errors import CalibrationError
-from onnxcomp.ir.mapped import is_mapped, relative_copy, write_streaming
+from onnxcomp.ir.mapped import is_mapped, relative_copy, split_in_memory, write_streaming
 
 #: protobuf cannot serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -96,7 +96,13 @@ def ort_session(  # noqa: ANN201
         # MatMul reads the mapped weights where they are: prepacking would add a packed copy of each
         opts.add_session_config_entry("session.disable_prepacking", "1")
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        # The new (quantized) weights go in from memory, in place: not serialised, not copied by onnxruntime
+        taken = split_in_memory(relative)
+        values = [ort.OrtValue.ortvalue_from_numpy(v) for v in taken.values()]
+        if values:
+            opts.add_external_initializers(list(taken), values)
         session = ort.InferenceSession(relative.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session._onnxcomp_initializers = (taken, values)  # noqa: SLF001 - must outlive the session
         weakref.finalize(session, release_freed_memory)  # its weights leave the process with it
         return session
     if model.ByteSize() < PROTOBUF_LIMIT:

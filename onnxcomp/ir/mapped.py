@@ -197,6 +197,29 @@ def relative_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path]:
     return copy, folder
 
 
+#: Location of the stubs :func:`split_in_memory` leaves in a session's copy (never read: onnxruntime
+#: is given those initializers' values from memory).
+IN_MEMORY_LOCATION = "onnxcomp_in_memory.bin"
+
+
+def split_in_memory(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Take the big in-memory initializers (the quantized ones) out of ``model`` (a private copy):
+    each becomes an external stub and its values are returned, for onnxruntime's
+    ``add_external_initializers`` (which uses them in place: no serialised copy, no copy of its own)."""
+    taken: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        dtype = _np_dtype(tensor)
+        if source_of(tensor) is not None or dtype is None or not tensor.HasField("raw_data"):
+            continue
+        raw = tensor.raw_data
+        if len(raw) < MIN_MAPPED_BYTES or len(raw) != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
+            continue
+        taken[tensor.name] = np.frombuffer(raw, dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
+        tensor.ClearField("raw_data")
+        _set_reference(tensor, IN_MEMORY_LOCATION, 0, len(raw))
+    return taken
+
+
 def detach_mapped(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
     """A copy whose mapped initializers are empty in-memory tensors (type and shape kept), and the
     originals by name.
