@@ -324,6 +324,8 @@ def distill(
     learn_rounding: bool | None = None,
     learn_scales: bool | None = None,
     learn_bias: bool | None = None,
+    learn_ranges: bool | None = None,
+    balance_channels: bool | None = None,
     teacher_input: bool | None = None,
     simulation_output: str | os.PathLike[str] | None = None,
     fuse: bool = True,
@@ -335,8 +337,10 @@ def distill(
     ``granularity``, ``config``, ...) and the run options (``calibration``, ``calib_samples``,
     ``batch_size``, ``force``, ...); it writes the same outputs. ``iters`` (Adam steps per block),
     ``lr``, ``batch_rows`` (output rows per step), ``round_weight`` and the ``learn_*`` switches
-    tune the learning; ``teacher_input`` feeds each block the float model's input instead of the
-    student's. Needs ``calibration`` (unlabelled inputs).
+    tune the learning (``learn_ranges``: each block input's activation clipping range;
+    ``balance_channels``: each output channel's error weighted by 1 / its energy);
+    ``teacher_input`` feeds each block the float model's input instead of the student's. Needs
+    ``calibration`` (unlabelled inputs).
     """
     run_names = {f.name for f in dataclasses.fields(RunOptions)}
     format_names = set(inspect.signature(quantize_options).parameters)
@@ -352,6 +356,8 @@ def distill(
         "learn_rounding": learn_rounding,
         "learn_scales": learn_scales,
         "learn_bias": learn_bias,
+        "learn_ranges": learn_ranges,
+        "balance_channels": balance_channels,
         "teacher_input": teacher_input,
     }
     options = {**options, **{k: v for k, v in learning.items() if v is not None}}
