@@ -49,6 +49,7 @@ from onnxcomp.framework import (
     make_pass,
 )
 from onnxcomp.model_io import load_model, save_model, write_text_atomic
+from onnxcomp.quant.ascend.save import save_deploy
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 RecipeLike = Recipe | str | os.PathLike[str] | Sequence[Pass | str]
@@ -162,7 +163,10 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
     if out_path is not None:
         paths = output_artifacts(out_path)
         serialized = report.serialized if deploy is None else None  # the validated bytes: no re-serialisation
-        save_model(report.model if deploy is None else deploy, out_path, run.external_data, run.force, serialized)
+        if deploy is None:
+            save_model(report.model, out_path, run.external_data, run.force, serialized)
+        else:  # AMCT's layout: one external file per initializer from 2 GB on (docs/ascend.md)
+            save_deploy(deploy, out_path, run.external_data, run.force)
         if deploy is not None:
             fake_quant = out_path.with_name(f"{paths['stem']}.fake_quant.onnx")
             save_model(report.model, fake_quant, external_data=run.external_data, overwrite=run.force)
