@@ -59,12 +59,15 @@ def ort_session(  # noqa: ANN201
     threads: int = 1,
     config: dict[str, str] | None = None,
     optimized_path: str | None = None,
+    expose: Sequence[str] = (),
 ):
     """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB) or a model file.
 
     ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
     ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``);
-    ``optimized_path``: where onnxruntime saves the graph it optimized (what it will really run).
+    ``optimized_path``: where onnxruntime saves the graph it optimized (what it will really run);
+    ``expose``: intermediate tensors the session also outputs (an in-memory model is not copied for
+    them: see :func:`_outputs_suffix`).
     """
     import onnxruntime as ort
 
@@ -82,6 +85,15 @@ def ort_session(  # noqa: ANN201
         opts.add_session_config_entry(key, value)
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
+    if expose:
+        if not isinstance(model, onnx.ModelProto):
+            raise TypeError("ort_session(expose=...) needs an in-memory model")
+        if is_mapped(model) or model.ByteSize() >= PROTOBUF_LIMIT:
+            model = with_outputs(model, expose)  # mapped / big models: a copy of references, not of weights
+        else:
+            # From a file, not from bytes: onnxruntime parses a file without a second in-memory
+            # copy of a bytes argument, and the serialisation is freed before the session is built.
+            return _session_from_file(model, opts, _outputs_suffix(model, expose))
     if isinstance(model, Path):  # a file (external data beside it): onnxruntime reads it directly
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     if isinstance(model, bytes):  # already serialised (model_io.serialize_model): no second copy
@@ -106,7 +118,7 @@ def ort_session(  # noqa: ANN201
         weakref.finalize(session, release_freed_memory)  # its weights leave the process with it
         return session
     if model.ByteSize() < PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return _session_from_file(model, opts)
     tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
     try:
         p = Path(tmp) / "model.onnx"
@@ -114,6 +126,22 @@ def ort_session(  # noqa: ANN201
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""):  # noqa: ANN202
+    """A session of ``model`` (plus serialised ``suffix``) loaded from a temporary file.
+
+    onnxruntime copies a bytes argument before parsing it; from a file it parses directly, and
+    our serialisation is freed before the session is built (one model-sized copy fewer each).
+    """
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with path.open("wb") as f:
+            f.write(model.SerializeToString())
+            f.write(suffix)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def release_freed_memory() -> None:
@@ -154,11 +182,26 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], truncate: bool = 
     return augmented
 
 
+def _outputs_suffix(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """Bytes that, appended to ``model``'s serialisation, add ``names`` as graph outputs.
+
+    Protobuf merges a message field that occurs twice and appends repeated fields, so
+    ``model bytes + suffix`` parses as the model with the extra outputs: no model-sized copy.
+    """
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    extra.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in existing)
+    return extra.SerializeToString()
+
+
 class TensorRunner:
     """An onnxruntime session of a model exposing ``names`` as outputs (optionally truncated to them)."""
 
     def __init__(self, model: onnx.ModelProto, names: list[str], truncate: bool = False) -> None:
-        self.session = ort_session(with_outputs(model, names, truncate), level="disable", threads=ALL_CORES)
+        if truncate:
+            self.session = ort_session(with_outputs(model, names, truncate), level="disable", threads=ALL_CORES)
+        else:
+            self.session = ort_session(model, level="disable", threads=ALL_CORES, expose=names)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.names = names
 

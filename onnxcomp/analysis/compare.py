@@ -29,7 +29,7 @@ from onnxcomp.analysis.local_error import plan_local_error
 from onnxcomp.calibration.data import Batch, Factory, calibration_source
 from onnxcomp.calibration.layouts import BatchAxis
 from onnxcomp.errors import OnnxCompError
-from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
+from onnxcomp.runtime import ALL_CORES, first_line, ort_session
 
 #: Arrays in the data under these names are labels (one class index per sample), not model inputs.
 LABEL_NAMES = ("label", "labels", "target", "targets")
@@ -161,8 +161,8 @@ def node_errors(
         return [], 0, notes
     tensors = list(dict.fromkeys(t.tensor for t in plan.targets))
     ref_names = list(dict.fromkeys(plan.feeds + tensors))
-    ref_sess = ort_session(with_outputs(reference, ref_names), level="disable", threads=ALL_CORES)
-    cand_sess = ort_session(with_outputs(candidate, tensors), level="disable", threads=ALL_CORES)
+    ref_sess = ort_session(reference, level="disable", threads=ALL_CORES, expose=ref_names)
+    cand_sess = ort_session(candidate, level="disable", threads=ALL_CORES, expose=tensors)
     local_sess: Any = None
     local_stats = {t.local_name: ErrorStats() for t in plan.targets}
     cumulative = {t: ErrorStats() for t in tensors}

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.errors import CalibrationError
-from onnxcomp.runtime import ALL_CORES, first_line, ort_session, with_outputs
+from onnxcomp.runtime import ALL_CORES, first_line, ort_session
 
 
 class SupportsUpdate(Protocol):
@@ -54,9 +54,8 @@ class BatchFeeder:
                 if isinstance(model, Path):
                     self._session = ort_session(model, level="disable", threads=threads)
                 else:
-                    augmented = with_outputs(model, list(plan.fetch))
-                    self._session = ort_session(augmented, level="disable", threads=threads)
-                    del augmented  # only the session is kept (a >= 2 GB model is not held twice)
+                    # the fetched tensors are appended to the serialisation: no copy of the model
+                    self._session = ort_session(model, level="disable", threads=threads, expose=list(plan.fetch))
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
                 raise CalibrationError(f"onnxruntime cannot load the calibration model: {first_line(exc)}") from exc
             self._feed_names = tuple(i.name for i in self._session.get_inputs())

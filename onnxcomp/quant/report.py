@@ -21,7 +21,7 @@ import onnx
 
 from onnxcomp.analysis.local_error import plan_local_error
 from onnxcomp.ir.mapped import is_mapped
-from onnxcomp.runtime import ALL_CORES, ort_session, with_outputs
+from onnxcomp.runtime import ALL_CORES, ort_session
 
 
 class _Acc:
@@ -73,7 +73,7 @@ def quantization_report(
     # One session at a time (float, quantized, local), each over the same batches in order: a
     # model's weights are in memory once at a time, whatever its size (docs/scale.md); the float
     # tensors of the few report batches are kept in between.
-    ref_sess = ort_session(with_outputs(float_model, exposed), level="disable", threads=ALL_CORES)
+    ref_sess = ort_session(float_model, level="disable", threads=ALL_CORES, expose=exposed)
     feeds_and_refs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for batch in batches:
         if len(feeds_and_refs) >= max_batches:
@@ -84,7 +84,7 @@ def quantization_report(
         feeds_and_refs.append((feeds, refs))
     del ref_sess
     accs = {n: _Acc() for n in names}
-    test_sess = ort_session(with_outputs(quant_model, names), level="disable", threads=ALL_CORES)
+    test_sess = ort_session(quant_model, level="disable", threads=ALL_CORES, expose=names)
     for feeds, refs in feeds_and_refs:
         for name, test in zip(names, test_sess.run(names, feeds), strict=True):
             if np.issubdtype(np.asarray(refs[name]).dtype, np.floating):
