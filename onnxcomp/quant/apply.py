@@ -20,18 +20,17 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, get_format
 from onnxcomp.framework.base import PassContext
 from onnxcomp.quant.activation_subgraphs import (
-    emit_cast_activation,
     emit_hif8_activation,
     emit_mx_activation,
 )
 from onnxcomp.quant.dynamic import emit_dynamic_fake_quant, emit_dynamic_tensor
 from onnxcomp.quant.emit import (
     activation_qparams,
-    emit_activation_qdq,
     emit_bias_int32,
     emit_dynamic_per_token,
     emit_lut_dq_weight,
     emit_lut_weight,
+    emit_static_activation,
     emit_two_level_weight,
     emit_weight_dq,
     shield_float_readers,
@@ -515,19 +514,7 @@ def _quantize_activation(graph, tensor, spec: TensorSpec, ranges, acts) -> dict[
     if name not in acts:
         lo, hi = ranges[name]
         scale, zp = activation_qparams(spec.dtype, lo, hi, spec.symmetric)
-        if spec.dtype == "hif8" or spec.dtype.startswith("fp8"):
-            readers = ir.consumers(tensor)
-            s = float(np.asarray(scale).reshape(-1)[0])
-            if spec.dtype == "hif8":
-                out = emit_hif8_activation(graph, tensor, s, f"{name}_hif8")
-            else:
-                out = emit_cast_activation(graph, tensor, s, spec.dtype, f"{name}_{spec.dtype}")
-            for node in readers:
-                for i, t in enumerate(node.inputs):
-                    if t is tensor:
-                        node.inputs[i] = out
-        else:
-            emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
+        emit_static_activation(graph, tensor, spec.dtype, scale, zp)
         zp_value = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
         acts[name] = {
             "tensor": name,

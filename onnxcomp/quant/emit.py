@@ -20,6 +20,7 @@ import onnx
 from onnxcomp import ir
 from onnxcomp.formats import ElementFormat, Format, IntegerFormat, get_format
 from onnxcomp.ir import WeightLayout
+from onnxcomp.quant.activation_subgraphs import emit_cast_activation, emit_hif8_activation
 from onnxcomp.quant.lowbit import INT_FACTOR
 from onnxcomp.quant.qparams import qparams_for_range
 from onnxcomp.quant.qweight import QuantizedWeight, storage_array
@@ -62,6 +63,26 @@ def emit_weight_dq(graph: ir.Graph, weight: ir.Tensor, qw: QuantizedWeight) -> i
     return emit_dq(
         graph, weight.name, qw.codes, qw.scale, _dq_zero_point(qw), qw.axis, qw.block_size, list(qw.dequantized.shape)
     )
+
+
+def emit_static_activation(
+    graph: ir.Graph, tensor: ir.Tensor, fmt_name: str, scale: np.ndarray, zero_point: np.ndarray
+) -> None:
+    """A static per-tensor activation quantizer on ``tensor``, every reader rewired: Q -> DQ for the
+    integer formats, the exact float subgraph for HiF8 / FP8 (onnxruntime has no kernel for them)."""
+    if fmt_name != "hif8" and not fmt_name.startswith("fp8"):
+        emit_activation_qdq(graph, tensor, fmt_name, scale, zero_point)
+        return
+    readers = ir.consumers(tensor)
+    s = float(np.asarray(scale).reshape(-1)[0])
+    if fmt_name == "hif8":
+        out = emit_hif8_activation(graph, tensor, s, f"{tensor.name}_hif8")
+    else:
+        out = emit_cast_activation(graph, tensor, s, fmt_name, f"{tensor.name}_{fmt_name}")
+    for node in readers:
+        for i, t in enumerate(node.inputs):
+            if t is tensor:
+                node.inputs[i] = out
 
 
 def emit_activation_qdq(

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import onnx
 
 from onnxcomp import ir
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
-from onnxcomp.quant.activation_subgraphs import emit_cast_activation, emit_hif8_activation
-from onnxcomp.quant.emit import activation_qparams, emit_activation_qdq
+from onnxcomp.quant.emit import activation_qparams, emit_static_activation
 from onnxcomp.quant.plan import NodePlan
 from onnxcomp.quant.spec import TensorSpec
 
@@ -28,19 +26,7 @@ from onnxcomp.quant.spec import TensorSpec
 def _emit_fake_quant(graph: ir.Graph, tensor: ir.Tensor, spec: TensorSpec, lo: float, hi: float) -> None:
     """What ``quant.apply`` emits for a static per-tensor activation (every reader rewired)."""
     scale, zp = activation_qparams(spec.dtype, lo, hi, spec.symmetric)
-    if spec.dtype == "hif8" or spec.dtype.startswith("fp8"):
-        readers = ir.consumers(tensor)
-        s = float(np.asarray(scale).reshape(-1)[0])
-        if spec.dtype == "hif8":
-            out = emit_hif8_activation(graph, tensor, s, f"{tensor.name}_hif8")
-        else:
-            out = emit_cast_activation(graph, tensor, s, spec.dtype, f"{tensor.name}_{spec.dtype}")
-        for node in readers:
-            for i, t in enumerate(node.inputs):
-                if t is tensor:
-                    node.inputs[i] = out
-    else:
-        emit_activation_qdq(graph, tensor, spec.dtype, scale, zp)
+    emit_static_activation(graph, tensor, spec.dtype, scale, zp)
 
 
 def student_model(
