@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--models", default="digits,ppocr_cls")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--no-distill", action="store_true", help="leave out the layer-wise distillation runs")
+    parser.add_argument("--runs", default="start,distill,qat", help="which runs of each setting (comma-separated)")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -144,7 +145,9 @@ def main() -> int:
                 if model in only and name not in only[model]:
                     continue
                 quantized = "weights" in SETTINGS[name] and "pattern" not in SETTINGS[name] and not args.no_distill
-                for n in (0, None, epochs[model]) if quantized else (0, epochs[model]):
+                wanted = {"start": 0, "distill": None, "qat": epochs[model]}
+                chosen = [wanted[r] for r in args.runs.split(",") if r in wanted and (r != "distill" or quantized)]
+                for n in chosen:
                     out = Path(tmp) / f"{model}_{n}.onnx"
                     spec = {
                         "model": path,
