@@ -115,6 +115,7 @@ def compress(
     workers: int = 1,
     ray: str | None = None,
     calib_memory: float | None = None,
+    calib_partitions: int = 1,
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
@@ -126,11 +127,22 @@ def compress(
     symbolic dims; ``batch_axis={"state": 1, "sr": None}`` overrides it, None = given once);
     ``calib_samples`` bounds the samples used. ``workers`` (local processes) or ``ray`` (a Ray
     address, ``"auto"``) shard calibration; ``calib_memory`` (GB) bounds the tensors it exposes per
-    batch (docs/scale.md). Records the passes make are saved beside the output as
+    batch; ``calib_partitions`` runs the graph in that many partitions, one session each
+    (docs/scale.md). Records the passes make are saved beside the output as
     ``OUT.<feature>_record.json``.
     """
     run = RunOptions(
-        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+        calibration,
+        calib_samples,
+        batch_size,
+        force,
+        progress,
+        external_data,
+        batch_axis,
+        workers,
+        ray,
+        calib_memory,
+        calib_partitions=calib_partitions,
     )
     return _run(model, _as_recipe(recipe), output, run)
 
@@ -247,6 +259,7 @@ def quantize(
     workers: int = 1,
     ray: str | None = None,
     calib_memory: float | None = None,
+    calib_partitions: int = 1,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -306,7 +319,17 @@ def quantize(
         ascend_int4=ascend_int4,
     )
     run = RunOptions(
-        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+        calibration,
+        calib_samples,
+        batch_size,
+        force,
+        progress,
+        external_data,
+        batch_axis,
+        workers,
+        ray,
+        calib_memory,
+        calib_partitions=calib_partitions,
     )
     if simulation_output is not None and options.get("target") == "ascend":
         raise OnnxCompError("--simulation with --target ascend: the simulation is written as OUT.fake_quant.onnx")
@@ -389,6 +412,7 @@ def decompose(
     workers: int = 1,
     ray: str | None = None,
     calib_memory: float | None = None,
+    calib_partitions: int = 1,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -410,7 +434,17 @@ def decompose(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
     run = RunOptions(
-        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+        calibration,
+        calib_samples,
+        batch_size,
+        force,
+        progress,
+        external_data,
+        batch_axis,
+        workers,
+        ray,
+        calib_memory,
+        calib_partitions=calib_partitions,
     )
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 
@@ -436,6 +470,7 @@ def sparsify(
     workers: int = 1,
     ray: str | None = None,
     calib_memory: float | None = None,
+    calib_partitions: int = 1,
     fuse: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -479,7 +514,17 @@ def sparsify(
         dense_layers=dense_layers,
     )
     run = RunOptions(
-        calibration, calib_samples, batch_size, force, progress, external_data, batch_axis, workers, ray, calib_memory
+        calibration,
+        calib_samples,
+        batch_size,
+        force,
+        progress,
+        external_data,
+        batch_axis,
+        workers,
+        ray,
+        calib_memory,
+        calib_partitions=calib_partitions,
     )
     return _run(model, Recipe(passes, validate=LOCATE), output, run)
 

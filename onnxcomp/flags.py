@@ -64,7 +64,9 @@ class RunOptions:
     the axis along which an input's calibration arrays stack samples (``{"state": 1}``; ``None``:
     the input has no sample axis and is given once). ``workers`` / ``ray`` shard calibration over
     local processes / a Ray cluster; ``calib_memory`` (GB) bounds the tensors calibration exposes
-    per batch (None: a quarter of the machine's memory). (``fuse``, the other shared keyword,
+    per batch (None: a quarter of the machine's memory); ``calib_partitions`` runs the graph in
+    that many consecutive partitions, one session each, so a batch's live tensors are about one
+    partition's (1: all at once). (``fuse``, the other shared keyword,
     decides the pass list: :func:`with_fusions`.)
     """
 
@@ -78,13 +80,20 @@ class RunOptions:
     workers: int = 1
     ray: str | None = None
     calib_memory: float | None = None
+    calib_partitions: int = 1
 
     def calibration_resources(self) -> CalibrationResources:
         """The calibration resources of these options (ConfigError on a bad value)."""
         memory = self.calib_memory
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0):
             raise ConfigError(f"calib_memory must be a positive number of GB, got {memory!r}")
-        return CalibrationResources(self.workers, self.ray, None if memory is None else max(1, int(memory * 2**30)))
+        parts = self.calib_partitions
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise ConfigError(
+                f"calib_partitions must be a positive integer (1: the whole graph at once), got {parts!r}"
+            )
+        budget = None if memory is None else max(1, int(memory * 2**30))
+        return CalibrationResources(self.workers, self.ray, budget, partitions=parts)
 
 
 def renamed_keyword(new_value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxcomp.calibration.session import FeedPlan, update
+from onnxcomp.calibration.session import FeedPlan, check_and_observe_inputs, update
 from onnxcomp.errors import CalibrationError
 from onnxcomp.runtime import ALL_CORES, first_line, ort_session
 
@@ -127,17 +127,7 @@ class PartitionedFeeder:
 
     def observe(self, index: int, batch: Any, observers: MutableMapping[str, Any]) -> None:
         """Feed batch ``index`` through the partitions, updating each fetched tensor's observer."""
-        if not isinstance(batch, Mapping):
-            raise CalibrationError(
-                f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
-            )
-        missing = [n for n in self.plan.required if n not in batch]
-        if missing:
-            raise CalibrationError(
-                f"calibration batch {index}: missing model input(s) {', '.join(missing)} (batch has {', '.join(sorted(map(str, batch)))})"
-            )
-        for name in self.plan.observed_inputs:
-            update(observers[name], name, batch[name], index)
+        batch = check_and_observe_inputs(self.plan, index, batch, observers)
         live: dict[str, np.ndarray] = {n: batch[n] for n in self.plan.required}
         fetch = set(self.plan.fetch)
         for session, block_inputs, outputs, drop in self._steps:

@@ -62,17 +62,7 @@ class BatchFeeder:
 
     def observe(self, index: int, batch: Any, observers: MutableMapping[str, Any]) -> None:
         """Feed batch ``index`` (0-based in the whole stream) to the observers of this plan."""
-        if not isinstance(batch, Mapping):
-            raise CalibrationError(
-                f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
-            )
-        missing = [n for n in self.plan.required if n not in batch]
-        if missing:
-            raise CalibrationError(
-                f"calibration batch {index}: missing model input(s) {', '.join(missing)} (batch has {', '.join(sorted(map(str, batch)))})"
-            )
-        for name in self.plan.observed_inputs:
-            update(observers[name], name, batch[name], index)
+        batch = check_and_observe_inputs(self.plan, index, batch, observers)
         if self._session is None:
             return
         feeds = {n: batch[n] for n in self._feed_names if n in batch}
@@ -82,6 +72,28 @@ class BatchFeeder:
             raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {first_line(exc)}") from exc
         for name, value in zip(self.plan.fetch, values, strict=True):
             update(observers[name], name, value, index)
+
+
+def check_and_observe_inputs(
+    plan: FeedPlan, index: int, batch: Any, observers: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
+    """Check batch ``index`` carries ``plan.required`` and update the observers of graph inputs.
+
+    Shared by :class:`BatchFeeder` and the partitioned feeder (:mod:`onnxcomp.calibration.blocks`)
+    so a bad batch gets the same one-line error whichever way the graph runs. Returns the batch.
+    """
+    if not isinstance(batch, Mapping):
+        raise CalibrationError(
+            f"calibration batch {index}: expected a mapping of input name to array, got {type(batch).__name__}"
+        )
+    missing = [n for n in plan.required if n not in batch]
+    if missing:
+        raise CalibrationError(
+            f"calibration batch {index}: missing model input(s) {', '.join(missing)} (batch has {', '.join(sorted(map(str, batch)))})"
+        )
+    for name in plan.observed_inputs:
+        update(observers[name], name, batch[name], index)
+    return batch
 
 
 def update(observer: SupportsUpdate, name: str, value: np.ndarray, index: int) -> None:

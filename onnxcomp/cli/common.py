@@ -110,6 +110,14 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
             help="memory the tensors calibration exposes per batch may take; above it, calibrate in groups "
             "of tensors, one pass over the data each (default: a quarter of the machine's memory)",
         )
+        group.add_argument(
+            "--calib-partitions",
+            type=positive_int_arg,
+            default=1,
+            metavar="N",
+            help="run the graph in N consecutive partitions during calibration, one onnxruntime session "
+            "each, so a batch's live tensors are about one partition's (the same model; default 1: all at once)",
+        )
     if fuse:
         group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
     group.add_argument(
@@ -118,6 +126,17 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
         help="also time the input and the output on onnxruntime CPU (1 thread, interleaved, on the first "
         "calibration sample or one generated from the input shapes) and add the latency ratio to the verdict",
     )
+
+
+def positive_int_arg(text: str) -> int:
+    """A positive integer argument (``--calib-partitions``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def batch_axis_arg(text: str) -> tuple[str, int | None]:
@@ -140,6 +159,7 @@ def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         out.update(calibration=args.calib, calib_samples=args.calib_samples, batch_size=args.batch_size)
         out["batch_axis"] = dict(args.batch_axis) or None
         out.update(workers=args.workers, ray=args.ray, calib_memory=args.calib_memory)
+        out["calib_partitions"] = args.calib_partitions
     if hasattr(args, "no_fuse"):
         out["fuse"] = not args.no_fuse
     return out
