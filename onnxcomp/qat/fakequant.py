@@ -21,6 +21,8 @@ from onnxcomp.formats import ElementFormat, IntegerFormat, MXFormat, get_format
 from onnxcomp.qat.engine import torch
 
 _TINY = float(np.finfo(np.float32).tiny)
+#: per-token HiF8: s = max|x| / 16 (the emitted subgraph's target)
+HIF8_TOKEN_TARGET = 16.0
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +136,9 @@ class FakeQuant(torch.nn.Module):
 class TokenFakeQuant(torch.nn.Module):
     """Per-token activation quantization computed at run time (``quant.emit.emit_dynamic_per_token``).
 
-    ``s = max(max|x| over axis / top, tiny)``, integer: ``clip(RNE(x / s), qmin, qmax) * s``; FP8:
-    the nearest FP8 value of ``x / s`` (to even, saturating) times ``s``. Nothing is learned: the
+    ``s = max(max|x| over axis / top, tiny)``, integer: ``clip(RNE(x / s), qmin, qmax) * s``; FP8 /
+    HiF8: the nearest grid value of ``x / s`` (ties as the codec, saturating) times ``s`` (HiF8's
+    top is 16, not its max). Nothing is learned: the
     op order and float32 arithmetic are those of the emitted subgraph, so the export needs no change.
     """
 
@@ -146,7 +149,10 @@ class TokenFakeQuant(torch.nn.Module):
             self.top, self.qmin, self.qmax = float(fmt.qmax), float(fmt.qmin), float(fmt.qmax)
             self.grid: FakeQuant | None = None
         elif isinstance(fmt, ElementFormat):
-            self.top, self.grid = float(fmt.max_value), FakeQuant(dtype, np.asarray(1.0, np.float32), np.asarray(0))
+            # HiF8's emitted subgraph scales the token's max to 16 (quant.activation_subgraphs.emit_hif8_activation:
+            # the HiF8 grid is finest there), FP8's to the format's max
+            top = HIF8_TOKEN_TARGET if fmt.name == "hif8" else float(fmt.max_value)
+            self.top, self.grid = top, FakeQuant(dtype, np.asarray(1.0, np.float32), np.asarray(0))
         else:
             raise ValueError(f"format {dtype!r} has no per-token fake quantization")
         self.dtype, self.axis, self.enabled = dtype, axis, True
@@ -160,3 +166,94 @@ class TokenFakeQuant(torch.nn.Module):
         if self.grid is None:
             return torch.clamp(round_ste(v), self.qmin, self.qmax) * s
         return (self.grid.nearest(v.detach()) + (v - v.detach())) * s
+
+
+class DynamicTensorFakeQuant(torch.nn.Module):
+    """Per-tensor uint8 activations computed at run time: ONNX DynamicQuantizeLinear then DequantizeLinear.
+
+    ``s = (max(0, max x) - min(0, min x)) / 255``, ``zp = saturate(RNE(-min(0, min x) / s))``,
+    ``(saturate(RNE(x / s) + zp) - zp) * s`` in float32 (the ONNX definition; ``quant.dynamic``
+    writes it, fused by onnxruntime into ConvInteger / DynamicQuantizeMatMul). Nothing is learned.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype, self.enabled = "uint8", True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        zero = torch.zeros((), dtype=x.dtype)
+        low = torch.minimum(x.detach().min(), zero)
+        s = (torch.maximum(x.detach().max(), zero) - low) / 255.0
+        if float(s) == 0.0:  # an all-zero tensor: every code is the zero point, the dequantized value 0
+            return x * 0.0
+        zp = torch.clamp(torch.round(-low / s), 0.0, 255.0)
+        # clip before the straight-through rounding: no gradient where the code saturates (never, but for ties)
+        q = round_ste(torch.clamp(x / s, -zp, 255.0 - zp))
+        return q * s
+
+
+class MXFakeQuant(torch.nn.Module):
+    """MXFP8 (E4M3) activations computed at run time (``quant.activation_subgraphs.emit_mx_activation``).
+
+    Blocks of 32 along ``axis`` (a short last block when the length is no multiple of 32; zero padding
+    changes no amax), ``amax`` over a block's finite elements, ``E = min{j : amax <= 1.75 * 2^j}``,
+    ``X = clip(E - emax, -127, cap)``, elements ``E4M3(x * 2^-X) * 2^X`` (to even, as the codec).
+    Powers of two make every product exact, so the module matches onnxruntime bit for bit.
+    """
+
+    def __init__(self, dtype: str, axis: int) -> None:
+        super().__init__()
+        fmt = get_format(dtype)
+        if not isinstance(fmt, MXFormat) or not fmt.element.name.startswith("fp8_e4m3"):
+            raise ValueError(f"format {dtype!r} has no MX activation fake quantization (MXFP8 E4M3 only)")
+        self.dtype, self.axis, self.enabled = dtype, axis, True
+        self.block, self.emax = fmt.block_size, int(fmt.emax_elem)
+        self.cap = int(fmt._max_exponent)  # noqa: SLF001 - the codec's float32 overflow cap, as the emitter
+        self.grid = FakeQuant(fmt.element.name, np.asarray(1.0, np.float32), np.asarray(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        moved = x.movedim(self.axis, -1)
+        k = moved.shape[-1]
+        pad = -k % self.block
+        padded = torch.nn.functional.pad(moved, (0, pad)) if pad else moved
+        blocks = padded.contiguous().reshape(*padded.shape[:-1], -1, self.block)
+        detached = blocks.detach()
+        finite = torch.where(torch.isfinite(detached), detached, torch.zeros((), dtype=x.dtype))
+        u = finite.abs().amax(dim=-1, keepdim=True) / torch.tensor(1.75, dtype=x.dtype)
+        mantissa, exponent = torch.frexp(u)  # u = m 2^e, m in [0.5, 1): the least j with u <= 2^j
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+        exponent = torch.where(u == 0, torch.full_like(exponent, -127), exponent)
+        x_exp = torch.clamp(exponent - self.emax, -127, self.cap)
+        one = torch.ones_like(u)
+        scale, inverse = torch.ldexp(one, x_exp), torch.ldexp(one, -x_exp)
+        y = blocks * inverse
+        out = (self.grid.nearest(y.detach()) + (y - y.detach())) * scale
+        out = out.reshape(padded.shape)
+        if pad:
+            out = out[..., :k]
+        return out.movedim(-1, self.axis)
+
+
+#: the quantizers of activations computed at run time (nothing learned)
+RUN_TIME_QUANTIZERS = (TokenFakeQuant, MXFakeQuant, DynamicTensorFakeQuant)
+
+
+def run_time_quantizer(dtype: str, granularity: str, axis: int) -> torch.nn.Module | None:
+    """The module of a run-time activation (``granularity`` of ``quantize``'s record), None for an unknown kind.
+
+    ``axis`` is the node's reduction axis (channels for Conv): the per-token and MX blocks run along it.
+    """
+    if granularity == "dynamic":  # DynamicQuantizeLinear: one uint8 scale per tensor
+        return DynamicTensorFakeQuant()
+    if granularity != "token":
+        return None
+    fmt = get_format(dtype)
+    if isinstance(fmt, MXFormat) and fmt.element.name.startswith("fp8_e4m3"):
+        return MXFakeQuant(dtype, axis)
+    if isinstance(fmt, IntegerFormat) or dtype.startswith("fp8") or dtype == "hif8":
+        return TokenFakeQuant(dtype, axis)
+    return None

@@ -24,7 +24,7 @@ from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.formats import IntegerFormat, get_format
 from onnxcomp.model_io import save_model
 from onnxcomp.qat.engine import torch
-from onnxcomp.qat.fakequant import FakeQuant, TokenFakeQuant
+from onnxcomp.qat.fakequant import RUN_TIME_QUANTIZERS, FakeQuant, run_time_quantizer
 from onnxcomp.qat.interpreter import GraphModule
 from onnxcomp.qat.reemit import FLOAT_ACTIVATIONS, put_float_activation_scales
 from onnxcomp.qat.storage import (
@@ -32,6 +32,7 @@ from onnxcomp.qat.storage import (
     find_storage,
     packed_initializers,
     put_activation_scales,
+    put_folded_bias,
     stored_codes,
 )
 from onnxcomp.quant.qparams import dequantize
@@ -122,7 +123,8 @@ class QATModule(torch.nn.Module):
                 raise ConfigError(
                     f"{where}: {entry['activations']['dtype']} {entry['activations'].get('granularity')} activations "
                     "are computed at run time; quantization-aware training supports static per-tensor activations "
-                    f"(int8/uint8/int4/uint4/{'/'.join(FLOAT_ACTIVATIONS)}) and per-token integer / FP8 ones"
+                    f"(int8/uint8/int4/uint4/{'/'.join(FLOAT_ACTIVATIONS)}), per-token integer / FP8 / HiF8, MXFP8 "
+                    "and per-tensor dynamic uint8 ones"
                 )
             for a in acts:
                 self._attach_activation(a, where, nodes)
@@ -138,17 +140,15 @@ class QATModule(torch.nn.Module):
                 )
 
     def _attach_token(self, entry: dict[str, Any]) -> bool:
-        """Per-token integer / FP8 activations of ``entry``'s node (run-time scales); False for other kinds."""
+        """The run-time quantizer of ``entry``'s node input (``fakequant.run_time_quantizer``); False if none."""
         a = entry["activations"]
-        if a.get("granularity") != "token" or not (
-            isinstance(get_format(a["dtype"]), IntegerFormat) or a["dtype"].startswith("fp8")
-        ):
-            return False
         node = {n.name: n for n in self.float_model.graph.node}[entry["node"]]
         trans_a = any(at.name == "transA" and at.i for at in node.attribute)
         axis = 1 if node.op_type in ("Conv", "ConvTranspose") else (0 if node.op_type == "Gemm" and trans_a else -1)
-        self.token_quant[entry["node"]] = TokenFakeQuant(a["dtype"], axis)
-        return True
+        fq = run_time_quantizer(a["dtype"], str(a.get("granularity")), axis)
+        if fq is not None:
+            self.token_quant[entry["node"]] = fq
+        return fq is not None
 
     def _attach_weight(self, entry: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
         w = entry["weights"]
@@ -218,7 +218,7 @@ class QATModule(torch.nn.Module):
     def quantized(self, enabled: bool = True) -> QATModule:
         """Fake-quant on (the quantized model) or off (the float model); returns self."""
         for fq in [*self.weight_quant.values(), *self.act_quant.values(), *self.token_quant.values()]:
-            assert isinstance(fq, (FakeQuant, TokenFakeQuant))
+            assert isinstance(fq, (FakeQuant, *RUN_TIME_QUANTIZERS))
             fq.enabled = enabled
         return self
 
@@ -359,6 +359,11 @@ class QATModule(torch.nn.Module):
 
         for name, storage in self._weight_slots.items():
             codes, deq, scale = self._learned_weight(name)
+            if storage.kind == "integer_kernel":  # MatMulInteger takes (K, N): a transB Gemm's codes transposed
+                put(storage.codes, codes.T if storage.transposed else codes)
+                put(storage.scale, scale)
+                put_folded_bias(storage, self._masked, inits, put)
+                continue
             if storage.kind != "matmulnbits":
                 put(storage.codes, codes)
                 if storage.kind != "dq2":  # two-level scales stay fixed
@@ -371,10 +376,7 @@ class QATModule(torch.nn.Module):
                 storage, codes, scale, zp, fq.axis, fq.block_size, deq, None
             ).items():
                 put(init_name, value)
-            if storage.folded_bias is not None and storage.float_bias is not None:
-                folded = self._masked(storage.float_bias).reshape(-1)
-                if not np.array_equal(numpy_helper.to_array(inits[storage.folded_bias]).reshape(-1), folded):
-                    put(storage.folded_bias, folded)
+            put_folded_bias(storage, self._masked, inits, put)
         put_activation_scales(model, {name: self.scale_of(name) for name in self._act_slots})
         for bias in self._biases.values():
             act = self._fq(self.act_quant, self._act_keys, bias.activation)

@@ -11,6 +11,7 @@ lookup storage of FP4 and two-level (FP8 group) scales.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +35,16 @@ class WeightStorage:
     """One quantized weight in the PTQ output: initializer names and the grid of its stored codes."""
 
     kind: str  # "dq" (codes -> DequantizeLinear), "lut" (HiF8 uint8 codes -> table -> Mul), "matmulnbits",
-    # "lut_dq" (FP4 uint4 codes -> 16-entry INT8 table -> DequantizeLinear), "dq2" (two-level scales)
+    # "lut_dq" (FP4 uint4 codes -> 16-entry INT8 table -> DequantizeLinear), "dq2" (two-level scales),
+    # "integer_kernel" (ConvInteger / MatMulInteger of dynamic per-tensor activations)
     codes: str  # initializer of the codes (MatMulNBits: the packed B)
     scale: str
     zero_point: str | None
     codes_dtype: np.dtype[Any]  # dtype of the unpacked stored codes
     grid: np.ndarray | None  # sorted stored-code values of an element format; None: the integer grid
     learn_scale: bool  # False for MX, whose block scales are powers of two
-    transposed: bool = False  # MatMulNBits of a Gemm with transB = 1
-    folded_bias: str | None = None  # MatMulNBits: the initializer holding the Gemm's bias
+    transposed: bool = False  # MatMulNBits / MatMulInteger of a Gemm with transB = 1
+    folded_bias: str | None = None  # MatMulNBits / integer kernel: the initializer holding the node's bias
     float_bias: str | None = None  # ... and that bias's name in the float model (a trained parameter)
     fixed_scale: np.ndarray | None = None  # dq2: the per-group scale the element DQ reads (not learned)
 
@@ -104,6 +106,9 @@ def find_storage(
             bias,
             gemm_bias or None,
         )
+    integer_kernel = nodes.get(entry["node"])
+    if integer_kernel is not None and integer_kernel.op_type in ("ConvInteger", "MatMulInteger"):
+        return _integer_kernel_storage(entry, float_node, integer_kernel, nodes, inits, where)
     dq = nodes.get(f"{name}_DequantizeLinear")
     if dq is not None:
         int8 = np.dtype(np.int8)
@@ -144,6 +149,45 @@ def find_storage(
             grid = stored_grid(w["dtype"], codes_dtype)
             return WeightStorage("dq", cast.input[0], scale, None, codes_dtype, grid, learn_scale)
     raise ConfigError(f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export")
+
+
+def _integer_kernel_storage(
+    entry: dict[str, Any],
+    float_node: onnx.NodeProto,
+    kernel: onnx.NodeProto,
+    nodes: dict[str, onnx.NodeProto],
+    inits: dict[str, onnx.TensorProto],
+    where: str,
+) -> WeightStorage:
+    """Dynamic per-tensor activations' fused form (``quant.dynamic.emit_dynamic_tensor``).
+
+    ``ConvInteger / MatMulInteger(x_q, codes, x_zp, w_zp) * (x_scale * w_scale) [+ bias]``: the codes
+    are the kernel's second input (a Gemm with transB = 1 transposed), the weight scale the second
+    input of ``NODE_scales_Mul``, the float bias that of ``NODE_bias_Add``.
+    """
+    scales = nodes.get(f"{entry['node']}_scales_Mul")
+    if scales is None or kernel.input[1] not in inits or scales.input[1] not in inits:
+        raise ConfigError(
+            f"{where}: stored as {entry['weights']['stored_as']!r} in a fused integer kernel "
+            "whose weight scale QAT cannot find; quantize without --dynamic-granularity tensor"
+        )
+    bias_add = nodes.get(f"{entry['node']}_bias_Add")
+    bias = bias_add.input[1] if bias_add is not None and bias_add.input[1] in inits else None
+    float_bias = float_node.input[2] if len(float_node.input) > 2 and float_node.input[2] else None
+    transposed = float_node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in float_node.attribute)
+    codes_dtype = numpy_helper.to_array(inits[kernel.input[1]]).dtype
+    return WeightStorage(
+        "integer_kernel",
+        kernel.input[1],
+        scales.input[1],
+        None,  # the weight zero point stays (symmetric int8: zeros)
+        codes_dtype,
+        None,
+        True,
+        transposed,
+        bias,
+        float_bias if bias is not None else None,
+    )
 
 
 def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
@@ -196,6 +240,22 @@ def packed_initializers(
         assert packed.zero_points is not None
         out[storage.zero_point] = packed.zero_points
     return out
+
+
+def put_folded_bias(
+    storage: WeightStorage,
+    trained: Callable[[str], np.ndarray],
+    inits: dict[str, onnx.TensorProto],
+    put: Callable[[str, np.ndarray], None],
+) -> None:
+    """The trained float bias (``trained(name)``) into the initializer a fused kernel reads it from.
+
+    Written only when training changed it: an untrained export keeps the PTQ bytes.
+    """
+    if storage.folded_bias is not None and storage.float_bias is not None:
+        folded = trained(storage.float_bias).reshape(-1)
+        if not np.array_equal(numpy_helper.to_array(inits[storage.folded_bias]).reshape(-1), folded):
+            put(storage.folded_bias, folded)
 
 
 def put_activation_scales(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> None:

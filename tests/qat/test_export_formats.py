@@ -50,6 +50,21 @@ CASES: dict[str, tuple[dict[str, Any] | None, dict[str, str], float]] = {
     # activations quantized at run time, one scale per token (nothing learned: the export is the PTQ model's form)
     "int8 per-token activations": (None, {"weights": "int8", "activations": "int8", "dynamic": True}, 0.05),
     "fp8 per-token activations": (None, {"weights": "fp8_e4m3", "activations": "fp8_e4m3", "dynamic": True}, 0.05),
+    "hif8 per-token activations": (None, {"weights": "int8", "activations": "hif8", "dynamic": True}, 0.05),
+    "mxfp8 activations (32-blocks)": (None, {"weights": "int8", "activations": "mxfp8"}, 0.05),
+    # DynamicQuantizeLinear + ConvInteger / MatMulInteger (the fused form; placement all: the Convs too):
+    # the trained codes, weight scales and float biases land in it
+    "per-tensor dynamic uint8 activations": (
+        None,
+        {
+            "weights": "int8",
+            "activations": "uint8",
+            "dynamic": True,
+            "dynamic_granularity": "tensor",
+            "placement": "all",
+        },
+        0.05,
+    ),
     # starting points: the module starts from GPTQ's codes, the corrected (int32) biases, equalized weights
     "W8A8 from GPTQ + bias correction": (
         None,
@@ -195,14 +210,7 @@ def test_per_token_fake_quant_is_the_emitted_subgraph(dtype: str) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "reason"),
-    [
-        ({"weights": "int8", "activations": "mxfp8"}, "mxfp8 token activations are computed at run time"),
-        (
-            {"weights": "int8", "activations": "hif8", "dynamic": True},
-            "hif8 token activations are computed at run time",
-        ),
-        ({"weights": "int8", "activations": "uint8", "smoothquant": 0.5}, "drop smoothquant=0.5"),
-    ],
+    [({"weights": "int8", "activations": "uint8", "smoothquant": 0.5}, "drop smoothquant=0.5")],
 )
 def test_storages_it_cannot_train_are_declined_in_one_line(flags: dict[str, Any], reason: str) -> None:
     with pytest.raises(ConfigError, match=reason) as caught:
