@@ -83,7 +83,9 @@ class QATModule(torch.nn.Module):
         self.simulation_source: Callable[[], onnx.ModelProto] | None = None
         self.weight_quant = torch.nn.ModuleDict()
         self.act_quant = torch.nn.ModuleDict()
-        self.token_quant = torch.nn.ModuleDict()  # node name -> its per-token input quantizer
+        # run-time input quantizers under keys "t0", "t1", ... (torch refuses "." in a node name)
+        self.token_quant = torch.nn.ModuleDict()
+        self._token_keys: dict[str, str] = {}  # node name -> its key in token_quant
         self._weight_keys: dict[str, str] = {}
         self._act_keys: dict[str, str] = {}
         self._weight_slots: dict[str, WeightStorage] = {}
@@ -147,7 +149,8 @@ class QATModule(torch.nn.Module):
         axis = 1 if node.op_type in ("Conv", "ConvTranspose") else (0 if node.op_type == "Gemm" and trans_a else -1)
         fq = run_time_quantizer(a["dtype"], str(a.get("granularity")), axis)
         if fq is not None:
-            self.token_quant[entry["node"]] = fq
+            self._token_keys[entry["node"]] = key = f"t{len(self._token_keys)}"
+            self.token_quant[key] = fq
         return fq is not None
 
     def _attach_weight(self, entry: dict[str, Any], where: str, nodes: dict[str, onnx.NodeProto]) -> None:
@@ -256,7 +259,8 @@ class QATModule(torch.nn.Module):
         return (flat + (torch.round(flat.double() / s.double()).float() * s - flat).detach()).reshape(b.shape)
 
     def _input_view(self, node: str, value: torch.Tensor) -> torch.Tensor:
-        fq = self.token_quant[node] if node in self.token_quant else None
+        key = self._token_keys.get(node)
+        fq = self.token_quant[key] if key is not None else None
         return fq(value) if fq is not None else value
 
     def _tensor_view(self, name: str, value: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,28 @@ def test_gradients_flow_through_run_time_activations(flags: dict[str, object]) -
     for name in ("conv1.weight", "fc1.weight", "fc1.bias", "fc2.weight"):
         grad = module.graph.weight(name).grad
         assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0, name
+
+
+@pytest.mark.parametrize(
+    ("flags", "tolerance"),
+    [
+        ({"activations": "uint8", "dynamic": True, "dynamic_granularity": "tensor"}, 1e-5),  # MatMulInteger
+        ({"activations": "mxfp8"}, 0.02),  # accumulation order can move a value across an E4M3 midpoint
+    ],
+)
+def test_transformer_with_run_time_activations(flags: dict[str, object], tolerance: float) -> None:
+    """MiniLM-L3 (node names with '.' and '/'): untrained export == quantize's bytes, module == onnxruntime."""
+    from onnxcomp import api
+    from tests.real_models import make_inputs, real_model
+
+    path = real_model("minilm_l3")
+    calib = [make_inputs("minilm_l3", 8, 2)]
+    module = prepare(path, None, calib, weights="int8", **flags)
+    assert len(module.token_quant) == 18  # every MatMul with a weight
+    ptq = api.quantize(path, calibration=calib, reports=False, weights="int8", **flags).model
+    assert module.export_model().SerializeToString() == ptq.SerializeToString()
+    feeds = make_inputs("minilm_l3", 4, 5)
+    with torch.no_grad():
+        got = module(feeds)
+    for output, ref in zip(ptq.graph.output, ort_session(ptq, level="disable").run(None, feeds), strict=True):
+        assert np.abs(got[output.name].numpy() - ref).max() <= tolerance * np.abs(ref).max(), output.name
