@@ -60,6 +60,7 @@ def ort_session(  # noqa: ANN201
     config: dict[str, str] | None = None,
     optimized_path: str | None = None,
     expose: Sequence[str] = (),
+    arena: bool = True,
 ):
     """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB) or a model file.
 
@@ -67,7 +68,8 @@ def ort_session(  # noqa: ANN201
     ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``);
     ``optimized_path``: where onnxruntime saves the graph it optimized (what it will really run);
     ``expose``: intermediate tensors the session also outputs (an in-memory model is not copied for
-    them: see :func:`_outputs_suffix`).
+    them: see :func:`_outputs_suffix`); ``arena=False``: no CPU memory arena or memory pattern, so
+    the session keeps no peak-sized buffer between runs (for many sessions alive at once).
     """
     import onnxruntime as ort
 
@@ -85,6 +87,9 @@ def ort_session(  # noqa: ANN201
         opts.add_session_config_entry(key, value)
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
+    if not arena:
+        opts.enable_cpu_mem_arena = False
+        opts.enable_mem_pattern = False
     if expose:
         if not isinstance(model, onnx.ModelProto):
             raise TypeError("ort_session(expose=...) needs an in-memory model")

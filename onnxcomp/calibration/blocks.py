@@ -26,7 +26,7 @@ from onnx import helper
 
 from onnxcomp.calibration.session import FeedPlan, check_and_observe_inputs, update
 from onnxcomp.errors import CalibrationError
-from onnxcomp.runtime import ALL_CORES, first_line, ort_session
+from onnxcomp.runtime import ALL_CORES, first_line, ort_session, release_freed_memory
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
@@ -95,7 +95,9 @@ class PartitionedFeeder:
                 raise CalibrationError(f"cannot calibrate in partitions: the type of tensor {missing[0]!r} is unknown")
             sub = self._block_model(model, block, block_inputs, outputs, types)
             try:
-                session = ort_session(sub, level="disable", threads=threads)
+                # no arena: each of the N sessions would keep its own peak-sized buffer between
+                # runs, and N of them cost more than the one all-at-once session (bench/README.md)
+                session = ort_session(sub, level="disable", threads=threads, arena=False)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
                 raise CalibrationError(
                     f"onnxruntime cannot load calibration partition {k + 1}: {first_line(exc)}"
@@ -141,3 +143,7 @@ class PartitionedFeeder:
                 live[name] = value
             for name in drop:
                 live.pop(name, None)
+            # glibc keeps the freed buffers of this block (onnxruntime's, without an arena, and the
+            # dropped tensors) in its heap: without giving them back, the process's peak is about
+            # the all-at-once one however small the blocks (bench/README.md)
+            release_freed_memory()
