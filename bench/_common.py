@@ -346,6 +346,21 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def char_accuracy(pred: list[str], ref: list[str]) -> float:
+    """Character accuracy in percent: 1 - sum(edit distance) / sum(len(ref))."""
+    dist = total = 0
+    for p, r in zip(pred, ref, strict=True):
+        prev = list(range(len(p) + 1))
+        for i, rc in enumerate(r, 1):
+            cur = [i]
+            for j, pc in enumerate(p, 1):
+                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != pc)))
+            prev = cur
+        dist += prev[-1]
+        total += len(r)
+    return 100.0 * (1.0 - dist / max(total, 1))
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one char per column: l (default) or r."""
     align = align or "l" * len(headers)

@@ -142,21 +142,6 @@ def _out(spec: ModelSpec, work: Path, name: str) -> str:
     return str(work / f"{spec.key}.{name}.onnx")
 
 
-def _char_acc(pred: list[str], ref: list[str]) -> float:
-    """Character accuracy in percent: 1 - sum(edit distance) / sum(len(ref))."""
-    dist = total = 0
-    for p, r in zip(pred, ref, strict=True):
-        prev = list(range(len(p) + 1))
-        for i, rc in enumerate(r, 1):
-            cur = [i]
-            for j, pc in enumerate(p, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != pc)))
-            prev = cur
-        dist += prev[-1]
-        total += len(r)
-    return 100.0 * (1.0 - dist / max(total, 1))
-
-
 def _rows_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
@@ -241,7 +226,7 @@ def build_models(work: Path, quick: bool) -> list[ModelSpec]:
 
     def eval_rec(path: str) -> tuple[float, float]:
         probs = predict(common.as_proto(path), held_rec, batch=16, output=rec_out, threads=2)
-        return _char_acc(ctc_decode(probs, rec), meta_rec["texts"]), cosine(ref_rec, probs)
+        return common.char_accuracy(ctc_decode(probs, rec), meta_rec["texts"]), cosine(ref_rec, probs)
 
     specs.append(
         ModelSpec(

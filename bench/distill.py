@@ -96,21 +96,6 @@ def child_quantize(task: dict[str, Any]) -> dict[str, Any]:
     return {"time_s": time.perf_counter() - start, **extra}
 
 
-def _char_acc(pred: list[str], ref: list[str]) -> float:
-    """Character accuracy in percent: 1 - sum(edit distance) / sum(len(ref))."""
-    dist = total = 0
-    for p, r in zip(pred, ref, strict=True):
-        prev = list(range(len(p) + 1))
-        for i, rc in enumerate(r, 1):
-            cur = [i]
-            for j, pc in enumerate(p, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rc != pc)))
-            prev = cur
-        dist += prev[-1]
-        total += len(r)
-    return 100.0 * (1.0 - dist / max(total, 1))
-
-
 def build_models(work: Path, quick: bool, cls_heldout: int = 256) -> list[ModelSpec]:
     from models.fetch import MODELS, ctc_decode, fetch, make_inputs, sentences, tokenize
 
@@ -167,7 +152,7 @@ def build_models(work: Path, quick: bool, cls_heldout: int = 256) -> list[ModelS
 
     def eval_rec(path: str) -> float:
         probs = predict(common.as_proto(path), held_rec, batch=16, output=rec_out, threads=2)
-        return _char_acc(ctc_decode(probs, rec), meta_rec["texts"])
+        return common.char_accuracy(ctc_decode(probs, rec), meta_rec["texts"])
 
     specs.append(
         ModelSpec(

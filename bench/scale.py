@@ -78,7 +78,9 @@ def _calibrate(task: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
-    resources = CalibrationResources(task.get("workers", 1), "auto" if task.get("ray") else None, task.get("memory"))
+    resources = CalibrationResources(
+        task.get("workers", 1), "auto" if task.get("ray") else None, task.get("memory"), task.get("partitions", 1)
+    )
     calibrator = Calibrator(model, dict.fromkeys(tensors, HistogramObserver))
     start = time.perf_counter()
     observers = calibrator.run(batches, resources=resources)

@@ -21,15 +21,11 @@ which rewrites that whole section).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import pickle
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -39,35 +35,13 @@ for entry in (str(REPO), str(REPO / "bench")):
         sys.path.insert(0, entry)
 
 from _common import child_main, environment_line, markdown_table, run_child, write_readme_section  # noqa: E402
+from scale import SEQ_LEN, SEQUENCES, SHAPE, _calibrate  # noqa: E402 - bench/scale.py: model, data, child
 
-from models.decoder import DecoderShape, write_decoder  # noqa: E402
+from models.decoder import write_decoder  # noqa: E402
 
-SHAPE = DecoderShape(layers=4, hidden=512, heads=8, ffn=1408, vocab=8000)
-SEQUENCES, SEQ_LEN, BATCH = 32, 256, 32
+BATCH = 32  # one batch: its activations, not the model, dominate the process
 HEADING = "### Partitioned calibration: peak RSS (`--calib-partitions`)"
 PARTITIONS = (1, 4, 16)
-
-
-def _calibrate(task: dict[str, Any]) -> dict[str, Any]:
-    import onnx
-
-    from onnxcomp.calibration.collect import Calibrator
-    from onnxcomp.calibration.observers import HistogramObserver
-    from onnxcomp.calibration.shard import CalibrationResources
-
-    model = onnx.load(task["model"])
-    weights = {t.name for t in model.graph.initializer}
-    tensors = list(
-        dict.fromkeys(n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights)
-    )
-    ids = np.load(task["data"])["input_ids"]
-    batches = [{"input_ids": ids[i : i + BATCH]} for i in range(0, len(ids), BATCH)]
-    calibrator = Calibrator(model, dict.fromkeys(tensors, HistogramObserver))
-    start = time.perf_counter()
-    observers = calibrator.run(batches, resources=CalibrationResources(partitions=task["partitions"]))
-    seconds = time.perf_counter() - start
-    digest = hashlib.sha256(b"".join(pickle.dumps(observers[t].__dict__) for t in tensors)).hexdigest()
-    return {"seconds": seconds, "digest": digest, "tensors": len(tensors), "notes": calibrator.notes}
 
 
 def main() -> None:
@@ -87,7 +61,13 @@ def main() -> None:
         np.savez(data, input_ids=np.random.default_rng(0).integers(0, SHAPE.vocab, (SEQUENCES, SEQ_LEN)))
         for round_index in range(args.rounds):
             for parts in PARTITIONS:
-                task = {"kind": "calibrate", "model": str(model), "data": str(data), "partitions": parts}
+                task = {
+                    "kind": "calibrate",
+                    "model": str(model),
+                    "data": str(data),
+                    "batch": BATCH,
+                    "partitions": parts,
+                }
                 child = run_child(__file__, task)
                 if not child.ok:
                     raise SystemExit(f"partitions={parts}: the child failed: {child.error}")

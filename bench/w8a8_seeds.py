@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import _common as common  # noqa: E402 - after the sys.path insert
-import algorithms  # noqa: E402 - bench/algorithms.py: character accuracy
+import algorithms  # noqa: E402 - bench/algorithms.py: its README path
 import ptq  # noqa: E402 - bench/ptq.py: the ORT static child
 
 import onnxcomp.api as api  # noqa: E402
@@ -68,7 +68,7 @@ def rec() -> tuple[str, Evaluate, Callable[[int], dict[str, np.ndarray]], int]:
 
     def evaluate(path: str) -> tuple[float, float, float]:
         probs = predict(common.as_proto(path), held, batch=16, output=output, threads=2)
-        return algorithms._char_acc(ctc_decode(probs, model), meta["texts"]), float("nan"), cosine(ref, probs)
+        return common.char_accuracy(ctc_decode(probs, model), meta["texts"]), float("nan"), cosine(ref, probs)
 
     return model, evaluate, lambda seed: make_inputs("ppocr_rec", 8, seed=seed), 8
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import shutil
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
@@ -62,7 +61,7 @@ def ort_session(  # noqa: ANN201
     expose: Sequence[str] = (),
     arena: bool = True,
 ):
-    """An onnxruntime CPU session for an in-memory model (via a temp file when >= 2 GB) or a model file.
+    """An onnxruntime CPU session for an in-memory model (through a temporary file) or a model file.
 
     ``level``: disable | basic | extended | all; ``threads``: intra-op threads (0 = all cores);
     ``config``: session config entries (e.g. ``session.qdq_matmulnbits_accuracy_level``);
@@ -90,15 +89,14 @@ def ort_session(  # noqa: ANN201
     if not arena:
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
+    suffix = b""
     if expose:
         if not isinstance(model, onnx.ModelProto):
             raise TypeError("ort_session(expose=...) needs an in-memory model")
         if is_mapped(model) or model.ByteSize() >= PROTOBUF_LIMIT:
-            model = with_outputs(model, expose)  # mapped / big models: a copy of references, not of weights
+            model = with_outputs(model, expose)  # their weights leave through references / external data
         else:
-            # From a file, not from bytes: onnxruntime parses a file without a second in-memory
-            # copy of a bytes argument, and the serialisation is freed before the session is built.
-            return _session_from_file(model, opts, _outputs_suffix(model, expose))
+            suffix = _outputs_suffix(model, expose)  # appended to the serialisation: no copy of the model
     if isinstance(model, Path):  # a file (external data beside it): onnxruntime reads it directly
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     if isinstance(model, bytes):  # already serialised (model_io.serialize_model): no second copy
@@ -122,15 +120,7 @@ def ort_session(  # noqa: ANN201
         session._onnxcomp_initializers = (taken, values)  # noqa: SLF001 - must outlive the session
         weakref.finalize(session, release_freed_memory)  # its weights leave the process with it
         return session
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return _session_from_file(model, opts)
-    tmp = tempfile.mkdtemp(prefix="onnxcomp-ort-")
-    try:
-        p = Path(tmp) / "model.onnx"
-        write_model_file(model, p, external=True)
-        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return _session_from_file(model, opts, suffix)
 
 
 def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""):  # noqa: ANN202
@@ -138,14 +128,18 @@ def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""
 
     onnxruntime copies a bytes argument before parsing it; from a file it parses directly, and
     our serialisation is freed before the session is built (one model-sized copy fewer each).
+    A model of 2 GB or more goes with its weights as external data (protobuf's limit).
     """
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with path.open("wb") as f:
-            f.write(model.SerializeToString())
-            f.write(suffix)
+        if model.ByteSize() >= PROTOBUF_LIMIT:
+            write_model_file(model, path, external=True)
+        else:
+            with path.open("wb") as f:
+                f.write(model.SerializeToString())
+                f.write(suffix)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
