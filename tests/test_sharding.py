@@ -148,7 +148,9 @@ def test_a_dead_worker_or_an_unloadable_model_is_a_one_line_error() -> None:
 
 
 def test_collectors_that_cannot_merge_stay_in_process() -> None:
-    """A fan-out into accumulators the caller keeps (refits, SparseGPT) is not sent to workers."""
+    """A fan-out into accumulators that cannot make empty copies of themselves (no ``blank``) stays here.
+
+    (InputGram and the channel-pruning Gram do: tests/test_sharding_stats.py.)"""
     kept = [MinMaxObserver()]
     with calibration_resources(TWO_WORKERS) as notes:
         Calibrator(chain_model(), {"c1": lambda: Fanout(kept)}).run(batches(3))

@@ -31,7 +31,16 @@ from onnxcomp.progress import progress_bar
 from .blocks import PartitionedFeeder, why_not_partitioned
 from .partition import Spool, estimate_bytes, group_tensors, machine_budget
 from .session import BatchFeeder, FeedPlan, SupportsUpdate
-from .shard import CalibrationResources, add_note, current_resources, run_sharded, why_not_shardable
+from .shard import (
+    CalibrationResources,
+    add_note,
+    blank_of,
+    can_merge,
+    current_resources,
+    run_sharded,
+    seek,
+    why_not_shardable,
+)
 
 __all__ = ["Calibrator", "SupportsUpdate", "Tee", "collect_many"]
 
@@ -184,14 +193,9 @@ class Calibrator(Generic[ObserverT]):
     ) -> int:
         """One pass over the data observing ``plan``'s tensors; the number of batches read."""
         if shard is not None:
-            names = (*plan.observed_inputs, *plan.fetch)
-
-            def fresh() -> dict[str, Any]:
-                return {name: self._factories[name]() for name in names}
-
-            merged, seen = run_sharded(self._model, plan, fresh, source, shard, total, advance)
-            observers.update(merged)
-            return seen
+            # merged into these very objects: a fan-out's accumulators are the caller's
+            into = {name: observers[name] for name in (*plan.observed_inputs, *plan.fetch)}
+            return run_sharded(self._model, plan, into, source, shard, total, advance)
         feeder: BatchFeeder | PartitionedFeeder | None = None
         if self._parts > 1 and plan.fetch:
             feeder = PartitionedFeeder(self._model, plan, self._parts)
@@ -220,7 +224,15 @@ class Tee:
     @property
     def mergeable(self) -> bool:
         """Whether every collector merges (then the Tee can be filled in shards)."""
-        return all(callable(getattr(c, "merge", None)) for c in self.collectors.values())
+        return all(can_merge(c) for c in self.collectors.values())
+
+    def blank(self, memo: dict[int, Any]) -> Tee:
+        """The Tee a worker fills: empty copies of collectors that write into the caller's objects."""
+        return Tee({purpose: blank_of(c, memo) for purpose, c in self.collectors.items()})
+
+    def seek(self, index: int) -> None:
+        for collector in self.collectors.values():
+            seek(collector, index)
 
     def merge(self, other: Tee) -> None:
         """Merge each purpose's collector with ``other``'s (same purposes, same order)."""

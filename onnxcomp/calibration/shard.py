@@ -4,9 +4,15 @@ The stream of batches is cut into *chunks* of consecutive batches (the chunk siz
 the number of batches and workers). Each chunk goes to a worker, which feeds it through its own
 onnxruntime session (:class:`onnxcomp.calibration.session.BatchFeeder`) into fresh copies of the
 observers and returns their states; the driver merges the states chunk by chunk, in chunk order,
-into fresh observers. So the result does not depend on which worker finished first: observers
-whose merge is exact (min/max, histograms, ChannelStats) give the single-process result bit for
-bit, float sums (ChannelMean, Gram matrices) the same up to the order of the additions.
+into the driver's observers. So the result does not depend on which worker finished first:
+observers whose merge is exact (min/max, histograms, ChannelStats) give the single-process result
+bit for bit, float sums (ChannelMean, Gram matrices) the same up to the order of the additions.
+
+Collectors that write into accumulators the caller keeps (a
+:class:`~onnxcomp.calibration.gram.Fanout` to the ``X^T X`` of GPTQ, SparseGPT and channel
+pruning) shard too: a task gets empty copies (:func:`blank_of`), told by :func:`seek` where its
+batches start (row sampling is seeded per batch index), and the driver merges the results into
+the caller's own objects.
 
 The model is shipped to each worker once: written to a temporary file that every local worker
 opens in its initializer, or put once in Ray's object store (a node need not share our disk) and
@@ -113,15 +119,51 @@ def add_note(note: str) -> None:
         current[1].append(note)
 
 
-def why_not_shardable(templates: Mapping[str, Any]) -> str | None:
-    """Why these (fresh) observers cannot be filled in workers and merged, or None if they can.
+def can_merge(observer: Any) -> bool:
+    """Whether ``observer`` says it merges (``mergeable``, else a ``merge`` method)."""
+    flag = getattr(observer, "mergeable", None)
+    return bool(flag) if flag is not None else callable(getattr(observer, "merge", None))
 
-    An observer must say it merges (``mergeable``, else a ``merge`` method) and pickle: collectors
-    that write into objects the caller keeps (a fan-out to shared accumulators) cannot.
+
+def blank_of(observer: Any, memo: dict[int, Any]) -> Any:
+    """What a worker fills for ``observer``: an empty copy (its ``blank(memo)``), else ``observer`` itself.
+
+    An observer a factory made fresh needs no copy. Collectors that write into accumulators the
+    caller keeps (:class:`~onnxcomp.calibration.gram.Fanout`) return copies of them; ``memo``
+    (one per task, by ``id``) makes an accumulator shared by several tensors one shared copy.
+    """
+    blank = getattr(observer, "blank", None)
+    if not callable(blank):
+        return observer
+    key = id(observer)
+    if key not in memo:
+        memo[key] = blank(memo)
+    return memo[key]
+
+
+def shardable(accumulator: Any) -> bool:
+    """Whether an accumulator the caller keeps can be filled in workers: it merges and has ``blank``."""
+    return can_merge(accumulator) and callable(getattr(accumulator, "blank", None))
+
+
+def seek(observer: Any, index: int) -> None:
+    """Tell ``observer`` (if it asks, by a ``seek`` method) that its next batch is batch ``index``.
+
+    Collectors that sample rows per batch seed the sampling by the batch's index in the whole
+    stream, so a worker's chunk must say where it starts.
+    """
+    method = getattr(observer, "seek", None)
+    if callable(method):
+        method(index)
+
+
+def why_not_shardable(templates: Mapping[str, Any]) -> str | None:
+    """Why these observers cannot be filled in workers and merged, or None if they can.
+
+    An observer must say it merges (:func:`can_merge`) and pickle.
     """
     for name, observer in templates.items():
-        flag = getattr(observer, "mergeable", None)
-        if not (flag if flag is not None else callable(getattr(observer, "merge", None))):
+        if not can_merge(observer):
             return f"the collector of tensor {name!r} ({type(observer).__name__}) cannot merge partial results"
         try:
             pickle.dumps(observer)
@@ -162,11 +204,17 @@ def _start_local(path: str, plan: FeedPlan, threads: int) -> None:
         _LOCAL_ERROR = exc
 
 
+def _observe(feeder: BatchFeeder, first: int, batches: list[Any], observers: MutableMapping[str, Any]) -> Any:
+    for observer in observers.values():
+        seek(observer, first)
+    return observe_chunk(feeder, first, batches, observers)
+
+
 def _local_task(first: int, batches: list[Any], observers: dict[str, Any]) -> MutableMapping[str, Any]:
     if _LOCAL_ERROR is not None:
         raise _LOCAL_ERROR
     assert _LOCAL is not None, "the worker initializer did not run"
-    return observe_chunk(_LOCAL, first, batches, observers)
+    return _observe(_LOCAL, first, batches, observers)
 
 
 def _local_result(future: Future[MutableMapping[str, Any]]) -> MutableMapping[str, Any]:
@@ -189,7 +237,7 @@ class RayWorker:
 
     def observe(self, first: int, batches: list[Any], observers: bytes) -> bytes:
         # observers travel pickled: Ray hands numpy arrays over read-only, and observers update theirs in place
-        return pickle.dumps(observe_chunk(self._feeder, first, batches, pickle.loads(observers)))
+        return pickle.dumps(_observe(self._feeder, first, batches, pickle.loads(observers)))
 
 
 def import_ray() -> Any:
@@ -207,24 +255,31 @@ def import_ray() -> Any:
 def run_sharded(
     model: onnx.ModelProto,
     plan: FeedPlan,
-    fresh: Callable[[], dict[str, Any]],
+    into: Mapping[str, Any],
     stream: Iterator[Any],
     resources: CalibrationResources,
     total: int | None,
     advance: Callable[[int], None],
-) -> tuple[dict[str, Any], int]:
-    """Fill ``fresh()`` observers from ``stream`` on the workers of ``resources``; (merged, batches).
+) -> int:
+    """Fill the observers ``into`` from ``stream`` on the workers of ``resources``; the batches read.
 
-    ``advance(n)`` is called as chunks of n batches are merged (the progress bar).
+    Each task gets empty copies of ``into`` (:func:`blank_of`) and the driver merges the results
+    into ``into``'s own objects, in batch order. ``advance(n)`` is called as chunks of n batches
+    are merged (the progress bar).
     """
+
+    def fresh() -> dict[str, Any]:
+        memo: dict[int, Any] = {}
+        return {name: blank_of(observer, memo) for name, observer in into.items()}
+
     with tempfile.TemporaryDirectory(prefix="onnxcomp-shard-") as tmp:
         path = Path(tmp, "model.onnx")
         augmented = with_outputs(model, list(plan.fetch)) if plan.fetch else model
         write_model_file(augmented, path, external=augmented.ByteSize() >= PROTOBUF_LIMIT)
         del augmented
         if resources.ray is not None:
-            return _run_ray(path, plan, fresh, stream, resources, total, advance)
-        return _run_local(path, plan, fresh, stream, resources.workers, total, advance)
+            return _run_ray(path, plan, fresh, into, stream, resources, total, advance)
+        return _run_local(path, plan, fresh, into, stream, resources.workers, total, advance)
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -257,28 +312,30 @@ def _run_local(
     path: Path,
     plan: FeedPlan,
     fresh: Callable[[], dict[str, Any]],
+    into: Mapping[str, Any],
     stream: Iterator[Any],
     workers: int,
     total: int | None,
     advance: Callable[[int], None],
-) -> tuple[dict[str, Any], int]:
+) -> int:
     with ProcessPoolExecutor(workers, _context(), _start_local, (str(path), plan, _threads(workers))) as pool:
 
         def submit(first: int, chunk: list[Any]) -> Future[MutableMapping[str, Any]]:
             return pool.submit(_local_task, first, chunk, fresh())
 
-        return _drive(submit, _local_result, fresh, stream, workers, total, advance)
+        return _drive(submit, _local_result, into, stream, workers, total, advance)
 
 
 def _run_ray(
     path: Path,
     plan: FeedPlan,
     fresh: Callable[[], dict[str, Any]],
+    into: Mapping[str, Any],
     stream: Iterator[Any],
     resources: CalibrationResources,
     total: int | None,
     advance: Callable[[int], None],
-) -> tuple[dict[str, Any], int]:
+) -> int:
     ray = import_ray()
     if not ray.is_initialized():
         try:
@@ -309,7 +366,7 @@ def _run_ray(
             raise CalibrationError(f"a Ray calibration worker failed: {first_line(cause or exc)}") from None
 
     try:
-        return _drive(submit, result, fresh, stream, workers, total, advance)
+        return _drive(submit, result, into, stream, workers, total, advance)
     finally:
         for a in actors:
             ray.kill(a)
@@ -318,14 +375,13 @@ def _run_ray(
 def _drive(
     submit: Callable[[int, list[Any]], Any],
     result: Callable[[Any], MutableMapping[str, Any]],
-    fresh: Callable[[], dict[str, Any]],
+    merged: Mapping[str, Any],
     stream: Iterator[Any],
     workers: int,
     total: int | None,
     advance: Callable[[int], None],
-) -> tuple[dict[str, Any], int]:
+) -> int:
     """Submit chunks with a bounded queue; merge the results in submission (= batch) order."""
-    merged = fresh()
     pending: deque[tuple[Any, int]] = deque()
     seen = 0
 
@@ -343,4 +399,4 @@ def _drive(
         pending.append((submit(first, chunk), len(chunk)))
     while pending:
         merge_oldest()
-    return merged, seen
+    return seen

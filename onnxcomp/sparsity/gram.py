@@ -10,22 +10,28 @@ The generic design-matrix helpers (im2col, row sampling) are in :mod:`onnxcomp.c
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from onnxcomp import ir
 from onnxcomp.calibration.gram import (
     Fanout,
+    LayerView,
     augment,
+    batch_rows,
     conv_patches,
     design_rows,
     output_count,
     output_rows,
     row_count,
     sample_rows,
+    seed_of,
 )
+from onnxcomp.errors import CalibrationError
 from onnxcomp.ir import describe, folded_value
 from onnxcomp.sparsity.coupling import Sink
 
@@ -115,18 +121,44 @@ def weight_from_matrix(sm: SinkMatrix, wm: np.ndarray, kept_channels: int) -> np
 
 
 class GramAccumulator:
-    """Streaming ``H = [X 1]^T [X 1]`` of one sink's design matrix (float64)."""
+    """Streaming ``H = [X 1]^T [X 1]`` of one sink's design matrix (float64), mergeable.
+
+    At most ``max_rows`` design rows per batch, drawn with a generator seeded by the batch's index
+    (:func:`~onnxcomp.calibration.gram.batch_rows`), so sharded calibration samples the same rows;
+    a copy sent to a worker (:meth:`blank`) carries the layer's geometry, not the sink (``sm`` is
+    None there).
+    """
 
     def __init__(self, sm: SinkMatrix, max_rows: int, rng: np.random.Generator) -> None:
         self.sm = sm
+        self.layer = LayerView.of(sm.node)
         self.max_rows = max_rows
-        self.rng = rng
+        self.seed = seed_of(rng)
         d = sm.wm.shape[0]
         self.h = np.zeros((d + 1, d + 1))
         self.rows = 0
+        self.batch = 0  # the index (in the whole stream) of the next batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "sm": None}  # the sink links the whole graph and its weights
+
+    def blank(self, memo: dict[int, Any] | None = None) -> GramAccumulator:
+        fresh = copy.copy(self)
+        fresh.h, fresh.rows, fresh.batch = np.zeros_like(self.h), 0, 0
+        return fresh
+
+    def seek(self, index: int) -> None:
+        self.batch = index
 
     def update(self, x: np.ndarray) -> None:
-        index = sample_rows(row_count(self.sm.node, np.shape(x)), self.max_rows, self.rng)
-        a = augment(design_rows(self.sm.node, x, index))
+        index = batch_rows(row_count(self.layer, np.shape(x)), self.max_rows, self.seed, self.batch)
+        self.batch += 1
+        a = augment(design_rows(self.layer, x, index))
         self.h += a.T @ a
         self.rows += len(a)
+
+    def merge(self, other: GramAccumulator) -> None:
+        if other.h.shape != self.h.shape or other.layer.label != self.layer.label:
+            raise CalibrationError(f"{self.layer.label}: cannot merge the statistics of {other.layer.label}")
+        self.h += other.h
+        self.rows += other.rows
