@@ -391,6 +391,7 @@ class Job:
     env_tool: str  # which baseline it belongs to: onnxcomp | ort | ort_nbits
     matched: bool = True  # part of a matched onnxcomp-vs-ORT pair
     note: str = ""
+    in_costs: bool = False  # an unmatched job ``--cost-only`` runs too (its row is printed, not paired)
 
 
 @dataclass
@@ -669,13 +670,17 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
             note="per-tensor uint8 activations (the only dynamic form ORT has)",
         )
     )
+    # The matched INT4 pair: round-to-nearest with the per-block amax scale on both sides
+    # (onnxcomp's --weight-observer minmax; ORT's MatMulNBitsQuantizer default). onnxcomp's 4-bit
+    # default (an MSE clipping search over 41 ratios) is kept as an unmatched row.
     bench.jobs.append(
         Job(
             "int4 weight-only, block 32",
             "onnxcomp",
-            {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "out": out("oc_int4")},
+            {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "weight_observer": "minmax", "out": out("oc_int4")},
             "onnxcomp",
-            note="defaults (4-bit weights: MSE clipping search); written as MatMulNBits (accuracy level 4)",
+            note="`--weight-observer minmax`: round to nearest on the block's amax scale, as ORT's default; "
+            "written as MatMulNBits (accuracy level 4)",
         )
     )
     if have_nbits:
@@ -685,7 +690,7 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
                 "onnxruntime",
                 {**nocal, "kind": "ort_nbits", "out": out("ort_nbits")},
                 "ort_nbits",
-                note="MatMulNBits, accuracy_level unset",
+                note="MatMulNBits, round to nearest (its default), accuracy_level unset",
             )
         )
         if not quick:
@@ -698,23 +703,16 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
                     note="MatMulNBits, accuracy_level=4 (as onnxcomp's fused output)",
                 )
             )
-    if quick:
-        return
     bench.jobs.append(
         Job(
             "int4 weight-only, block 32",
-            "onnxcomp amax",
-            {
-                **nocal,
-                "kind": "onnxcomp_quant",
-                "mode": "int4",
-                "weight_observer": "minmax",
-                "out": out("oc_int4_amax"),
-            },
+            "onnxcomp mse",
+            {**nocal, "kind": "onnxcomp_quant", "mode": "int4", "out": out("oc_int4_mse")},
             "onnxcomp",
             matched=False,
-            note="onnxcomp with the plain amax rule (scale = amax/7) instead of its default "
-            "MSE clipping search for 4-bit weights",
+            in_costs=True,
+            note="onnxcomp's 4-bit default: the MSE clipping search (41 ratios of amax per block) instead of "
+            "the plain amax rule",
         )
     )
 
@@ -773,18 +771,28 @@ def run_bench(
     log("  latency ms (1T/2T): " + ", ".join(f"{r.tool}:{r.lat1:.2f}/{r.lat2:.2f}" for r in timed))
 
 
-def run_costs(bench: ModelBench, repeats: int, peer_env: dict[str, str], log: Callable[[str], None]) -> None:
-    """``--cost-only``: quantize wall time and peak RSS of the matched jobs only (no metric, no
-    latency), in ``repeats`` interleaved rounds (every job once per round, each pair back to back), so
-    that load from other processes hits both tools alike; the rows hold the medians."""
-    for env_tool in sorted({j.env_tool for j in bench.jobs if j.matched}):
+def run_costs(
+    bench: ModelBench,
+    repeats: int,
+    peer_env: dict[str, str],
+    log: Callable[[str], None],
+    settings: list[str] | None = None,
+) -> None:
+    """``--cost-only``: quantize wall time and peak RSS of the matched jobs (and the unmatched ones
+    marked ``in_costs``; no metric, no latency), in ``repeats`` interleaved rounds (every job once
+    per round, each pair back to back), so that load from other processes hits both tools alike; the
+    rows hold the medians. ``settings``: only the jobs whose setting contains one of these strings."""
+    chosen = [
+        j for j in bench.jobs if (j.matched or j.in_costs) and (not settings or any(s in j.setting for s in settings))
+    ]
+    for env_tool in sorted({j.env_tool for j in chosen}):
         res = common.run_child(
             __file__,
             {"kind": "baseline", "tool": env_tool, "model": bench.src, "calib": bench.calib, "n": bench.n},
             env=peer_env if env_tool != "onnxcomp" else None,
         )
         bench.baselines[env_tool] = res.peak_rss_mb if res.ok else float("nan")
-    jobs = [j for j in bench.jobs if j.matched]
+    jobs = chosen
     runs: dict[int, list[tuple[float, float]]] = {id(j): [] for j in jobs}
     errors: dict[int, str] = {}
     for round_ in range(repeats):
@@ -798,7 +806,7 @@ def run_costs(bench: ModelBench, repeats: int, peer_env: dict[str, str], log: Ca
                 errors[id(job)] = res.error
         log(f"  round {round_ + 1}/{repeats} done")
     for job in jobs:
-        row = Row(job.setting, job.tool, matched=True, note=job.note, error=errors.get(id(job), ""))
+        row = Row(job.setting, job.tool, matched=job.matched, note=job.note, error=errors.get(id(job), ""))
         if runs[id(job)]:
             row.time_s = statistics.median(t for t, _ in runs[id(job)])
             row.peak_mb = statistics.median(m for _, m in runs[id(job)])
@@ -1056,6 +1064,24 @@ def cost_table(benches: list[ModelBench]) -> str:
     return common.markdown_table(headers, rows, "lrrrrrrrr")
 
 
+def cost_jobs_table(benches: list[ModelBench]) -> str:
+    """Every job ``--cost-only`` ran: median time and peak RSS (unmatched ones marked *)."""
+    headers = ["model", "setting", "tool", "time s", "peak MB", "above baseline MB"]
+    rows = [
+        [
+            b.key,
+            r.setting,
+            r.tool + ("" if r.matched else " *"),
+            common.fmt(r.time_s, 2),
+            common.fmt(r.peak_mb, 0),
+            common.fmt(r.above_mb, 0),
+        ]
+        for b in benches
+        for r in b.rows
+    ]
+    return common.markdown_table(headers, rows, "lllrrr")
+
+
 def _cost_row(name: str, pairs: list[tuple[Row, Row]]) -> list[str]:
     def med(values: list[float], digits: int) -> str:
         values = [v for v in values if v == v]
@@ -1291,6 +1317,11 @@ def main() -> int:
         help="only the quantize time / peak RSS table of the matched pairs, medians of ROUNDS interleaved "
         "rounds (no metrics, latency or calibration-only part; the README is not written)",
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        help="--cost-only: only the jobs whose setting contains this text (repeatable), e.g. 'int4'",
+    )
     parser.add_argument("--no-readme", action="store_true", help="print only; leave bench/README.md alone")
     parser.add_argument(
         "--observer-cost",
@@ -1323,7 +1354,7 @@ def main() -> int:
             for b in benches:
                 log(f"{b.key}")
                 plan_jobs(b, work, have_nbits, args.quick)
-                run_costs(b, args.cost_only, peer_env, log)
+                run_costs(b, args.cost_only, peer_env, log, args.setting)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         load = (load_start, common.load_average())
@@ -1332,6 +1363,8 @@ def main() -> int:
             f"{args.cost_only} interleaved rounds; 1-minute load average {load[0]} at the start, {load[1]} at the end"
         )
         print(cost_table(benches))
+        print()
+        print(cost_jobs_table(benches))
         log(f"done in {time.perf_counter() - start:.0f} s")
         return 0
     try:

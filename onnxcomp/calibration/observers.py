@@ -542,6 +542,12 @@ def _errors(values: np.ndarray, weights: np.ndarray, qdq: QDQ, lo: np.ndarray, h
     if count == 1:
         return np.array([_sq_error(first - values, weights, wsum)])
     last = np.asarray(qdq(values, float(lo[-1]), float(hi[-1])), np.float64)
+    grid_of = getattr(qdq, "integer_grid", None)
+    grid = grid_of(lo, hi) if grid_of is not None else None
+    if grid is not None:
+        found = _grid_errors(values, weights, wsum, grid, first, last)
+        if found is not None:
+            return found
     out = np.empty(count)
     rows = max(2, _BLOCK // max(values.size, 1))
     block_qdq = cast(_BlockQDQ, qdq)
@@ -563,6 +569,47 @@ def _errors(values: np.ndarray, weights: np.ndarray, qdq: QDQ, lo: np.ndarray, h
         return out
     except Exception:  # noqa: BLE001 - a qdq for scalar ranges only: one call per candidate
         return np.array([_error(values, weights, qdq, Range(a, b)) for a, b in zip(lo.tolist(), hi.tolist())])
+
+
+def _grid_errors(
+    values: np.ndarray,
+    weights: np.ndarray,
+    wsum: float,
+    grid: tuple[np.ndarray, np.ndarray, float, float],
+    first: np.ndarray,
+    last: np.ndarray,
+) -> np.ndarray | None:
+    """:func:`_errors` on integer grids (``qdq.integer_grid``: per candidate a float32 scale and
+    zero point): ``(clip(rint(x / s) + z, qmin, qmax) - z) * s`` in one float32 buffer per block,
+    no codes array, no copies. The first and last rows must equal the scalar calls bit for bit
+    (as the block path's), else None and the caller evaluates the other way."""
+    scale, zero, qmin, qmax = grid
+    count = scale.size
+    x32 = values.astype(np.float32)  # what quantize rounds the values to
+    rows = max(2, _BLOCK // max(values.size, 1))
+    q = np.empty((min(rows, count), values.size), np.float32)
+    diff = np.empty(q.shape)
+    out = np.empty(count)
+    for start in range(0, count, rows):
+        stop = min(start + rows, count)
+        s, z = scale[start:stop, None], zero[start:stop, None]
+        qb, db = q[: stop - start], diff[: stop - start]
+        with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
+            np.divide(x32, s, out=qb)
+        np.rint(qb, out=qb)
+        np.add(qb, z, out=qb)
+        np.clip(qb, qmin, qmax, out=qb)
+        np.subtract(qb, z, out=qb)  # exact: integers below 2^24
+        np.multiply(qb, s, out=qb)
+        np.subtract(qb, values, out=db)  # float32 -> float64 exactly, as qdq's astype
+        if start == 0 and not _same_bits(db[0], first - values):
+            return None
+        if stop == count and not _same_bits(db[-1], last - values):
+            return None
+        db *= db
+        for row in range(stop - start):
+            out[start + row] = np.dot(weights, db[row]) / wsum
+    return out
 
 
 def _sq_error(diff: np.ndarray, weights: np.ndarray, wsum: float) -> float:

@@ -67,12 +67,23 @@ def apply_nm(w: np.ndarray, axis: int, pattern: NMPattern) -> np.ndarray:
 
 
 def nm_fraction(w: np.ndarray, axis: int, pattern: NMPattern) -> float:
-    """Fraction of the (zero-padded) groups along ``axis`` with at most ``n`` non-zeros."""
+    """Fraction of the (zero-padded) groups along ``axis`` with at most ``n`` non-zeros.
+
+    Counted on the non-zero mask (1 byte an element, not a float64 copy of ``|w|``): every quant
+    record computes it for every weight.
+    """
     axis = axis % w.ndim
-    groups, _ = _grouped(w, axis, pattern.m)
+    moved = np.moveaxis(np.asarray(w) != 0, axis, -1)
+    length = moved.shape[-1]
+    padded = -(-length // pattern.m) * pattern.m
+    if padded != length:
+        moved = np.concatenate([moved, np.zeros((*moved.shape[:-1], padded - length), bool)], axis=-1)
+    groups = moved.reshape(*moved.shape[:-1], padded // pattern.m, pattern.m).view(np.uint8)
     if groups.size == 0:
         return 1.0
-    nonzero = np.count_nonzero(groups, axis=-1)
+    nonzero = groups[..., 0].astype(np.int32)
+    for j in range(1, pattern.m):  # m strided adds: numpy's reductions over a short last axis are slow
+        nonzero += groups[..., j]
     return float(np.mean(nonzero <= pattern.n))
 
 

@@ -6,8 +6,6 @@ activations and the observers' error searches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
@@ -48,14 +46,43 @@ def dequantize(fmt: IntegerFormat | ElementFormat, codes: np.ndarray, scale: np.
     return np.multiply(fmt.decode(codes), scale, dtype=np.float32)
 
 
-def range_qdq(dtype: str, symmetric: bool) -> Callable[[np.ndarray, float, float], np.ndarray]:
-    """A ``qdq(values, lo, hi)`` callable for the observers' error-based range searches."""
-    fmt = get_format(dtype)
+class RangeQDQ:
+    """``qdq(values, lo, hi)`` for the observers' error-based range searches: the values
+    quantized and dequantized on the grid of [lo, hi] (lo/hi may be (C, 1) columns: C rows).
 
-    def qdq(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    For integer formats it also gives the grids themselves (:meth:`integer_grid`), with which the
+    searches compute every candidate's error in place, in one float32 buffer, instead of through
+    the codes array and its copies (the arithmetic of ``quantize`` + ``dequantize``, the same
+    floats: ``onnxcomp.calibration.observers``)."""
+
+    def __init__(self, dtype: str, symmetric: bool) -> None:
+        self.fmt = get_format(dtype)
+        self.dtype = dtype
+        self.symmetric = symmetric
+
+    def __call__(self, values: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
+        fmt = self.fmt
         # Static activation formats are integer or element formats (spec validation makes MX dynamic).
-        assert isinstance(fmt, (IntegerFormat, ElementFormat)), f"no static range quantization for {dtype}"
-        scale, zp = qparams_for_range(fmt, lo, hi, symmetric)
+        assert isinstance(fmt, (IntegerFormat, ElementFormat)), f"no static range quantization for {self.dtype}"
+        scale, zp = qparams_for_range(fmt, lo, hi, self.symmetric)
         return dequantize(fmt, quantize(fmt, values, scale, zp), scale, zp).astype(np.float64)
 
-    return qdq
+    def integer_grid(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float] | None:
+        """(float32 scales, float32 zero points, qmin, qmax) of the candidates [lo[c], hi[c]],
+        or None for a non-integer format. ``x -> (clip(rint(x / s) + z, qmin, qmax) - z) * s`` in
+        float32 is then exactly ``dequantize(quantize(x))``: every step is exact or rounds once
+        as the codec does (codes and zero points are integers below 2^24)."""
+        if not isinstance(self.fmt, IntegerFormat):
+            return None
+        scale, zp = self.fmt.compute_qparams(lo, hi, self.symmetric)
+        return (
+            np.asarray(scale, np.float32),
+            np.asarray(zp).astype(np.float32),
+            float(self.fmt.qmin),
+            float(self.fmt.qmax),
+        )
+
+
+def range_qdq(dtype: str, symmetric: bool) -> RangeQDQ:
+    """A ``qdq(values, lo, hi)`` callable for the observers' error-based range searches."""
+    return RangeQDQ(dtype, symmetric)

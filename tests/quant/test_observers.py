@@ -803,3 +803,41 @@ def test_error_search_memory_is_bounded() -> None:
     finally:
         tracemalloc.stop()
     assert len(grid) * values.size * 8 > 20 * peak  # far below one float64 per candidate x sample
+
+
+def test_integer_grid_path_is_used_and_guarded() -> None:
+    """Integer formats' errors come from their grids (``RangeQDQ.integer_grid``: no block qdq
+    calls, the same floats as the reference); a grid that disagrees with the scalar calls is
+    caught by the first/last-row check and the block path answers instead."""
+    from onnxcomp.quant.qparams import RangeQDQ
+
+    obs = observe(DISTRIBUTIONS["laplace"][:50_000])
+    values, weights = ref_samples(obs)
+
+    class Counting(RangeQDQ):
+        def __init__(self, dtype: str, symmetric: bool, scale_by: float = 1.0) -> None:
+            super().__init__(dtype, symmetric)
+            self.calls = {"scalar": 0, "block": 0}
+            self.scale_by = scale_by
+
+        def __call__(self, values: np.ndarray, lo, hi) -> np.ndarray:  # noqa: ANN001
+            self.calls["block" if np.ndim(lo) else "scalar"] += 1
+            return super().__call__(values, lo, hi)
+
+        def integer_grid(self, lo: np.ndarray, hi: np.ndarray):  # noqa: ANN201
+            grid = super().integer_grid(lo, hi)
+            assert grid is not None
+            return (grid[0] * np.float32(self.scale_by), *grid[1:])
+
+    for dtype, symmetric in (("uint8", False), ("int8", True), ("int4", False), ("int16", True)):
+        grid = ref_trim_candidates(obs, symmetric)
+        lo, hi = np.array([c.lo for c in grid]), np.array([c.hi for c in grid])
+        honest = Counting(dtype, symmetric)
+        expected = np.array([ref_error(values, weights, honest, c) for c in grid])
+        honest.calls = {"scalar": 0, "block": 0}
+        assert obs_mod._errors(values, weights, honest, lo, hi).tobytes() == expected.tobytes()
+        assert honest.calls == {"scalar": 2, "block": 0}  # first and last checked, the rest from grids
+        lying = Counting(dtype, symmetric, scale_by=1.5)
+        assert obs_mod._errors(values, weights, lying, lo, hi).tobytes() == expected.tobytes()
+        assert lying.calls["block"] >= 1  # the grid was refused: the block path answered
+    assert RangeQDQ("fp8_e4m3", False).integer_grid(np.zeros(2), np.ones(2)) is None

@@ -120,3 +120,23 @@ def test_reduction_axes() -> None:
 )
 def test_keep_count(channels: int, ratio: float, round_to: int, expected: int) -> None:
     assert keep_count(channels, ratio, round_to) == expected
+
+
+def test_nm_fraction_brute_force() -> None:
+    """nm_fraction against a loop over the zero-padded groups: -0.0 is zero, NaN / inf are not."""
+    from onnxcomp.formats.nm import NMPattern, nm_fraction
+
+    rng = np.random.default_rng(3)
+    for shape in [(6, 10), (3, 4, 5), (7,), (2, 9, 3, 3)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        w.reshape(-1)[rng.random(w.size) < 0.5] = 0.0
+        w.reshape(-1)[:3] = [-0.0, np.nan, -np.inf]
+        for axis in range(w.ndim):
+            for n, m in ((2, 4), (1, 3), (4, 8)):
+                moved = np.moveaxis(w, axis, -1).reshape(-1, w.shape[axis])
+                good = total = 0
+                for row in moved:
+                    for start in range(0, len(row), m):
+                        total += 1
+                        good += int(sum(1 for v in row[start : start + m] if v != 0) <= n)
+                assert nm_fraction(w, axis, NMPattern(n, m)) == good / total
