@@ -15,6 +15,7 @@ import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +29,83 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 #: Intra-op threads for sessions that only compute (calibration, reports): 0 = every core.
 ALL_CORES = 0
+
+#: Bytes per element a tensor field can take: raw_data holds the element size (sub-byte types
+#: round up), packed varints at most 10 (negative int32 / any uint64), float 4 and double 8.
+_RAW_BYTES: dict[int, int] = {
+    onnx.TensorProto.DOUBLE: 8,
+    onnx.TensorProto.INT64: 8,
+    onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.COMPLEX128: 16,
+    onnx.TensorProto.COMPLEX64: 8,
+    onnx.TensorProto.FLOAT: 4,
+    onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4,
+}
+_VARINT_BYTES = 10
+_TENSOR_OVERHEAD = 64  # tag, length, data_type, data_location, a few dims' varints
+
+
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """``model.ByteSize() < PROTOBUF_LIMIT``, mostly without serialising it.
+
+    upb computes ``ByteSize()`` by serialising the whole message (as long as ``SerializeToString``
+    on a model with its weights), so a bound is tried first: the graph's initializers from their
+    shapes and types (data that matches the dims, as onnx.checker and onnxruntime require),
+    everything else from its own exact size (nodes, I/O, metadata: small). Only a bound of 2 GiB
+    or more is confirmed by the exact size.
+    """
+    bound = _size_bound(model)
+    return bound < PROTOBUF_LIMIT or model.ByteSize() < PROTOBUF_LIMIT
+
+
+def _size_bound(model: onnx.ModelProto) -> int:
+    total = 0
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            total += _field_bound(field, value)
+            continue
+        for gfield, gvalue in model.graph.ListFields():
+            if gfield.name != "initializer":
+                total += _field_bound(gfield, gvalue)
+                continue
+            for tensor in gvalue:
+                one = _tensor_bound(tensor)
+                if one is None:
+                    return PROTOBUF_LIMIT  # strings or segments: only the exact size says
+                total += one + 16  # + tag and length
+        total += 16
+    return total
+
+
+def _field_bound(field: Any, value: Any) -> int:  # a protobuf FieldDescriptor and its value
+    """An upper bound of one set field's serialised size (sub-messages by their exact size)."""
+    items = value if field.is_repeated else [value]
+    if field.type == field.TYPE_MESSAGE:
+        return sum(item.ByteSize() + 16 for item in items)
+    if field.type in (field.TYPE_STRING, field.TYPE_BYTES):
+        return sum(4 * len(item) + 16 for item in items)  # UTF-8: at most 4 bytes a character
+    return 16 * len(items)
+
+
+def _tensor_bound(tensor: onnx.TensorProto) -> int | None:
+    """An upper bound of a tensor's serialised size from its shape and type, or None."""
+    if tensor.data_type == onnx.TensorProto.STRING or len(tensor.string_data) or tensor.HasField("segment"):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= max(int(dim), 0)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        payload = 0
+    elif tensor.HasField("raw_data"):
+        typed = (tensor.float_data, tensor.int32_data, tensor.int64_data, tensor.double_data, tensor.uint64_data)
+        if any(len(values) for values in typed):
+            return None  # both storages: not a tensor the bound knows
+        payload = count * _RAW_BYTES.get(tensor.data_type, 2)  # 16-bit and narrower: 2 bytes is an upper bound
+    else:
+        payload = count * _VARINT_BYTES
+    meta = sum(e.ByteSize() + 16 for e in tensor.external_data)
+    return payload + meta + 4 * (len(tensor.name) + len(tensor.doc_string)) + 11 * len(tensor.dims) + _TENSOR_OVERHEAD
 
 
 def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -93,7 +171,7 @@ def ort_session(  # noqa: ANN201
     if expose:
         if not isinstance(model, onnx.ModelProto):
             raise TypeError("ort_session(expose=...) needs an in-memory model")
-        if is_mapped(model) or model.ByteSize() >= PROTOBUF_LIMIT:
+        if is_mapped(model) or not fits_protobuf(model):
             model = with_outputs(model, expose)  # their weights leave through references / external data
         else:
             suffix = _outputs_suffix(model, expose)  # appended to the serialisation: no copy of the model
@@ -101,7 +179,7 @@ def ort_session(  # noqa: ANN201
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     if isinstance(model, bytes):  # already serialised (model_io.serialize_model): no second copy
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    if is_mapped(model) and model.ByteSize() < PROTOBUF_LIMIT:
+    if is_mapped(model) and fits_protobuf(model):
         # onnxruntime reads the weights from their files (relative to the folder), never a copy of them
         relative, folder = relative_copy(model)
         # No arena: a DequantizeLinear's float weight is freed after its reader runs instead of
@@ -134,7 +212,7 @@ def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""
 
     with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
-        if model.ByteSize() >= PROTOBUF_LIMIT:
+        if not fits_protobuf(model):
             write_model_file(model, path, external=True)
         else:
             with path.open("wb") as f:
