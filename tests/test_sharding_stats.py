@@ -1,4 +1,4 @@
-"""Sharded calibration of Gram / sum statistics: GPTQ, SparseGPT, channel pruning, bias correction.
+"""Sharded calibration of Gram / sum statistics: GPTQ, SparseGPT, pruning, decomposition refit, bias correction.
 
 These collectors write into accumulators the caller keeps (a ``Fanout``); workers fill empty copies
 and the driver merges them into the caller's objects in batch order. Row sampling is seeded by the
@@ -10,6 +10,7 @@ worst move a GPTQ / SparseGPT decision that sits on a tie).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Iterator
@@ -174,6 +175,12 @@ def pruning_and_sparsegpt() -> list[Pass]:
     ]
 
 
+def decompositions() -> list[Pass]:
+    # the least-squares refit of each second factor: normal equations over the first factor's output
+    small = {"min_channels": 16, "align": 4, "min_kernel_channels": 4}
+    return [make_pass("fold_batchnorm"), make_pass("decompose_conv", small), make_pass("decompose_matmul", small)]
+
+
 def compress(out: Path, recipe: list[Pass], **resources: Any) -> tuple[onnx.ModelProto, list[str]]:
     report = api.compress(DIGITS, recipe, out, calibration=DIGITS_CALIB, batch_size=16, **resources)
     return onnx.load(str(out)), list(report.notes)
@@ -196,7 +203,7 @@ def assert_same_weights(single: onnx.ModelProto, sharded: onnx.ModelProto) -> No
             )
 
 
-@pytest.mark.parametrize("recipe", [gptq_and_bias_correction, pruning_and_sparsegpt])
+@pytest.mark.parametrize("recipe", [gptq_and_bias_correction, pruning_and_sparsegpt, decompositions])
 def test_passes_with_two_workers_match_one_process(tmp_path: Path, recipe: Any) -> None:
     source = DIGITS.read_bytes()
     single, single_notes = compress(tmp_path / "single.onnx", recipe())
@@ -205,6 +212,18 @@ def test_passes_with_two_workers_match_one_process(tmp_path: Path, recipe: Any) 
     assert SHARDED in notes and not [n for n in notes if "calibrated in this process" in n], notes
     assert not single_notes
     assert DIGITS.read_bytes() == source  # the input is never modified
+    if recipe is decompositions:  # each probe's sums merged once (a probe reads two tensors): same rows
+        refits = [
+            {
+                n["node"]: n["refit"]
+                for n in json.loads((tmp_path / f"{name}.decomposition_record.json").read_text())["nodes"]
+            }
+            for name in ("single", "sharded")
+        ]
+        assert sorted(refits[0]) == ["conv2", "conv3", "conv4", "fc1"] and refits[1].keys() == refits[0].keys()
+        for node, fit in refits[0].items():
+            assert refits[1][node]["rows"] == fit["rows"] > 0, node
+            assert refits[1][node]["error_refit"] == pytest.approx(fit["error_refit"], rel=1e-9), node
 
 
 def test_ray_cluster_matches_one_process(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ with little data keeps (nearly) its SVD factors.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ import onnx
 
 from onnxcomp.blas import single_threaded_blas
 from onnxcomp.calibration.collect import Calibrator
+from onnxcomp.calibration.shard import blank_of
+from onnxcomp.decomposition.geometry import ConvGeometry
 from onnxcomp.errors import CalibrationError
 
 _CHUNK_ROWS = 1 << 15
@@ -66,6 +69,15 @@ class NormalEquations:
             self.energy += float(np.sum(y64 * y64))
             self.rows += a64.shape[0]
 
+    def merge(self, other: NormalEquations) -> None:
+        """Add the sums of another part of the data (same problem)."""
+        if other.gram.shape != self.gram.shape or other.cross.shape != self.cross.shape:
+            raise CalibrationError("refit: cannot merge normal equations of different shapes")
+        self.gram += other.gram
+        self.cross += other.cross
+        self.energy += other.energy
+        self.rows += other.rows
+
     def residual(self, x: np.ndarray) -> float:
         """``||A X - Y||^2 / ||Y||^2`` from the accumulated sums."""
         err = float(np.sum(x * (self.gram @ x)) - 2.0 * np.sum(x * self.cross)) + self.energy
@@ -83,25 +95,49 @@ class NormalEquations:
 
 
 class _Joint:
-    """Collects one batch's tensors of a probe; feeds the normal equations once all arrived."""
+    """Collects one batch's tensors of a probe; feeds the normal equations once all arrived.
+
+    Mergeable for sharded calibration: a worker fills a :meth:`blank` copy (it carries the
+    tensors and the ``rows`` function, not the probe's prior or side-branch nodes) and the driver
+    adds its sums with :meth:`merge`.
+    """
 
     def __init__(self, probe: Probe) -> None:
-        self.probe = probe
+        self.probe: Probe | None = probe  # None in a copy sent to a worker
+        self.tensors = probe.tensors
+        self.rows = probe.rows
         self.pending: dict[str, np.ndarray] = {}
         q = probe.prior.shape[1]
         self.equations = NormalEquations(probe.prior.shape[0] - int(probe.intercept), q, probe.intercept)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "probe": None}
+
     def put(self, name: str, value: np.ndarray) -> None:
         self.pending[name] = value
-        if len(self.pending) == len(self.probe.tensors):
-            arrays = [self.pending[n] for n in self.probe.tensors]
+        if len(self.pending) == len(self.tensors):
+            arrays = [self.pending[n] for n in self.tensors]
             self.pending = {}
-            for a, y in self.probe.rows(arrays):
+            for a, y in self.rows(arrays):
                 self.equations.add(a, y)
+
+    def blank(self, memo: dict[int, Any] | None = None) -> _Joint:
+        fresh = copy.copy(self)
+        fresh.pending = {}
+        eq = self.equations
+        fresh.equations = NormalEquations(eq.gram.shape[0] - int(eq.intercept), eq.cross.shape[1], eq.intercept)
+        return fresh
+
+    def merge(self, other: _Joint) -> None:
+        self.equations.merge(other.equations)
 
 
 class _Fanout:
-    """The calibrator's observer of one tensor: hands each batch's value to every probe using it."""
+    """The calibrator's observer of one tensor: hands each batch's value to every probe using it.
+
+    A probe reading several tensors is in the fan-out of each; merging a worker's copies adds its
+    sums once, through the fan-out of the probe's last tensor.
+    """
 
     def __init__(self, name: str, joints: list[_Joint]) -> None:
         self.name = name
@@ -110,6 +146,43 @@ class _Fanout:
     def update(self, value: np.ndarray) -> None:
         for joint in self.joints:
             joint.put(self.name, value)
+
+    mergeable = True
+
+    def blank(self, memo: dict[int, Any]) -> _Fanout:
+        return _Fanout(self.name, [blank_of(joint, memo) for joint in self.joints])
+
+    def merge(self, other: _Fanout) -> None:
+        for mine, theirs in zip(self.joints, other.joints, strict=True):
+            if mine.tensors[-1] == self.name:
+                mine.merge(theirs)
+
+
+@dataclass(frozen=True)
+class MatMulRows:
+    """Rows of a MatMul/Gemm probe: ``x @ first`` against the original ``x @ matrix`` (picklable)."""
+
+    first: np.ndarray  # (K, r) float64
+    matrix: np.ndarray  # (K, N)
+    trans_a: bool  # Gemm transA: the input is (K, M)
+
+    def __call__(self, arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        x = arrays[0].T if self.trans_a else arrays[0].reshape(-1, self.matrix.shape[0])
+        x = x.astype(np.float64)
+        yield x @ self.first, x @ self.matrix
+
+
+@dataclass(frozen=True)
+class ConvRows:
+    """Rows of a Conv probe from the first factor's output and the original output (picklable)."""
+
+    geometry: ConvGeometry
+    kernel: int  # the second factor's kernel width
+
+    def __call__(self, arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        z, out = arrays
+        g = self.geometry
+        return conv_rows(z, out, self.kernel, g.strides[1], g.dilations[1], g.axis_pads(1, z.shape[3]))
 
 
 @dataclass
@@ -144,17 +217,17 @@ def refit(
     joints = [_Joint(p) for p in probes]
     users: dict[str, list[_Joint]] = {}
     for joint in joints:
-        for name in joint.probe.tensors:
+        for name in joint.tensors:
             users.setdefault(name, []).append(joint)
     fanouts = {name: _Fanout(name, js) for name, js in users.items()}
     factories: dict[str, Any] = {name: (lambda o=fanout: o) for name, fanout in fanouts.items()}
     with single_threaded_blas():
         Calibrator(probe_model(model, probes), factories).run(batches, max_batches=max_batches, progress=progress)
     results = []
-    for joint in joints:
-        eq, prior = joint.equations, joint.probe.prior
+    for joint, probe in zip(joints, probes, strict=True):
+        eq, prior = joint.equations, probe.prior
         if eq.rows == 0:
-            raise CalibrationError(f"refit: no rows collected for tensor {joint.probe.tensors[-1]!r}")
+            raise CalibrationError(f"refit: no rows collected for tensor {probe.tensors[-1]!r}")
         with single_threaded_blas():
             solution = eq.solve(prior, damping)
         if not np.isfinite(solution).all():

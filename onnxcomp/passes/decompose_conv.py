@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ from onnxcomp.decomposition.geometry import (
     conv_macs,
     conv_spatial,
 )
-from onnxcomp.decomposition.refit import Probe, conv_rows
+from onnxcomp.decomposition.refit import ConvRows, Probe
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.ir import describe, float_weight, is_onnx_op
@@ -112,14 +111,9 @@ class _ConvDecomposer(Decomposer):
             ]
         )
 
-        def rows(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            z, out = arrays
-            pads = g.axis_pads(1, z.shape[3])
-            return conv_rows(z, out, kw, g.strides[1], g.dilations[1], pads)
-
         return Probe(
             (f"{prefix}_z", y),
-            rows,
+            ConvRows(g, kw),  # picklable: sharded calibration sends it to workers
             prior,
             intercept=True,
             nodes=[side],

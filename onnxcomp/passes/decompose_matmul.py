@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +16,7 @@ from onnxcomp.decomposition.driver import (
     run_decomposition,
     too_small,
 )
-from onnxcomp.decomposition.refit import Probe
+from onnxcomp.decomposition.refit import MatMulRows, Probe
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.ir import float_weight, is_onnx_op
@@ -64,18 +64,10 @@ class _MatMulDecomposer(Decomposer):
         k, n = target.matrix.shape
         return [[k, rank], [rank, n]]
 
-    def _inputs(self, x: np.ndarray, target: Target) -> np.ndarray:
-        if target.node.op == "Gemm" and target.node.attrs.get("transA", 0):
-            return x.T
-        return x.reshape(-1, target.matrix.shape[0])
-
     def probe(self, target: Target, first: np.ndarray, second: np.ndarray, index: int) -> Probe:
         a = first.astype(target.weight.dtype).astype(np.float64)
-
-        def rows(arrays: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            x = self._inputs(arrays[0], target).astype(np.float64)
-            yield x @ a, x @ target.matrix
-
+        trans_a = target.node.op == "Gemm" and bool(target.node.attrs.get("transA", 0))
+        rows = MatMulRows(a, target.matrix, trans_a)  # picklable: sharded calibration sends it to workers
         return Probe((target.node.inputs[0].name,), rows, second, intercept=False)
 
     def from_solution(self, target: Target, solution: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
