@@ -47,3 +47,11 @@ def single_threaded_blas() -> Iterator[None]:
         yield
     finally:
         put(before)
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Set numpy's OpenBLAS to ``threads`` threads for the rest of this process (a calibration
+    worker: N workers each on all cores would oversubscribe them). A no-op with another BLAS."""
+    found = _openblas_threads()
+    if found is not None:
+        found[1](max(1, threads))

@@ -44,6 +44,7 @@ from typing import Any, cast
 
 import onnx
 
+from onnxcomp.blas import limit_blas_threads
 from onnxcomp.errors import CalibrationError, ConfigError, OnnxCompError
 from onnxcomp.runtime import PROTOBUF_LIMIT, first_line, with_outputs, write_model_file
 
@@ -198,6 +199,7 @@ _LOCAL_ERROR: OnnxCompError | None = None  # why it could not be made
 
 def _start_local(path: str, plan: FeedPlan, threads: int) -> None:
     global _LOCAL, _LOCAL_ERROR
+    limit_blas_threads(threads)  # the Gram products of a worker share the cores like its session
     try:
         _LOCAL = BatchFeeder(Path(path), plan, threads)
     except OnnxCompError as exc:  # raised by the first task: an initializer's error would only break the pool
@@ -233,6 +235,7 @@ class RayWorker:
         self._dir = tempfile.TemporaryDirectory(prefix="onnxcomp-ray-")
         for name, data in files.items():
             Path(self._dir.name, name).write_bytes(data)
+        limit_blas_threads(threads)
         self._feeder = BatchFeeder(Path(self._dir.name, "model.onnx"), plan, threads)
 
     def observe(self, first: int, batches: list[Any], observers: bytes) -> bytes:
