@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,18 +202,51 @@ def ort_session(  # noqa: ANN201
     return _session_from_file(model, opts, suffix)
 
 
+#: In-memory models read unchanged from a file (weights inside it), while :func:`file_backed` is active.
+_FILE_BACKED: dict[int, tuple[onnx.ModelProto, Path]] = {}
+
+
+@contextlib.contextmanager
+def file_backed(model: onnx.ModelProto | None, path: Path | None) -> Iterator[None]:
+    """While active, sessions of ``model`` (read unchanged from ``path``, which holds all of its
+    weights) are built from a copy of that file plus the exposed outputs instead of a serialisation
+    of ``model``: no model-sized bytes, no serialising time. A model with external data, or without
+    a file, is served as usual. The caller promises ``model`` is not modified meanwhile."""
+    if model is None or path is None or is_mapped(model) or _has_external_data(model):
+        yield
+        return
+    key = id(model)
+    _FILE_BACKED[key] = (model, Path(path))  # the reference keeps the id from being reused meanwhile
+    try:
+        yield
+    finally:
+        _FILE_BACKED.pop(key, None)
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""):  # noqa: ANN202
     """A session of ``model`` (plus serialised ``suffix``) loaded from a temporary file.
 
     onnxruntime copies a bytes argument before parsing it; from a file it parses directly, and
     our serialisation is freed before the session is built (one model-sized copy fewer each).
-    A model of 2 GB or more goes with its weights as external data (protobuf's limit).
+    A model of 2 GB or more goes with its weights as external data (protobuf's limit). A model
+    :func:`file_backed` by its file is copied from there (the kernel copies it, not Python).
     """
     import onnxruntime as ort
 
+    backing = _FILE_BACKED.get(id(model))
     with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
-        if not fits_protobuf(model):
+        if backing is not None and backing[0] is model:
+            if not suffix:
+                return ort.InferenceSession(str(backing[1]), opts, providers=["CPUExecutionProvider"])
+            shutil.copyfile(backing[1], path)
+            with path.open("ab") as f:
+                f.write(suffix)
+        elif not fits_protobuf(model):
             write_model_file(model, path, external=True)
         else:
             with path.open("wb") as f:

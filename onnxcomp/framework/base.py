@@ -73,6 +73,9 @@ class PassContext:
     source_model: Any = None  # the original onnx.ModelProto (read-only), for passes that need it
     source_checked: bool = False  # the model passed onnx.checker's full check on load (no shape repair needed)
     source_path: Any = None  # the file source_model was read from unchanged (a Path): sessions read it directly
+    #: the graph the running pass gets still computes source_model as it is (no pass changed it,
+    #: no opset conversion): a pass may then use source_model as its float model (no export)
+    graph_is_source: bool = False
 
     def record(self, feature: str) -> dict[str, Any]:
         """The run's record of ``feature``, saved beside the output as ``OUT.<feature>_record.json``.
