@@ -88,13 +88,15 @@ def inference_sample(
     and the reason is returned: validation then only creates a session, as before. ``file`` (the
     file ``model`` was read from, unchanged) is loaded by onnxruntime directly: no serialisation.
     """
-    generated = generated_feeds(model)
     first: Mapping[str, np.ndarray] | None = None
     if batches is not None:
         try:
             first = next(iter(batches), None)
         except OnnxCompError:
             first = None  # bad calibration data is reported by the pass that reads it
+    inits = {t.name for t in model.graph.initializer}
+    covered = first is not None and all(v.name in first for v in model.graph.input if v.name not in inits)
+    generated: dict[str, np.ndarray] | str = {} if covered else generated_feeds(model)  # only what is missing
     if first is not None:
         feeds = {**(generated if isinstance(generated, dict) else {}), **{k: np.asarray(v) for k, v in first.items()}}
         source = "the first calibration batch"
