@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -35,14 +35,16 @@ Evaluator = Callable[[str], float]
 
 
 def load_evaluator(spec: str) -> Evaluator:
-    """``path/to/file.py:function`` -> the function; a one-line OnnxCompError naming what is wrong."""
-    path_text, sep, func = str(spec).rpartition(":")
-    if not sep or not path_text or not func.isidentifier():
-        raise OnnxCompError(f"evaluator {spec!r}: expected FILE.py:FUNCTION, e.g. eval.py:accuracy")
-    path = Path(path_text)
-    if not path.is_file():
-        raise OnnxCompError(f"evaluator {spec!r}: no such file {path}")
-    name = f"onnxcomp_evaluator_{abs(hash(str(path.resolve())))}"
+    """``path/to/file.py:function`` -> the function; a one-line OnnxCompError naming what is wrong.
+
+    The result pickles as its spec (the file's absolute path), so a worker process or a Ray actor
+    that receives it imports the file itself (:mod:`onnxcomp.analysis.trial_pool`).
+    """
+    return FileEvaluator(spec)
+
+
+def _import_function(spec: str, path: Path, func: str) -> Callable[[str], Any]:
+    name = f"onnxcomp_evaluator_{abs(hash(str(path)))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise OnnxCompError(f"evaluator {spec!r}: {path} is not a loadable Python file")
@@ -55,18 +57,35 @@ def load_evaluator(spec: str) -> Evaluator:
     fn = getattr(module, func, None)
     if not callable(fn):
         raise OnnxCompError(f"evaluator {spec!r}: {path} has no function {func!r}")
+    return cast(Callable[[str], Any], fn)
 
-    def evaluate(model_path: str) -> float:
+
+class FileEvaluator:
+    """The user's ``FILE.py:FUNCTION`` evaluator, imported by path; pickles as that path (absolute)."""
+
+    def __init__(self, spec: str) -> None:
+        path_text, sep, func = str(spec).rpartition(":")
+        if not sep or not path_text or not func.isidentifier():
+            raise OnnxCompError(f"evaluator {spec!r}: expected FILE.py:FUNCTION, e.g. eval.py:accuracy")
+        path = Path(path_text)
+        if not path.is_file():
+            raise OnnxCompError(f"evaluator {spec!r}: no such file {path}")
+        self.spec, self.path, self.func = str(spec), path.resolve(), func
+        self._fn = _import_function(self.spec, self.path, func)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a worker's working directory may differ: it imports the file by its absolute path
+        return (FileEvaluator, (f"{self.path}:{self.func}",))
+
+    def __call__(self, model_path: str) -> float:
         try:
-            value = fn(model_path)
+            value = self._fn(model_path)
         except Exception as exc:  # noqa: BLE001
-            raise OnnxCompError(f"evaluator {spec!r} failed on {model_path}: {type(exc).__name__}: {exc}") from exc
+            raise OnnxCompError(f"evaluator {self.spec!r} failed on {model_path}: {type(exc).__name__}: {exc}") from exc
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise OnnxCompError(f"evaluator {spec!r} returned {value!r}, not a number") from None
-
-    return evaluate
+            raise OnnxCompError(f"evaluator {self.spec!r} returned {value!r}, not a number") from None
 
 
 class Scorer:
@@ -87,13 +106,29 @@ class Scorer:
         self.outputs = [o.name for o in reference.graph.output if o.type.HasField("tensor_type")]
         self.trials = 0
         self._lock = threading.Lock()
-        self._reference = reference
+        self._reference: onnx.ModelProto | None = reference
         self._ref: list[list[np.ndarray]] = []
         if evaluator is None:
             if not self.batches:
                 raise OnnxCompError("no evaluation data: pass --calib DATA (or --eval-data DATA)")
             session = ort_session(reference, level="disable")
             self._ref = [self._run(session, b) for b in self.batches]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what a worker needs to score: the batches, the reference outputs, the metric, the evaluator
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_reference"] = None  # only reference_score() reads it, in the driver
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def count(self, trials: int = 1) -> None:
+        """Count candidates scored elsewhere (by :meth:`measure` in a worker) in :attr:`trials`."""
+        with self._lock:  # candidates may be scored from several threads
+            self.trials += trials
 
     def _run(self, session: Any, batch: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         names = {i.name for i in session.get_inputs()}
@@ -102,12 +137,17 @@ class Scorer:
     def reference_score(self) -> float:
         """The float model's own score (perfect for the built-in metrics)."""
         if self.evaluator is not None:
+            assert self._reference is not None, "a Scorer sent to a worker only measures candidates"
             return self._evaluate(self._reference)
         return float("inf") if self.metric == "sqnr" else 1.0
 
-    def score(self, candidate: onnx.ModelProto) -> float:
-        with self._lock:  # candidates may be scored from several threads
-            self.trials += 1
+    def score(self, candidate: onnx.ModelProto | bytes) -> float:
+        """The metric of ``candidate`` (a model or its serialisation), counted in :attr:`trials`."""
+        self.count()
+        return self.measure(candidate)
+
+    def measure(self, candidate: onnx.ModelProto | bytes) -> float:
+        """The metric of ``candidate``, not counted (the driver counts what its workers measure)."""
         if self.evaluator is not None:
             return self._evaluate(candidate)
         session = ort_session(candidate, level="all")
@@ -128,12 +168,15 @@ class Scorer:
             return min(st.sqnr_db() for st in floats)
         return min(st.cosine() for st in floats)
 
-    def _evaluate(self, model: onnx.ModelProto) -> float:
+    def _evaluate(self, model: onnx.ModelProto | bytes) -> float:
         assert self.evaluator is not None
         fd, name = tempfile.mkstemp(suffix=".onnx", prefix="onnxcomp_candidate_")
         os.close(fd)
         try:
-            onnx.save(model, name)
+            if isinstance(model, bytes):
+                Path(name).write_bytes(model)
+            else:
+                onnx.save(model, name)
             return self.evaluator(name)
         finally:
             Path(name).unlink(missing_ok=True)

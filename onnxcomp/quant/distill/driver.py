@@ -23,11 +23,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp import ir
+from onnxcomp.analysis.trial_pool import PoolResources
+from onnxcomp.calibration.shard import add_note, current_resources
 from onnxcomp.formats import ElementFormat, IntegerFormat, get_format
 from onnxcomp.framework.base import PassContext
 from onnxcomp.quant.distill.block import Block, find_tail
 from onnxcomp.quant.distill.clip import InputQuantizer
 from onnxcomp.quant.distill.grid import GridWeight, grid_weight
+from onnxcomp.quant.distill.parallel import SEQUENTIAL_NOTE, BlockJob, learn_blocks
 from onnxcomp.quant.distill.rows import RowSource, layer_of
 from onnxcomp.quant.distill.student import student_model
 from onnxcomp.quant.distill.train import Learned, Settings, learn_block
@@ -213,6 +216,16 @@ def distill_plans(
         teacher_tensors = (
             _collect(float_model, list(dict.fromkeys(wanted)), ctx.calibration, calib_batches, stash) if wanted else {}
         )
+        resources = current_resources()
+        pool = PoolResources(resources.workers, resources.ray)
+        learned_apart: dict[str, tuple[InputQuantizer | None, Learned]] = {}
+        if teacher_input and pool.remote and blocks:  # independent blocks (distill/parallel.py)
+            jobs = _teacher_jobs(prepared, local_ranges, settings, teacher_tensors, ctx)
+            found = learn_blocks(settings, jobs, pool)
+            learned_apart = {job.node: (job.quantizer, found[job.node]) for job in jobs}
+            add_note(f"distill: {len(jobs)} independent blocks (--teacher-input) learned on {pool.describe()}")
+        elif pool.remote and len(blocks) > 1:
+            add_note(SEQUENTIAL_NOTE)
         for plan, ready in prepared:
             node = plan.node
             w_name = node.inputs[plan.weight_index or 0].name
@@ -240,9 +253,14 @@ def distill_plans(
                     block.input_name
                 ]
             iq = quantizer if isinstance(quantizer, InputQuantizer) else None
-            if iq is not None and not iq.learn:
-                x, iq = iq.fake(np.asarray(x)), None  # once on the tensor (cheaper than on every sampled row)
-            learned = _learn(block, gw, bias0, x, target, settings, ctx, iq)
+            apart = learned_apart.get(node.name)
+            if apart is not None and apart[0] == iq:  # learned by a worker, from the same arguments
+                learned = apart[1]
+                iq = None if iq is not None and not iq.learn else iq
+            else:
+                if iq is not None and not iq.learn:
+                    x, iq = iq.fake(np.asarray(x)), None  # once on the tensor (cheaper than on every sampled row)
+                learned = _learn(block, gw, bias0, x, target, settings, ctx, iq)
             entry = _entry(block, learned, settings, quantizer if isinstance(quantizer, str) else None)
             if float_tensors:
                 entry["float_activations"] = len(float_tensors)  # earlier quantizers the student could not simulate
@@ -274,6 +292,31 @@ def distill_plans(
                 for target_model in {id(weighted): weighted, id(student): student}.values():
                     _set_initializer(target_model, bias_name, new_bias)
     return outcome
+
+
+def _teacher_jobs(
+    prepared: list[tuple[NodePlan, tuple[Block, GridWeight, np.ndarray | None] | str]],
+    ranges: Mapping[str, tuple[float, float]],
+    settings: Settings,
+    tensors: Mapping[str, np.ndarray],
+    ctx: PassContext,
+) -> list[BlockJob]:
+    """The blocks of ``teacher_input`` mode with the arguments the loop of :func:`distill_plans` gives them."""
+    fixed: set[str] = set()
+    jobs = []
+    for plan, ready in prepared:
+        x = plan.node.inputs[0]
+        learn_range = settings.learn_ranges and x.name not in fixed and len(ir.consumers(x)) == 1
+        quantizer = _input_quantizer(plan, ranges, learn_range)
+        fixed.add(x.name)
+        if isinstance(ready, str):
+            continue
+        block, gw, bias0 = ready
+        iq = quantizer if isinstance(quantizer, InputQuantizer) else None
+        rng = ctx.rng(f"distill:{block.node.name}")
+        x_value, target = tensors[block.input_name], tensors[block.output_name]
+        jobs.append(BlockJob(block.node.name, block.layer, gw, bias0, block.tails, rng, iq, x_value, target))
+    return jobs
 
 
 def _learn(
