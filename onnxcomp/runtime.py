@@ -212,7 +212,7 @@ def file_backed(model: onnx.ModelProto | None, path: Path | None) -> Iterator[No
     weights) are built from a copy of that file plus the exposed outputs instead of a serialisation
     of ``model``: no model-sized bytes, no serialising time. A model with external data, or without
     a file, is served as usual. The caller promises ``model`` is not modified meanwhile."""
-    if model is None or path is None or is_mapped(model) or _has_external_data(model):
+    if model is None or path is None or is_mapped(model) or not _holds_weights(Path(path), model):
         yield
         return
     key = id(model)
@@ -223,8 +223,22 @@ def file_backed(model: onnx.ModelProto | None, path: Path | None) -> Iterator[No
         _FILE_BACKED.pop(key, None)
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+def _holds_weights(path: Path, model: onnx.ModelProto) -> bool:
+    """Whether the file can hold ``model``'s weights itself: no external data in memory, and the
+    file at least as large as the weights' raw bytes (a model loaded with its external data has
+    them in memory, but its file holds references only)."""
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return False
+    raw = 0
+    for tensor in model.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= max(int(dim), 0)
+        raw += count * _RAW_BYTES.get(tensor.data_type, 1) if tensor.HasField("raw_data") else 0
+    try:
+        return path.stat().st_size >= raw
+    except OSError:
+        return False
 
 
 def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""):  # noqa: ANN202
@@ -241,12 +255,16 @@ def _session_from_file(model: onnx.ModelProto, opts: object, suffix: bytes = b""
     with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         if backing is not None and backing[0] is model:
-            if not suffix:
-                return ort.InferenceSession(str(backing[1]), opts, providers=["CPUExecutionProvider"])
-            shutil.copyfile(backing[1], path)
-            with path.open("ab") as f:
-                f.write(suffix)
-        elif not fits_protobuf(model):
+            try:
+                if not suffix:
+                    return ort.InferenceSession(str(backing[1]), opts, providers=["CPUExecutionProvider"])
+                shutil.copyfile(backing[1], path)
+                with path.open("ab") as f:
+                    f.write(suffix)
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception:  # noqa: BLE001 - the file is not what it seemed (weights beside it): serialise
+                path.unlink(missing_ok=True)
+        if not fits_protobuf(model):
             write_model_file(model, path, external=True)
         else:
             with path.open("wb") as f:
