@@ -53,8 +53,8 @@ def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
         return f"MatMulNBits needs a 2-D weight, this one is {qw.codes.ndim}-D"
     bits, signed = kind
     offset = 1 << (bits - 1) if signed else 0
-    codes = qw.codes.astype(np.int64) + offset
-    zero = np.asarray(qw.zero_point).astype(np.int64) + offset
+    codes = qw.codes.astype(np.int16) + offset
+    zero = np.asarray(qw.zero_point).astype(np.int16) + offset
     scale = np.asarray(qw.scale, np.float32)
     q = codes if transposed else codes.T  # (N, K)
     n, k = q.shape
@@ -71,7 +71,7 @@ def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
         s = np.broadcast_to(scale.reshape(-1, 1), (n, 1)) if scale.size > 1 else np.full((n, 1), scale.item())
         z = np.broadcast_to(zero.reshape(-1, 1), (n, 1)) if zero.size > 1 else np.full((n, 1), zero.item())
     s = np.ascontiguousarray(s, np.float32).reshape(n, blocks)
-    z = np.ascontiguousarray(z, np.int64).reshape(n, blocks)
+    z = np.ascontiguousarray(z, np.int16).reshape(n, blocks)
     padded = np.repeat(z, block, axis=1)  # padding codes dequantize to exactly 0
     padded[:, :k] = q
     padded = padded.reshape(n, blocks, block).astype(np.uint8)
