@@ -15,7 +15,11 @@ calibration=..., weights=W, activations=A, dynamic=...)``) it reports
   to the fp32 model's; "run delta" is that peak minus the peak before the first run (the
   activations and workspace only);
 * the median ``session.run`` time and its ratio to fp32, all variants of one model timed
-  round-robin in one process (``_common.interleaved_latency_stats``), 1 thread, ORT_ENABLE_ALL.
+  round-robin in one process (``_common.interleaved_latency_stats``), 1 thread, ORT_ENABLE_ALL;
+* the median CPU time of the same runs (``time.thread_time``: with one intra-op thread onnxruntime
+  runs every kernel on the calling thread) and its ratio: on a shared machine the wall ratio moves
+  with the other processes' load (+-10%), the CPU ratio much less (it still includes the cache and
+  memory-bandwidth contention).
 
 ``--weight-only`` adds the weight-only variants (``WEIGHT_ONLY``): the difference to them is what
 the activation subgraphs cost.
@@ -154,30 +158,47 @@ def child_memory(task: dict[str, Any]) -> dict[str, Any]:
     return {"hwm_before_run_mb": before, "run_ms": statistics.median(times)}
 
 
+class _CpuTimed:
+    """A session whose ``run`` also records the calling thread's CPU time (ms) of each call."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.cpu_ms: list[float] = []
+
+    def run(self, outputs: Any, feeds: Any) -> Any:
+        start = time.thread_time()
+        result = self.session.run(outputs, feeds)
+        self.cpu_ms.append((time.thread_time() - start) * 1e3)
+        return result
+
+
 def child_latency(task: dict[str, Any]) -> dict[str, Any]:
-    """Median run time of every model in ``task["models"]``, timed round-robin (a model that fails
-    to load or run gets its error instead)."""
+    """Median run time (wall and CPU) of every model in ``task["models"]``, timed round-robin (a
+    model that fails to load or run gets its error instead)."""
     feeds = _feeds(task["feeds"])
     sessions, errors = [], []
     for path in task["models"]:
         try:
             session = _session(path)
             session.run(None, feeds)
-            sessions.append(session)
+            sessions.append(_CpuTimed(session))
             errors.append("")
         except Exception as exc:  # noqa: BLE001 - report it on that row
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    warmup = 2
     stats = iter(
         common.interleaved_latency_stats(
-            sessions, feeds, runs=int(task["runs"]), warmup=2, budget_s=float(task["budget_s"]), min_runs=5
+            sessions, feeds, runs=int(task["runs"]), warmup=warmup, budget_s=float(task["budget_s"]), min_runs=5
         )
     )
-    medians, p10s = [], []
+    cpu = iter(statistics.median(s.cpu_ms[warmup:]) for s in sessions)
+    medians, p10s, cpu_ms = [], [], []
     for err in errors:
         st = None if err else next(stats)
         medians.append(st.median if st else float("nan"))
         p10s.append(st.p10 if st else float("nan"))
-    return {"median_ms": medians, "p10_ms": p10s, "errors": errors}
+        cpu_ms.append(float("nan") if err else next(cpu))
+    return {"median_ms": medians, "p10_ms": p10s, "cpu_ms": cpu_ms, "errors": errors}
 
 
 HANDLERS = {"memory": child_memory, "latency": child_latency}
@@ -282,18 +303,25 @@ def bench_model(case: ModelCase, variants: list[str], args: argparse.Namespace, 
         timeout=3600,
     )
     if lat.ok:
-        for r, med, p10, err in zip(ok, lat.result["median_ms"], lat.result["p10_ms"], lat.result["errors"]):
+        for r, med, p10, cpu, err in zip(
+            ok, lat.result["median_ms"], lat.result["p10_ms"], lat.result["cpu_ms"], lat.result["errors"]
+        ):
             if err:
                 r["error"] = r.get("error") or "latency: " + err
             else:
-                r["median_ms"], r["p10_ms"] = med, p10
+                r["median_ms"], r["p10_ms"], r["cpu_ms"] = med, p10, cpu
     else:
         for r in ok:
             r["error"] = "latency: " + lat.error
     base = next((r for r in rows if r["variant"] == "fp32"), None)
     for r in rows:
         if base is not None:
-            for key, ratio in (("peak_rss_mb", "rss_x"), ("run_delta_mb", "delta_x"), ("median_ms", "latency_x")):
+            for key, ratio in (
+                ("peak_rss_mb", "rss_x"),
+                ("run_delta_mb", "delta_x"),
+                ("median_ms", "latency_x"),
+                ("cpu_ms", "cpu_x"),
+            ):
                 if key in r and key in base and base[key] > 0:
                     r[ratio] = r[key] / base[key]
         r.pop("path", None)
@@ -302,10 +330,11 @@ def bench_model(case: ModelCase, variants: list[str], args: argparse.Namespace, 
 
 def table(rows: list[dict[str, Any]]) -> str:
     headers = ["model", "variant", "peak RSS MiB", "x fp32", "run delta MiB", "x fp32", "median ms", "x fp32"]
+    headers += ["CPU ms", "x fp32"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["model"], r["variant"], "ERROR: " + r["error"], "", "", "", "", ""])
+            body.append([r["model"], r["variant"], "ERROR: " + r["error"]] + [""] * 7)
             continue
         body.append(
             [
@@ -317,9 +346,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 common.fmt(r.get("delta_x")),
                 common.fmt(r.get("median_ms"), 1),
                 common.fmt(r.get("latency_x")),
+                common.fmt(r.get("cpu_ms"), 1),
+                common.fmt(r.get("cpu_x")),
             ]
         )
-    return common.markdown_table(headers, body, "llrrrrrr")
+    return common.markdown_table(headers, body, "llrrrrrrrr")
 
 
 def main() -> None:

@@ -21,19 +21,7 @@ FP8 E4M3 (RNE, saturating at 448, signed zeros kept), static scale s::
 The last factor is +-s 2^-k wherever the result is not zero and a signed fraction elsewhere, so
 x' = +-fl(E4M3(x / s) * s) and zeros keep the sign of x.
 
-HiF8 (RNA, saturating at 2^15, NaN and +-Inf kept, no -0), y = x / s::
-
-    i  = QuantizeLinear(HardSigmoid(log|y|)) -> uint8   = RNE(log2(|y| / sqrt 2)) + 126
-    r  = R[i]                                          1 / (grid step of binade i - 126): a table
-    q  = floor(min(|y|, 2^15) * r + (1/2)^-) / r       (1/2)^- = nextbelow(0.5)
-    x' = q * [s, -s][y <= -2^-23]                      the sign; every zero result is +0
-
-The exponent estimate may be off by one only for |y| within ~1e-6 of a power of two, where the
-rounding gives that power of two on either binade's grid (any |y| within 3% would do), so it needs
-no exact correction. Bucket 255 (only +-Inf reaches it) has r = FLT_MAX: Inf * r / r stays Inf.
-``floor(v + nextbelow(0.5))`` equals ``floor(v + 0.5)`` on the reals for every float v >= 0 and,
-unlike it, never rounds the sum up to the next integer (v = 0.5 - 2^-25). A tensor the graph
-keeps >= 0 (Relu, MaxPool(Relu), ...) skips the sign; per-token scales (|y| <= 16) skip the clamp.
+HiF8: ``onnxcomp.quant.hif8_subgraph`` (re-exported here).
 
 MXFP8 (dynamic, 32-element blocks along the reduction axis): a Reshape splits the axis into
 (blocks, 32) in place (no Transpose; an axis of at most 32 is reduced as is; a partial last block
@@ -51,22 +39,15 @@ emulation costs is these subgraphs alone (bench/README.md, issue 11).
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 import onnx
 
 from onnxcomp import ir
 from onnxcomp.formats import MXFormat, get_format
+from onnxcomp.quant.hif8_subgraph import emit_hif8_activation
+from onnxcomp.quant.subgraph_builder import SubgraphBuilder, abs_in_place
 
-_F32_MAX = float(np.finfo(np.float32).max)
-_F32_TINY = float(np.finfo(np.float32).tiny)
-_HALF_DOWN = float(np.nextafter(np.float32(0.5), np.float32(0)))  # floor(v + this) = RNA(v), v >= 0
+__all__ = ["emit_cast_activation", "emit_hif8_activation", "emit_mx_activation"]
 
-# HiF8: index i = RNE(log2(|y| / sqrt 2)) + _HIF8_ZP = floor(log2 |y|) + _HIF8_ZP (up to the
-# tolerated error near powers of two), saturated to 0..255 by QuantizeLinear; log2 of the largest
-# float32 gives 254, so only +-Inf reaches 255. NaN gives 0.
-_HIF8_ZP = 126
-_HIF8_MAX = 2.0**15
-_HIF8_UNDERFLOW = 2.0**-23  # |y| below this rounds to 0
 
 # FP8 E4M3 (and the MX elements)
 _E4M3_MAX = 448.0
@@ -77,209 +58,13 @@ _E4M3_SPLIT = 2.0**20 + 1  # Veltkamp constant for 24 - 20 = 4 significant bits
 _MX_ZP = 121
 
 
-def _hif8_mantissa_bits(e: int) -> int:
-    ae = abs(e)
-    return 3 if ae <= 3 else 2 if ae <= 7 else 1 if ae <= 15 else 0
-
-
-def _hif8_reciprocal_step_table() -> np.ndarray:
-    """R[i] = 1 / (HiF8 grid step of binade e = i - 126), float32, 256 entries (see module doc)."""
-    table = np.empty(256, np.float64)
-    for i in range(256):
-        e = i - _HIF8_ZP
-        if e <= -22:  # 2^-23 <= |y| < 2^-22 rounds to 2^-22 (and below 2^-23 to 0): step 2^-22
-            table[i] = 2.0**22
-        elif e <= -16:  # denormal binades: only 2^e itself
-            table[i] = 2.0**-e
-        elif e <= 14:
-            table[i] = 2.0 ** (_hif8_mantissa_bits(e) - e)
-        else:  # |y| is clamped to 2^15 = 2 * 2^14 first: saturation
-            table[i] = 2.0**-14
-    table[255] = _F32_MAX  # +-Inf: Inf * r / r = Inf
-    return table.astype(np.float32)
-
-
 def _mx_pow2_table() -> np.ndarray:
     """T[i] = 2^(i - 121), float32, 256 entries (2^-121 .. 2^127; the top entries are unused)."""
     e = np.minimum(np.arange(256) - _MX_ZP, 127)
     return np.ldexp(np.float32(1), e.astype(np.int32)).astype(np.float32)
 
 
-class _Builder:
-    """Small helper: unique names under one prefix, constants, nodes."""
-
-    def __init__(self, graph: ir.Graph, prefix: str) -> None:
-        self.graph, self.prefix = graph, prefix
-
-    def const(self, name: str, value: npt.ArrayLike, dtype: npt.DTypeLike = np.float32) -> ir.Constant:
-        return ir.make_constant(ir.unique_name(self.graph, f"{self.prefix}_{name}"), np.asarray(value, dtype))
-
-    def shared(self, name: str, value: np.ndarray) -> ir.Tensor:
-        """A table constant shared by every subgraph of the graph (same name, created once)."""
-        cache: dict[str, ir.Tensor] = self.graph.__dict__.setdefault("_onnxcomp_act_tables", {})
-        if name not in cache:
-            tensors = self.graph.tensors()
-            cache[name] = (
-                tensors[name] if name in tensors else ir.make_constant(ir.unique_name(self.graph, name), value)
-            )
-        return cache[name]
-
-    def op(self, op: str, inputs: list[ir.Tensor], name: str, attrs: dict | None = None) -> ir.Variable:
-        out = ir.make_variable(self.graph, f"{self.prefix}_{name}")
-        ir.make_node(self.graph, op, inputs, [out], f"{self.prefix}_{name}", attrs)
-        return out
-
-    def reduce_max(self, x: ir.Tensor, name: str, axis: int = -1) -> ir.Variable:
-        return self.reduce("ReduceMax", x, name, axis)
-
-    def reduce(self, op: str, x: ir.Tensor, name: str, axis: int = -1) -> ir.Variable:
-        """ReduceMax / ReduceMin over one axis, keeping it (axes an input from opset 18)."""
-        if ir.default_opset(self.graph) >= 18:
-            return self.op(op, [x, self.const("axes", [axis], np.int64)], name, {"keepdims": 1})
-        return self.op(op, [x], name, {"axes": [axis], "keepdims": 1})
-
-    def lookup(self, table: ir.Tensor, index: ir.Tensor, like: ir.Tensor, name: str) -> ir.Variable:
-        """``table[index]`` elementwise, shaped like ``like``: GatherElements on flattened views.
-
-        (Gather does the same but costs ~8x more per element in onnxruntime's CPU provider.)
-        """
-        flat = self.op("Reshape", [index, self.const("flat", [-1], np.int64)], f"{name}_flat_index")
-        values = self.op("GatherElements", [table, flat], f"{name}_flat", {"axis": 0})
-        return self.op("Reshape", [values, self.op("Shape", [like], f"{name}_shape")], name)
-
-
-def _hif8_magnitude(b: _Builder, a: ir.Tensor, saturate: bool = True) -> ir.Variable:
-    """HiF8(a) for a = |y| >= 0 (NaN and +Inf kept): see the module docstring.
-
-    ``saturate=False`` leaves out the clamp at 2^15 (and so the +Inf case): for a <= 2^15 only.
-    """
-    log = b.op("Log", [a], "log")
-    # HardSigmoid (computed in place) folds the -1/2 binade shift into an affine map of the log:
-    # h = (log2(a / sqrt 2) + 126) / 512, so RNE(h / (1/512)) = RNE(log2(a / sqrt 2)) + 126; h is
-    # in (0, 1) for every finite a >= 2^-125 (below: 0, index 0), +Inf gives 1 (index 255).
-    slope = np.float32(1.0 / (512.0 * np.log(2.0)))
-    offset = np.float32((_HIF8_ZP - 0.5) / 512.0)
-    shifted = b.op("HardSigmoid", [log], "log2_affine", {"alpha": float(slope), "beta": float(offset)})
-    code = b.op(
-        "QuantizeLinear",
-        [shifted, b.const("step", np.float32(1.0 / 512.0)), b.const("zp", 0, np.uint8)],
-        "binade",
-    )
-    index = b.op("Cast", [code], "binade_i32", {"to": onnx.TensorProto.INT32})
-    r = b.lookup(b.shared("onnxcomp_hif8_inv_step", _hif8_reciprocal_step_table()), index, a, "inv_step")
-    if saturate:
-        a = b.op("Clip", [a, b.const("zero", np.float32(0.0)), b.const("max", np.float32(_HIF8_MAX))], "saturated")
-    steps = b.op("Mul", [a, r], "steps")
-    n = b.op("Floor", [b.op("Add", [steps, b.const("half", np.float32(_HALF_DOWN))], "plus_half")], "rna")
-    return b.op("Div", [n, r], "rounded")
-
-
-def _hif8_negative(b: _Builder, t: ir.Tensor, threshold: float) -> ir.Variable:
-    """Bool mask ``t <= -threshold``: the values whose HiF8 result is negative (a zero result is +0)."""
-    below = np.nextafter(np.float32(threshold), np.float32(0))
-    return b.op("Less", [t, b.const("neg_threshold", -below)], "negative")
-
-
-def _signed_factor(b: _Builder, negative: ir.Tensor, magnitude: float) -> ir.Variable:
-    """``-magnitude`` where ``negative``, else ``magnitude`` (a two-entry table lookup)."""
-    index = b.op("Cast", [negative], "negative_i32", {"to": onnx.TensorProto.INT32})
-    table = b.const("sign_table", [magnitude, -magnitude])
-    return b.lookup(table, index, negative, "sign")
-
-
-def _static_hif8_threshold(scale: np.float32) -> float:
-    """Smallest float x >= 0 with fl(x / scale) >= 2^-23 (the HiF8 result of x / scale is not 0)."""
-    with np.errstate(all="ignore"):
-        x = np.float32(np.float64(_HIF8_UNDERFLOW) * np.float64(scale))
-        while x > 0 and np.divide(np.nextafter(x, np.float32(0)), scale, dtype=np.float32) >= _HIF8_UNDERFLOW:
-            x = np.nextafter(x, np.float32(0))
-        while np.divide(x, scale, dtype=np.float32) < _HIF8_UNDERFLOW:
-            x = np.nextafter(x, np.float32(np.inf))
-    return float(x)
-
-
-#: ops whose output is never negative (NaN aside), and ops that only move / select / average
-#: their first input's values (or, for Concat, every input's)
-_NONNEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "HardSigmoid", "Softplus"}
-_PASS_THROUGH_OPS = {
-    "MaxPool",
-    "GlobalMaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "ReduceMax",
-    "ReduceMean",
-    "Flatten",
-    "Reshape",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Identity",
-    "Slice",
-    "Split",
-    "Concat",
-}
-
-
-def _never_negative(t: ir.Tensor, depth: int = 12) -> bool:
-    """True when the graph guarantees t >= 0 (or NaN) elementwise, e.g. MaxPool(Relu(...)).
-
-    HiF8 has no -0 and gives |t| for such t, so its sign handling can be left out.
-    """
-    node = ir.producer(t)
-    if node is None or depth == 0 or node.domain not in ("", "ai.onnx", None):
-        return False
-    if node.op in _NONNEGATIVE_OPS:
-        return True
-    if node.op == "Clip" and len(node.inputs) > 1 and node.inputs[1].name:
-        low = ir.constant_value(node.inputs[1])
-        return low is not None and low.size == 1 and float(low.reshape(-1)[0]) >= 0
-    if node.op in _PASS_THROUGH_OPS:
-        data = node.inputs if node.op == "Concat" else node.inputs[:1]
-        return all(_never_negative(d, depth - 1) for d in data)
-    return False
-
-
-def emit_hif8_activation(graph: ir.Graph, x: ir.Tensor, scale: float | None, name: str, axis: int = -1) -> ir.Tensor:
-    """x' = s * HiF8(x / s): static per-tensor ``scale``, or per-token (None: s = max|x| / 16
-    over ``axis``, the reduction axis: the last for MatMul/Gemm, channels for Conv).
-
-    When ``x`` is never negative (``_never_negative``), the sign handling is left out.
-    """
-    b = _Builder(graph, name)
-    signed = not _never_negative(x)
-    if scale is None:
-        amax = b.reduce_max(b.op("Abs", [x], "x_abs") if signed else x, "amax", axis)
-        s: ir.Tensor = b.op(
-            "Max",
-            [
-                b.op("Div", [amax, b.const("target", np.float32(16.0))], "raw_scale"),
-                b.const("tiny", np.float32(_F32_TINY)),
-            ],
-            "scale",
-        )
-        # |y| = |x| / s <= 16 (a few ulps more, from rounding s): no saturation. A row whose amax
-        # is NaN or Inf gives NaN or 0, never Inf.
-        y = b.op("Div", [x, s], "scaled")
-        if not signed:
-            return b.op("Mul", [_hif8_magnitude(b, y, saturate=False), s], "dequantized")
-        negative = _hif8_negative(b, y, _HIF8_UNDERFLOW)
-        q = _hif8_magnitude(b, _abs_in_place(b, y), saturate=False)
-        return b.op("Mul", [b.op("Mul", [q, _signed_factor(b, negative, 1.0)], "signed"), s], "dequantized")
-    s32 = np.float32(scale)
-    const_s = b.const("scale", s32)
-    if not signed:
-        return b.op("Mul", [_hif8_magnitude(b, b.op("Div", [x, const_s], "scaled")), const_s], "dequantized")
-    negative = _hif8_negative(b, x, _static_hif8_threshold(s32))
-    q = _hif8_magnitude(b, _abs_in_place(b, b.op("Div", [x, const_s], "scaled")))
-    return b.op("Mul", [q, _signed_factor(b, negative, float(s32))], "dequantized")
-
-
-def _abs_in_place(b: _Builder, y: ir.Tensor) -> ir.Variable:
-    """|y| as LeakyRelu(alpha=-1), which onnxruntime computes in place (Abs is not); -0 stays -0."""
-    return b.op("LeakyRelu", [y], "abs", {"alpha": -1.0})
-
-
-def _e4m3_magnitude(b: _Builder, a: ir.Tensor, unit: float = 1.0) -> ir.Variable:
+def _e4m3_magnitude(b: SubgraphBuilder, a: ir.Tensor, unit: float = 1.0) -> ir.Variable:
     """E4M3 RNE of a = |y| >= 0, saturating at 448 (Inf too), NaN kept: Veltkamp split.
 
     ``unit`` (a power of two) scales the format: a = |y| * unit gives E4M3(|y|) * unit, exactly.
@@ -300,7 +85,7 @@ def _e4m3_magnitude(b: _Builder, a: ir.Tensor, unit: float = 1.0) -> ir.Variable
     return b.op("Sub", [c, b.op("Sub", [c, sat], "split_diff")], "rounded")
 
 
-def _signed_zero_factor(b: _Builder, t: ir.Tensor, threshold: float, bound: float) -> ir.Variable:
+def _signed_zero_factor(b: SubgraphBuilder, t: ir.Tensor, threshold: float, bound: float) -> ir.Variable:
     """``bound * sign(t)`` (signed zeros kept) wherever ``|t| >= threshold``; a signed fraction of
     ``bound`` below (only used where the rounded magnitude is 0, so the zero gets the sign of t)."""
     slope = np.float32(2.0 ** int(np.ceil(np.log2(bound / threshold))))
@@ -324,7 +109,7 @@ def emit_cast_activation(graph: ir.Graph, x: ir.Tensor, scale: float, fmt_name: 
     ORT_ENABLE_EXTENDED (it drops a Relu before an FP8 Q), and ORT never fuses FP8 x FP8 compute.
     """
     fmt = get_format(fmt_name)
-    b = _Builder(graph, name)
+    b = SubgraphBuilder(graph, name)
     s32 = np.float32(scale)
     s = b.const("scale", s32)
     if fmt_name == "fp8_e4m3":
@@ -336,7 +121,7 @@ def emit_cast_activation(graph: ir.Graph, x: ir.Tensor, scale: float, fmt_name: 
         bound = np.float32(np.ldexp(s32, -k))
         z = b.op("Div", [x, b.const("scale_k", bound)], "scaled")
         sign = b.op("Clip", [z, b.const("sign_lo", -bound), b.const("sign_hi", bound)], "sign")
-        hi = _e4m3_magnitude(b, _abs_in_place(b, z), 2.0**k)
+        hi = _e4m3_magnitude(b, abs_in_place(b, z), 2.0**k)
         return b.op("Mul", [hi, sign], "dequantized")
     code = b.op("Cast", [b.op("Div", [x, s], "scaled")], "codes", {"to": fmt.onnx_dtype, "saturate": 1})
     return b.op("Mul", [b.op("Cast", [code], "values", {"to": onnx.TensorProto.FLOAT}), s], "dequantized")
@@ -356,7 +141,7 @@ def emit_mx_activation(
     if not isinstance(fmt, MXFormat) or not fmt.element.name.startswith("fp8_e4m3"):
         raise ValueError(f"{fmt_name} activations are not supported")
     block = fmt.block_size
-    b = _Builder(graph, name)
+    b = SubgraphBuilder(graph, name)
     if k <= block:
         return _mx_blocks(b, x, axis, fmt)
     last = axis == -1 or (rank > 0 and axis == rank - 1)
@@ -373,7 +158,7 @@ def emit_mx_activation(
         )
         parts = [
             emit_mx_activation(graph, head, full, fmt_name, f"{name}_f", axis, rank),
-            _mx_blocks(_Builder(graph, f"{name}_t"), tail, axis, fmt),
+            _mx_blocks(SubgraphBuilder(graph, f"{name}_t"), tail, axis, fmt),
         ]
         return b.op("Concat", parts, "dequantized", {"axis": axis})
     shape = b.op("Shape", [x], "shape")
@@ -394,18 +179,18 @@ def emit_mx_activation(
     return b.op("Reshape", [deq, shape], "dequantized")
 
 
-def _mx_blocks(b: _Builder, xb: ir.Tensor, block_axis: int, fmt: MXFormat) -> ir.Variable:
+def _mx_blocks(b: SubgraphBuilder, xb: ir.Tensor, block_axis: int, fmt: MXFormat) -> ir.Variable:
     """MX fake-quant of ``xb`` with one block along ``block_axis`` (32 or fewer elements)."""
     scale, inv = _mx_block_scales(b, _mx_block_amax(b, xb, block_axis), fmt)
     y = b.op("Mul", [xb, inv], "scaled")
     # non-zero results have |y| > 2^-10: the factor is +-1 there (a signed fraction where hi = 0).
     # (Not clip(y, -2^-10, 2^-10) with 2^10 folded into 2^X: that overflows for X > 117.)
     sign = _signed_zero_factor(b, y, 2.0**-10, 1.0)
-    hi = _e4m3_magnitude(b, _abs_in_place(b, y))
+    hi = _e4m3_magnitude(b, abs_in_place(b, y))
     return b.op("Mul", [b.op("Mul", [hi, sign], "signed"), scale], "deq_blocks")
 
 
-def _mx_block_amax(b: _Builder, xb: ir.Tensor, block_axis: int) -> ir.Tensor:
+def _mx_block_amax(b: SubgraphBuilder, xb: ir.Tensor, block_axis: int) -> ir.Tensor:
     """Per-block max |x| over the finite elements (the codec ignores NaN and Inf).
 
     Masking the non-finite elements costs three full passes that write (x - x is NaN exactly
@@ -419,7 +204,7 @@ def _mx_block_amax(b: _Builder, xb: ir.Tensor, block_axis: int) -> ir.Tensor:
     start = len(graph.nodes)
     nonfinite = b.op("IsNaN", [b.op("Sub", [xb, xb], "x_minus_x")], "nonfinite")
     finite = b.op("Where", [nonfinite, b.const("zero", np.float32(0.0)), xb], "finite")
-    masked = b.reduce_max(_abs_in_place(b, finite), "amax_masked", block_axis)
+    masked = b.reduce_max(abs_in_place(b, finite), "amax_masked", block_axis)
     masked_nodes = graph.nodes[start:]
     start = len(graph.nodes)
     top = b.reduce_max(xb, "block_max", block_axis)
@@ -442,7 +227,7 @@ def _mx_block_amax(b: _Builder, xb: ir.Tensor, block_axis: int) -> ir.Tensor:
     return amax
 
 
-def _mx_block_scales(b: _Builder, amax: ir.Tensor, fmt: MXFormat) -> tuple[ir.Variable, ir.Variable]:
+def _mx_block_scales(b: SubgraphBuilder, amax: ir.Tensor, fmt: MXFormat) -> tuple[ir.Variable, ir.Variable]:
     """(2^X, 2^-X) per block: X = clip(E - emax, -127, cap), E = min{j : amax <= 1.75 * 2^j}.
 
     u = amax / 1.75 (exact at the thresholds: u > 2^j iff amax > 1.75 * 2^j); P = 2^RNE(log2 u)
