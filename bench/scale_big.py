@@ -5,6 +5,11 @@ Run from the repo root (needs ~3x the model size free on the temporary directory
     .venv/bin/python bench/scale_big.py                 # 2.5 GB decoder (~30 min on a loaded 2-core machine)
     .venv/bin/python bench/scale_big.py --sizes 2.5GB 5GB
     .venv/bin/python bench/scale_big.py --no-readme     # print only
+    .venv/bin/python bench/scale_big.py --sizes 5GB --only ort_nbits ort_static --rows rows.json --model-dir DIR
+
+``--only`` runs some rows (names below), ``--rows FILE`` keeps every row measured so far in a JSON
+file (a rerun of a row replaces it) and the table shows them all, ``--model-dir`` keeps the
+generated models there between invocations (one multi-GB job at a time on a shared machine).
 
 Model: ``models/decoder.py --size S`` (LLM-shaped decoder, float32, external data). Each run is a
 fresh child process (``bench/_common.py``'s ``run_child``); peak RSS is its VmHWM, wall time the
@@ -14,6 +19,8 @@ parent's (interpreter start to exit). Rows:
   --activations none``; MatMulNBits; default MSE clipping search) and W8A8 (``--weights int8
   --activations int8``, histogram observer) on 4 batches of 2 x 64 tokens; the model is loaded
   *mapped* (weights read from the data file one initializer at a time, ``docs/scale.md``).
+- onnxcomp ``fuse`` (``onnxcomp_fuse``), ``sparsify --pattern 2:4`` (magnitude, no data:
+  ``onnxcomp_sparsify``) and ``decompose --layers matmul`` (``onnxcomp_decompose``), also mapped.
 - onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, block 128, symmetric, MatMul) on
   ``onnx.load`` of the model, and ``quantize_static`` (QDQ, per-channel int8 weights, uint8
   activations, MatMul only, MinMax) on the same batches; both write external data.
@@ -24,6 +31,7 @@ The result replaces the "## Scale: models over 2 GB in bounded memory" section o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -50,6 +58,9 @@ RUNS = [
     ("onnxruntime MatMulNBitsQuantizer", "weight-only INT4 g128", "ort_nbits"),
     ("onnxcomp", "W8A8 (histogram)", "onnxcomp_w8a8"),
     ("onnxruntime quantize_static", "W8A8 QDQ (MinMax)", "ort_static"),
+    ("onnxcomp", "fuse", "onnxcomp_fuse"),
+    ("onnxcomp", "sparsify 2:4 (magnitude)", "onnxcomp_sparsify"),
+    ("onnxcomp", "decompose MatMul (auto rank)", "onnxcomp_decompose"),
 ]
 
 
@@ -61,7 +72,17 @@ def _batches(path: str) -> list[dict[str, np.ndarray]]:
 def child_onnxcomp(task: dict[str, Any]) -> dict[str, Any]:
     from onnxcomp import api
 
-    if task["kind"] == "onnxcomp_w4":
+    kind = task["kind"]
+    if kind == "onnxcomp_fuse":
+        api.fuse(task["model"], task["out"])
+        return {}
+    if kind == "onnxcomp_sparsify":
+        api.sparsify(task["model"], task["out"], pattern="2:4", method="magnitude")
+        return {}
+    if kind == "onnxcomp_decompose":
+        api.decompose(task["model"], task["out"], layers="matmul")
+        return {}
+    if kind == "onnxcomp_w4":
         options: dict[str, Any] = {"weights": "int4", "granularity": "group:128", "activations": "none"}
     else:
         options = {"weights": "int8", "activations": "int8", "calibration": _batches(task["calib"])}
@@ -117,65 +138,98 @@ def _peer_env() -> dict[str, str]:
     return peers()
 
 
+def _model(directory: Path, size: str) -> tuple[Path, Path, int]:
+    """The decoder of ``size`` and its calibration batches in ``directory`` (written when missing)."""
+    model = directory / f"decoder_{size}.onnx"
+    calib = directory / f"calib_{size}.npz"
+    shape = shape_for_bytes(parse_size(size))
+    if not model.exists() or not model.with_name(model.name + ".data").exists():
+        write_decoder(model, shape, seed=0)
+    if not calib.exists():
+        np.savez(calib, input_ids=np.random.default_rng(0).integers(0, shape.vocab, (BATCHES * BATCH, SEQ)))
+    return model, calib, _size(model)
+
+
+def _measure(kind: str, model: Path, calib: Path, model_bytes: int, work: Path) -> dict[str, Any]:
+    tool, config = next((t, c) for t, c, k in RUNS if k == kind)
+    out = work / f"{kind}.onnx"
+    env = _peer_env() if kind == "ort_nbits" else {}
+    load = load_average()
+    start = time.perf_counter()
+    task = {"kind": kind, "model": str(model), "calib": str(calib), "out": str(out)}
+    child = run_child(__file__, task, env=env, timeout=4 * 3600)
+    wall = time.perf_counter() - start
+    written = _size(out) if out.exists() else 0
+    for leftover in work.glob(f"{kind}.*"):
+        if leftover.is_file():
+            leftover.unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return {
+        "model_gib": round(model_bytes / 2**30, 2),
+        "tool": tool,
+        "config": config,
+        "kind": kind,
+        "wall_s": round(wall),
+        "peak_gib": round(child.peak_rss_mb / 1024, 2),
+        "ratio": round(child.peak_rss_mb * 2**20 / model_bytes, 2),
+        "output_gib": round(written / 2**30, 2) if written else None,
+        "load": load,
+        "status": "ok" if child.ok else f"failed: {child.error}",
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    order = {kind: i for i, (_, _, kind) in enumerate(RUNS)}
+    rows = sorted(rows, key=lambda r: (r["model_gib"], order.get(r["kind"], 99)))
+    cells = [
+        [
+            f"{r['model_gib']:.2f}",
+            r["tool"],
+            r["config"],
+            r["wall_s"],
+            f"{r['peak_gib']:.2f}",
+            f"{r['ratio']:.2f}x",
+            "-" if r["output_gib"] is None else f"{r['output_gib']:.2f}",
+            r["load"],
+            r["status"],
+        ]
+        for r in rows
+    ]
+    headers = ["model GiB", "tool", "configuration", "wall s", "peak RSS GiB", "RSS / model", "output GiB"]
+    return markdown_table(headers + ["load", "status"], cells, "lllrrrrrl")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["2.5GB"], help="model sizes (models/decoder.py --size)")
+    parser.add_argument("--only", nargs="+", choices=[k for _, _, k in RUNS], help="run only these rows")
+    parser.add_argument("--rows", type=Path, help="JSON file keeping the rows of earlier invocations")
+    parser.add_argument("--model-dir", type=Path, help="keep the generated models here (default: a temp dir)")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     args = parser.parse_args()
-    rows: list[list[Any]] = []
-    load_start = load_average()
+    kept: list[dict[str, Any]] = json.loads(args.rows.read_text()) if args.rows and args.rows.exists() else []
+    kinds = args.only or [k for _, _, k in RUNS]
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-scale-big-") as tmp:
-            model = Path(tmp, "decoder.onnx")
-            shape = shape_for_bytes(parse_size(size))
-            write_decoder(model, shape, seed=0)
-            model_bytes = _size(model)
-            calib = Path(tmp, "calib.npz")
-            np.savez(calib, input_ids=np.random.default_rng(0).integers(0, shape.vocab, (BATCHES * BATCH, SEQ)))
-            for tool, config, kind in RUNS:
-                out = Path(tmp, f"{kind}.onnx")
-                env = _peer_env() if kind == "ort_nbits" else {}
-                start = time.perf_counter()
-                task = {"kind": kind, "model": str(model), "calib": str(calib), "out": str(out)}
-                child = run_child(__file__, task, env=env, timeout=4 * 3600)
-                wall = time.perf_counter() - start
-                written = _size(out) if out.exists() else 0
-                status = "ok" if child.ok else f"failed: {child.error}"
-                rows.append(
-                    [
-                        f"{model_bytes / 2**30:.2f}",
-                        tool,
-                        config,
-                        f"{wall:.0f}",
-                        f"{child.peak_rss_mb / 1024:.2f}",
-                        f"{child.peak_rss_mb * 2**20 / model_bytes:.2f}x",
-                        f"{written / 2**30:.2f}" if written else "-",
-                        status,
-                    ]
-                )
-                print(rows[-1], flush=True)
-                for leftover in Path(tmp).glob(f"{kind}.*"):
-                    if leftover.is_file():
-                        leftover.unlink()
-                    else:
-                        shutil.rmtree(leftover, ignore_errors=True)
+            model, calib, model_bytes = _model(args.model_dir or Path(tmp), size)
+            for kind in kinds:
+                row = _measure(kind, model, calib, model_bytes, Path(tmp))
+                print(row, flush=True)
+                kept = [r for r in kept if (r["model_gib"], r["kind"]) != (row["model_gib"], kind)] + [row]
+                if args.rows:
+                    args.rows.write_text(json.dumps(kept, indent=1))
     body = "\n\n".join(
         [
-            "```sh\n.venv/bin/python bench/scale_big.py"
-            + ("" if args.sizes == ["2.5GB"] else " --sizes " + " ".join(args.sizes))
-            + "\n```",
+            "```sh\n.venv/bin/python bench/scale_big.py --sizes 2.5GB 5GB\n```",
             f"LLM-shaped decoders from `models/decoder.py --size` (float32, external data; hidden 2048, vocab 32000). "
-            f"Each run in a fresh process: wall time from interpreter start to exit, peak RSS = its VmHWM. W8A8 "
-            f"calibrates on {BATCHES} batches of {BATCH} x {SEQ} tokens. onnxcomp loads models with >= 1 GiB of "
-            "external data *mapped* (`docs/scale.md`); its runs include the fusions, the SQNR report (W8A8), the "
-            "kernel report and validating the output on onnxruntime.",
-            markdown_table(
-                ["model GiB", "tool", "configuration", "wall s", "peak RSS GiB", "RSS / model", "output GiB", "status"],
-                rows,
-                "lllrrrrl",
-            ),
-            f"1-minute load average {load_start} at the start, {load_average()} at the end (a shared 2-core machine: "
-            "wall times are indicative; peak RSS is not affected by the load).",
+            f"Each run in a fresh process: wall time from interpreter start to exit, peak RSS = its VmHWM (mapped "
+            f"file pages the process touched count, as they do for onnxruntime's own runs). W8A8 calibrates on "
+            f"{BATCHES} batches of {BATCH} x {SEQ} tokens. onnxcomp loads models with >= 1 GiB of external data "
+            "*mapped* (`docs/scale.md`); its quantize runs include the fusions, the SQNR report (W8A8), the kernel "
+            "report and validating the written output on onnxruntime. 'load' = the 1-minute load average when the "
+            "row started (a shared 2-core machine: wall times are indicative; peak RSS is not affected by the load).",
+            _table(kept),
             environment_line(["onnxruntime", "onnx", "numpy"]),
         ]
     )
@@ -186,7 +240,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        handlers = {"onnxcomp_w4": child_onnxcomp, "onnxcomp_w8a8": child_onnxcomp}
+        handlers = {k: child_onnxcomp for _, _, k in RUNS if k.startswith("onnxcomp")}
         handlers.update({"ort_nbits": child_ort_nbits, "ort_static": child_ort_static})
         child_main(handlers)
     else:

@@ -20,10 +20,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxcomp import api, model_io
+from onnxcomp import api, ir, model_io
 from onnxcomp.cli.main import main
 from onnxcomp.errors import ModelLoadError
-from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, is_mapped, source_of, write_streaming
+from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, MappedValues, is_mapped, source_of, write_streaming
+from onnxcomp.ir.spill import SPILL_FILE, spill_constants, spilling
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -255,3 +256,23 @@ def test_a_real_transformer_quantizes_mapped_like_in_memory(tmp_path: Path, monk
     ]
     for a, b in zip(*runs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_spilled_constants_read_back_from_their_file(tmp_path: Path) -> None:
+    big = np.arange(MIN_MAPPED_BYTES, dtype=np.int8).reshape(256, -1)
+    floats = np.linspace(-1, 1, MIN_MAPPED_BYTES // 4, dtype=np.float32)
+    small = np.ones(4, np.float32)
+    constants = [ir.make_constant("codes", big), ir.make_constant("small", small)]
+    constants.append(ir.make_constant("floats", np.zeros(1, np.float32)))
+    constants[2].values = floats  # numpy values, as a pass that sets them leaves them
+    graph = ir.Graph(outputs=constants)
+    assert spill_constants(graph) == 0  # outside spilling(): nothing moves
+    with spilling(tmp_path) as directory:
+        assert spill_constants(graph) == big.nbytes + floats.nbytes
+        assert isinstance(constants[0]._values, MappedValues) and isinstance(constants[2]._values, MappedValues)  # noqa: SLF001
+        assert not isinstance(constants[1]._values, MappedValues)  # noqa: SLF001 - under MIN_MAPPED_BYTES
+        np.testing.assert_array_equal(constants[0].values, big)
+        np.testing.assert_array_equal(constants[2].values, floats)
+        assert (directory / SPILL_FILE).stat().st_size == 2 * big.nbytes  # the second at the next page
+        assert spill_constants(graph) == 0  # mapped now
+    assert list(tmp_path.iterdir()) == []

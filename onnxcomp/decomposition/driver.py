@@ -242,34 +242,34 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
     replay, recorded = load_replay(options.record, decomposer.pass_name) if options.record else (None, {})
     plans: list[_Plan] = []
     seen: set[str] = set()
+    # Without a refit (which needs every plan's statistics at once) each plan is emitted as soon as
+    # it is made: one weight's SVD in memory at a time, not every layer's (docs/scale.md).
+    at_once = not (options.refit and ctx.calibration is not None and ctx.source_model is not None)
+    entries, planned = [], 0
     for node in ir.iter_nodes(graph, decomposer.ops):
         seen.add(node_key(node))
         reason = _plan(graph, node, decomposer, options, replay, plans)
         if reason:
             result.declined.append((node_key(node), reason))
+        elif at_once:
+            entries.append(_emit(graph, decomposer, plans.pop(), result))
+            planned += 1
     if replay is not None:
         missing = sorted(set(replay) - seen)
         if missing:
             raise ConfigError(
                 f"record names {', '.join(map(repr, missing))}, not a {'/'.join(decomposer.ops)} node of this model"
             )
-    refitted = _refit(graph, ctx, decomposer, plans, result) if plans else False
-    if plans and recorded.get("refit") and not refitted:
+    planned += len(plans)
+    refitted = _refit(graph, ctx, decomposer, plans, result) if planned else False
+    if planned and recorded.get("refit") and not refitted:
         result.notes.append(
             "the record was made with a refit on calibration data; without one this replay "
             "keeps the SVD factors and differs from the recorded model"
         )
-    entries = []
-    for plan in plans:
-        second, bias = plan.second, None
-        if plan.fit is not None:
-            second, bias = decomposer.from_solution(plan.target, plan.fit.solution)
-        entry = _entry(decomposer, plan)  # before emit, which disconnects the node
-        entry["factors"] = names = decomposer.emit(graph, plan.target, plan.first, second, bias)
-        entries.append(entry)
-        result.changed.append(f"{entry['node']} -> {', '.join(names)} (rank {plan.choice.rank})")
-    result.modified = bool(plans)
-    result.stats["decomposed"] = len(plans)
+    entries += [_emit(graph, decomposer, plan, result) for plan in plans]
+    result.modified = bool(planned)
+    result.stats["decomposed"] = planned
     exact = [e for e in entries if e["macs_exact"]]
     if exact:
         before, after = sum(e["macs_before"] for e in exact), sum(e["macs_after"] for e in exact)
@@ -279,6 +279,17 @@ def run_decomposition(graph: ir.Graph, ctx: PassContext, decomposer: Decomposer)
     )
     result.data["record"] = record
     return result
+
+
+def _emit(graph: ir.Graph, decomposer: Decomposer, plan: _Plan, result: PassResult) -> dict[str, Any]:
+    """Write ``plan``'s factors into ``graph``; its record entry."""
+    second, bias = plan.second, None
+    if plan.fit is not None:
+        second, bias = decomposer.from_solution(plan.target, plan.fit.solution)
+    entry = _entry(decomposer, plan)  # before emit, which disconnects the node
+    entry["factors"] = names = decomposer.emit(graph, plan.target, plan.first, second, bias)
+    result.changed.append(f"{entry['node']} -> {', '.join(names)} (rank {plan.choice.rank})")
+    return entry
 
 
 def _plan(
@@ -313,7 +324,8 @@ def _plan(
     if isinstance(choice, str):
         return choice
     first, second = factors.factors(choice.rank)
-    plans.append(_Plan(target, choice, factors, first, second))
+    kept = Svd(np.empty((0, 0)), factors.s, np.empty((0, 0)))  # the record needs the singular values only
+    plans.append(_Plan(target, choice, kept, first, second))
     return None
 
 

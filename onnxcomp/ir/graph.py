@@ -35,6 +35,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcomp.ir.mapped import MappedValues, map_constants, release_mapped
 from onnxcomp.ir.roundtrip import ModelFacts, finish_export, prepare_import
+from onnxcomp.ir.spill import spill_array
 
 __all__ = [
     "Constant",
@@ -173,6 +174,10 @@ def constant_value(tensor: Tensor) -> np.ndarray | None:
 
 
 def _lazy(name: str, array: np.ndarray) -> LazyValues:
+    # A run writing a mapped model (ir.spill.spilling): a big new weight goes to disk at once
+    spilled = spill_array(name, np.asarray(array))
+    if spilled is not None:
+        return spilled
     proto = numpy_helper.from_array(np.asarray(array), name=name)
     return LazyValues(proto)
 

@@ -14,6 +14,10 @@ are read; a write raises instead of silently diverging from the file). :func:`re
 (run by every ``ir.export_model``) turns an unchanged SourceArray back into the reference, so an
 export copies no weight and the map is closed (its pages leave the process). A pass that
 replaces a constant's values exports them as usual.
+
+New big weights of a run that writes a mapped model to a file go to a spill file as they are
+made and are mapped from there like the source's own (:mod:`onnxcomp.ir.spill`); sessions take
+tensors mapped from another folder than the source's from memory maps (:func:`split_in_memory`).
 """
 
 from __future__ import annotations
@@ -178,21 +182,28 @@ def release_mapped(graph: gs.Graph) -> None:
 
 
 def _data_directory(model: onnx.ModelProto) -> Path:
-    folders = {Path(found[0]).parent for t in model.graph.initializer if (found := source_of(t)) is not None}
-    if len(folders) != 1:
-        raise ValueError(f"a mapped model reads weights from one directory, not {sorted(map(str, folders))}")
-    return folders.pop()
+    """The folder most mapped bytes come from (the source model's; spilled weights live elsewhere)."""
+    sizes: dict[Path, int] = {}
+    for tensor in model.graph.initializer:
+        found = source_of(tensor)
+        if found is not None:
+            folder = Path(found[0]).parent
+            sizes[folder] = sizes.get(folder, 0) + found[2]
+    if not sizes:
+        raise ValueError("the model has no mapped initializers")
+    return max(sizes, key=lambda folder: (sizes[folder], str(folder)))
 
 
 def relative_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path]:
-    """A copy whose mapped locations are relative to their directory (returned): what onnxruntime loads
-    from bytes with ``session.model_external_initializers_file_folder_path``."""
+    """A copy whose mapped locations in one folder (returned) are relative to it: what onnxruntime
+    loads from bytes with ``session.model_external_initializers_file_folder_path``. Tensors mapped
+    from other folders (spilled weights) keep absolute locations: :func:`split_in_memory` takes them."""
     folder = _data_directory(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in copy.graph.initializer:
         found = source_of(tensor)
-        if found is not None:
+        if found is not None and Path(found[0]).parent == folder:
             _set_reference(tensor, Path(found[0]).name, found[1], found[2])
     return copy, folder
 
@@ -203,13 +214,18 @@ IN_MEMORY_LOCATION = "onnxcomp_in_memory.bin"
 
 
 def split_in_memory(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Take the big in-memory initializers (the quantized ones) out of ``model`` (a private copy):
-    each becomes an external stub and its values are returned, for onnxruntime's
+    """Take the big in-memory initializers (the quantized ones) and those still mapped by absolute
+    location (spilled, outside the session's folder) out of ``model`` (a :func:`relative_copy`):
+    each becomes an external stub and its values (bytes or a map) are returned, for onnxruntime's
     ``add_external_initializers`` (which uses them in place: no serialised copy, no copy of its own)."""
     taken: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
         dtype = _np_dtype(tensor)
-        if source_of(tensor) is not None or dtype is None or not tensor.HasField("raw_data"):
+        if source_of(tensor) is not None:
+            taken[tensor.name] = map_array(tensor)
+            _set_reference(tensor, IN_MEMORY_LOCATION, 0, int(taken[tensor.name].nbytes))
+            continue
+        if dtype is None or not tensor.HasField("raw_data"):
             continue
         raw = tensor.raw_data
         if len(raw) < MIN_MAPPED_BYTES or len(raw) != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:

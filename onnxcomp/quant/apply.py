@@ -19,6 +19,7 @@ from onnxcomp.calibration.observers import compute_range, make_observer
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, get_format
 from onnxcomp.framework.base import PassContext
+from onnxcomp.ir.spill import spill_constants
 from onnxcomp.quant.activation_subgraphs import (
     emit_hif8_activation,
     emit_mx_activation,
@@ -200,8 +201,10 @@ def apply_plans(
             readers[name] -= 1
             if name is not None and readers[name] == 0:
                 state.forget(name)
+                spill_constants(graph)  # a run writing a mapped model: its new weights to disk (ir.spill)
             bar.update(1)
     shield_float_readers(graph)  # float-pinned readers of quantized tensors stay float on onnxruntime
+    spill_constants(graph)
     return record
 
 
