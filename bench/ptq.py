@@ -1327,7 +1327,10 @@ def main() -> int:
         "--observer-cost",
         choices=sorted(OBSERVER_DATA),
         action="append",
-        help="only the calibration time of every observer on this model (repeatable), 2 interleaved rounds, printed",
+        help="only the calibration time of every observer on this model (repeatable), interleaved rounds, printed",
+    )
+    parser.add_argument(
+        "--observer-rounds", type=int, default=2, metavar="N", help="--observer-cost: interleaved rounds (default 2)"
     )
     args = parser.parse_args()
     start = time.perf_counter()
@@ -1341,7 +1344,7 @@ def main() -> int:
     if args.observer_cost:
         print(f"{common.environment_line(['onnx', 'onnxruntime', 'numpy'])}")
         load_before = common.load_average()
-        tables = [observer_costs(key, 2, log) for key in args.observer_cost]
+        tables = [observer_costs(key, args.observer_rounds, log) for key in args.observer_cost]
         print(f"1-minute load average {load_before} at the start, {common.load_average()} at the end\n")
         print("\n\n".join(tables))
         return 0
