@@ -18,9 +18,9 @@ from onnxcomp.formats.nm import NMPattern, apply_nm, nm_fraction, parse_pattern
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.ir import match_glob, reduction_axis, weight_layout
-from onnxcomp.runtime import TensorRunner
 from onnxcomp.sparsity import record
 from onnxcomp.sparsity.coupling import float_weight
+from onnxcomp.sparsity.dense_collect import collect_dense_target
 from onnxcomp.sparsity.dense_target import DenseFit, DenseTargetStats, fit_dense_target
 from onnxcomp.sparsity.sparsegpt import output_error, sparsegpt_nm
 
@@ -279,17 +279,13 @@ class Sparsify2to4(Pass):
             return None  # a bias that is not constant per output channel: plain SparseGPT
         x_name, y_name = node.inputs[0].name, node.outputs[0].name
         model = ir.export_model(graph, ctx.source_model if ctx.source_model is not None else onnx.ModelProto())
-        runner = TensorRunner(model, [x_name], truncate=True)
-        del model
-        target = TensorRunner(dense, [y_name], truncate=True)
         stats = DenseTargetStats(node, self.options.rows_per_batch, ctx.rng(f"{node.name}:2to4"))
         assert ctx.calibration is not None
-        for index, batch in enumerate(ctx.calibration()):
-            if self.options.calib_batches is not None and index >= self.options.calib_batches:
-                break
-            stats.update(runner.run(batch, index)[x_name], target.run(batch, index)[y_name])
-        if stats.rows == 0:
-            raise CalibrationError("calibration data is empty")
+        # one model computing both tensors: sharded over --workers / --ray like any calibration
+        collect_dense_target(
+            model, dense, x_name, y_name, stats, ctx.calibration(), self.options.calib_batches, ctx.progress.enabled
+        )
+        del model
         layout = weight_layout(node.op, weight.ndim, bool(node.attrs.get("transB", 0)))
         scale = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
         o = self.options

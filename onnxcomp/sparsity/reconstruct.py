@@ -23,8 +23,7 @@ Errors are reported relative to the sink's output energy ``||Y||^2`` on the cali
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -33,7 +32,8 @@ from onnxcomp import ir
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.errors import CalibrationError
 from onnxcomp.framework.base import PassContext
-from onnxcomp.runtime import TensorRunner
+from onnxcomp.ir import describe
+from onnxcomp.sparsity.dense_collect import collect_pairs
 from onnxcomp.sparsity.gram import (
     Fanout,
     GramAccumulator,
@@ -42,6 +42,7 @@ from onnxcomp.sparsity.gram import (
     design_rows,
     output_count,
     output_rows,
+    row_count,
     sample_rows,
     weight_from_matrix,
 )
@@ -99,42 +100,39 @@ def greedy_removal(gram: np.ndarray, count: int) -> np.ndarray:
 # --- reconstruction ----------------------------------------------------------------------------
 
 
-def _batches(ctx: PassContext, max_batches: int | None) -> Iterator[tuple[int, Mapping[str, np.ndarray]]]:
-    assert ctx.calibration is not None
-    for index, batch in enumerate(ctx.calibration()):
-        if max_batches is not None and index >= max_batches:
-            return
-        yield index, batch
-
-
 @dataclass
 class RefitAccumulator:
-    """A sink's targets from the unpruned model, then its statistics in the pruned model."""
+    """A sink's refit statistics: ``[X' 1]^T [X' 1]``, ``[X' 1]^T Y`` and ``||Y||^2`` at sampled positions.
+
+    ``X'`` is the sink's input in the pruned model, ``Y`` its output in the unpruned model on the
+    same batch (:meth:`update`, fed batch by batch, in order, by
+    :func:`~onnxcomp.sparsity.dense_collect.collect_pairs`, sharded or not); at most ``max_rows``
+    output positions a batch, drawn with ``rng``.
+    """
 
     sm: SinkMatrix
     max_rows: int
     rng: np.random.Generator
-    targets: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per batch: (rows, Y rows)
     energy: float = 0.0
     hp: np.ndarray | None = None
     ay: np.ndarray | None = None
 
-    def add_target(self, y: np.ndarray) -> None:
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        """One batch: ``x`` the sink's input in the pruned model, ``y`` its output in the unpruned one."""
         node = self.sm.node
-        index = sample_rows(output_count(node, np.shape(y)), self.max_rows, self.rng)
-        rows = output_rows(node, y, index)
-        self.energy += float(np.sum(rows * rows))
-        self.targets.append((index, rows.astype(np.float32)))
-
-    def add_pruned(self, batch: int, x: np.ndarray) -> None:
-        if batch >= len(self.targets):
-            raise CalibrationError("the calibration data yielded more batches on a second pass; it must be re-iterable")
-        index, y = self.targets[batch]
-        a = augment(design_rows(self.sm.node, x, index))
+        total = output_count(node, np.shape(y))
+        if row_count(node, np.shape(x)) != total:
+            raise CalibrationError(
+                f"{describe(node)}: input {np.shape(x)} and unpruned output {np.shape(y)} have different positions"
+            )
+        index = sample_rows(total, self.max_rows, self.rng)
+        target = output_rows(node, y, index)
+        self.energy += float(np.sum(target * target))
+        a = augment(design_rows(node, x, index))
         if self.hp is None or self.ay is None:
-            self.hp, self.ay = np.zeros((a.shape[1], a.shape[1])), np.zeros((a.shape[1], y.shape[1]))
+            self.hp, self.ay = np.zeros((a.shape[1], a.shape[1])), np.zeros((a.shape[1], target.shape[1]))
         self.hp += a.T @ a
-        self.ay += a.T @ y.astype(np.float64)
+        self.ay += a.T @ target
 
 
 @dataclass
@@ -222,22 +220,16 @@ def reconstruct_sinks(
     if not jobs:
         return {}
     accs = {id(j.sm.node): RefitAccumulator(j.sm, max_rows, ctx.rng(f"prune_channels:{j.sm.node.name}")) for j in jobs}
-    targets = TensorRunner(original, list(dict.fromkeys(j.sm.node.outputs[0].name for j in jobs)))
-    for index, batch in _batches(ctx, max_batches):
-        values = targets.run(batch, index)
-        for acc in accs.values():
-            acc.add_target(values[acc.sm.node.outputs[0].name])
+    assert ctx.calibration is not None
     by_node = {id(j.sm.node): j for j in jobs}
     results: dict[int, RefitResult | None] = {}
     with ctx.progress(len(jobs), "reconstructing") as bar:
         for level in sink_levels(graph, [j.sm.node for j in jobs]):
             ir.finalize(graph)  # the pruned model of this level must be sorted to run
-            names = list(dict.fromkeys(node.inputs[0].name for node in level))
-            runner = TensorRunner(ir.export_model(graph, original), names, truncate=True)
-            for index, batch in _batches(ctx, max_batches):
-                values = runner.run(batch, index)
-                for node in level:
-                    accs[id(node)].add_pruned(index, values[node.inputs[0].name])
+            # one pass: the level's inputs in the pruned model against its outputs in the unpruned one,
+            # sharded over --workers / --ray like any calibration (the pair model shipped once per level)
+            layers = [(node.inputs[0].name, node.outputs[0].name, accs[id(node)], describe(node)) for node in level]
+            collect_pairs(ir.export_model(graph, original), original, layers, ctx.calibration(), max_batches)
             for node in level:
                 job = by_node[id(node)]
                 results[id(node)] = fit = refit(accs.pop(id(node)), job.keep, damping)
