@@ -6,8 +6,9 @@ Run from the repo root::
     .venv/bin/python bench/ptq.py --quick   # 2 min: smoke run, fewer samples, smaller inputs
     .venv/bin/python bench/ptq.py --full    # quantization time = median of 3 runs, 50 latency runs
     .venv/bin/python bench/ptq.py --only minilm_l3 --no-readme   # one model, print only
-    .venv/bin/python bench/ptq.py --cost-only 3   # quantize time / peak RSS of the matched pairs only,
-                                                  # medians of 3 interleaved rounds (printed)
+    .venv/bin/python bench/ptq.py --cost-only 3   # quantize time / peak RSS of the matched pairs (and the
+                                                  # unmatched INT4 MSE row), medians of 3 interleaved rounds
+    .venv/bin/python bench/ptq.py --cost-only 3 --only minilm_l3 --setting int4   # one setting
     .venv/bin/python bench/ptq.py --observer-cost ppocr_rec   # every observer's calibration time vs minmax
 
 Models: the demo digits CNN (held-out top-1), ppocr_det (output cosine vs fp32 on held-out pages)
@@ -29,7 +30,9 @@ inside ORT's timed region, as onnxcomp's own fusions and opset upgrade are insid
 otherwise runs at its defaults (placement speed: thin depthwise and small 1x1 convs stay float;
 MatMul outputs stay float) with ``reports=False`` (no SQNR / fused-kernel report, which ORT does not
 make either). The "defaults" row pairs each tool's default calibration: onnxcomp's histogram-error
-observer and ORT's MinMax.
+observer and ORT's MinMax. INT4 weight-only (block 32) pairs round to nearest on the block amax on
+both sides (onnxcomp ``--weight-observer minmax``, ``MatMulNBitsQuantizer``'s default); onnxcomp's
+4-bit default, the MSE clipping search, is an unmatched row.
 
 ORT's ``MatMulNBitsQuantizer`` imports ``onnx_ir`` (which needs ``sympy``); onnxruntime does not
 declare them. If the venv lacks them, they are pip-installed (``--no-deps``, pinned) into a cache
