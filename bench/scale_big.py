@@ -6,6 +6,7 @@ Run from the repo root (needs ~3x the model size free on the temporary directory
     .venv/bin/python bench/scale_big.py --sizes 2.5GB 5GB
     .venv/bin/python bench/scale_big.py --no-readme     # print only
     .venv/bin/python bench/scale_big.py --sizes 5GB --only ort_nbits ort_static --rows rows.json --model-dir DIR
+    .venv/bin/python bench/scale_big.py --rows rows.json --report   # the README section from the kept rows
 
 ``--only`` runs some rows (names below), ``--rows FILE`` keeps every row measured so far in a JSON
 file (a rerun of a row replaces it) and the table shows them all, ``--model-dir`` keeps the
@@ -207,10 +208,11 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, help="JSON file keeping the rows of earlier invocations")
     parser.add_argument("--model-dir", type=Path, help="keep the generated models here (default: a temp dir)")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--report", action="store_true", help="measure nothing: the table of --rows")
     args = parser.parse_args()
     kept: list[dict[str, Any]] = json.loads(args.rows.read_text()) if args.rows and args.rows.exists() else []
     kinds = args.only or [k for _, _, k in RUNS]
-    for size in args.sizes:
+    for size in [] if args.report else args.sizes:
         with tempfile.TemporaryDirectory(prefix="bench-scale-big-") as tmp:
             model, calib, model_bytes = _model(args.model_dir or Path(tmp), size)
             for kind in kinds:

@@ -160,7 +160,9 @@ class Sparsify2to4(Pass):
         hessians = self._hessians(graph, ctx, candidates) if method == "sparsegpt" and not sequential else {}
         targets = self._dense_model(graph, ctx, candidates) if dense else None
         methods: dict[str, str] = {}
-        for node, weight, axis in candidates:
+        candidates.reverse()
+        while candidates:  # popped in graph order: a weight read from a map is dropped once written
+            node, weight, axis = candidates.pop()
             magnitude = apply_nm(weight, axis, self.pattern)
             fit = None
             if targets is not None and self._handled(node, weight, axis):
