@@ -144,7 +144,6 @@ def quantize_options(
     eval_data: str | None = None,
     sensitivity: bool | None = None,
     trial_workers: int | None = None,
-    trial_processes: int | None = None,
     target: str | None = None,
     ascend_int4: bool | None = None,
 ) -> dict[str, Any]:
@@ -222,7 +221,6 @@ def quantize_options(
         ("eval_data", eval_data),
         ("sensitivity", sensitivity),
         ("trial_workers", trial_workers),
-        ("trial_processes", trial_processes),
         ("target", target),
         ("ascend_int4", ascend_int4),
     ):

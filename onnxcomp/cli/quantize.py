@@ -55,7 +55,11 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     )
     add_scoring_flags(target)
     target.add_argument(
-        "--trial-workers", type=int, metavar="N", help="build and score N candidate models at a time (threads)"
+        "--trial-workers",
+        type=int,
+        metavar="N",
+        help="build and score N candidate models at a time (threads); without it, candidates are built here and "
+        "scored where calibration runs (--workers N processes, --ray actors), with the same scores",
     )
 
 

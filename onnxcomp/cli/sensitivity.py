@@ -23,7 +23,23 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     p.add_argument("--batch-size", type=int, default=16, help="calibration samples per batch (default 16)")
     p.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="build and score N candidates at a time")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="build and score N candidates at a time (threads)"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="calibrate in N local worker processes, and build candidates here and score them there (the "
+        "workers receive the evaluation data once; the same figures as one thread)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="calibrate and score candidates on the Ray cluster at ADDRESS (auto: the running one), one actor "
+        "per CPU or --processes N actors; pip install 'onnxcomp[distributed]'",
+    )
     add_scoring_flags(p.add_argument_group("scoring"))
     add_quantize_flags(p)
 
@@ -64,6 +80,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         sensitivity=True,
         trial_workers=args.workers,
+        workers=args.processes,
+        ray=args.ray,
         **{**quantize_flag_kwargs(args), "reports": False},
     )
     data = report.result("quantize").data["sensitivity"]

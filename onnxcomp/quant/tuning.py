@@ -8,11 +8,11 @@ of its config, statistics reused between candidates. Candidates are scored by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,9 @@ import onnx
 from onnxcomp import ir
 from onnxcomp.analysis.macs import model_macs
 from onnxcomp.analysis.scoring import Scorer, load_evaluator
+from onnxcomp.analysis.trial_pool import TaskPool
 from onnxcomp.calibration.data import calibration_source
+from onnxcomp.calibration.shard import calibration_resources, current_resources
 from onnxcomp.errors import CalibrationError
 from onnxcomp.formats import get_format
 from onnxcomp.framework.base import PassContext, PassResult
@@ -32,11 +34,10 @@ from onnxcomp.quant.apply import attach_migrated
 from onnxcomp.quant.fallback import AccuracyTarget, SearchResult, ladder, search, spec_table
 from onnxcomp.quant.plan import plan_nodes
 from onnxcomp.quant.spec import NodeSpec
+from onnxcomp.quant.trials import Trials, score_task, trial_resources
 from onnxcomp.quant.weights import min_opset_for
 
 log = logging.getLogger(__name__)
-
-Build = Callable[[dict[str, Any]], onnx.ModelProto]
 
 
 @dataclass(frozen=True)
@@ -98,47 +99,38 @@ class Ladders:
         return f"w {w} / a {a}"
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
-    """``[fn(x) for x in items]``, on ``workers`` threads when > 1 (onnxruntime releases the GIL while
-    it runs; every candidate builds its own graph and session). The first item runs alone, so it
-    fills the shared statistics cache before the others read it. Order and results are the same."""
-    if workers <= 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    first = fn(items[0])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [first, *pool.map(fn, items[1:])]
-
-
 def sensitivity(
     ladders: Ladders,
     names: Sequence[str],
-    scorer: Scorer,
-    build: Build,
+    trials: Trials,
     both: bool = True,
     progress: Callable[[str], None] | None = None,
-    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Per node: the score with only it quantized and (``both``) with only it left in float; ranked.
 
     "Only quantized": every other searched node in float; the cheap, independent figure the search
     ranks by. "Only in float": every other node quantized; what leaving it out recovers. Trials
-    are independent: ``workers`` run them in parallel with the same results.
+    are independent: ``trials`` may run them in parallel, with the same results.
     """
     all_float = {n: len(ladders.rungs[n]) - 1 for n in names}
-
-    def measure(item: tuple[int, str]) -> dict[str, Any]:
-        i, name = item
-        alone = scorer.score(build(ladders.fallback({**all_float, name: 0})))
+    jobs = []
+    for name in names:
+        jobs.append((f"sensitivity of node {name!r} (only it quantized)", ladders.fallback({**all_float, name: 0})))
+        if both:
+            top = len(ladders.rungs[name]) - 1
+            jobs.append((f"sensitivity of node {name!r} (only it in float)", ladders.fallback({name: top})))
+    scores = trials.scores(jobs)
+    rows = []
+    for i, name in enumerate(names):
+        alone = next(scores)
         row: dict[str, Any] = {"node": name, "op": ladders.candidates[name].op, "only_quantized": alone}
         if both:
-            row["only_float"] = scorer.score(build(ladders.fallback({name: len(ladders.rungs[name]) - 1})))
+            row["only_float"] = next(scores)
         c = ladders.candidates[name]
         row.update(macs=c.macs, weight_bytes=int(c.weight_elements * _bits(c.spec) // 8), index=i)
         if progress is not None:
             progress(f"sensitivity {i + 1}/{len(names)}: {name} {alone:.6g}")
-        return row
-
-    rows = parallel_map(measure, list(enumerate(names)), workers)
+        rows.append(row)
     rows.sort(key=lambda r: (r["only_quantized"], r["index"]))
     for rank, row in enumerate(rows):
         row["rank"] = rank
@@ -148,23 +140,21 @@ def sensitivity(
 def greedy_curve(
     ladders: Ladders,
     ranked: Sequence[Mapping[str, Any]],
-    scorer: Scorer,
-    build: Build,
+    trials: Trials,
     points: int = 12,
-    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """The metric as nodes are quantized least sensitive first (the rest in float): at most ``points`` + 1."""
     order = [r["node"] for r in sorted(ranked, key=lambda r: -r["only_quantized"])]
     total = sum(ladders.candidates[n].weight_elements for n in order) or 1
     cuts = sorted({round(i * len(order) / max(1, points)) for i in range(points + 1)})
-
-    def point(k: int) -> dict[str, Any]:
-        quantized = set(order[:k])
-        steps = {n: len(ladders.rungs[n]) - 1 for n in order if n not in quantized}
-        done = sum(ladders.candidates[n].weight_elements for n in quantized)
-        return {"nodes": k, "fraction": done / total, "score": scorer.score(build(ladders.fallback(steps)))}
-
-    return parallel_map(point, cuts, workers)
+    jobs = []
+    for k in cuts:
+        steps = {n: len(ladders.rungs[n]) - 1 for n in order[k:]}
+        jobs.append((f"greedy curve point with {k} node(s) quantized", ladders.fallback(steps)))
+    return [
+        {"nodes": k, "fraction": sum(ladders.candidates[n].weight_elements for n in order[:k]) / total, "score": score}
+        for k, score in zip(cuts, trials.scores(jobs), strict=True)
+    ]
 
 
 @dataclass
@@ -180,20 +170,23 @@ def accuracy_search(
     ladders: Ladders,
     pinned: set[str],
     target: AccuracyTarget,
-    scorer: Scorer,
-    build: Build,
+    trials: Trials,
     progress: Callable[[str], None] | None = None,
-    workers: int = 1,
 ) -> Outcome:
-    """Rank by sensitivity, then :func:`onnxcomp.quant.fallback.search`; the record of every trial."""
+    """Rank by sensitivity, then :func:`onnxcomp.quant.fallback.search`; the record of every trial.
+
+    The ranking's trials are independent (run as ``trials`` allows); the search's each depend on
+    the previous one's outcome, so they run one at a time, here.
+    """
+    scorer = trials.scorer
     names = [n for n in ladders.rungs if n not in pinned and len(ladders.rungs[n]) > 1]
     float_score = scorer.reference_score()
     threshold = float_score - target.value if target.metric == "drop" else target.value
-    ranked = sensitivity(ladders, names, scorer, build, both=False, progress=progress, workers=workers)
+    ranked = sensitivity(ladders, names, trials, both=False, progress=progress)
     sens = {r["node"]: r["only_quantized"] for r in ranked}
 
     def trial(steps: dict[str, int]) -> float:
-        return scorer.score(build(ladders.fallback(steps)))
+        return trials.score(ladders.fallback(steps))
 
     result = search(
         names,
@@ -302,22 +295,35 @@ def tuned_quantize(pass_: Any, graph: ir.Graph, ctx: PassContext) -> PassResult:
     pinned = {n for n in ladders.rungs if match_glob(n, [*o.nodes, *o.fallback])}
     data: dict[str, Any] = {}
     fallback: dict[str, Any] = {}
-    if o.sensitivity:
-        names = [n for n in ladders.rungs if n not in pinned and len(ladders.rungs[n]) > 1]
-        rows = sensitivity(ladders, names, scorer, build, True, say, o.trial_workers)
-        data["sensitivity"] = {
-            "metric": metric,
-            "nodes": rows,
-            "curve": greedy_curve(ladders, rows, scorer, build, workers=o.trial_workers),
-            "trials": scorer.trials,
-        }
-    if pass_.target is not None:
-        outcome = accuracy_search(ladders, pinned, pass_.target, scorer, build, say, o.trial_workers)
-        fallback = outcome.fallback
-        data["search"] = outcome.record
+    run_resources = current_resources()
+    resources = trial_resources(o.trial_workers, run_resources)
+    with contextlib.ExitStack() as stack:
+        if resources.ray is not None:
+            # The trial actors hold the cluster's CPUs while they live, so a calibration sharded on
+            # the same cluster would wait for them forever: calibrate the statistics every candidate
+            # shares now (every node at its own spec), and whatever a later rung still needs here.
+            build({})
+            stack.enter_context(calibration_resources(dataclasses.replace(run_resources, workers=1, ray=None)))
+        pool = stack.enter_context(TaskPool(score_task, scorer, resources)) if resources.remote else None
+        trials = Trials(scorer, build, o.trial_workers, pool)
+        if o.sensitivity:
+            names = [n for n in ladders.rungs if n not in pinned and len(ladders.rungs[n]) > 1]
+            rows = sensitivity(ladders, names, trials, True, say)
+            data["sensitivity"] = {
+                "metric": metric,
+                "nodes": rows,
+                "curve": greedy_curve(ladders, rows, trials),
+                "trials": scorer.trials,
+            }
+        if pass_.target is not None:
+            outcome = accuracy_search(ladders, pinned, pass_.target, trials, say)
+            fallback = outcome.fallback
+            data["search"] = outcome.record
     final = type(pass_)(dataclasses.replace(plain, fallback={**o.fallback, **fallback}))
     final.stats_cache = cache
     result = final.run(graph, ctx)
+    if resources.remote:
+        result.notes.append(f"candidates built here, scored on {resources.describe()}")
     result.modified = result.modified or head.modified
     result.stats = {**head.stats, **result.stats}
     if "record" in result.data:

@@ -256,7 +256,7 @@ def distill_plans(
             apart = learned_apart.get(node.name)
             if apart is not None and apart[0] == iq:  # learned by a worker, from the same arguments
                 learned = apart[1]
-                iq = None if iq is not None and not iq.learn else iq
+                iq = None if iq is not None and not iq.learn else iq  # a fixed quantizer was applied to x there
             else:
                 if iq is not None and not iq.learn:
                     x, iq = iq.fake(np.asarray(x)), None  # once on the tensor (cheaper than on every sampled row)
