@@ -50,6 +50,7 @@ from onnxcomp.quant.spec import (
 )
 from onnxcomp.quant.tuning import tuned_quantize
 from onnxcomp.quant.weights import min_opset_for
+from onnxcomp.runtime import file_backed
 
 
 @register_pass
@@ -215,6 +216,9 @@ class Quantize(Pass):
             )
             return result
         result = PassResult(modified=False)
+        # The graph as given, while it still is the input model: planning may rewrite nodes
+        # (a constant left operand is moved right through Transposes), and then it no longer is.
+        as_given = _structure(graph) if ctx.graph_is_source else None
         migrated = self._migrate_scales(graph, ctx, result)
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
         result.declined.extend(declined)
@@ -243,9 +247,11 @@ class Quantize(Pass):
         }
         sqnr_report = self.options.report_batches > 0 and ctx.calibration is not None
         reads_float = any(wanted.values()) or sqnr_report or self.options.bias_correction != "none"
-        # The float model is a model-sized copy: exported only when something reads it.
+        # The float model is a model-sized copy: exported only when something reads it, and not at
+        # all while the graph still is the input model (its sessions then read the input file).
+        unchanged = as_given is not None and not result.modified and _structure(graph) == as_given
         float_model = (
-            ir.export_model(graph, ctx.source_model)
+            (ctx.source_model if unchanged else ir.export_model(graph, ctx.source_model))
             if ctx.source_model is not None and (reads_float or type(self).learn_weights is not Quantize.learn_weights)
             else None
         )
@@ -254,7 +260,8 @@ class Quantize(Pass):
             if ctx.calibration is None:
                 raise CalibrationError(_needs_data(static, wanted))
             assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
-            stats = self._collect(float_model, wanted, ctx)
+            with file_backed(float_model, ctx.source_path if unchanged else None):
+                stats = self._collect(float_model, wanted, ctx)
         ranges = ranges_from(static, stats["ranges"])
         energies = energies_from(plans, stats["energies"])
         outputs = {p.node.outputs[0].name: (p.node.name, p.node.op) for p in plans}  # before nodes are replaced
@@ -358,6 +365,12 @@ class Quantize(Pass):
                     result.stats[key] = result.stats.get(key, 0) + count
                 result.changed += [f"{p.node.name} ({where})" for p in runnable]
         return record
+
+
+def _structure(graph: ir.Graph) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """Every node's op and input / output names, in order: equal before and after a step that
+    rewired or added nothing (weights changed in place are the passes' ``result.modified``)."""
+    return [(n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in graph.nodes]
 
 
 def _needs_statistics(plan: NodePlan, options: Any) -> str | None:
