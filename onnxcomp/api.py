@@ -12,7 +12,8 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from onnxcomp.analysis.compare import compare_models
 from onnxcomp.analysis.comparison import ComparisonReport
 from onnxcomp.calibration.data import calibration_source
 from onnxcomp.calibration.shard import calibration_resources
-from onnxcomp.errors import OnnxCompError
+from onnxcomp.errors import OnnxCompError, PassError
 from onnxcomp.flags import (
     FUSE_PIPELINE,
     DecomposeLayers,
@@ -48,6 +49,8 @@ from onnxcomp.framework import (
     load_recipe,
     make_pass,
 )
+from onnxcomp.ir.mapped import is_mapped
+from onnxcomp.ir.spill import spilling
 from onnxcomp.model_io import load_model, save_model, write_text_atomic
 from onnxcomp.quant.ascend.save import save_deploy
 
@@ -150,6 +153,37 @@ def compress(
 def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, run: RunOptions) -> RunReport:
     proto, source = _as_model(model)
     out_path = Path(output) if output is not None else None
+    if out_path is None or not is_mapped(proto):
+        return _run_and_save(proto, source, out_path, plan, run)
+    # A mapped model written to a file: new weights go to a spill file beside the output as passes
+    # make them (ir.spill.spilling) and the output is validated from the file written (docs/scale.md).
+    with spilling(out_path.parent if out_path.parent.is_dir() else None):
+        report = _run_and_save(proto, source, out_path, plan, run)
+        written = report.written or out_path
+        if is_mapped(report.model) and written.exists():  # the spilled weights go with their folder
+            report.model = load_model(written, check=False, mapped=True)
+    return report
+
+
+def _check_or_locate(
+    check: Callable[[Path], None], plan: Recipe, proto: onnx.ModelProto, ctx: PassContext, run: RunOptions, path: Path
+) -> None:
+    """The written file's check; if it finds the model invalid, the pipeline runs again checking
+    after each pass (in memory) to name the pass that broke it, as ``validate="locate"`` does."""
+    try:
+        check(path)
+    except PassError as exc:
+        if "produced an invalid model" not in str(exc):
+            raise
+        fresh = PassContext(**{**vars(ctx), "artifacts": {}})
+        with calibration_resources(run.calibration_resources()):
+            PassManager(plan.passes, validate="each").run(proto, fresh)  # raises, naming the pass
+        raise
+
+
+def _run_and_save(
+    proto: onnx.ModelProto, source: Path | None, out_path: Path | None, plan: Recipe, run: RunOptions
+) -> RunReport:
     if out_path is not None and source is not None and out_path.resolve() == source.resolve():
         raise OnnxCompError(f"{out_path}: output would overwrite the input model; choose another path")
     if out_path is not None and out_path.exists() and not run.force:
@@ -167,8 +201,10 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             batch_axis=run.batch_axis,
         )
     with calibration_resources(run.calibration_resources()) as calibration_notes:
-        report = PassManager(plan.passes, validate=plan.validate).run(proto, ctx)
+        report = PassManager(plan.passes, validate=plan.validate, on_written_file=out_path is not None).run(proto, ctx)
     report.notes.extend(calibration_notes)
+    if report.check_written is not None and plan.validate == LOCATE:
+        report.check_written = partial(_check_or_locate, report.check_written, plan, proto, ctx, run)
     # A deliverable onnxruntime cannot validate (the Ascend deploy model) is OUT.onnx; the validated
     # model it was derived with goes beside it as OUT.fake_quant.onnx (docs/ascend.md).
     deploy = ctx.artifacts.pop("deploy_model", None)
@@ -176,12 +212,13 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
         paths = output_artifacts(out_path)
         serialized = report.serialized if deploy is None else None  # the validated bytes: no re-serialisation
         if deploy is None:
-            save_model(report.model, out_path, run.external_data, run.force, serialized)
+            save_model(report.model, out_path, run.external_data, run.force, serialized, report.check_written)
         else:  # AMCT's layout: one external file per initializer from 2 GB on (docs/ascend.md)
             save_deploy(deploy, out_path, run.external_data, run.force)
         if deploy is not None:
             fake_quant = out_path.with_name(f"{paths['stem']}.fake_quant.onnx")
-            save_model(report.model, fake_quant, external_data=run.external_data, overwrite=run.force)
+            save_model(report.model, fake_quant, run.external_data, run.force, check=report.check_written)
+            report.written = fake_quant
         meta: dict[str, Any] = {
             "onnxcomp": __version__,
             "onnx": onnx.__version__,
@@ -201,6 +238,7 @@ def _run(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, 
             else:
                 write_text_atomic(out_path.with_name(f"{paths['stem']}.{key}.json"), _json(data))
     report.serialized = None  # model-sized, and the caller has report.model
+    report.check_written = None  # it ran on the written file (or there is no file)
     return report
 
 

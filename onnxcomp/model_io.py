@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
 from onnxcomp.ir.mapped import checkable_file, is_mapped, map_external_data
-from onnxcomp.runtime import PROTOBUF_LIMIT, ort_session, write_model_file
+from onnxcomp.runtime import fits_protobuf, ort_session, write_model_file
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
                 f"{path}: external data could not be read ({_first_line(exc)}); keep the .data file beside the model"
             ) from exc
     opset = default_opset(model)
-    limit = ort_max_opset()
+    # The probe (a few sessions) only when it can matter: it never answers below MAX_EMIT_OPSET.
+    limit = ort_max_opset() if opset > MAX_EMIT_OPSET else MAX_EMIT_OPSET
     if opset > limit:
         import onnxruntime
 
@@ -152,7 +154,7 @@ def repair_declared_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
     converter reject the model. Returns ``(model, [])`` when nothing contradicts inference (or
     the inference error has another cause), else a repaired copy and one note per dropped shape.
     """
-    if model.ByteSize() >= PROTOBUF_LIMIT or _strict_ok(model):
+    if not fits_protobuf(model) or _strict_ok(model):
         return model, []
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
@@ -231,7 +233,7 @@ def check_model(model: onnx.ModelProto, file: Path | None = None, serialized: by
         elif is_mapped(model):  # the checker wants relative locations of files beside the model
             with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
                 onnx.checker.check_model(str(checkable_file(model, Path(tmp))), full_check=True)
-        elif model.ByteSize() < PROTOBUF_LIMIT:
+        elif fits_protobuf(model):
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="onnxcomp-check-") as tmp:
@@ -255,20 +257,23 @@ def runs_on_ort(model: onnx.ModelProto) -> bool:
 def serialize_model(model: onnx.ModelProto) -> bytes | None:
     """``model``'s bytes exactly as :func:`save_model` writes them, or None when it is written with
     external data (2 GiB and more, or mapped weights). Validation, the checker and saving share them."""
-    if is_mapped(model) or model.ByteSize() >= PROTOBUF_LIMIT:
+    if is_mapped(model) or not fits_protobuf(model):
         return None
     return model.SerializeToString(deterministic=True)
 
 
-def validate_model(model: onnx.ModelProto, serialized: bytes | None = None):  # noqa: ANN201 - InferenceSession | None
+def validate_model(  # noqa: ANN201 - InferenceSession | None
+    model: onnx.ModelProto, serialized: bytes | None = None, file: Path | None = None
+):
     """onnx.checker plus an onnxruntime session at ORT_ENABLE_ALL; one-line ValidationError on failure.
 
     Returns the session (the manager runs it once on a sample: some fused kernels check their
     parameters only when they first run), or None for models with types ORT cannot run
     (FLOAT4E2M1), which ``onnx.reference`` loads instead. ``serialized`` (:func:`serialize_model`)
-    spares both the checker and onnxruntime a serialisation of their own.
+    spares both the checker and onnxruntime a serialisation of their own; ``file`` (those bytes
+    written to a file, nothing beside it) is read by both instead: no bytes object held meanwhile.
     """
-    check_model(model, serialized=serialized)
+    check_model(model, file=file, serialized=serialized)
     if not runs_on_ort(model):
         from onnx.reference import ReferenceEvaluator
 
@@ -278,7 +283,7 @@ def validate_model(model: onnx.ModelProto, serialized: bytes | None = None):  # 
             raise ValidationError(f"onnx.reference cannot load it: {_first_line(exc)}") from exc
         return None
     try:
-        return ort_session(model if serialized is None else serialized, level="all")
+        return ort_session(file if file is not None else model if serialized is None else serialized, level="all")
     except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
         raise ValidationError(f"onnxruntime cannot load it: {_first_line(exc)}") from exc
 
@@ -289,17 +294,19 @@ def save_model(
     external_data: bool | None = None,
     overwrite: bool = False,
     serialized: bytes | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write ``model`` atomically; returns the files written (model first).
 
     ``external_data=None`` chooses external data only when the model would not fit in one
     protobuf (>= 2 GB). Existing files are replaced only with ``overwrite=True``. ``serialized``
     (:func:`serialize_model` of ``model``, from its validation) is written as is when the model
-    goes in one file.
+    goes in one file. ``check`` runs on the written file (its data beside it) before it replaces
+    anything at ``path``: what it raises leaves no output (``RunReport.check_written``).
     """
     path = Path(path)
     if external_data is None:
-        external = model.ByteSize() >= PROTOBUF_LIMIT if serialized is None else False
+        external = not fits_protobuf(model) if serialized is None else False
     else:
         external = external_data
     external = external or is_mapped(model)  # mapped weights are streamed to NAME.data
@@ -322,6 +329,8 @@ def save_model(
             staged.write_bytes(serialized)
         else:
             write_model_file(model, staged, external)
+        if check is not None:
+            check(staged)
         written = []
         # Data before model: a reader never sees a model whose data file is missing.
         for target in reversed(targets):

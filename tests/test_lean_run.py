@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 from onnxcomp.api import quantize
 from onnxcomp.model_io import load_model, save_model, serialize_model, validate_model
@@ -31,3 +32,22 @@ def test_validate_and_save_from_shared_bytes(tmp_path: Path) -> None:
     written = save_model(model, tmp_path / "m.onnx", serialized=data)
     assert written == [tmp_path / "m.onnx"] and written[0].read_bytes() == data
     assert onnx.load(str(written[0])) == model
+
+
+def test_validation_session_reads_a_file_not_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final check hands onnx.checker and onnxruntime a file of the serialised result (the
+    bytes object is dropped while the session is built); the saved file has those very bytes."""
+    import onnxcomp.framework.manager as manager
+
+    calls: list[dict[str, object]] = []
+    real = manager.validate_model
+
+    def spy(model: onnx.ModelProto, serialized: bytes | None = None, file: Path | None = None):  # noqa: ANN202
+        calls.append({"serialized": serialized, "file": file, "bytes": file.read_bytes() if file else None})
+        return real(model, serialized=serialized, file=file)
+
+    monkeypatch.setattr(manager, "validate_model", spy)
+    out = tmp_path / "q.onnx"
+    quantize(MODELS / "digits_cnn.onnx", out, calibration=MODELS / "digits_calib.npz", reports=False)
+    assert len(calls) == 1 and calls[0]["serialized"] is None and isinstance(calls[0]["file"], Path)
+    assert calls[0]["bytes"] == out.read_bytes()

@@ -258,6 +258,55 @@ def test_a_real_transformer_quantizes_mapped_like_in_memory(tmp_path: Path, monk
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
+def test_a_mapped_output_is_validated_from_the_written_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W8A8 of a mapped model: the new weights are spilled to disk as they are made, the final
+    onnxruntime session is created from the written file (not an in-memory model), and the
+    returned model maps the output's data file instead of holding the quantized bytes."""
+    from onnxcomp.framework import manager
+    from onnxcomp.ir import spill as spill_module
+
+    decoder = tmp_path / "in" / "decoder.onnx"
+    decoder.parent.mkdir()
+    write_decoder(decoder, DecoderShape(layers=1, hidden=256, heads=4, ffn=512, vocab=512), seed=3)  # int8 >= 64 KiB
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    sessions: list[object] = []
+    real_session = manager.ort_session
+
+    def recording_session(model: object, *args: object, **kwargs: object) -> object:
+        sessions.append(model)
+        return real_session(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    spilled: list[int] = []
+    real_append = spill_module._append  # noqa: SLF001
+
+    def recording_append(directory: Path, reference: onnx.TensorProto, data: bytes) -> None:
+        spilled.append(len(data))
+        real_append(directory, reference, data)
+
+    monkeypatch.setattr(spill_module, "_append", recording_append)
+    in_memory_validations: list[object] = []
+    monkeypatch.setattr(manager, "ort_session", recording_session)
+    monkeypatch.setattr(manager, "validate_model", lambda *a, **k: in_memory_validations.append(a))
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    calibration = [{"input_ids": np.random.default_rng(i).integers(0, 512, (2, 16))} for i in range(2)]
+    report = api.quantize(decoder, out, weights="int8", activations="int8", calibration=calibration)
+    assert in_memory_validations == []  # no session over the in-memory output
+    assert len(sessions) == 1 and isinstance(sessions[0], Path)
+    staged = sessions[0]
+    assert staged.name == "q.onnx" and staged.parent.parent == out.parent  # save_model's staging folder
+    data = out.with_name("q.onnx.data")
+    mapped = {t.name: source_of(t) for t in report.model.graph.initializer if source_of(t) is not None}
+    assert {found[0] for found in mapped.values()} == {str(data.resolve())}  # type: ignore[index]
+    codes = [t for t in report.model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name in mapped]
+    assert len(codes) >= 7  # the quantized weights are read from the output, not held in memory
+    assert sum(spilled) >= sum(found[2] for name, found in mapped.items() if name in {t.name for t in codes})  # type: ignore[index]
+    assert report.model.ByteSize() < 0.05 * data.stat().st_size
+    left = sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".json"))
+    assert left == ["q.onnx", "q.onnx.data", "q.recipe.toml"]  # the spill and staging folders are gone
+    np.testing.assert_allclose(_outputs(out), _outputs(decoder), rtol=0.2, atol=0.2)
+
+
 def test_spilled_constants_read_back_from_their_file(tmp_path: Path) -> None:
     big = np.arange(MIN_MAPPED_BYTES, dtype=np.int8).reshape(256, -1)
     floats = np.linspace(-1, 1, MIN_MAPPED_BYTES // 4, dtype=np.float32)
@@ -276,3 +325,23 @@ def test_spilled_constants_read_back_from_their_file(tmp_path: Path) -> None:
         assert (directory / SPILL_FILE).stat().st_size == 2 * big.nbytes  # the second at the next page
         assert spill_constants(graph) == 0  # mapped now
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mapped_output_failing_validation_on_its_file_is_not_written(
+    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxcomp.errors import PassError, ValidationError
+    from onnxcomp.framework import manager
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValidationError("output 'logits' no longer matches the input model's")
+
+    monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    monkeypatch.setattr(manager, "check_inference", broken)
+    out = tmp_path / "q.onnx"
+    # the written file fails its check; the pipeline runs again checking each pass to name it
+    with pytest.raises(
+        PassError, match=r"pass '\w+' \(step \d+ of \d+\) produced an invalid model .*no longer matches"
+    ):
+        api.quantize(decoder, out, weights="int8", granularity="channel", activations="none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no spill or staging folder left

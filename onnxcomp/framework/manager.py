@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import onnx
 from onnx import version_converter
@@ -15,8 +17,18 @@ from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError, PassError, ValidationError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.validation import InferenceSample, check_inference, inference_sample
-from onnxcomp.ir.mapped import attach_mapped, detach_mapped
-from onnxcomp.model_io import MAX_EMIT_OPSET, default_opset, repair_declared_shapes, serialize_model, validate_model
+from onnxcomp.ir.mapped import attach_mapped, detach_mapped, is_mapped
+from onnxcomp.ir.spill import spill_constants
+from onnxcomp.model_io import (
+    MAX_EMIT_OPSET,
+    check_model,
+    default_opset,
+    repair_declared_shapes,
+    runs_on_ort,
+    serialize_model,
+    validate_model,
+)
+from onnxcomp.runtime import first_line, ort_session, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,11 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     #: ``model``'s bytes when the final validation serialised it (saved as they are, then dropped)
     serialized: bytes | None = field(default=None, repr=False)
+    #: the final validation, when it is to run on the written file (a mapped output): call it with
+    #: the path the model was written to (``model_io.save_model(check=...)`` does, before publishing)
+    check_written: Callable[[Path], None] | None = field(default=None, repr=False)
+    #: the file ``model`` was saved to when it is not the output path (``OUT.fake_quant.onnx``)
+    written: Path | None = None
 
     def result(self, name: str) -> PassResult:
         """The result of the first step named ``name``."""
@@ -72,20 +89,23 @@ class PassManager:
     the same diagnosis, paid for only when something is wrong. The caller's model is never touched.
     """
 
-    def __init__(self, passes: Sequence[Pass], validate: str = "each") -> None:
+    def __init__(self, passes: Sequence[Pass], validate: str = "each", on_written_file: bool = False) -> None:
         self.passes = list(passes)
         self.validate = validate
+        #: the output will be written: a mapped output's final validation then runs on that file
+        #: (``RunReport.check_written``) instead of a session over the in-memory model
+        self.on_written_file = on_written_file
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
         if self.validate != "locate":
             return self._run(model, ctx)
         fresh = PassContext(**{**vars(ctx), "artifacts": {}}) if ctx is not None else None
         try:
-            return PassManager(self.passes, "end")._run(model, ctx)
+            return PassManager(self.passes, "end", self.on_written_file)._run(model, ctx)
         except PassError as exc:
             if "produced an invalid model" not in str(exc):
                 raise
-        return PassManager(self.passes, "each")._run(model, fresh)  # raises, naming the pass
+        return PassManager(self.passes, "each", self.on_written_file)._run(model, fresh)  # raises, naming the pass
 
     def _run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunReport:
         ctx = ctx or PassContext()
@@ -94,8 +114,10 @@ class PassManager:
         if ctx.source_model is None:
             ctx.source_model = model
         report = RunReport(model=model, notes=repaired)
+        ctx.graph_is_source = model is ctx.source_model
         opset = default_opset(model)
         if opset > MAX_EMIT_OPSET:
+            ctx.graph_is_source = False
             model = convert_opset(model, MAX_EMIT_OPSET, f"onnxcomp emits opset <= {MAX_EMIT_OPSET}")
             report.notes.append(
                 f"converted opset {opset} -> {MAX_EMIT_OPSET} (onnxcomp emits opset <= {MAX_EMIT_OPSET})"
@@ -115,6 +137,8 @@ class PassManager:
                 if upgraded is None:  # the converter changed a weight: convert the whole model
                     upgraded = ir.import_model(convert_opset(ir.export_model(graph, template), need, why))
                 graph = upgraded
+                ctx.graph_is_source = False
+                del upgraded  # ``graph`` holds it: ``del graph`` below frees it before validation
                 report.notes.append(f"converted opset {before} -> {need} for {pass_.name}")
                 log.info("converted opset %d -> %d for %s", before, need, pass_.name)
             start = time.perf_counter()
@@ -127,9 +151,13 @@ class PassManager:
                     f"{where} failed with {type(exc).__name__}: {exc}; rerun with --debug for a traceback"
                 ) from exc
             if result.modified:
+                ctx.graph_is_source = False
                 ir.finalize(graph)
+                spill_constants(graph)  # a run writing a mapped model: new weights to disk (ir.spill)
                 if self.validate == "each":
-                    self._validate(ir.export_model(graph, template), where, done, sample, self._close(index + 1))
+                    exported, close = ir.export_model(graph, template), self._close(index + 1)
+                    self._validate(exported, where, done, sample, close, keep=False)
+                    del exported  # a model-sized copy: not kept while the next pass runs
             seconds = time.perf_counter() - start
             report.steps.append(StepReport(pass_.name, result, seconds))
             done.append(pass_.name)
@@ -139,7 +167,11 @@ class PassManager:
         out = model if unchanged else ir.export_model(graph, template)
         del graph  # its weights are in ``out`` now: one copy fewer while validation loads a session
         if self.validate == "end" or (self.validate == "each" and not any(s.result.modified for s in report.steps)):
-            report.serialized = self._validate(out, "the pipeline", done, sample, self._close(len(self.passes)))
+            close = self._close(len(self.passes))
+            if self.on_written_file and is_mapped(out) and runs_on_ort(out):
+                report.check_written = partial(self._validate_file, out, "the pipeline", list(done), sample, close)
+            else:
+                report.serialized = self._validate(out, "the pipeline", done, sample, close)
         report.model = out
         return report
 
@@ -178,15 +210,63 @@ class PassManager:
 
     @staticmethod
     def _validate(
-        model: onnx.ModelProto, where: str, done: list[str], sample: InferenceSample | None = None, close: bool = True
+        model: onnx.ModelProto,
+        where: str,
+        done: list[str],
+        sample: InferenceSample | None = None,
+        close: bool = True,
+        keep: bool = True,
     ) -> bytes | None:
-        """Check ``model`` and run it once; returns its bytes (:func:`serialize_model`), serialised once."""
+        """Check ``model`` and run it once; returns its bytes (:func:`serialize_model`), serialised
+        once (``keep=False``: None, for the checks between passes).
+
+        The checker and onnxruntime read the bytes from a temporary file, and the bytes object is
+        dropped meanwhile: the session's peak (about twice the model while onnxruntime parses it)
+        does not stack on a model-sized copy; they are read back once the session is gone.
+        """
         try:
             serialized = serialize_model(model)
-            session = validate_model(model, serialized=serialized)
-            if session is not None and sample is not None:
+            if serialized is None:  # external data: the checker and onnxruntime read their own
+                session = validate_model(model)
+                if session is not None and sample is not None:
+                    check_inference(session, sample, compare_values=close)
+                return None
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-validate-") as tmp:
+                file = Path(tmp) / "model.onnx"
+                file.write_bytes(serialized)
+                del serialized
+                release_freed_memory()  # the passes' freed buffers back to the system first
+                session = validate_model(model, file=file)
+                if session is not None and sample is not None:
+                    check_inference(session, sample, compare_values=close)
+                del session
+                return file.read_bytes() if keep else None
+        except ValidationError as exc:
+            after = f" (after {', '.join(done)})" if done else ""
+            raise PassError(f"{where} produced an invalid model{after}: {exc}") from exc
+
+    @staticmethod
+    def _validate_file(
+        model: onnx.ModelProto,
+        where: str,
+        done: list[str],
+        sample: InferenceSample | None,
+        close: bool,
+        path: Path,
+    ) -> None:
+        """:meth:`_validate` on the file ``model`` was written to: onnx.checker on the in-memory
+        model (references only: no weight bytes), onnxruntime from the file and its external data
+        (mapped by onnxruntime, without prepacked copies), so no session holds the output's weights
+        from memory."""
+        try:
+            check_model(model)
+            try:
+                config = {"session.disable_prepacking": "1"}  # kernels read the mapped weights in place
+                session = ort_session(Path(path), level="all", config=config, arena=False)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+                raise ValidationError(f"onnxruntime cannot load it: {first_line(exc)}") from exc
+            if sample is not None:
                 check_inference(session, sample, compare_values=close)
         except ValidationError as exc:
             after = f" (after {', '.join(done)})" if done else ""
             raise PassError(f"{where} produced an invalid model{after}: {exc}") from exc
-        return serialized
