@@ -18,11 +18,9 @@ candidate) and the worker (host and process id).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import socket
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from onnxcomp.calibration.shard import import_ray
+from onnxcomp.calibration.shard import import_ray, worker_context
 from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.runtime import first_line
 
@@ -130,16 +128,6 @@ class RayTaskActor:
 # --- driver side ----------------------------------------------------------------------------------
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    """A fork server that has imported onnxruntime and the driver's onnxcomp modules ('spawn' without one)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    loaded = sorted(name for name in sys.modules if name == "onnxcomp" or name.startswith("onnxcomp."))
-    context.set_forkserver_preload(["onnxruntime", *loaded, __name__])
-    return context
-
-
 class TaskPool:
     """Workers holding ``state``, running ``task`` on labelled items in order (module docstring).
 
@@ -168,7 +156,7 @@ class TaskPool:
             self._tmp = tempfile.TemporaryDirectory(prefix="onnxcomp-trials-")
             path = Path(self._tmp.name, "state.pickle")
             path.write_bytes(state)
-            self._pool = ProcessPoolExecutor(self.workers, _context(), _load_state, (str(path),))
+            self._pool = ProcessPoolExecutor(self.workers, worker_context(__name__), _load_state, (str(path),))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -285,8 +285,10 @@ def run_sharded(
         return _run_local(path, plan, fresh, into, stream, resources.workers, total, advance)
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def worker_context(module: str = __name__) -> multiprocessing.context.BaseContext:
     """'forkserver' where there is one, else 'spawn'; never a plain fork of the driver.
+
+    ``module`` (the one defining the workers' entry points) is preloaded in the server too.
 
     A fork would copy the driver's onnxruntime thread pools (unsafe). The fork server imports
     onnxruntime and this module once and forks each worker from that clean process (no session
@@ -302,7 +304,7 @@ def _context() -> multiprocessing.context.BaseContext:
     # is quick. onnxruntime: runtime.ort_session imports it lazily. ('__main__' itself cannot be
     # preloaded: Python 3.11's fork server drops its path.)
     loaded = sorted(name for name in sys.modules if name == "onnxcomp" or name.startswith("onnxcomp."))
-    context.set_forkserver_preload(["onnxruntime", *loaded, __name__])
+    context.set_forkserver_preload(["onnxruntime", *loaded, module])
     return context
 
 
@@ -321,7 +323,7 @@ def _run_local(
     total: int | None,
     advance: Callable[[int], None],
 ) -> int:
-    with ProcessPoolExecutor(workers, _context(), _start_local, (str(path), plan, _threads(workers))) as pool:
+    with ProcessPoolExecutor(workers, worker_context(), _start_local, (str(path), plan, _threads(workers))) as pool:
 
         def submit(first: int, chunk: list[Any]) -> Future[MutableMapping[str, Any]]:
             return pool.submit(_local_task, first, chunk, fresh())
