@@ -32,6 +32,8 @@ The result replaces the "## Scale: models over 2 GB in bounded memory" section o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -59,6 +61,7 @@ RUNS = [
     ("onnxruntime MatMulNBitsQuantizer", "weight-only INT4 g128", "ort_nbits"),
     ("onnxcomp", "W8A8 (histogram)", "onnxcomp_w8a8"),
     ("onnxruntime quantize_static", "W8A8 QDQ (MinMax)", "ort_static"),
+    ("onnxcomp", "inspect", "onnxcomp_inspect"),
     ("onnxcomp", "fuse", "onnxcomp_fuse"),
     ("onnxcomp", "sparsify 2:4 (magnitude)", "onnxcomp_sparsify"),
     ("onnxcomp", "decompose MatMul (auto rank)", "onnxcomp_decompose"),
@@ -74,6 +77,12 @@ def child_onnxcomp(task: dict[str, Any]) -> dict[str, Any]:
     from onnxcomp import api
 
     kind = task["kind"]
+    if kind == "onnxcomp_inspect":  # what `onnxcomp inspect` runs (no output file)
+        from onnxcomp.cli.main import main as cli_main
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli_main(["inspect", task["model"]])
+        return {}
     if kind == "onnxcomp_fuse":
         api.fuse(task["model"], task["out"])
         return {}
