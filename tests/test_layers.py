@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fusion", "quant", "sparsity", "decomposition"),
     ("passes",),
     ("flags",),
+    ("execute",),  # running a recipe and saving its outputs: the path behind every API function
     ("qat",),  # the optional training engine (torch): above the passes it runs, below the front ends
     ("api",),
     ("cli", "__main__", "__init__"),

@@ -20,7 +20,7 @@ opened by each actor when it starts. Only the chunks travel per task, and at mos
 worker are in flight, so the driver holds a bounded number of batches.
 
 Which resources calibration may use is set for a whole run with :func:`calibration_resources`
-(``api._run`` does, from ``--workers`` / ``--ray`` / ``--calib-memory``); the calibrator reads it
+(``execute.run_plan`` does, from ``--workers`` / ``--ray`` / ``--calib-memory``); the calibrator reads it
 with :func:`current_resources`, so every pass that calibrates is sharded without knowing it.
 """
 
@@ -97,7 +97,7 @@ def calibration_resources(resources: CalibrationResources) -> Iterator[list[str]
     """Every calibration inside the ``with`` block uses ``resources``; yields the notes they make.
 
     The notes say how each calibration ran (on which workers, in how many groups, or why it stayed
-    in this process), once each, in order: ``api._run`` adds them to the run report.
+    in this process), once each, in order: ``execute.run_plan`` adds them to the run report.
     """
     notes: list[str] = []
     token = _CURRENT.set((resources, notes))
