@@ -11,16 +11,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp.calibration.data import CalibrationData, calibration_source
+from onnxcomp.execute import LOCATE, ModelLike
 from onnxcomp.flags import quantize_options, sparsify_passes, with_fusions
 from onnxcomp.framework import PassContext, PassManager, make_pass
 from onnxcomp.model_io import load_model
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.options import check_options, starts_from_ptq
 from onnxcomp.qat.prepared import QATModule
-
-#: how api.py validates a run (the manager names the failing pass only when the model breaks)
-LOCATE = "locate"
-ModelLike = str | os.PathLike[str] | onnx.ModelProto
 
 
 def _context(
