@@ -89,13 +89,19 @@ def _field_bound(field: Any, value: Any) -> int:  # a protobuf FieldDescriptor a
     return 16 * len(items)
 
 
+def _element_count(tensor: onnx.TensorProto) -> int:
+    """Elements a tensor's dims promise (a negative dim counts as 0), in exact Python integers."""
+    count = 1
+    for dim in tensor.dims:
+        count *= max(int(dim), 0)
+    return count
+
+
 def _tensor_bound(tensor: onnx.TensorProto) -> int | None:
     """An upper bound of a tensor's serialised size from its shape and type, or None."""
     if tensor.data_type == onnx.TensorProto.STRING or len(tensor.string_data) or tensor.HasField("segment"):
         return None
-    count = 1
-    for dim in tensor.dims:
-        count *= max(int(dim), 0)
+    count = _element_count(tensor)
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         payload = 0
     elif tensor.HasField("raw_data"):
@@ -229,12 +235,9 @@ def _holds_weights(path: Path, model: onnx.ModelProto) -> bool:
     them in memory, but its file holds references only)."""
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return False
-    raw = 0
-    for tensor in model.graph.initializer:
-        count = 1
-        for dim in tensor.dims:
-            count *= max(int(dim), 0)
-        raw += count * _RAW_BYTES.get(tensor.data_type, 1) if tensor.HasField("raw_data") else 0
+    raw = sum(
+        _element_count(t) * _RAW_BYTES.get(t.data_type, 1) for t in model.graph.initializer if t.HasField("raw_data")
+    )
     try:
         return path.stat().st_size >= raw
     except OSError:
