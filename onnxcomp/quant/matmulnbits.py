@@ -44,6 +44,15 @@ def _next_pow2(value: int) -> int:
     return 1 << max(int(value) - 1, 0).bit_length()
 
 
+def _unsigned_codes(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Codes as MatMulNBits' unsigned uint8 values: signed ones shifted by 2^(bits-1), in uint8
+    arithmetic (ml_dtypes' int4 holds its two's complement nibble in the low bits of a byte)."""
+    raw = codes.view(np.uint8) if codes.dtype.itemsize == 1 else codes.astype(np.int64).astype(np.uint8)
+    if not signed:
+        return raw
+    return (raw + np.uint8(1 << (bits - 1))) & np.uint8((1 << bits) - 1)
+
+
 def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
     """``qw`` (a 2-D weight ``(K, N)``, or ``(N, K)`` when ``transposed``) for MatMulNBits, or why not."""
     kind = _BITS.get(qw.codes.dtype.name)
@@ -52,9 +61,8 @@ def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
     if qw.codes.ndim != 2:
         return f"MatMulNBits needs a 2-D weight, this one is {qw.codes.ndim}-D"
     bits, signed = kind
-    offset = 1 << (bits - 1) if signed else 0
-    codes = qw.codes.astype(np.int16) + offset
-    zero = np.asarray(qw.zero_point).astype(np.int16) + offset
+    codes = _unsigned_codes(qw.codes, bits, signed)
+    zero = _unsigned_codes(np.asarray(qw.zero_point), bits, signed)
     scale = np.asarray(qw.scale, np.float32)
     q = codes if transposed else codes.T  # (N, K)
     n, k = q.shape
@@ -71,12 +79,15 @@ def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
         s = np.broadcast_to(scale.reshape(-1, 1), (n, 1)) if scale.size > 1 else np.full((n, 1), scale.item())
         z = np.broadcast_to(zero.reshape(-1, 1), (n, 1)) if zero.size > 1 else np.full((n, 1), zero.item())
     s = np.ascontiguousarray(s, np.float32).reshape(n, blocks)
-    z = np.ascontiguousarray(z, np.int16).reshape(n, blocks)
-    padded = np.repeat(z, block, axis=1)  # padding codes dequantize to exactly 0
-    padded[:, :k] = q
-    padded = padded.reshape(n, blocks, block).astype(np.uint8)
+    z = np.ascontiguousarray(z, np.uint8).reshape(n, blocks)
+    if k == blocks * block:
+        padded = np.ascontiguousarray(q).reshape(n, blocks, block)
+    else:
+        padded = np.repeat(z, block, axis=1)  # padding codes dequantize to exactly 0
+        padded[:, :k] = q
+        padded = padded.reshape(n, blocks, block)
     default = 1 << (bits - 1)
-    zero_points = None if np.all(z == default) else pack_rows(z.astype(np.uint8), bits)
+    zero_points = None if np.all(z == default) else pack_rows(z, bits)
     return PackedWeight(pack_rows(padded, bits), s.reshape(-1), zero_points, k, n, bits, block)
 
 

@@ -1,0 +1,70 @@
+"""MatMulNBits packing (quant.matmulnbits.pack_weight) against a brute-force layout.
+
+Every code of every storage dtype (int4, uint4, int8, uint8), both weight orientations, K a
+multiple of the block and not (padding with the zero point), per group and per channel.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from onnxcomp.formats.nbits import unpack_rows
+from onnxcomp.quant.matmulnbits import PackedWeight, pack_weight
+from onnxcomp.quant.qweight import QuantizedWeight
+from onnxcomp.quant.spec import Granularity, TensorSpec
+
+DTYPES = {
+    "int4": (ml_dtypes.int4, -8, 7, 4, 8),
+    "uint4": (ml_dtypes.uint4, 0, 15, 4, 0),
+    "int8": (np.int8, -128, 127, 8, 128),
+    "uint8": (np.uint8, 0, 255, 8, 0),
+}
+
+
+def _weight(dtype: str, k: int, n: int, block: int, transposed: bool, seed: int) -> QuantizedWeight:
+    np_dtype, lo, hi, _, _ = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(lo, hi + 1, (n, k) if transposed else (k, n)).astype(np.int64)
+    codes.reshape(-1)[: hi - lo + 1] = np.arange(lo, hi + 1)  # every code at least once
+    blocks = -(-k // block) if block else 1
+    zshape = (n, blocks) if transposed else (blocks, n)
+    zero = rng.integers(lo, hi + 1, zshape) if block else rng.integers(lo, hi + 1, (n,))
+    scale = rng.uniform(0.01, 1.0, zero.shape).astype(np.float32)
+    spec = TensorSpec(dtype, Granularity("group", block) if block else Granularity("channel"), symmetric=False)
+    return QuantizedWeight(
+        codes=codes.astype(np_dtype),
+        scale=scale,
+        zero_point=zero.astype(np_dtype),
+        axis=0 if transposed else 1,
+        block_size=block,
+        dequantized=np.zeros(codes.shape, np.float32),
+        spec=spec,
+    )
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(("k", "block"), [(64, 16), (80, 32), (50, 16), (40, 0)])  # n * k >= 256 codes
+def test_packed_codes_are_the_shifted_codes_with_zero_point_padding(
+    dtype: str, transposed: bool, k: int, block: int
+) -> None:
+    n = 8
+    qw = _weight(dtype, k, n, block, transposed, seed=k + block)
+    packed = pack_weight(qw, transposed)
+    assert isinstance(packed, PackedWeight)
+    _, _, _, bits, offset = DTYPES[dtype]
+    codes = qw.codes.astype(np.int64) + offset
+    q = codes if transposed else codes.T  # (N, K)
+    zero = np.asarray(qw.zero_point).astype(np.int64) + offset
+    z = (zero if transposed else zero.T).reshape(n, -1)
+    width = packed.block_size * (z.shape[1] if block else 1)
+    expected = np.repeat(z, packed.block_size, axis=1)[:, :width]  # padding: the block's zero point
+    expected[:, :k] = q
+    got = unpack_rows(packed.b.reshape(n, -1), bits, width)
+    np.testing.assert_array_equal(got.astype(np.int64), expected)
+    assert (packed.k, packed.n, packed.bits) == (k, n, bits)
+    if packed.zero_points is not None:
+        zp = unpack_rows(packed.zero_points.reshape(n, -1), bits, z.shape[1])
+        np.testing.assert_array_equal(zp.astype(np.int64), z)
