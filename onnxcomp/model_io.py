@@ -20,14 +20,23 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from onnxcomp.errors import ModelLoadError, OnnxCompError, ValidationError
-from onnxcomp.ir.mapped import checkable_file, is_mapped, map_external_data
-from onnxcomp.runtime import fits_protobuf, ort_session, write_model_file
+from onnxcomp.ir.inline_data import load_without_inline_data, map_inline_data
+from onnxcomp.ir.mapped import (
+    MIN_MAPPED_BYTES,
+    checkable_file,
+    is_mapped,
+    map_external_data,
+    mapped_bytes,
+    materialized,
+)
+from onnxcomp.runtime import PROTOBUF_LIMIT, fits_protobuf, ort_session, write_model_file
 
 log = logging.getLogger(__name__)
 
-#: Models with this much external data are loaded *mapped*: weights stay in their files and are
-#: read through memory maps one initializer at a time (``ir.mapped``, docs/scale.md).
-MAP_WEIGHTS_FROM_BYTES = 1 << 30
+#: Models with this many bytes of weights (in external data files, or inside the .onnx file:
+#: ``ir.inline_data``) are loaded *mapped*: weights stay in their files and are read through
+#: memory maps one initializer at a time (``ir.mapped``, docs/scale.md).
+MAP_WEIGHTS_FROM_BYTES = 256 << 20
 
 #: onnxcomp never emits a model with a default-domain opset above this (ORT has no Q/DQ kernels
 #: above it; docs/onnxruntime.md).
@@ -67,7 +76,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | None = None) -> onnx.ModelProto:
     """Read an .onnx file (external data included) and check it; one-line errors otherwise.
 
-    ``mapped`` (default: external data of ``MAP_WEIGHTS_FROM_BYTES`` or more) leaves the big
+    ``mapped`` (default: ``MAP_WEIGHTS_FROM_BYTES`` or more of weights, in data files or in the .onnx file) leaves the big
     weights in their files, read through memory maps when a pass needs them (``ir.mapped``).
     """
     path = Path(path)
@@ -77,8 +86,13 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
         raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: file is empty; expected an ONNX model")
+    inline: dict[int, tuple[int, int]] = {}
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if mapped is not False and (mapped or path.stat().st_size >= MAP_WEIGHTS_FROM_BYTES):
+            # Big weights inside the file: the model is read without them (ir.inline_data)
+            model, inline, inline_bytes = load_without_inline_data(path, MIN_MAPPED_BYTES)
+        else:
+            model, inline_bytes = onnx.load(str(path), load_external_data=False), 0
     except (DecodeError, RuntimeWarning, ValueError) as exc:
         raise ModelLoadError(
             f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)}); the file may be truncated"
@@ -87,7 +101,8 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
         raise ModelLoadError(
             f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind"
         )
-    if _uses_external(model) and (mapped if mapped is not None else _external_bytes(model) >= MAP_WEIGHTS_FROM_BYTES):
+    map_weights = mapped if mapped is not None else _external_bytes(model) + inline_bytes >= MAP_WEIGHTS_FROM_BYTES
+    if _uses_external(model) and map_weights:
         try:
             map_external_data(model, path.parent)
         except (OSError, ValueError) as exc:
@@ -99,6 +114,11 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
             raise ModelLoadError(
                 f"{path}: external data could not be read ({_first_line(exc)}); keep the .data file beside the model"
             ) from exc
+    if inline:  # after the external references: map_external_data wants relative locations only
+        map_inline_data(model, path, inline, mapped=map_weights)
+    for tensor in model.graph.initializer:  # reading external data sets it: the same bytes either way
+        if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
     opset = default_opset(model)
     # The probe (a few sessions) only when it can matter: it never answers below MAX_EMIT_OPSET.
     limit = ort_max_opset() if opset > MAX_EMIT_OPSET else MAX_EMIT_OPSET
@@ -278,7 +298,7 @@ def validate_model(  # noqa: ANN201 - InferenceSession | None
         from onnx.reference import ReferenceEvaluator
 
         try:
-            ReferenceEvaluator(model)
+            ReferenceEvaluator(materialized(model))
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"onnx.reference cannot load it: {_first_line(exc)}") from exc
         return None
@@ -305,11 +325,12 @@ def save_model(
     anything at ``path``: what it raises leaves no output (``RunReport.check_written``).
     """
     path = Path(path)
-    if external_data is None:
-        external = not fits_protobuf(model) if serialized is None else False
-    else:
+    if external_data is not None:
         external = external_data
-    external = external or is_mapped(model)  # mapped weights are streamed to NAME.data
+    elif is_mapped(model):  # the mapped weights are copied into the file in chunks (ir.inline_data)
+        external = model.ByteSize() + mapped_bytes(model) >= PROTOBUF_LIMIT
+    else:
+        external = not fits_protobuf(model) if serialized is None else False
     targets = [path, path.with_name(path.name + ".data")] if external else [path]
     if not overwrite:
         for target in targets:

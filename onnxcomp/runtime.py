@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp.errors import CalibrationError
+from onnxcomp.ir.inline_data import write_inline
 from onnxcomp.ir.mapped import is_mapped, relative_copy, split_in_memory, write_streaming
 
 #: protobuf cannot serialise a message of 2 GiB or more.
@@ -118,11 +119,11 @@ def _tensor_bound(tensor: onnx.TensorProto) -> int | None:
 def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None:
     """Serialise ``model`` to ``path`` (deterministic bytes), with every tensor in ``NAME.data`` if ``external``.
 
-    A mapped model (weights left in their files, ``ir.mapped``) is always written with external
-    data, its weights copied over in chunks.
+    A mapped model (weights left in their files, ``ir.mapped``) has its weights copied over in
+    chunks, into ``NAME.data`` or into the one file (``ir.inline_data``).
     """
     if is_mapped(model):
-        write_streaming(model, path)
+        (write_streaming if external else write_inline)(model, path)
     elif external:
         onnx.save_model(
             model,

@@ -64,7 +64,7 @@ def _info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
-def _np_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
+def numpy_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     try:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     except (KeyError, TypeError, ValueError):
@@ -72,7 +72,7 @@ def _np_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     return dtype if dtype.kind in "fiub" and dtype.names is None and dtype.metadata is None else None
 
 
-def _set_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def set_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     """Make ``tensor`` an external reference (onnx's setter insists on raw data being present)."""
     del tensor.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -90,6 +90,11 @@ def source_of(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
     if not os.path.isabs(location):
         return None
     return location, int(info.get("offset", 0)), int(info["length"])
+
+
+def mapped_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s mapped initializers (left in their files)."""
+    return sum(found[2] for t in model.graph.initializer if (found := source_of(t)) is not None)
 
 
 def is_mapped(model: onnx.ModelProto) -> bool:
@@ -126,10 +131,10 @@ def map_external_data(model: onnx.ModelProto, directory: Path) -> int:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         path, offset, length = _resolve(tensor, base)
-        dtype = _np_dtype(tensor)
+        dtype = numpy_dtype(tensor)
         whole = dtype is not None and length == int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
         if whole and length >= MIN_MAPPED_BYTES:
-            _set_reference(tensor, str(path), offset, length)
+            set_reference(tensor, str(path), offset, length)
             mapped += length
     # Everything else external (small, non-numpy, in bodies or attributes) is read into the proto.
     for tensor in edh._get_all_tensors(model):  # noqa: SLF001 - onnx's walk over every tensor
@@ -146,7 +151,7 @@ def map_external_data(model: onnx.ModelProto, directory: Path) -> int:
 def map_array(tensor: onnx.TensorProto) -> SourceArray:
     """The values of a mapped tensor as a read-only memory map."""
     found = source_of(tensor)
-    dtype = _np_dtype(tensor)
+    dtype = numpy_dtype(tensor)
     if found is None or dtype is None:
         raise ValueError(f"tensor {tensor.name!r} is not a mapped initializer")
     path, offset, _ = found
@@ -160,6 +165,20 @@ def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
     if source_of(tensor) is not None:
         return map_array(tensor)
     return onnx.numpy_helper.to_array(tensor)
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when nothing is mapped, else a copy with every mapped initializer's bytes
+    read in: for consumers that only take self-contained protos (onnx.reference, writers of their
+    own layouts). Costs the mapped bytes in memory."""
+    if not is_mapped(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if source_of(tensor) is not None:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.asarray(map_array(tensor)), tensor.name))
+    return copy
 
 
 def map_constants(graph: gs.Graph) -> None:
@@ -204,7 +223,7 @@ def relative_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Path]:
     for tensor in copy.graph.initializer:
         found = source_of(tensor)
         if found is not None and Path(found[0]).parent == folder:
-            _set_reference(tensor, Path(found[0]).name, found[1], found[2])
+            set_reference(tensor, Path(found[0]).name, found[1], found[2])
     return copy, folder
 
 
@@ -220,10 +239,10 @@ def split_in_memory(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     ``add_external_initializers`` (which uses them in place: no serialised copy, no copy of its own)."""
     taken: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
-        dtype = _np_dtype(tensor)
+        dtype = numpy_dtype(tensor)
         if source_of(tensor) is not None:
             taken[tensor.name] = map_array(tensor)
-            _set_reference(tensor, IN_MEMORY_LOCATION, 0, int(taken[tensor.name].nbytes))
+            set_reference(tensor, IN_MEMORY_LOCATION, 0, int(taken[tensor.name].nbytes))
             continue
         if dtype is None or not tensor.HasField("raw_data"):
             continue
@@ -232,7 +251,7 @@ def split_in_memory(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             continue
         taken[tensor.name] = np.frombuffer(raw, dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
         tensor.ClearField("raw_data")
-        _set_reference(tensor, IN_MEMORY_LOCATION, 0, len(raw))
+        set_reference(tensor, IN_MEMORY_LOCATION, 0, len(raw))
     return taken
 
 
@@ -273,7 +292,7 @@ def checkable_file(model: onnx.ModelProto, directory: Path) -> Path:
     for tensor in copy.graph.initializer:
         found = source_of(tensor)
         if found is not None:
-            _set_reference(tensor, placeholder.name, found[1], found[2])
+            set_reference(tensor, placeholder.name, found[1], found[2])
     path = directory / "model.onnx"
     path.write_bytes(copy.SerializeToString())
     return path
@@ -310,7 +329,7 @@ def write_streaming(model: onnx.ModelProto, path: Path) -> None:
                 length = len(tensor.raw_data)
                 out.write(tensor.raw_data)
                 tensor.ClearField("raw_data")
-            _set_reference(tensor, data_name, offset, length)
+            set_reference(tensor, data_name, offset, length)
             tensor.data_location = onnx.TensorProto.EXTERNAL
     with open(path, "wb") as fh:
         fh.write(header.SerializeToString(deterministic=True))

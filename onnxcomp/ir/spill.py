@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcomp.ir.mapped import ALIGNMENT, MIN_MAPPED_BYTES, MappedValues, SourceArray, _np_dtype, _set_reference
+from onnxcomp.ir.mapped import ALIGNMENT, MIN_MAPPED_BYTES, MappedValues, SourceArray, numpy_dtype, set_reference
 
 _SPILL_DIRECTORY: ContextVar[Path | None] = ContextVar("onnxcomp_spill_directory", default=None)
 
@@ -89,7 +89,7 @@ def _append(directory: Path, reference: onnx.TensorProto, data: bytes | memoryvi
         offset = -(-out.tell() // ALIGNMENT) * ALIGNMENT
         out.write(b"\0" * (offset - out.tell()))
         out.write(data)
-    _set_reference(reference, str(path), offset, len(data))
+    set_reference(reference, str(path), offset, len(data))
 
 
 def _numpy_weight(name: str, values: np.ndarray) -> tuple[onnx.TensorProto, memoryview] | None:
@@ -102,7 +102,7 @@ def _numpy_weight(name: str, values: np.ndarray) -> tuple[onnx.TensorProto, memo
     except (KeyError, TypeError, ValueError):
         return None
     reference = onnx.TensorProto(name=name, data_type=data_type, dims=list(values.shape))
-    dtype = _np_dtype(reference)
+    dtype = numpy_dtype(reference)
     if dtype is None or dtype != values.dtype.newbyteorder("="):
         return None
     return reference, np.ascontiguousarray(values.astype(dtype.newbyteorder("<"), copy=False)).data.cast("B")
@@ -110,7 +110,7 @@ def _numpy_weight(name: str, values: np.ndarray) -> tuple[onnx.TensorProto, memo
 
 def _proto_weight(name: str, proto: onnx.TensorProto) -> tuple[onnx.TensorProto, bytes] | None:
     """:func:`_numpy_weight` for a TensorProto holding its bytes in ``raw_data``."""
-    dtype = _np_dtype(proto)
+    dtype = numpy_dtype(proto)
     if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL or not proto.HasField("raw_data"):
         return None
     raw = proto.raw_data

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxcomp.calibration.data import CalibrationData, calibration_source
 from onnxcomp.execute import LOCATE, ModelLike
 from onnxcomp.flags import quantize_options, sparsify_passes, with_fusions
 from onnxcomp.framework import PassContext, PassManager, make_pass
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.model_io import load_model
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.options import check_options, starts_from_ptq
@@ -96,14 +96,14 @@ def _start_from(module: QATModule, deployed: onnx.ModelProto, simulation: onnx.M
     values: dict[str, np.ndarray] = {}
     for name in module.graph.weight_keys:
         if name in module._weight_keys:
-            values[name] = numpy_helper.to_array(sim[f"{name}_fakequant"])
+            values[name] = tensor_values(sim[f"{name}_fakequant"])
         elif name in module._biases:
             slot = module._biases[name].slot
             assert slot.codes is not None
-            codes = numpy_helper.to_array(deploy[slot.codes]).astype(np.float64)
-            values[name] = codes * numpy_helper.to_array(deploy[slot.scale]).astype(np.float64)
+            codes = tensor_values(deploy[slot.codes]).astype(np.float64)
+            values[name] = codes * tensor_values(deploy[slot.scale]).astype(np.float64)
         elif name in deploy and deploy[name].data_type == onnx.TensorProto.FLOAT:
-            values[name] = numpy_helper.to_array(deploy[name])
+            values[name] = tensor_values(deploy[name])
     with torch.no_grad():
         for name, value in values.items():
             param = module.graph.weight(name)

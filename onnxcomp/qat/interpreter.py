@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxcomp.errors import ModelLoadError
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.ops import OPS
 from onnxcomp.qat.ops_spatial import SPATIAL_OPS
@@ -55,7 +55,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in node.attribute:
         value = onnx.helper.get_attribute_value(a)
-        out[a.name] = numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
+        out[a.name] = tensor_values(value) if isinstance(value, onnx.TensorProto) else value
     out["_outputs"] = len(node.output)
     return out
 
@@ -63,7 +63,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     if "value" in a:
-        return numpy_helper.to_array(a["value"])
+        return tensor_values(a["value"])
     for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
         if key in a:
             return np.asarray(a[key], dtype)
@@ -88,7 +88,7 @@ class GraphModule(torch.nn.Module):
         self.opset = default_opset(model)
         self.input_names = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
         self.output_names = [o.name for o in graph.output]
-        constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        constants = {t.name: tensor_values(t) for t in graph.initializer}
         self.nodes: list[tuple[onnx.NodeProto, dict[str, Any]]] = []
         for node in graph.node:
             if node.op_type == "Constant":

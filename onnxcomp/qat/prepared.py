@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.formats import IntegerFormat, get_format
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.model_io import save_model
 from onnxcomp.qat.engine import torch
 from onnxcomp.qat.fakequant import RUN_TIME_QUANTIZERS, FakeQuant, run_time_quantizer
@@ -321,7 +322,7 @@ class QATModule(torch.nn.Module):
             if init.name in self.graph.weight_keys and init.name not in quantized:
                 value = self._masked(init.name)
                 if init.data_type == onnx.TensorProto.FLOAT and tuple(init.dims) == value.shape:
-                    if not np.array_equal(numpy_helper.to_array(init), value):
+                    if not np.array_equal(tensor_values(init), value):
                         init.CopyFrom(numpy_helper.from_array(value, init.name))
 
     def simulation_model(self) -> onnx.ModelProto:

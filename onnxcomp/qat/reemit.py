@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from onnxcomp import ir
 from onnxcomp.errors import OnnxCompError
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.quant.activation_subgraphs import emit_cast_activation, emit_hif8_activation
 
 #: float activation formats whose static per-tensor scale QAT learns
@@ -65,7 +66,7 @@ def put_float_activation_scales(
             if old is not None and old.shape == value.shape and np.array_equal(old, value):
                 continue  # does not depend on the scale
             init = inits.get(f"{prefix}_{suffix}")
-            if init is None or old is None or not np.array_equal(numpy_helper.to_array(init), old):
+            if init is None or old is None or not np.array_equal(tensor_values(init), old):
                 raise OnnxCompError(
                     f"{where}: the {dtype} subgraph of {name!r} has no constant {prefix}_{suffix} as quantize emits it; "
                     "its emitter changed: update onnxcomp/qat/reemit.py"

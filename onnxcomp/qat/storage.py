@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, Format, IntegerFormat, MXFormat, get_format
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.quant.lowbit import INT_FACTOR
 from onnxcomp.quant.matmulnbits import pack_weight
 from onnxcomp.quant.qweight import QuantizedWeight
@@ -127,11 +128,11 @@ def find_storage(
                 raise ConfigError(
                     f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export"
                 )
-            codes_dtype = numpy_helper.to_array(inits[dq.input[0]]).dtype
+            codes_dtype = tensor_values(inits[dq.input[0]]).dtype
             fixed = _dequantize(group, inits)
             grid = stored_grid(w["dtype"], codes_dtype)
             return WeightStorage("dq2", dq.input[0], dq.input[1], zp, codes_dtype, grid, False, fixed_scale=fixed)
-        codes_dtype = numpy_helper.to_array(inits[dq.input[0]]).dtype
+        codes_dtype = tensor_values(inits[dq.input[0]]).dtype
         return WeightStorage(
             "dq", dq.input[0], dq.input[1], zp, codes_dtype, stored_grid(w["dtype"], codes_dtype), learn_scale
         )
@@ -145,7 +146,7 @@ def find_storage(
         gather = nodes.get(f"{name}_scale_Gather")
         scale = gather.input[0] if gather is not None and mul.input[1] == gather.output[0] else mul.input[1]
         if scale in inits:
-            codes_dtype = numpy_helper.to_array(inits[cast.input[0]]).dtype
+            codes_dtype = tensor_values(inits[cast.input[0]]).dtype
             grid = stored_grid(w["dtype"], codes_dtype)
             return WeightStorage("dq", cast.input[0], scale, None, codes_dtype, grid, learn_scale)
     raise ConfigError(f"{where}: stored as {w['stored_as']!r}, which quantization-aware training cannot export")
@@ -175,7 +176,7 @@ def _integer_kernel_storage(
     bias = bias_add.input[1] if bias_add is not None and bias_add.input[1] in inits else None
     float_bias = float_node.input[2] if len(float_node.input) > 2 and float_node.input[2] else None
     transposed = float_node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in float_node.attribute)
-    codes_dtype = numpy_helper.to_array(inits[kernel.input[1]]).dtype
+    codes_dtype = tensor_values(inits[kernel.input[1]]).dtype
     return WeightStorage(
         "integer_kernel",
         kernel.input[1],
@@ -192,8 +193,8 @@ def _integer_kernel_storage(
 
 def _dequantize(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
     """What a per-tensor / per-axis DequantizeLinear of constant float codes (zero point 0) computes."""
-    codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+    codes = tensor_values(inits[node.input[0]]).astype(np.float32)
+    scale = tensor_values(inits[node.input[1]]).astype(np.float32)
     if scale.ndim == 1 and scale.size > 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim
         shape = [1] * codes.ndim
@@ -254,7 +255,7 @@ def put_folded_bias(
     """
     if storage.folded_bias is not None and storage.float_bias is not None:
         folded = trained(storage.float_bias).reshape(-1)
-        if not np.array_equal(numpy_helper.to_array(inits[storage.folded_bias]).reshape(-1), folded):
+        if not np.array_equal(tensor_values(inits[storage.folded_bias]).reshape(-1), folded):
             put(storage.folded_bias, folded)
 
 

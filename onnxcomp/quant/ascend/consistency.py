@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from onnxcomp.ir.mapped import tensor_values
 from onnxcomp.quant.ascend.layers import quant_scale
 from onnxcomp.quant.ascend.packing import deq_scale, pack_deq_scale
 
@@ -72,7 +72,7 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
         if dequant is None or dequant.op_type != "AscendDequant" or (source is not node and bias_add is None):
             problems.append(f"{layer}: no AscendDequant {layer}.dequant reading its output (or its bias Add's)")
             continue
-        param = numpy_helper.to_array(inits[dequant.input[1]]) if dequant.input[1] in inits else None
+        param = tensor_values(inits[dequant.input[1]]) if dequant.input[1] in inits else None
         scale_w = np.array(value.scale_w, np.float32)
         mode_s19 = value.fakequant_precision_mode == "FORCE_FP16_QUANT"
         expected = pack_deq_scale(deq_scale(np.float32(value.scale_d), scale_w, mode_s19))
@@ -82,7 +82,7 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
             if scale_w.size != 1 or scale_w[0] != 1:
                 problems.append(f"{layer}: an AveragePool's record needs scale_w = [1]")
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
+        weight = tensor_values(inits[node.input[1]]) if node.input[1] in inits else None
         if weight is None or weight.dtype != np.int8:
             problems.append(f"{layer}: weight is not an int8 initializer")
         elif scale_w.size > 1 and node.op_type in ("Conv", "ConvTranspose"):
@@ -91,7 +91,7 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
                 problems.append(f"{layer}: {scale_w.size} weight scales for {channels} output channels")
         if bias_add is not None:
             bias = inits.get(next((i for i in bias_add.input if i != node.output[0]), ""))
-            if bias is None or numpy_helper.to_array(bias).dtype != np.int32:
+            if bias is None or tensor_values(bias).dtype != np.int32:
                 problems.append(f"{layer}: the bias of {bias_add.name} is not an int32 initializer")
         if len(node.input) > 2 and node.input[2]:
             bias_name = node.input[2]
@@ -99,6 +99,6 @@ def record_mismatches(deploy: onnx.ModelProto, entries: dict[str, Any]) -> list[
             if cast is not None and cast.op_type == "Cast":
                 bias_name = cast.input[0]
             bias = inits.get(bias_name)
-            if bias is None or numpy_helper.to_array(bias).dtype != np.int32:
+            if bias is None or tensor_values(bias).dtype != np.int32:
                 problems.append(f"{layer}: bias is not an int32 initializer")
     return problems

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp.ir.mapped import tensor_values
+
 FLOAT16 = TensorProto.FLOAT16
 #: Attributes that name an output element type, by op: a float16 one cannot be rewritten here.
 _DTYPE_ATTRS = {"dtype", "to"}
@@ -49,7 +51,7 @@ def is_float16_model(model: onnx.ModelProto) -> bool:
 
 def _to_float32(tensor: onnx.TensorProto) -> None:
     if tensor.data_type == FLOAT16:
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+        tensor.CopyFrom(numpy_helper.from_array(tensor_values(tensor).astype(np.float32), tensor.name))
 
 
 def _rewrite_graph(graph: onnx.GraphProto) -> str | None:

@@ -24,6 +24,7 @@ from onnx.reference.ops.op_gemm import Gemm_7 as _Gemm
 from onnx.reference.ops.op_matmul import numpy_matmul
 
 from onnxcomp.errors import FormatError
+from onnxcomp.ir.mapped import materialized, tensor_values
 from onnxcomp.quant.ascend.packing import int4_axis, unpack_deq_scale, unpack_int4
 
 _RANGES = {"INT8": (-128, 127), "INT4": (-8, 7), "INT16": (-32768, 32767)}
@@ -182,7 +183,7 @@ def _prepared(model: onnx.ModelProto, int4_layers: set[str] | None) -> onnx.Mode
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
         tensor = inits[node.input[1]]
-        codes = unpack_int4(numpy_helper.to_array(tensor), int4_axis(node.op_type, trans_b))
+        codes = unpack_int4(tensor_values(tensor), int4_axis(node.op_type, trans_b))
         tensor.CopyFrom(numpy_helper.from_array(codes, tensor.name))
     if shifted:
         copy.opset_import.append(onnx.helper.make_opsetid(AscendOffset.op_domain, 1))
@@ -210,7 +211,7 @@ def _toposort(graph: onnx.GraphProto) -> None:
 
 def deploy_session(model: onnx.ModelProto | str, int4_layers: set[str] | None = None) -> ReferenceEvaluator:
     """A reference evaluator of a deploy model (path or proto); ``int4_layers`` from the record."""
-    proto = onnx.load(model) if isinstance(model, str) else model
+    proto = onnx.load(model) if isinstance(model, str) else materialized(model)
     return ReferenceEvaluator(_prepared(proto, int4_layers), new_ops=[*ASCEND_OPS, AscendOffset])
 
 

@@ -20,6 +20,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from onnxcomp.errors import OnnxCompError
+from onnxcomp.ir.mapped import materialized, tensor_values
 from onnxcomp.runtime import PROTOBUF_LIMIT
 
 #: The deploy model is split into one file per initializer from this many bytes (a protobuf's limit).
@@ -50,6 +51,7 @@ def save_deploy(
     ``external_data=None``: one file per initializer from :data:`PER_INITIALIZER_FROM` bytes on,
     else one file; True / False force either layout.
     """
+    model = materialized(model)  # this layout's own files: weights mapped from the source are read in
     external = model.ByteSize() >= PER_INITIALIZER_FROM if external_data is None else external_data
     files = initializer_files(model, path.name) if external else {}
     targets = [path, *(path.with_name(f) for f in files.values())]
@@ -64,7 +66,7 @@ def save_deploy(
     for tensor in copy.graph.initializer:
         if tensor.name in files:
             if not tensor.HasField("raw_data"):  # typed fields (float_data, ...) -> raw bytes, which go to the file
-                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                tensor.CopyFrom(numpy_helper.from_array(tensor_values(tensor), tensor.name))
             external_data_helper.set_external_data(tensor, files[tensor.name])
     staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=path.parent))
     try:
