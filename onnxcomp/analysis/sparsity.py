@@ -32,11 +32,13 @@ def weight_sparsity(w: np.ndarray, axis: int | None = None, pattern: NMPattern =
     is reported (the quantizer's record does not know the layer's layout).
     """
     values = np.asarray(w)
-    zeros = float(np.mean(values == 0)) if values.size else 0.0
+    nonzero = int(np.count_nonzero(values))
+    zeros = (values.size - nonzero) / values.size if values.size else 0.0
+    dense = values.size > 0 and nonzero == values.size  # most weights: no group to count
     axes = [axis] if axis is not None else ([1, 0] if values.ndim == 2 else [1] if values.ndim > 1 else [0])
     best_axis, best = axes[0], -1.0
     for a in axes:
-        frac = nm_fraction(values, a, pattern)
+        frac = _dense_nm_fraction(values.shape[a], pattern) if dense else nm_fraction(values, a, pattern)
         if frac > best:
             best_axis, best = a, frac
     holds = best == 1.0 and zeros > 0 and values.shape[best_axis] > pattern.n
@@ -46,6 +48,13 @@ def weight_sparsity(w: np.ndarray, axis: int | None = None, pattern: NMPattern =
         "pattern_fraction": round(best, 6),
         "axis": int(best_axis),
     }
+
+
+def _dense_nm_fraction(length: int, pattern: NMPattern) -> float:
+    """``nm_fraction`` of a weight without zeros: only a last group that the zero padding fills
+    beyond ``m - n`` holds, once per row, i.e. the fraction 1 / groups or 0 (the same float)."""
+    groups, tail = -(-length // pattern.m), length % pattern.m
+    return 1 / groups if 0 < tail <= pattern.n else 0.0
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

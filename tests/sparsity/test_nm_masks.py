@@ -140,3 +140,19 @@ def test_nm_fraction_brute_force() -> None:
                         total += 1
                         good += int(sum(1 for v in row[start : start + m] if v != 0) <= n)
                 assert nm_fraction(w, axis, NMPattern(n, m)) == good / total
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (8, 4), (3, 9), (16,), (5,), (2, 3, 6), (4, 1), (1, 4), (6, 2), (0, 4)])
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(4, 8), NMPattern(2, 8)])
+def test_weight_sparsity_of_a_dense_weight_is_the_counted_one(shape: tuple[int, ...], pattern: NMPattern) -> None:
+    """The record's shortcut for weights without zeros gives the counted figures, float for float
+    (the zero padding of a short last group can satisfy the pattern)."""
+    dense = np.random.default_rng(len(shape)).uniform(1, 2, shape).astype(np.float32)
+    got = weight_sparsity(dense, pattern=pattern)
+    axes = [1, 0] if dense.ndim == 2 else [1] if dense.ndim > 1 else [0]
+    counted = [nm_fraction(dense, a, pattern) for a in axes]
+    assert got["pattern_fraction"] == round(max(counted), 6) and got["axis"] == axes[counted.index(max(counted))]
+    assert got["zero_fraction"] == 0.0 and got["pattern"] is None
+    if dense.size:  # with zeros the groups are counted: the zero fraction too
+        dense.reshape(-1)[::3] = 0
+        assert weight_sparsity(dense, pattern=pattern)["zero_fraction"] == round(float(np.mean(dense == 0)), 6)
