@@ -105,7 +105,9 @@ def inference_sample(
     else:
         feeds, source = generated, "inputs generated from the declared shapes"
     try:
-        session = ort_session(model if file is None else Path(file), level="all")
+        # One run: packing the weights (a copy of each, and most of a session's start) would not pay
+        one_run = {"session.disable_prepacking": "1"}
+        session = ort_session(model if file is None else Path(file), level="all", config=one_run, arena=False)
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         names = [o.name for o in session.get_outputs()]

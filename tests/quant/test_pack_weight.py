@@ -68,3 +68,19 @@ def test_packed_codes_are_the_shifted_codes_with_zero_point_padding(
     if packed.zero_points is not None:
         zp = unpack_rows(packed.zero_points.reshape(n, -1), bits, z.shape[1])
         np.testing.assert_array_equal(zp.astype(np.int64), z)
+
+
+@pytest.mark.parametrize(
+    ("name", "lo", "hi", "target"), [("int4", -8, 7, ml_dtypes.int4), ("uint4", 0, 15, ml_dtypes.uint4)]
+)
+@pytest.mark.parametrize("shape", [(), (16,), (4, 4)])
+def test_4bit_storage_equals_the_value_cast(name: str, lo: int, hi: int, target: type, shape: tuple[int, ...]) -> None:
+    """storage_array sets the nibbles directly: the same bytes as ml_dtypes' value cast, every code."""
+    from onnxcomp.formats import get_format
+    from onnxcomp.quant.qweight import storage_array
+
+    codes = np.resize(np.arange(lo, hi + 1), shape).astype(np.int8 if lo < 0 else np.uint8)
+    got = storage_array(codes, get_format(name))
+    want = codes.astype(target)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
