@@ -25,6 +25,7 @@ from onnxcomp.cli.main import main
 from onnxcomp.errors import ModelLoadError
 from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, MappedValues, is_mapped, source_of, write_streaming
 from onnxcomp.ir.spill import SPILL_FILE, spill_constants, spilling
+from onnxcomp.quant import report as report_module
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -152,9 +153,18 @@ def test_quantize_mapped_writes_the_in_memory_model(
         assert (tmp_path / "mapped.quant_record.json").read_text() == (
             tmp_path / "memory.quant_record.json"
         ).read_text()
-    else:  # the SQNR report is there, without the local figures (a third session and their inputs)
+    else:  # the SQNR report is there, local figures included below LOCAL_SQNR_MAX_MAPPED_BYTES
         sqnr = json.loads((tmp_path / "mapped.quant_report.json").read_text())
-        assert sqnr["nodes"] and "local_sqnr" in sqnr and all("local_sqnr_db" not in row for row in sqnr["nodes"])
+        memory = json.loads((tmp_path / "memory.quant_report.json").read_text())
+        assert sqnr["nodes"] and all("local_sqnr_db" in row for row in sqnr["nodes"])
+        local = {row["node"]: row["local_sqnr_db"] for row in memory["nodes"]}
+        for row in sqnr["nodes"]:
+            assert row["local_sqnr_db"] == pytest.approx(local[row["node"]], abs=0.5), row["node"]
+        # the biggest models leave them out (a third session, and every layer's float inputs kept)
+        monkeypatch.setattr(report_module, "LOCAL_SQNR_MAX_MAPPED_BYTES", 0)
+        api.quantize(decoder, tmp_path / "big.onnx", **options)  # type: ignore[arg-type]
+        sqnr = json.loads((tmp_path / "big.quant_report.json").read_text())
+        assert "local_sqnr" in sqnr and all("local_sqnr_db" not in row for row in sqnr["nodes"])
     assert report.result("quantize").data["record"]
     assert _digest(decoder, decoder.with_name(decoder.name + ".data")) == before  # input untouched
     assert sorted(p.name for p in decoder.parent.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]

@@ -20,8 +20,11 @@ import numpy as np
 import onnx
 
 from onnxcomp.analysis.local_error import plan_local_error
-from onnxcomp.ir.mapped import is_mapped
+from onnxcomp.ir.mapped import mapped_bytes
 from onnxcomp.runtime import ALL_CORES, ort_session
+
+#: From this many bytes of mapped weights the SQNR report leaves out the local figures.
+LOCAL_SQNR_MAX_MAPPED_BYTES = 1 << 30
 
 
 class _Acc:
@@ -65,7 +68,8 @@ def quantization_report(
     plan = plan_local_error(float_model, quant_model)  # each node fed the float model's own tensors
     # A model with mapped weights (over 1 GiB) gets no local figures: their float inputs would be
     # kept for every report batch beside the outputs, for a third session (docs/scale.md).
-    big = is_mapped(float_model)
+    # Local figures keep every layer's float inputs for a third session: not for the biggest models
+    big = mapped_bytes(float_model) >= LOCAL_SQNR_MAX_MAPPED_BYTES
     local_of = {} if big else {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
     local_inputs = plan.feeds if local_of else []
@@ -123,7 +127,7 @@ def quantization_report(
         for o in outputs
         if o in float_outs
     ]
-    skipped = {"local_sqnr": "not computed: the model's weights are mapped (docs/scale.md)"} if big else {}
+    skipped = {"local_sqnr": "not computed: the model has 1 GiB of weights or more (docs/scale.md)"} if big else {}
     return {"batches": seen, "nodes": nodes, "outputs": outs, **skipped}
 
 
