@@ -236,7 +236,7 @@ def main() -> None:
             f"LLM-shaped decoders from `models/decoder.py --size` (float32, external data; hidden 2048, vocab 32000). "
             f"Each run in a fresh process: wall time from interpreter start to exit, peak RSS = its VmHWM (mapped "
             f"file pages the process touched count, as they do for onnxruntime's own runs). W8A8 calibrates on "
-            f"{BATCHES} batches of {BATCH} x {SEQ} tokens. onnxcomp loads models with >= 1 GiB of external data "
+            f"{BATCHES} batches of {BATCH} x {SEQ} tokens. onnxcomp loads models with >= 256 MiB of weights "
             "*mapped* (`docs/scale.md`); its quantize runs include the fusions, the SQNR report (W8A8), the kernel "
             "report and validating the written output on onnxruntime. 'load' = the 1-minute load average when the "
             "row started (a shared 2-core machine: wall times are indicative; peak RSS is not affected by the load).",

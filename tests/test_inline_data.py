@@ -8,7 +8,6 @@ own file must write the model the in-memory path writes, leaving the input untou
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,7 @@ from onnxcomp import api, model_io
 from onnxcomp.errors import ModelLoadError
 from onnxcomp.ir.inline_data import WireFormatError, load_without_inline_data, write_inline
 from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, is_mapped, materialized, source_of
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from models.decoder import DecoderShape, write_decoder  # noqa: E402
-from tests.test_mapped import _same_models  # noqa: E402
-
-SHAPE = DecoderShape(layers=2, hidden=128, heads=4, ffn=256, vocab=512)
+from tests.test_mapped import ROOT, SHAPE, _same_models, write_decoder  # the mapped tests' decoder
 
 
 @pytest.fixture(scope="module")

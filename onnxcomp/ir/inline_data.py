@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxcomp.ir.mapped import numpy_dtype, set_reference, source_of
+from onnxcomp.ir.mapped import copy_bytes, numpy_dtype, set_reference, source_of
 
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
 _TENSOR_RAW_DATA = 9
 _TENSOR_EXTERNAL_DATA = 13
 _LENGTH_DELIMITED = 2
-_COPY_CHUNK = 16 << 20
 
 
 class WireFormatError(ValueError):
@@ -227,12 +226,4 @@ def write_inline(model: onnx.ModelProto, path: Path) -> None:
             if isinstance(part, bytes):
                 out.write(part)
                 continue
-            with open(part.source, "rb") as src:
-                src.seek(part.offset)
-                left = part.length
-                while left:
-                    chunk = src.read(min(left, _COPY_CHUNK))
-                    if not chunk:
-                        raise ValueError(f"{part.source} ends before its {part.length} bytes at offset {part.offset}")
-                    out.write(chunk)
-                    left -= len(chunk)
+            copy_bytes(out, part.source, part.offset, part.length, f"bytes at offset {part.offset}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -298,6 +299,20 @@ def checkable_file(model: onnx.ModelProto, directory: Path) -> Path:
     return path
 
 
+def copy_bytes(out: BinaryIO, source: str, offset: int, length: int, what: str) -> None:
+    """Copy ``length`` bytes of the file ``source`` from ``offset`` to ``out``, a chunk at a time.
+    ValueError (naming ``what``) when the file ends first."""
+    with open(source, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise ValueError(f"{what}: {source} ends before its {length} bytes")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def write_streaming(model: onnx.ModelProto, path: Path) -> None:
     """Write ``model`` with every initializer in ``NAME.data``, copying mapped bytes in chunks.
 
@@ -316,15 +331,7 @@ def write_streaming(model: onnx.ModelProto, path: Path) -> None:
             out.write(b"\0" * (offset - out.tell()))
             if found is not None:
                 source, start, length = found
-                with open(source, "rb") as src:
-                    src.seek(start)
-                    left = length
-                    while left:
-                        chunk = src.read(min(left, _COPY_CHUNK))
-                        if not chunk:
-                            raise ValueError(f"tensor {tensor.name!r}: {source} ends before its {length} bytes")
-                        out.write(chunk)
-                        left -= len(chunk)
+                copy_bytes(out, source, start, length, f"tensor {tensor.name!r}")
             else:
                 length = len(tensor.raw_data)
                 out.write(tensor.raw_data)
