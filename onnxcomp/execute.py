@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,15 @@ def records_json(data: Any) -> str:
     return json.dumps(data) + "\n"
 
 
+def _in_background(function: Callable[[Path], str], path: Path) -> Future[str]:
+    """``function(path)`` on a thread of its own, started now (the thread ends with it)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcomp-hash")
+    try:
+        return pool.submit(function, path)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -131,6 +141,8 @@ def _run_and_save(
         raise OnnxCompError(f"{out_path}: output would overwrite the input model; choose another path")
     if out_path is not None and out_path.exists() and not run.force:
         raise OnnxCompError(f"{out_path}: already exists; choose another output path or pass --force")
+    # The recipe names the input by its hash: read while the passes run (hashlib lets go of the GIL)
+    input_hash = _in_background(sha256_file, source) if out_path is not None and source is not None else None
     # load_model checked the file in full (or repaired its declared shapes): the manager need not again
     ctx = PassContext(
         seed=plan.seed, progress=Progress(run.progress), source_checked=source is not None, source_path=source
@@ -167,9 +179,9 @@ def _run_and_save(
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         }
-        if source is not None:
+        if source is not None and input_hash is not None:
             meta["input"] = source.name
-            meta["input_sha256"] = sha256_file(source)
+            meta["input_sha256"] = input_hash.result()
         if ctx.calibration_name:
             meta["calibration"] = ctx.calibration_name
         for note in report.notes:
