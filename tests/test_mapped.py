@@ -145,21 +145,19 @@ def test_quantize_mapped_writes_the_in_memory_model(
     mapped = tmp_path / "mapped.onnx"
     report = api.quantize(decoder, mapped, **options)  # type: ignore[arg-type]
     calibrated = "calibration" in options
-    _same_models(mapped, in_memory, exact=not calibrated)
-    # Under 2 GB the output is one file, its weights streamed into it (ir.inline_data), as in memory
+    _same_models(mapped, in_memory)
+    # Under 2 GB the output is one file, its weights streamed into it (ir.inline_data), as in memory;
+    # calibrated too: mapped sessions sum on one thread, as unpacked MatMuls must to be reproducible
     assert not mapped.with_name("mapped.onnx.data").exists()
-    if not calibrated:
-        assert mapped.read_bytes() == in_memory.read_bytes()
-        assert (tmp_path / "mapped.quant_record.json").read_text() == (
-            tmp_path / "memory.quant_record.json"
-        ).read_text()
-    else:  # the SQNR report is there, local figures included below LOCAL_SQNR_MAX_MAPPED_BYTES
+    assert mapped.read_bytes() == in_memory.read_bytes()
+    assert (tmp_path / "mapped.quant_record.json").read_text() == (tmp_path / "memory.quant_record.json").read_text()
+    if calibrated:  # the SQNR report, local figures included below LOCAL_SQNR_MAX_MAPPED_BYTES
         sqnr = json.loads((tmp_path / "mapped.quant_report.json").read_text())
         memory = json.loads((tmp_path / "memory.quant_report.json").read_text())
         assert sqnr["nodes"] and all("local_sqnr_db" in row for row in sqnr["nodes"])
         local = {row["node"]: row["local_sqnr_db"] for row in memory["nodes"]}
         for row in sqnr["nodes"]:
-            assert row["local_sqnr_db"] == pytest.approx(local[row["node"]], abs=0.5), row["node"]
+            assert row["local_sqnr_db"] == pytest.approx(local[row["node"]], abs=1e-3), row["node"]
         # the biggest models leave them out (a third session, and every layer's float inputs kept)
         monkeypatch.setattr(report_module, "LOCAL_SQNR_MAX_MAPPED_BYTES", 0)
         api.quantize(decoder, tmp_path / "big.onnx", **options)  # type: ignore[arg-type]
