@@ -95,7 +95,8 @@ class IntegerFormat:
         with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
             np.divide(x32, s, out=q)
         np.rint(q, out=q)
-        np.add(q, zp.astype(np.float32), out=q)
+        if zp.any():  # symmetric formats: a pass fewer (adding 0 changes no code, -0 included)
+            np.add(q, zp.astype(np.float32), out=q)
         np.clip(q, self.qmin, self.qmax, out=q)
         return q.astype(self.storage_dtype)
 
