@@ -18,8 +18,11 @@ def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     values = np.asarray(values, np.uint8)
     if values.shape[-1] % 2:
         values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
-    low, high = values[..., 0::2], values[..., 1::2]
-    return np.ascontiguousarray((low & 0x0F) | ((high & 0x0F) << 4), np.uint8)
+    if values.size == 0:
+        return np.zeros((*values.shape[:-1], values.shape[-1] // 2), np.uint8)
+    # Each pair of codes read as one little-endian uint16 (low byte = the even code): one pass
+    pairs = np.ascontiguousarray(values).view("<u2")
+    return ((pairs & 0x0F) | ((pairs >> 4) & 0xF0)).astype(np.uint8)
 
 
 def unpack_rows(packed: np.ndarray, bits: int, length: int) -> np.ndarray:

@@ -137,6 +137,18 @@ def _tolist(a: np.ndarray) -> Any:
     )
 
 
+def _zero_pattern(qw: QuantizedWeight) -> np.ndarray:
+    """What the record counts zeros on: the one-byte integer codes when their zero point is 0 (a
+    weight is 0 exactly where its code equals the zero point), else the dequantized floats."""
+    codes, zp = qw.codes, qw.zero_point
+    integer = codes.dtype.kind in "iu" or codes.dtype.name in ("int4", "uint4")
+    if qw.storage != "dq" or not integer or codes.dtype.itemsize != 1 or codes.shape != qw.dequantized.shape:
+        return qw.dequantized
+    if zp is None or np.any(np.asarray(zp).view(np.uint8) != 0):
+        return qw.dequantized
+    return codes.view(np.uint8)
+
+
 def weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
     spec = qw.spec
     zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
@@ -153,7 +165,7 @@ def weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, A
         "shape": list(qw.dequantized.shape),
         "scale": _tolist(qw.scale),
         "zero_point": _tolist(zp_values),
-        "sparsity": weight_sparsity(qw.dequantized),
+        "sparsity": weight_sparsity(_zero_pattern(qw)),
         **({"algorithm": qw.algorithm} if qw.algorithm else {}),
     }
 

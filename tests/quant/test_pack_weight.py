@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from onnxcomp.formats.nbits import unpack_rows
+from onnxcomp.formats.nbits import pack_rows, unpack_rows
 from onnxcomp.quant.matmulnbits import PackedWeight, pack_weight
 from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.spec import Granularity, TensorSpec
@@ -84,3 +84,17 @@ def test_4bit_storage_equals_the_value_cast(name: str, lo: int, hi: int, target:
     want = codes.astype(target)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(4,), (5,), (3, 8), (3, 7), (2, 3, 6), (1, 1), (0, 4), (4, 0)])
+def test_pack_rows_puts_the_even_code_in_the_low_nibble(shape: tuple[int, ...]) -> None:
+    """Every byte value (high nibbles ignored), odd rows padded with a zero nibble, any memory layout."""
+    values = np.random.default_rng(len(shape)).integers(0, 256, shape).astype(np.uint8)
+    for layout in (values, np.asfortranarray(values), values[..., ::-1]):
+        padded = np.concatenate([layout, np.zeros((*layout.shape[:-1], layout.shape[-1] % 2), np.uint8)], axis=-1)
+        want = (padded[..., 0::2] & 0x0F) | ((padded[..., 1::2] & 0x0F) << 4)
+        got = pack_rows(layout, 4)
+        assert got.dtype == np.uint8 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        if layout.size:  # (unpack_rows cannot reshape an empty array)
+            np.testing.assert_array_equal(unpack_rows(got, 4, layout.shape[-1]), layout & 0x0F)
