@@ -177,7 +177,9 @@ def main() -> None:
             f"An LLM-shaped decoder of {model_mb:.0f} MB (`models/decoder.py --size {args.size}`) saved as one .onnx "
             f"file. Each run a fresh process, {args.rounds} interleaved rounds, medians; 1-minute load average "
             f"{_span(loads)} over the runs (a shared 2-core machine: wall times are indicative, peak RSS "
-            "is not affected by the load). What each row runs: the module docstring of bench/midsize.py.",
+            "is not affected by the load). What each row runs: the module docstring of bench/midsize.py. "
+            "A mapped run under 1 GiB reads its written output back in at the end (the API returns an ordinary "
+            "proto, `RunReport.model`): that is the peak of `fuse`, whose output is as big as its input.",
             _table(rows, model_mb),
             environment_line(["onnxruntime", "onnx", "numpy"]),
         ]
