@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -84,3 +86,14 @@ def fused_real_model(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         return done[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray cluster for the module's tests (what `--ray auto` then joins); skipped without Ray."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -201,23 +201,18 @@ def test_quantize_with_workers_writes_the_same_bytes(tmp_path: Path, observer: s
 # --- sharded over a local Ray cluster ------------------------------------------------------------
 
 
-def test_ray_cluster_gives_the_same_bytes(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # what `--ray auto` then joins
-    try:
-        for observer in ("minmax", "histogram"):
-            single = quantize_cli(tmp_path / f"{observer}.onnx", "--observer", observer)
-            on_ray = quantize_cli(tmp_path / f"{observer}.ray.onnx", "--observer", observer, "--ray", "auto")
-            assert on_ray == single, observer
-        data = list(batches(5))
-        data[3]["x"][0, 0, 0, 0] = np.inf
-        with (
-            calibration_resources(CalibrationResources(ray="auto")),
-            pytest.raises(CalibrationError, match=r"calibration batch 3: tensor 'x'"),
-        ):
-            Calibrator(chain_model(), {"x": MinMaxObserver, "c1": MinMaxObserver}).run(data)
-    finally:
-        ray.shutdown()
+def test_ray_cluster_gives_the_same_bytes(tmp_path: Path, ray_cluster: Any) -> None:
+    for observer in ("minmax", "histogram"):
+        single = quantize_cli(tmp_path / f"{observer}.onnx", "--observer", observer)
+        on_ray = quantize_cli(tmp_path / f"{observer}.ray.onnx", "--observer", observer, "--ray", "auto")
+        assert on_ray == single, observer
+    data = list(batches(5))
+    data[3]["x"][0, 0, 0, 0] = np.inf
+    with (
+        calibration_resources(CalibrationResources(ray="auto")),
+        pytest.raises(CalibrationError, match=r"calibration batch 3: tensor 'x'"),
+    ):
+        Calibrator(chain_model(), {"x": MinMaxObserver, "c1": MinMaxObserver}).run(data)
 
 
 # --- calibration in groups of tensors -----------------------------------------------------------

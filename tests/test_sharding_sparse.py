@@ -190,16 +190,11 @@ def test_a_bad_batch_in_a_worker_is_a_one_line_error() -> None:
     assert "\n" not in str(info.value)
 
 
-def test_ray_cluster_matches_one_process(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
+def test_ray_cluster_matches_one_process(tmp_path: Path, ray_cluster: Any) -> None:
     model_path, calib = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
     onnx.save(matmul_model(), str(model_path))
     np.savez(calib, x=np.concatenate([b["x"] for b in data(8)]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # what `--ray auto` then joins
-    try:
-        single, _ = sparsify(model_path, calib, tmp_path / "single.onnx", 8)
-        on_ray, notes = sparsify(model_path, calib, tmp_path / "ray.onnx", 8, ray="auto")
-        assert_same_sparse_weights(single, on_ray)
-        assert "calibration sharded over the Ray cluster at auto" in notes, notes
-    finally:
-        ray.shutdown()
+    single, _ = sparsify(model_path, calib, tmp_path / "single.onnx", 8)
+    on_ray, notes = sparsify(model_path, calib, tmp_path / "ray.onnx", 8, ray="auto")
+    assert_same_sparse_weights(single, on_ray)
+    assert "calibration sharded over the Ray cluster at auto" in notes, notes

@@ -227,14 +227,9 @@ def test_passes_with_two_workers_match_one_process(tmp_path: Path, recipe: Any) 
             assert refits[1][node]["error_refit"] == pytest.approx(fit["error_refit"], rel=1e-9), node
 
 
-def test_ray_cluster_matches_one_process(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # what `--ray auto` then joins
-    try:
-        # bias correction "fast": one calibration (each one starts its Ray actors)
-        single, _ = compress(tmp_path / "single.onnx", gptq_and_bias_correction("fast"))
-        on_ray, notes = compress(tmp_path / "ray.onnx", gptq_and_bias_correction("fast"), ray="auto")
-        assert_same_weights(single, on_ray)
-        assert "calibration sharded over the Ray cluster at auto" in notes, notes
-    finally:
-        ray.shutdown()
+def test_ray_cluster_matches_one_process(tmp_path: Path, ray_cluster: Any) -> None:
+    # bias correction "fast": one calibration (each one starts its Ray actors)
+    single, _ = compress(tmp_path / "single.onnx", gptq_and_bias_correction("fast"))
+    on_ray, notes = compress(tmp_path / "ray.onnx", gptq_and_bias_correction("fast"), ray="auto")
+    assert_same_weights(single, on_ray)
+    assert "calibration sharded over the Ray cluster at auto" in notes, notes

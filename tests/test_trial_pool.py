@@ -8,7 +8,6 @@ from __future__ import annotations
 import operator
 import pickle
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +101,6 @@ def test_ray_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     hint = r"--ray needs Ray, which is not installed; install it with: pip install 'onnxcomp\[distributed\]'"
     with pytest.raises(CalibrationError, match=hint), TaskPool(_square, 0, PoolResources(ray="auto")):
         pass
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # what `--ray auto` then joins
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def test_task_pool_on_ray_keeps_order_and_names_the_failing_item(ray_cluster: Any) -> None:

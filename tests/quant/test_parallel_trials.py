@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +117,6 @@ def test_ray_options_without_ray_say_how_to_install(monkeypatch: pytest.MonkeyPa
     hint = r"--ray needs Ray, which is not installed; install it with: pip install 'onnxcomp\[distributed\]'"
     with pytest.raises(OnnxCompError, match=hint):
         quantize(mlp(), calibration=data(), sensitivity=True, ray="auto", **W4)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[Any]:
-    ray = pytest.importorskip("ray", reason="Ray is the optional extra onnxcomp[distributed] (make test installs it)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # what `--ray auto` then joins
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def test_sensitivity_and_search_on_ray_equal_one_thread(ray_cluster: Any, evaluator: Path) -> None:
