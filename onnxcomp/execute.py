@@ -37,11 +37,10 @@ from onnxcomp.framework import (
     load_recipe,
     make_pass,
 )
-from onnxcomp.ir.mapped import is_mapped, mapped_bytes
+from onnxcomp.ir.mapped import is_large, is_mapped
 from onnxcomp.ir.spill import spilling
 from onnxcomp.model_io import load_model, save_model, write_text_atomic
 from onnxcomp.quant.ascend.save import save_deploy
-from onnxcomp.runtime import UNPACKED_FROM_BYTES
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 RecipeLike = Recipe | str | os.PathLike[str] | Sequence[Pass | str]
@@ -117,8 +116,7 @@ def run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | No
         if is_mapped(report.model) and written.exists():  # the spilled weights go with their folder
             # Under 1 GiB the caller gets an ordinary proto (onnx.checker, onnx.save take it as is);
             # above, a map of the output: reading it in would cost its size again
-            big = mapped_bytes(report.model) >= UNPACKED_FROM_BYTES
-            report.model = load_model(written, check=False, mapped=big)
+            report.model = load_model(written, check=False, mapped=is_large(report.model))
     return report
 
 

@@ -24,7 +24,7 @@ from onnx import helper
 
 from onnxcomp.errors import CalibrationError
 from onnxcomp.ir.inline_data import write_inline
-from onnxcomp.ir.mapped import is_mapped, mapped_bytes, relative_copy, split_in_memory, write_streaming
+from onnxcomp.ir.mapped import is_large, is_mapped, relative_copy, split_in_memory, write_streaming
 
 #: protobuf cannot serialise a message of 2 GiB or more.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -138,10 +138,6 @@ def write_model_file(model: onnx.ModelProto, path: Path, external: bool) -> None
             fh.write(model.SerializeToString(deterministic=True))
 
 
-#: Sessions over models with this many bytes of mapped weights run without prepacked weights.
-UNPACKED_FROM_BYTES = 1 << 30
-
-
 def ort_session(  # noqa: ANN201
     model: onnx.ModelProto | Path | bytes,
     level: str = "all",
@@ -198,7 +194,7 @@ def ort_session(  # noqa: ANN201
         # being kept for the next run (an arena would hold a float copy of every quantized weight).
         opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
-        if mapped_bytes(model) >= UNPACKED_FROM_BYTES:
+        if is_large(model):
             # MatMul reads the mapped weights where they are: prepacking would add a packed copy of
             # each. Unpacked sums differ from packed ones in the last bit (and depend on the thread
             # count): below this size the packed copy is worth the same bytes as in memory.

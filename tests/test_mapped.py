@@ -20,12 +20,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxcomp import api, execute, ir, model_io
+from onnxcomp import api, ir, model_io
 from onnxcomp.cli.main import main
 from onnxcomp.errors import ModelLoadError
+from onnxcomp.ir import mapped as mapped_module
 from onnxcomp.ir.mapped import MIN_MAPPED_BYTES, MappedValues, is_mapped, source_of, write_streaming
 from onnxcomp.ir.spill import SPILL_FILE, spill_constants, spilling
-from onnxcomp.quant import report as report_module
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -151,7 +151,7 @@ def test_quantize_mapped_writes_the_in_memory_model(
     assert not mapped.with_name("mapped.onnx.data").exists()
     assert mapped.read_bytes() == in_memory.read_bytes()
     assert (tmp_path / "mapped.quant_record.json").read_text() == (tmp_path / "memory.quant_record.json").read_text()
-    if calibrated:  # the SQNR report, local figures included below LOCAL_SQNR_MAX_MAPPED_BYTES
+    if calibrated:  # the SQNR report, local figures included below ir.mapped.LARGE_MAPPED_BYTES
         sqnr = json.loads((tmp_path / "mapped.quant_report.json").read_text())
         memory = json.loads((tmp_path / "memory.quant_report.json").read_text())
         assert sqnr["nodes"] and all("local_sqnr_db" in row for row in sqnr["nodes"])
@@ -159,7 +159,7 @@ def test_quantize_mapped_writes_the_in_memory_model(
         for row in sqnr["nodes"]:
             assert row["local_sqnr_db"] == pytest.approx(local[row["node"]], abs=1e-3), row["node"]
         # the biggest models leave them out (a third session, and every layer's float inputs kept)
-        monkeypatch.setattr(report_module, "LOCAL_SQNR_MAX_MAPPED_BYTES", 0)
+        monkeypatch.setattr(mapped_module, "LARGE_MAPPED_BYTES", 0)
         api.quantize(decoder, tmp_path / "big.onnx", **options)  # type: ignore[arg-type]
         sqnr = json.loads((tmp_path / "big.quant_report.json").read_text())
         assert "local_sqnr" in sqnr and all("local_sqnr_db" not in row for row in sqnr["nodes"])
@@ -297,7 +297,7 @@ def test_a_mapped_output_is_validated_from_the_written_file(tmp_path: Path, monk
     in_memory_validations: list[object] = []
     monkeypatch.setattr(manager, "ort_session", recording_session)
     monkeypatch.setattr(manager, "validate_model", lambda *a, **k: in_memory_validations.append(a))
-    monkeypatch.setattr(execute, "UNPACKED_FROM_BYTES", 0)  # report.model maps the output, as from 1 GiB
+    monkeypatch.setattr(mapped_module, "LARGE_MAPPED_BYTES", 0)  # report.model maps the output, as from 1 GiB
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
     calibration = [{"input_ids": np.random.default_rng(i).integers(0, 512, (2, 16))} for i in range(2)]

@@ -95,8 +95,13 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _delimited_header(number: int, length: int) -> bytes:
+    """The key and length that precede a length-delimited field's ``length`` bytes."""
+    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(length)
+
+
 def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
+    return _delimited_header(number, len(payload)) + payload
 
 
 def _strip_tensor(buf: mmap.mmap, field: _Field, min_bytes: int) -> tuple[bytes, tuple[int, int] | None]:
@@ -176,7 +181,7 @@ def _size(parts: list[_Part]) -> int:
 
 
 def _delimited_parts(number: int, parts: list[_Part]) -> list[_Part]:
-    return [_encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(_size(parts)), *parts]
+    return [_delimited_header(number, _size(parts)), *parts]
 
 
 def write_inline(model: onnx.ModelProto, path: Path) -> None:

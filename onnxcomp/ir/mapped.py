@@ -93,6 +93,17 @@ def source_of(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
     return location, int(info.get("offset", 0)), int(info["length"])
 
 
+#: A model with this many bytes of mapped weights is *large*: there memory comes before parity with
+#: the in-memory path (sessions without prepacked weights, no local SQNR figures, a mapped
+#: ``RunReport.model``); below it a mapped run does what an in-memory one does.
+LARGE_MAPPED_BYTES = 1 << 30
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` has :data:`LARGE_MAPPED_BYTES` of mapped weights or more."""
+    return mapped_bytes(model) >= LARGE_MAPPED_BYTES
+
+
 def mapped_bytes(model: onnx.ModelProto) -> int:
     """The bytes of ``model``'s mapped initializers (left in their files)."""
     return sum(found[2] for t in model.graph.initializer if (found := source_of(t)) is not None)

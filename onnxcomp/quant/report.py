@@ -20,11 +20,8 @@ import numpy as np
 import onnx
 
 from onnxcomp.analysis.local_error import plan_local_error
-from onnxcomp.ir.mapped import mapped_bytes
+from onnxcomp.ir.mapped import is_large
 from onnxcomp.runtime import ALL_CORES, ort_session
-
-#: From this many bytes of mapped weights the SQNR report leaves out the local figures.
-LOCAL_SQNR_MAX_MAPPED_BYTES = 1 << 30
 
 
 class _Acc:
@@ -69,7 +66,7 @@ def quantization_report(
     # A model with mapped weights (over 1 GiB) gets no local figures: their float inputs would be
     # kept for every report batch beside the outputs, for a third session (docs/scale.md).
     # Local figures keep every layer's float inputs for a third session: not for the biggest models
-    big = mapped_bytes(float_model) >= LOCAL_SQNR_MAX_MAPPED_BYTES
+    big = is_large(float_model)
     local_of = {} if big else {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
     local_inputs = plan.feeds if local_of else []
