@@ -41,6 +41,7 @@ from onnxcomp.ir.mapped import is_large, is_mapped
 from onnxcomp.ir.spill import spilling
 from onnxcomp.model_io import load_model, save_model, write_text_atomic
 from onnxcomp.quant.ascend.save import save_deploy
+from onnxcomp.runtime import small_pages
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto
 RecipeLike = Recipe | str | os.PathLike[str] | Sequence[Pass | str]
@@ -104,6 +105,11 @@ def sha256_file(path: Path) -> str:
 
 
 def run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, run: RunOptions) -> RunReport:
+    with small_pages():  # weight-sized arrays come and go: no huge-page compaction stalls
+        return _run_plan(model, plan, output, run)
+
+
+def _run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, run: RunOptions) -> RunReport:
     proto, source = as_model(model)
     out_path = Path(output) if output is not None else None
     if out_path is None or not is_mapped(proto):

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from onnxcomp import ir
+from onnxcomp.formats.nbits import transposed
 from onnxcomp.quant.qweight import QuantizedWeight
 
 
@@ -70,7 +71,7 @@ def emit_dynamic_tensor(graph: ir.Graph, node: ir.Node, qw: QuantizedWeight) -> 
     codes, scale, zero = qw.codes, np.asarray(qw.scale, np.float32), np.asarray(qw.zero_point)
     out = node.outputs[0]
     if node.op == "Gemm" and node.attrs.get("transB", 0):
-        codes = codes.T
+        codes = transposed(codes)
     if node.op == "Conv":
         shape = [1, -1] + [1] * (codes.ndim - 2)
         scale = scale.reshape(shape) if scale.size > 1 else scale.reshape(())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.formats.nbits import pack_rows
+from onnxcomp.formats.nbits import pack_rows, transposed
 from onnxcomp.quant.qweight import QuantizedWeight
 
 #: Storage dtypes MatMulNBits takes, with their bit width and whether they are signed.
@@ -53,8 +53,8 @@ def _unsigned_codes(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     return (raw + np.uint8(1 << (bits - 1))) & np.uint8((1 << bits) - 1)
 
 
-def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
-    """``qw`` (a 2-D weight ``(K, N)``, or ``(N, K)`` when ``transposed``) for MatMulNBits, or why not."""
+def pack_weight(qw: QuantizedWeight, is_transposed: bool) -> PackedWeight | str:
+    """``qw`` (a 2-D weight ``(K, N)``, or ``(N, K)`` when ``is_transposed``) for MatMulNBits, or why not."""
     kind = _BITS.get(qw.codes.dtype.name)
     if qw.storage != "dq" or kind is None or qw.zero_point is None:
         return f"weights stored as {qw.codes.dtype.name} ({qw.storage}) have no MatMulNBits form"
@@ -64,15 +64,15 @@ def pack_weight(qw: QuantizedWeight, transposed: bool) -> PackedWeight | str:
     codes = _unsigned_codes(qw.codes, bits, signed)
     zero = _unsigned_codes(np.asarray(qw.zero_point), bits, signed)
     scale = np.asarray(qw.scale, np.float32)
-    q = codes if transposed else codes.T  # (N, K)
+    q = codes if is_transposed else transposed(codes)  # (N, K)
     n, k = q.shape
     if qw.block_size:
         block = qw.block_size
         if block < MIN_BLOCK or block & (block - 1):
             return f"group size {block} is not a power of two >= {MIN_BLOCK}"
         blocks = -(-k // block)
-        s = scale if transposed else scale.T  # (N, blocks)
-        z = zero if transposed else zero.T
+        s = scale if is_transposed else scale.T  # (N, blocks)
+        z = zero if is_transposed else zero.T
     else:
         block = max(MIN_BLOCK, _next_pow2(k))  # per channel / per tensor: one block spans K
         blocks = 1

@@ -68,13 +68,19 @@ def _data(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+#: one block of IntegerFormat.quantize's scratch buffer; several with a partial last one; rows
+#: longer than a block (one row a block)
+SHAPES = [(24, 37), (300, 700), (2, 70001)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("axis", [None, 0, 1])
 @pytest.mark.parametrize("name", INT_FORMATS)
-def test_bit_identical_to_onnxruntime(name: str, axis: int | None, symmetric: bool) -> None:
+def test_bit_identical_to_onnxruntime(name: str, axis: int | None, symmetric: bool, shape: tuple[int, int]) -> None:
     fmt = _int(name)
-    rng = np.random.default_rng(zlib.crc32(f"{name}/{axis}/{symmetric}".encode()))
-    x = _data(rng, (24, 37))
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{axis}/{symmetric}/{shape}".encode()))
+    x = _data(rng, shape)
     if axis is None:
         lo, hi = x.min(), x.max()
         bshape: tuple[int, ...] = ()

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from onnxcomp.formats.nbits import pack_rows, unpack_rows
+from onnxcomp.formats.nbits import pack_rows, transposed, unpack_rows
 from onnxcomp.quant.matmulnbits import PackedWeight, pack_weight
 from onnxcomp.quant.qweight import QuantizedWeight
 from onnxcomp.quant.spec import Granularity, TensorSpec
@@ -98,3 +98,14 @@ def test_pack_rows_puts_the_even_code_in_the_low_nibble(shape: tuple[int, ...]) 
         np.testing.assert_array_equal(got, want)
         if layout.size:  # (unpack_rows cannot reshape an empty array)
             np.testing.assert_array_equal(unpack_rows(got, 4, layout.shape[-1]), layout & 0x0F)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (1, 1), (255, 7), (256, 3), (257, 513), (700, 40)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.float32])
+def test_transposed_equals_numpy_transpose(shape: tuple[int, int], dtype: type) -> None:
+    """The strip-wise copy is ``a.T`` exactly, C-contiguous, for strips that divide the rows or not."""
+    a = np.random.default_rng(shape[0]).integers(-100, 100, shape).astype(dtype)
+    for layout in (a, np.asfortranarray(a), a[::-1]):
+        got = transposed(layout)
+        assert got.flags.c_contiguous and got.dtype == a.dtype
+        np.testing.assert_array_equal(got, layout.T)
