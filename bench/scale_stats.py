@@ -60,7 +60,7 @@ def _grams(task: dict[str, Any]) -> dict[str, Any]:
     graph = ir.import_model(model)
     weighted = [n for n in graph.nodes if n.op == "MatMul" and ir.folded_value(n.inputs[1]) is not None]
     readers: dict[str, list[InputGram]] = {}
-    for i, node in enumerate(weighted):  # as quant.apply.hessian_factories groups them
+    for i, node in enumerate(weighted):  # as quant.statistics.hessian_factories groups them
         gram = InputGram(node, max_rows=GRAM_ROWS, rng=np.random.default_rng([0, i]))
         readers.setdefault(node.inputs[0].name, []).append(gram)
     ids = np.load(task["data"])["input_ids"]

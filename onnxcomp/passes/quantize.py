@@ -19,17 +19,7 @@ from onnxcomp.errors import CalibrationError, ConfigError, RecipeError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.registry import register_pass
 from onnxcomp.model_io import runs_on_ort
-from onnxcomp.quant.apply import (
-    apply_plans,
-    attach_migrated,
-    energies_from,
-    energy_factories,
-    hessian_factories,
-    hessians_from,
-    range_factories,
-    ranges_from,
-    weight_record,
-)
+from onnxcomp.quant.apply import apply_plans
 from onnxcomp.quant.ascend.pipeline import AscendOptions, ascend_quantize
 from onnxcomp.quant.ascend.qdq import ascend_qdq_options, check_float_inputs
 from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
@@ -37,6 +27,7 @@ from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_
 from onnxcomp.quant.equalize import equalize
 from onnxcomp.quant.fallback import AccuracyTarget, parse_target
 from onnxcomp.quant.plan import NodePlan, plan_nodes
+from onnxcomp.quant.record import attach_migrated, weight_record
 from onnxcomp.quant.report import quantization_report
 from onnxcomp.quant.smooth import awq, smooth_targets, smoothquant
 from onnxcomp.quant.spec import (
@@ -47,6 +38,14 @@ from onnxcomp.quant.spec import (
     emulated_reason,
     parse_config,
     parse_embedding_spec,
+)
+from onnxcomp.quant.statistics import (
+    energies_from,
+    energy_factories,
+    hessian_factories,
+    hessians_from,
+    range_factories,
+    ranges_from,
 )
 from onnxcomp.quant.tuning import tuned_quantize
 from onnxcomp.quant.weights import min_opset_for

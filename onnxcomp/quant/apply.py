@@ -1,21 +1,18 @@
-"""Carrying out quantization plans: calibrate static activations, emit, and record."""
+"""Carrying out quantization plans: quantize weights, emit, and record (``quant.record``).
+
+The calibration statistics the plans need are collected and read in ``quant.statistics``.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from onnxcomp import ir
-from onnxcomp.analysis.sparsity import (
-    weight_sparsity,  # zeros survive quantization exactly (q = zero point)
-)
-from onnxcomp.calibration.gram import Fanout, InputGram
-from onnxcomp.calibration.observers import compute_range, make_observer
 from onnxcomp.errors import ConfigError
 from onnxcomp.formats import ElementFormat, get_format
 from onnxcomp.framework.base import PassContext
@@ -41,133 +38,10 @@ from onnxcomp.quant.gptq import gptq_quantize
 from onnxcomp.quant.lowbit import stored_as
 from onnxcomp.quant.matmulnbits import bias_add, emit_matmulnbits, pack_weight, weight_constants
 from onnxcomp.quant.plan import NodePlan
-from onnxcomp.quant.qparams import range_qdq
 from onnxcomp.quant.qweight import QuantizedWeight
+from onnxcomp.quant.record import weight_record
 from onnxcomp.quant.spec import Granularity, NodeSpec, TensorSpec
-from onnxcomp.quant.weights import InputEnergyObserver, quantize_weight, raise_scales
-
-#: Observer options that configure the statistics (the rest configure the range policy).
-_STAT_OPTIONS = ("num_bins",)
-
-
-def hessian_factories(
-    plans: list[NodePlan], max_rows: int, rng: Callable[[str], np.random.Generator]
-) -> dict[str, Callable[[], Fanout]]:
-    """GPTQ's input Gram collectors, one per weighted Conv/Gemm/MatMul, grouped by the tensor they read."""
-    readers: dict[str, list[ir.Node]] = {}
-    for p in plans:
-        if p.spec.weights is not None and p.weight_index == 1 and p.node.op in ("Conv", "Gemm", "MatMul"):
-            readers.setdefault(p.node.inputs[0].name, []).append(p.node)
-    return {
-        tensor: partial(_grams, nodes, max_rows, [rng(f"gptq:{n.name}") for n in nodes])
-        for tensor, nodes in readers.items()
-    }
-
-
-def _grams(nodes: list[ir.Node], max_rows: int, rngs: list[np.random.Generator]) -> Fanout:
-    return Fanout([InputGram(n, max_rows=max_rows, rng=r) for n, r in zip(nodes, rngs, strict=True)])
-
-
-def hessians_from(observers: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """node name -> mean ``X^T X`` (``(d, d)``, or ``(group, d, d)`` for a grouped Conv)."""
-    found = {}
-    for fanout in observers.values():
-        for gram in fanout.accumulators:
-            blocks = gram.blocks()
-            found[gram.node.name] = blocks[0] if len(blocks) == 1 else blocks
-    return found
-
-
-def range_factories(static: dict[str, TensorSpec]) -> dict[str, Callable[[], Any]]:
-    """Observer factories of the static activation tensors (name -> factory)."""
-    factories: dict[str, Callable[[], Any]] = {}
-    for name, spec in static.items():
-        stat_opts = {k: v for k, v in spec.options().items() if k in _STAT_OPTIONS}
-        factories[name] = partial(make_observer, spec.observer, **stat_opts)
-    return factories
-
-
-def ranges_from(static: dict[str, TensorSpec], observers: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """A range per activation tensor from its filled observer, by the tensor's policy."""
-    ranges = {}
-    for name, spec in static.items():
-        policy_opts = {k: v for k, v in spec.options().items() if k not in _STAT_OPTIONS}
-        r = compute_range(
-            spec.observer, observers[name], range_qdq(spec.dtype, spec.symmetric), spec.symmetric, **policy_opts
-        )
-        ranges[name] = (float(r.lo), float(r.hi))
-    return ranges
-
-
-def energy_factories(plans: list[NodePlan]) -> dict[str, Callable[[], InputEnergyObserver]]:
-    """Input-energy collectors of the nodes whose weight observer is output_mse (tensor -> factory)."""
-    factories: dict[str, Callable[[], InputEnergyObserver]] = {}
-    for p in plans:
-        if p.spec.weights is not None and p.spec.weights.observer == "output_mse":
-            axis = 1 if p.node.op in ("Conv", "ConvTranspose", "Gemm") else -1
-            factories.setdefault(p.node.inputs[0].name, partial(InputEnergyObserver, axis))
-    return factories
-
-
-def energies_from(plans: list[NodePlan], observers: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Mean x^2 per input channel of each output_mse node (node name -> array)."""
-    return {
-        p.node.name: observers[p.node.inputs[0].name].energy()
-        for p in plans
-        if p.spec.weights is not None and p.spec.weights.observer == "output_mse"
-    }
-
-
-def attach_migrated(record: list[dict[str, Any]], migrated: Mapping[str, list[dict[str, Any]]]) -> None:
-    """Each quantized node's record entry gets what equalization / SmoothQuant / AWQ did to it
-    (entries name a ``node``, or an equalized pair ``first`` / ``second``)."""
-    by_node = {e.get("node"): e for e in record}
-    for algorithm, entries in migrated.items():
-        for item in entries:
-            for name in [item["node"]] if "node" in item else [item["first"], item["second"]]:
-                if name in by_node:
-                    by_node[name].setdefault("algorithms", {})[algorithm] = item
-
-
-def _tolist(a: np.ndarray) -> Any:
-    return (
-        np.asarray(a, dtype=np.float64).tolist()
-        if np.asarray(a).dtype.kind == "f"
-        else np.asarray(a).astype(np.int64).tolist()
-    )
-
-
-def _zero_pattern(qw: QuantizedWeight) -> np.ndarray:
-    """What the record counts zeros on: the one-byte integer codes when their zero point is 0 (a
-    weight is 0 exactly where its code equals the zero point), else the dequantized floats."""
-    codes, zp = qw.codes, qw.zero_point
-    integer = codes.dtype.kind in "iu" or codes.dtype.name in ("int4", "uint4")
-    if qw.storage != "dq" or not integer or codes.dtype.itemsize != 1 or codes.shape != qw.dequantized.shape:
-        return qw.dequantized
-    if zp is None or np.any(np.asarray(zp).view(np.uint8) != 0):
-        return qw.dequantized
-    return codes.view(np.uint8)
-
-
-def weight_record(name: str, qw: QuantizedWeight, stored_as: str) -> dict[str, Any]:
-    spec = qw.spec
-    zp = qw.zero_point if qw.zero_point is not None else np.zeros(np.shape(qw.scale), np.int8)
-    zp_values = zp.astype(np.float32) if zp.dtype.kind not in "iu" else zp
-    return {
-        "tensor": name,
-        "dtype": spec.dtype,
-        "granularity": str(spec.granularity),
-        "symmetric": spec.symmetric,
-        "observer": spec.observer,
-        "axis": qw.axis,
-        "block_size": qw.block_size,
-        "stored_as": stored_as,
-        "shape": list(qw.dequantized.shape),
-        "scale": _tolist(qw.scale),
-        "zero_point": _tolist(zp_values),
-        "sparsity": weight_sparsity(_zero_pattern(qw)),
-        **({"algorithm": qw.algorithm} if qw.algorithm else {}),
-    }
+from onnxcomp.quant.weights import quantize_weight, raise_scales
 
 
 def _int8_pair(plan: NodePlan) -> bool:

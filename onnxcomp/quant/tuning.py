@@ -30,9 +30,9 @@ from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.framework.options import options_to_dict
 from onnxcomp.framework.recipe import dump_options
 from onnxcomp.ir import match_glob
-from onnxcomp.quant.apply import attach_migrated
 from onnxcomp.quant.fallback import AccuracyTarget, SearchResult, ladder, search, spec_table
 from onnxcomp.quant.plan import plan_nodes
+from onnxcomp.quant.record import attach_migrated
 from onnxcomp.quant.spec import NodeSpec
 from onnxcomp.quant.trials import Trials, score_task, trial_resources
 from onnxcomp.quant.weights import min_opset_for

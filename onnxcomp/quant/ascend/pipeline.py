@@ -23,7 +23,6 @@ from onnxcomp.calibration.observers import make_observer
 from onnxcomp.errors import CalibrationError, ConfigError
 from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.framework.manager import convert_opset
-from onnxcomp.quant.apply import hessian_factories, hessians_from, ranges_from
 from onnxcomp.quant.ascend.balance import balance_factors, weight_snapshot
 from onnxcomp.quant.ascend.bias import correct_biases, output_means
 from onnxcomp.quant.ascend.emit import emit_deploy, emit_fake_quant
@@ -47,6 +46,7 @@ from onnxcomp.quant.ascend.learned import Learner, weight_quantizer
 from onnxcomp.quant.ascend.record import record_text
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.spec import DEFAULT_OPS, NodeSpec, QuantConfig, TensorSpec
+from onnxcomp.quant.statistics import hessian_factories, hessians_from, ranges_from
 
 #: The ai.onnx opsets ATC registers the Ascend ops for.
 MIN_OPSET, MAX_OPSET = 8, 22
