@@ -77,7 +77,11 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
     """Read an .onnx file (external data included) and check it; one-line errors otherwise.
 
     ``mapped`` (default: ``MAP_WEIGHTS_FROM_BYTES`` or more of weights, in data files or in the .onnx file) leaves the big
-    weights in their files, read through memory maps when a pass needs them (``ir.mapped``).
+    weights in their files, read through memory maps when a pass needs them (``ir.mapped``). Such a
+    proto names those files by absolute path: ``onnx.checker`` refuses it, and ``onnx.save`` writes a
+    file onnxruntime will not load. Pass it to onnxcomp's commands and :func:`save_model`, or read
+    the weights in first with ``onnxcomp.ir.mapped.materialized`` (``mapped=False`` loads them in
+    memory from the start).
     """
     path = Path(path)
     if not path.exists():
