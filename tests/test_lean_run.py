@@ -51,3 +51,40 @@ def test_validation_session_reads_a_file_not_bytes(tmp_path: Path, monkeypatch: 
     quantize(MODELS / "digits_cnn.onnx", out, calibration=MODELS / "digits_calib.npz", reports=False)
     assert len(calls) == 1 and calls[0]["serialized"] is None and isinstance(calls[0]["file"], Path)
     assert calls[0]["bytes"] == out.read_bytes()
+
+
+def _madvise_hugepage() -> bool:
+    """numpy's current huge-page setting (read by setting it back to what it was)."""
+    setter = np._core.multiarray._set_madvise_hugepage
+    current = setter(True)
+    setter(current)
+    return bool(current)
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_runs_allocate_without_huge_pages_and_restore_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: bool
+) -> None:
+    """Inside a run numpy asks for no transparent huge pages (runtime.small_pages); the caller's
+    setting is back afterwards, also when the run fails."""
+    import onnxcomp.quant.apply as apply
+
+    seen: list[bool] = []
+    real = apply.quantize_weight
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(_madvise_hugepage())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "quantize_weight", spy)
+    setter = np._core.multiarray._set_madvise_hugepage
+    previous = setter(before)
+    try:
+        quantize(MODELS / "digits_cnn.onnx", tmp_path / "q.onnx", weights="int8", activations="none", reports=False)
+        assert seen and not any(seen)
+        assert _madvise_hugepage() is before
+        with pytest.raises(Exception, match="already exists"):
+            quantize(MODELS / "digits_cnn.onnx", tmp_path / "q.onnx", weights="int8", activations="none")
+        assert _madvise_hugepage() is before
+    finally:
+        setter(previous)
