@@ -356,3 +356,29 @@ def test_a_mapped_output_failing_validation_on_its_file_is_not_written(
     ):
         api.quantize(decoder, out, weights="int8", granularity="channel", activations="none")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no spill or staging folder left
+
+
+@pytest.mark.parametrize("forced_mapped", [False, True])
+def test_reference_run_maps_a_mapped_input(
+    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forced_mapped: bool
+) -> None:
+    """The validation's reference run reads an in-memory input from its file (no serialisation) and
+    a mapped one as the mapped proto, whose weights onnxruntime maps instead of parsing the file."""
+    import onnxcomp.framework.validation as validation
+
+    seen: list[object] = []
+    real = validation.ort_session
+
+    def recording(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "ort_session", recording)
+    if forced_mapped:
+        monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
+    api.quantize(decoder, tmp_path / "q.onnx", weights="int8", activations="none", reports=False)
+    assert len(seen) == 1
+    if forced_mapped:
+        assert isinstance(seen[0], onnx.ModelProto) and is_mapped(seen[0])
+    else:
+        assert seen[0] == decoder
