@@ -35,8 +35,9 @@ def test_validate_and_save_from_shared_bytes(tmp_path: Path) -> None:
 
 
 def test_validation_session_reads_a_file_not_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The final check hands onnx.checker and onnxruntime a file of the serialised result (the
-    bytes object is dropped while the session is built); the saved file has those very bytes."""
+    """An in-memory model's final check hands onnx.checker and onnxruntime a file of the serialised
+    result (the bytes object is dropped while the session is built); the saved file has those very
+    bytes. (A model given as a file is mapped and validated from the file written: test_mapped.)"""
     import onnxcomp.framework.manager as manager
 
     calls: list[dict[str, object]] = []
@@ -48,7 +49,8 @@ def test_validation_session_reads_a_file_not_bytes(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(manager, "validate_model", spy)
     out = tmp_path / "q.onnx"
-    quantize(MODELS / "digits_cnn.onnx", out, calibration=MODELS / "digits_calib.npz", reports=False)
+    model = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    quantize(model, out, calibration=MODELS / "digits_calib.npz", reports=False)
     assert len(calls) == 1 and calls[0]["serialized"] is None and isinstance(calls[0]["file"], Path)
     assert calls[0]["bytes"] == out.read_bytes()
 

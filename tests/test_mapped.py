@@ -358,12 +358,14 @@ def test_a_mapped_output_failing_validation_on_its_file_is_not_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no spill or staging folder left
 
 
-@pytest.mark.parametrize("forced_mapped", [False, True])
-def test_reference_run_maps_a_mapped_input(
-    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forced_mapped: bool
+@pytest.mark.parametrize("output", [True, False])
+def test_reference_run_maps_the_input_of_a_run_writing_a_file(
+    decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bool
 ) -> None:
-    """The validation's reference run reads an in-memory input from its file (no serialisation) and
-    a mapped one as the mapped proto, whose weights onnxruntime maps instead of parsing the file."""
+    """A run that writes a file maps its input whatever its size, and the validation's reference run
+    is a session over that mapped proto (onnxruntime maps the weights instead of parsing the file).
+    Without an output the input below MAP_WEIGHTS_FROM_BYTES is read in, and onnxruntime reads the
+    reference from its file (no serialisation)."""
     import onnxcomp.framework.validation as validation
 
     seen: list[object] = []
@@ -374,11 +376,11 @@ def test_reference_run_maps_a_mapped_input(
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(validation, "ort_session", recording)
-    if forced_mapped:
-        monkeypatch.setattr(model_io, "MAP_WEIGHTS_FROM_BYTES", 0)
-    api.quantize(decoder, tmp_path / "q.onnx", weights="int8", activations="none", reports=False)
+    report = api.quantize(decoder, tmp_path / "q.onnx" if output else None, weights="int8", activations="none")
     assert len(seen) == 1
-    if forced_mapped:
+    if output:
         assert isinstance(seen[0], onnx.ModelProto) and is_mapped(seen[0])
+        assert not is_mapped(report.model)  # the written output read back: an ordinary proto
+        onnx.checker.check_model(report.model)
     else:
-        assert seen[0] == decoder
+        assert seen[0] == decoder and not is_mapped(report.model)
