@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from onnxcomp import model_io
 from onnxcomp._version import __version__
 from onnxcomp.calibration.data import calibration_source
 from onnxcomp.calibration.shard import calibration_resources
@@ -50,14 +51,20 @@ CalibrationLike = str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | 
 
 #: Front ends check the result once and locate a broken pass only when the result is invalid.
 LOCATE = "locate"
+#: A run that writes a model maps its input from this many bytes of weights (in the .onnx file or
+#: its data files): the passes read them from the file, the reference run maps them, nothing holds
+#: the parsed model. MiniLM-L3 (66 MB): INT4 1.13 -> 0.82 s and 404 -> 223 MB, W8A8 1.53 -> 0.92 s.
+#: Below it the per-weight work of a mapped run (spilled and spliced weights, the output read back)
+#: outweighs the parse: mapped, the 10-21 MB PP-OCR models ran 5-16% slower (in 40% less memory).
+RUN_MAP_WEIGHTS_FROM_BYTES = 32 << 20
 
 
-def as_model(model: ModelLike, mapped: bool | None = None) -> tuple[onnx.ModelProto, Path | None]:
-    """The model and the file it was read from (``mapped``: as :func:`model_io.load_model`)."""
+def as_model(model: ModelLike, map_from_bytes: int | None = None) -> tuple[onnx.ModelProto, Path | None]:
+    """The model and the file it was read from (``map_from_bytes``: as :func:`model_io.load_model`)."""
     if isinstance(model, onnx.ModelProto):
         return model, None
     path = Path(model)
-    return load_model(path, mapped=mapped), path
+    return load_model(path, map_from_bytes=map_from_bytes), path
 
 
 def as_recipe(recipe: RecipeLike) -> Recipe:
@@ -111,11 +118,10 @@ def run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | No
 
 
 def _run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, run: RunOptions) -> RunReport:
-    # A run that writes a file maps its input's weights whatever their size: the passes read them
-    # from the file, the reference run maps them, nothing holds the parsed model (MiniLM-L3's INT4
-    # run: 1.3 -> 0.85 s, 404 -> 223 MB). Without an output the caller gets the model itself: a
-    # mapped one only from model_io.MAP_WEIGHTS_FROM_BYTES, as load_model gives.
-    proto, source = as_model(model, mapped=True if output is not None else None)
+    # A run that writes a file maps its input from RUN_MAP_WEIGHTS_FROM_BYTES: without an output the
+    # caller gets the model itself, mapped only from model_io.MAP_WEIGHTS_FROM_BYTES (load_model's).
+    threshold = min(RUN_MAP_WEIGHTS_FROM_BYTES, model_io.MAP_WEIGHTS_FROM_BYTES) if output is not None else None
+    proto, source = as_model(model, map_from_bytes=threshold)
     out_path = Path(output) if output is not None else None
     if out_path is None or not is_mapped(proto):
         return _run_and_save(proto, source, out_path, plan, run)

@@ -73,10 +73,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | None = None) -> onnx.ModelProto:
+def load_model(
+    path: str | os.PathLike[str], check: bool = True, mapped: bool | None = None, map_from_bytes: int | None = None
+) -> onnx.ModelProto:
     """Read an .onnx file (external data included) and check it; one-line errors otherwise.
 
-    ``mapped`` (default: ``MAP_WEIGHTS_FROM_BYTES`` or more of weights, in data files or in the .onnx file) leaves the big
+    ``mapped`` (default: ``map_from_bytes``, else ``MAP_WEIGHTS_FROM_BYTES``, or more of weights, in data files or in
+    the .onnx file) leaves the big
     weights in their files, read through memory maps when a pass needs them (``ir.mapped``). Such a
     proto names those files by absolute path: ``onnx.checker`` refuses it, and ``onnx.save`` writes a
     file onnxruntime will not load. Pass it to onnxcomp's commands and :func:`save_model`, or read
@@ -91,8 +94,9 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path}: file is empty; expected an ONNX model")
     inline: dict[int, tuple[int, int]] = {}
+    threshold = MAP_WEIGHTS_FROM_BYTES if map_from_bytes is None else map_from_bytes
     try:
-        if mapped is not False and (mapped or path.stat().st_size >= MAP_WEIGHTS_FROM_BYTES):
+        if mapped is not False and (mapped or path.stat().st_size >= threshold):
             # Big weights inside the file: the model is read without them (ir.inline_data)
             model, inline, inline_bytes = load_without_inline_data(path, MIN_MAPPED_BYTES)
         else:
@@ -105,7 +109,7 @@ def load_model(path: str | os.PathLike[str], check: bool = True, mapped: bool | 
         raise ModelLoadError(
             f"{path}: not an ONNX model (no graph found); the file may be truncated or of another kind"
         )
-    map_weights = mapped if mapped is not None else _external_bytes(model) + inline_bytes >= MAP_WEIGHTS_FROM_BYTES
+    map_weights = mapped if mapped is not None else _external_bytes(model) + inline_bytes >= threshold
     if _uses_external(model) and map_weights:
         try:
             map_external_data(model, path.parent)

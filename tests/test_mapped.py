@@ -362,11 +362,14 @@ def test_a_mapped_output_failing_validation_on_its_file_is_not_written(
 def test_reference_run_maps_the_input_of_a_run_writing_a_file(
     decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: bool
 ) -> None:
-    """A run that writes a file maps its input whatever its size, and the validation's reference run
-    is a session over that mapped proto (onnxruntime maps the weights instead of parsing the file).
-    Without an output the input below MAP_WEIGHTS_FROM_BYTES is read in, and onnxruntime reads the
-    reference from its file (no serialisation)."""
+    """A run that writes a file maps its input from execute.RUN_MAP_WEIGHTS_FROM_BYTES (lowered here
+    to the decoder's size), and the validation's reference run is a session over that mapped proto
+    (onnxruntime maps the weights instead of parsing the file). Without an output the input below
+    MAP_WEIGHTS_FROM_BYTES is read in, and onnxruntime reads the reference from its file."""
+    import onnxcomp.execute as execute
     import onnxcomp.framework.validation as validation
+
+    monkeypatch.setattr(execute, "RUN_MAP_WEIGHTS_FROM_BYTES", decoder.stat().st_size)
 
     seen: list[object] = []
     real = validation.ort_session

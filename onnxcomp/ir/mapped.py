@@ -1,7 +1,8 @@
 """Weights that stay on disk: the big initializers of a model read through memory maps.
 
 A model loaded *mapped* (``model_io.load_model`` when its weights reach
-``model_io.MAP_WEIGHTS_FROM_BYTES``, and every run that writes a model) holds no weight bytes: each large initializer of the main
+``model_io.MAP_WEIGHTS_FROM_BYTES``, and a run writing a model from
+``execute.RUN_MAP_WEIGHTS_FROM_BYTES``) holds no weight bytes: each large initializer of the main
 graph with a numpy dtype stays an external reference whose ``location`` is the **absolute** path
 of its data file (small and non-numpy tensors are read into the proto: shape inference and
 constant folding read them). Absolute locations are this in-memory form only; every file
