@@ -78,13 +78,12 @@ def load_model(
 ) -> onnx.ModelProto:
     """Read an .onnx file (external data included) and check it; one-line errors otherwise.
 
-    ``mapped`` (default: ``map_from_bytes``, else ``MAP_WEIGHTS_FROM_BYTES``, or more of weights, in data files or in
-    the .onnx file) leaves the big
-    weights in their files, read through memory maps when a pass needs them (``ir.mapped``). Such a
-    proto names those files by absolute path: ``onnx.checker`` refuses it, and ``onnx.save`` writes a
-    file onnxruntime will not load. Pass it to onnxcomp's commands and :func:`save_model`, or read
-    the weights in first with ``onnxcomp.ir.mapped.materialized`` (``mapped=False`` loads them in
-    memory from the start).
+    ``mapped`` (default: from ``map_from_bytes``, else ``MAP_WEIGHTS_FROM_BYTES``, of weights in data
+    files or in the .onnx file) leaves the big weights in their files, read through memory maps when
+    a pass needs them (``ir.mapped``). Such a proto names those files by absolute path:
+    ``onnx.checker`` refuses it, and ``onnx.save`` writes a file onnxruntime will not load. Pass it
+    to onnxcomp's commands and :func:`save_model`, or read the weights in first with
+    ``onnxcomp.ir.mapped.materialized`` (``mapped=False`` loads them in memory from the start).
     """
     path = Path(path)
     if not path.exists():
