@@ -1,9 +1,10 @@
 """Running a recipe on a model and saving what it produces: the one path behind every API function.
 
-:func:`run_plan` loads the model (mapped when its external data is big), runs the pass manager
-under the calibration resources the run asked for, and writes the output atomically with its
-resolved recipe and the records the passes made beside it. A mapped model written to a file has
-its new weights spilled beside the output and is validated from the written file (docs/scale.md).
+:func:`run_plan` loads the model (mapped from ``RUN_MAP_WEIGHTS_FROM_BYTES`` of weights when it
+writes a file), runs the pass manager under the calibration resources the run asked for, and
+writes the output atomically with its resolved recipe and the records the passes made beside it.
+A mapped model written to a file has its new weights spilled beside the output and is validated
+from the written file (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -105,11 +106,8 @@ def _in_background(function: Callable[[Path], str], path: Path) -> Future[str]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | None, run: RunOptions) -> RunReport:

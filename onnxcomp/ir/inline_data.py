@@ -20,10 +20,9 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from onnxcomp.ir.mapped import copy_bytes, numpy_dtype, set_reference, source_of
+from onnxcomp.ir.mapped import copy_bytes, mappable, set_reference, source_of
 
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
@@ -150,14 +149,12 @@ def load_without_inline_data(path: Path, min_bytes: int) -> tuple[onnx.ModelProt
 
 def map_inline_data(model: onnx.ModelProto, path: Path, left_out: dict[int, tuple[int, int]], mapped: bool) -> None:
     """Point the initializers :func:`load_without_inline_data` left out at their bytes in ``path``
-    (``mapped``; whole numeric tensors only), or read those bytes back into the model."""
+    (``mapped``; :func:`ir.mapped.mappable` tensors only), or read those bytes back into the model."""
     source = str(Path(path).resolve())
     with open(path, "rb") as fh:
         for index, (offset, length) in left_out.items():
             tensor = model.graph.initializer[index]
-            dtype = numpy_dtype(tensor)
-            whole = dtype is not None and length == int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-            if mapped and whole:
+            if mapped and mappable(tensor, length):
                 set_reference(tensor, source, offset, length)
             else:
                 fh.seek(offset)

@@ -74,6 +74,14 @@ def numpy_dtype(tensor: onnx.TensorProto) -> np.dtype | None:
     return dtype if dtype.kind in "fiub" and dtype.names is None and dtype.metadata is None else None
 
 
+def mappable(tensor: onnx.TensorProto, length: int) -> bool:
+    """Whether ``length`` bytes, MIN_MAPPED_BYTES or more, are all of ``tensor``'s values in a numpy
+    dtype: what is left in a file (or moved to one) and read back through a map."""
+    dtype = numpy_dtype(tensor)
+    whole = dtype is not None and length == int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+    return whole and length >= MIN_MAPPED_BYTES
+
+
 def set_reference(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     """Make ``tensor`` an external reference (onnx's setter insists on raw data being present)."""
     del tensor.external_data[:]
@@ -144,9 +152,7 @@ def map_external_data(model: onnx.ModelProto, directory: Path) -> int:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         path, offset, length = _resolve(tensor, base)
-        dtype = numpy_dtype(tensor)
-        whole = dtype is not None and length == int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-        if whole and length >= MIN_MAPPED_BYTES:
+        if mappable(tensor, length):
             set_reference(tensor, str(path), offset, length)
             mapped += length
     # Everything else external (small, non-numpy, in bodies or attributes) is read into the proto.
@@ -260,7 +266,7 @@ def split_in_memory(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if dtype is None or not tensor.HasField("raw_data"):
             continue
         raw = tensor.raw_data
-        if len(raw) < MIN_MAPPED_BYTES or len(raw) != int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize:
+        if not mappable(tensor, len(raw)):
             continue
         taken[tensor.name] = np.frombuffer(raw, dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
         tensor.ClearField("raw_data")

@@ -22,7 +22,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcomp.ir.mapped import ALIGNMENT, MIN_MAPPED_BYTES, MappedValues, SourceArray, numpy_dtype, set_reference
+from onnxcomp.ir.mapped import (
+    ALIGNMENT,
+    MIN_MAPPED_BYTES,
+    MappedValues,
+    SourceArray,
+    mappable,
+    numpy_dtype,
+    set_reference,
+)
 
 _SPILL_DIRECTORY: ContextVar[Path | None] = ContextVar("onnxcomp_spill_directory", default=None)
 
@@ -110,10 +118,9 @@ def _numpy_weight(name: str, values: np.ndarray) -> tuple[onnx.TensorProto, memo
 
 def _proto_weight(name: str, proto: onnx.TensorProto) -> tuple[onnx.TensorProto, bytes] | None:
     """:func:`_numpy_weight` for a TensorProto holding its bytes in ``raw_data``."""
-    dtype = numpy_dtype(proto)
-    if dtype is None or proto.data_location == onnx.TensorProto.EXTERNAL or not proto.HasField("raw_data"):
+    if proto.data_location == onnx.TensorProto.EXTERNAL or not proto.HasField("raw_data"):
         return None
     raw = proto.raw_data
-    if len(raw) < MIN_MAPPED_BYTES or len(raw) != int(np.prod(proto.dims, dtype=np.int64)) * dtype.itemsize:
+    if not mappable(proto, len(raw)):
         return None
     return onnx.TensorProto(name=name, data_type=proto.data_type, dims=list(proto.dims)), raw

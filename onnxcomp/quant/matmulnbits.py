@@ -45,9 +45,10 @@ def _next_pow2(value: int) -> int:
 
 
 def _unsigned_codes(codes: np.ndarray, bits: int, signed: bool) -> np.ndarray:
-    """Codes as MatMulNBits' unsigned uint8 values: signed ones shifted by 2^(bits-1), in uint8
-    arithmetic (ml_dtypes' int4 holds its two's complement nibble in the low bits of a byte)."""
-    raw = codes.view(np.uint8) if codes.dtype.itemsize == 1 else codes.astype(np.int64).astype(np.uint8)
+    """One-byte codes (every ``_BITS`` dtype) as MatMulNBits' unsigned uint8 values: signed ones
+    shifted by 2^(bits-1), in uint8 arithmetic (ml_dtypes' int4 holds its two's complement nibble in
+    the low bits of a byte)."""
+    raw = codes.view(np.uint8)
     if not signed:
         return raw
     return (raw + np.uint8(1 << (bits - 1))) & np.uint8((1 << bits) - 1)

@@ -68,7 +68,7 @@ def storage_array(codes: np.ndarray, fmt: Format) -> np.ndarray:
     # ml_dtypes keeps a 4-bit code in the low nibble of a byte (two's complement for int4, high
     # nibble 0): set from the byte directly; its value cast runs element by element (3x slower)
     if name == "int4":
-        return (codes.astype(np.int8).view(np.uint8) & np.uint8(0x0F)).view(ml_dtypes.int4)
+        return (codes.astype(np.int8, copy=False).view(np.uint8) & np.uint8(0x0F)).view(ml_dtypes.int4)
     if name == "uint4":
         return codes.astype(np.uint8).view(ml_dtypes.uint4)
     if name == "fp8_e4m3":

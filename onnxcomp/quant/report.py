@@ -63,9 +63,8 @@ def quantization_report(
     outputs = [o.name for o in float_model.graph.output if o.name in {q.name for q in quant_model.graph.output}]
     names = list(dict.fromkeys(tensors + outputs))
     plan = plan_local_error(float_model, quant_model)  # each node fed the float model's own tensors
-    # A model with mapped weights (over 1 GiB) gets no local figures: their float inputs would be
-    # kept for every report batch beside the outputs, for a third session (docs/scale.md).
-    # Local figures keep every layer's float inputs for a third session: not for the biggest models
+    # A model with 1 GiB of mapped weights or more gets no local figures: every layer's float inputs
+    # would be kept for every report batch beside the outputs, for a third session (docs/scale.md).
     big = is_large(float_model)
     local_of = {} if big else {t.local_name: t.tensor for t in plan.targets if t.tensor in set(tensors)}
     fed = {i.name for i in float_model.graph.input}  # graph inputs come from the batch itself
