@@ -100,7 +100,7 @@ class IntegerFormat:
             return codes
         # Block by block along axis 0 through one float32 scratch buffer that stays in cache: the
         # four passes read and write it there, and only the codes are allocated (2x faster on a
-        # 2048 x 5632 weight than whole-array temporaries).
+        # 5632 x 2048 weight than whole-array temporaries).
         xs, ss = np.broadcast_to(x32, shape), np.broadcast_to(s, shape)
         zs = np.broadcast_to(zp.astype(np.float32), shape) if zp.any() else None
         rows = shape[0] if shape else 1
