@@ -37,6 +37,13 @@ from onnxcomp.framework import (
 )
 from onnxcomp.model_io import write_text_atomic
 
+_RUN_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def _run_options(keywords: Mapping[str, Any]) -> RunOptions:
+    """The :class:`RunOptions` among an API call's keywords (every front end names them alike)."""
+    return RunOptions(**{name: keywords[name] for name in _RUN_OPTION_NAMES if name in keywords})
+
 
 def compress(
     model: ModelLike,
@@ -54,6 +61,7 @@ def compress(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    validate: str | None = None,
 ) -> RunReport:
     """Run a recipe (or a list of passes) on a model; save it and its resolved recipe if ``output``.
 
@@ -64,21 +72,11 @@ def compress(
     address, ``"auto"``) shard calibration; ``calib_memory`` (GB) bounds the tensors it exposes per
     batch; ``calib_partitions`` runs the graph in that many partitions, one session each
     (docs/scale.md). Records the passes make are saved beside the output as
-    ``OUT.<feature>_record.json``.
+    ``OUT.<feature>_record.json``. ``validate`` overrides the recipe's check of the result
+    (``locate``, the other front ends' mode, ``each``, ``end``; ``none`` writes it unchecked);
+    every front end takes these run keywords.
     """
-    run = RunOptions(
-        calibration,
-        calib_samples,
-        batch_size,
-        force,
-        progress,
-        external_data,
-        batch_axis,
-        workers,
-        ray,
-        calib_memory,
-        calib_partitions=calib_partitions,
-    )
+    run = _run_options(locals())
     return run_plan(model, as_recipe(recipe), output, run)
 
 
@@ -89,9 +87,18 @@ def fuse(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    validate: str | None = None,
 ) -> RunReport:
     """Deployment fusions (BN folding, affine folding, MatMul+Add -> Gemm, cleanup)."""
-    return compress(model, list(FUSE_PIPELINE), output, force=force, progress=progress, external_data=external_data)
+    return compress(
+        model,
+        list(FUSE_PIPELINE),
+        output,
+        force=force,
+        progress=progress,
+        external_data=external_data,
+        validate=validate,
+    )
 
 
 def quantize(
@@ -142,6 +149,7 @@ def quantize(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    validate: str | None = None,
 ) -> RunReport:
     """Post-training quantization: fusions (unless ``fuse=False``) then the ``quantize`` pass.
 
@@ -196,19 +204,7 @@ def quantize(
         target=target,
         ascend_int4=ascend_int4,
     )
-    run = RunOptions(
-        calibration,
-        calib_samples,
-        batch_size,
-        force,
-        progress,
-        external_data,
-        batch_axis,
-        workers,
-        ray,
-        calib_memory,
-        calib_partitions=calib_partitions,
-    )
+    run = _run_options(locals())
     if simulation_output is not None and options.get("target") == "ascend":
         raise OnnxCompError("--simulation with --target ascend: the simulation is written as OUT.fake_quant.onnx")
     report = run_plan(model, Recipe(quantize_passes(options, fuse), validate=LOCATE), output, run)
@@ -247,7 +243,7 @@ def distill(
     ``teacher_input`` feeds each block the float model's input instead of the student's. Needs
     ``calibration`` (unlabelled inputs).
     """
-    run_names = {f.name for f in dataclasses.fields(RunOptions)}
+    run_names = set(_RUN_OPTION_NAMES)
     format_names = set(inspect.signature(quantize_options).parameters)
     unknown = sorted(set(keywords) - run_names - format_names)
     if unknown:
@@ -266,7 +262,7 @@ def distill(
         "teacher_input": teacher_input,
     }
     options = {**options, **{k: v for k, v in learning.items() if v is not None}}
-    run = RunOptions(**{k: v for k, v in keywords.items() if k in run_names})
+    run = _run_options(keywords)
     report = run_plan(model, Recipe(with_fusions([make_pass("distill", options)], fuse), validate=LOCATE), output, run)
     if simulation_output is not None:
         sim = {**options, "emit": "simulate", "report_batches": 0, "kernel_report": False}
@@ -297,6 +293,7 @@ def decompose(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    validate: str | None = None,
     ops: DecomposeLayers | None = None,
 ) -> RunReport:
     """Low-rank tensor decomposition: fusions (unless ``fuse=False``) then ``decompose_conv``
@@ -313,19 +310,7 @@ def decompose(
     passes = decompose_passes(
         layers=chosen, rank_rule=rank_rule, align=align, replay=replay, options=options, fuse=fuse
     )
-    run = RunOptions(
-        calibration,
-        calib_samples,
-        batch_size,
-        force,
-        progress,
-        external_data,
-        batch_axis,
-        workers,
-        ray,
-        calib_memory,
-        calib_partitions=calib_partitions,
-    )
+    run = _run_options(locals())
     return run_plan(model, Recipe(passes, validate=LOCATE), output, run)
 
 
@@ -355,6 +340,7 @@ def sparsify(
     force: bool = False,
     progress: bool = False,
     external_data: bool | None = None,
+    validate: str | None = None,
     prune_ratio: float | None = None,
     reconstruct: bool | None = None,
     method: str | None = None,
@@ -393,19 +379,7 @@ def sparsify(
         method=method,
         dense_layers=dense_layers,
     )
-    run = RunOptions(
-        calibration,
-        calib_samples,
-        batch_size,
-        force,
-        progress,
-        external_data,
-        batch_axis,
-        workers,
-        ray,
-        calib_memory,
-        calib_partitions=calib_partitions,
-    )
+    run = _run_options(locals())
     return run_plan(model, Recipe(passes, validate=LOCATE), output, run)
 
 

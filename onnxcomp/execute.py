@@ -9,6 +9,7 @@ from the written file (docs/scale.md).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -119,6 +120,9 @@ def _run_plan(model: ModelLike, plan: Recipe, output: str | os.PathLike[str] | N
     # A run that writes a file maps its input from RUN_MAP_WEIGHTS_FROM_BYTES: without an output the
     # caller gets the model itself, mapped only from model_io.MAP_WEIGHTS_FROM_BYTES (load_model's).
     threshold = min(RUN_MAP_WEIGHTS_FROM_BYTES, model_io.MAP_WEIGHTS_FROM_BYTES) if output is not None else None
+    validate = run.validation()
+    if validate is not None:  # the run's choice wins over the recipe's, and the written recipe says so
+        plan = dataclasses.replace(plan, validate=validate)
     proto, source = as_model(model, map_from_bytes=threshold)
     out_path = Path(output) if output is not None else None
     if out_path is None or not is_mapped(proto):

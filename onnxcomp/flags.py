@@ -31,6 +31,7 @@ from typing import Any, Literal
 from onnxcomp.calibration.shard import CalibrationResources
 from onnxcomp.errors import ConfigError, OnnxCompError
 from onnxcomp.framework import Pass, get_pass, make_pass, option_fields
+from onnxcomp.framework.recipe import VALIDATE_MODES
 
 #: The order ``onnxcomp fuse`` runs the deployment fusions in.
 FUSE_PIPELINE: tuple[str, ...] = (
@@ -66,7 +67,9 @@ class RunOptions:
     local processes / a Ray cluster; ``calib_memory`` (GB) bounds the tensors calibration exposes
     per batch (None: a quarter of the machine's memory); ``calib_partitions`` runs the graph in
     that many consecutive partitions, one session each, so a batch's live tensors are about one
-    partition's (1: all at once). (``fuse``, the other shared keyword,
+    partition's (1: all at once). ``validate`` overrides how the result is checked (None: the
+    recipe's mode; the front ends' is ``locate``; ``"none"`` writes the output unchecked, see
+    :class:`onnxcomp.framework.PassManager`). (``fuse``, the other shared keyword,
     decides the pass list: :func:`with_fusions`.)
     """
 
@@ -81,6 +84,13 @@ class RunOptions:
     ray: str | None = None
     calib_memory: float | None = None
     calib_partitions: int = 1
+    validate: str | None = None
+
+    def validation(self) -> str | None:
+        """``validate``, checked (ConfigError on an unknown mode)."""
+        if self.validate is not None and self.validate not in VALIDATE_MODES:
+            raise ConfigError(f"validate must be one of {', '.join(VALIDATE_MODES)}, got {self.validate!r}")
+        return self.validate
 
     def calibration_resources(self) -> CalibrationResources:
         """The calibration resources of these options (ConfigError on a bad value)."""

@@ -14,9 +14,9 @@ from conftest import conv_bn_model
 
 import onnxcomp.framework.manager as manager
 from onnxcomp import ir
-from onnxcomp.api import compress
+from onnxcomp.api import compress, quantize
 from onnxcomp.cli.main import main
-from onnxcomp.errors import PassError, RecipeError
+from onnxcomp.errors import ConfigError, PassError, RecipeError
 from onnxcomp.framework.base import Pass, PassContext, PassResult
 from onnxcomp.framework.manager import PassManager
 from onnxcomp.framework.options import build_options
@@ -180,6 +180,40 @@ def test_api_and_cli_agree(tmp_path: Path, conv_bn_path: Path) -> None:
     recipe.write_text('[[passes]]\npass = "remove_identity"\n')
     assert main(["-q", "run", str(recipe), str(conv_bn_path), "-o", str(out_cli)]) == 0
     assert out_api.read_bytes() == out_cli.read_bytes()
+
+
+def test_validate_none_skips_every_check_and_writes_the_same_bytes(
+    tmp_path: Path, conv_bn_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--validate none`` (``validate="none"``): no checker, no reference run, no session over the
+    output; the model is byte for byte the checked run's, and its recipe records the mode."""
+    checked = tmp_path / "checked.onnx"
+    quantize(conv_bn_path, checked, weights="int8", activations="none")
+    calls: list[str] = []
+    monkeypatch.setattr(manager, "validate_model", lambda *a, **k: calls.append("validate_model"))
+    monkeypatch.setattr(manager, "inference_sample", lambda *a, **k: calls.append("inference_sample"))
+    unchecked = tmp_path / "unchecked.onnx"
+    argv = ["-q", "quantize", str(conv_bn_path), "-o", str(unchecked), "--weights", "int8", "--activations", "none"]
+    assert main([*argv, "--validate", "none"]) == 0
+    assert calls == [] and unchecked.read_bytes() == checked.read_bytes()
+    assert 'validate = "none"' in (tmp_path / "unchecked.recipe.toml").read_text()
+    assert 'validate = "locate"' in (tmp_path / "checked.recipe.toml").read_text()
+    again = tmp_path / "again.onnx"  # the recipe written reproduces the unchecked run
+    assert main(["-q", "run", str(tmp_path / "unchecked.recipe.toml"), str(conv_bn_path), "-o", str(again)]) == 0
+    assert calls == [] and again.read_bytes() == checked.read_bytes()
+
+
+def test_validate_run_option_overrides_the_recipe_and_is_checked(tmp_path: Path, conv_bn_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('validate = "none"\n[[passes]]\npass = "remove_identity"\n')
+    out = tmp_path / "out.onnx"
+    compress(conv_bn_path, recipe, out, validate="each")
+    assert 'validate = "each"' in (tmp_path / "out.recipe.toml").read_text()
+    with pytest.raises(ConfigError, match=r"validate must be one of each, locate, end, none, got 'never'"):
+        compress(conv_bn_path, recipe, tmp_path / "bad.onnx", validate="never")
+    assert not (tmp_path / "bad.onnx").exists()
+    with pytest.raises(SystemExit):
+        main(["-q", "fuse", str(conv_bn_path), "-o", str(tmp_path / "cli.onnx"), "--validate", "never"])
 
 
 def test_passes_command_lists_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ import onnx
 
 from onnxcomp import ir
 from onnxcomp.formats.nbits import unpack_rows
-from onnxcomp.formats.nm import NMPattern, nm_fraction
+from onnxcomp.formats.nm import NMPattern, nonzero_mask, nonzero_mask_fraction
 from onnxcomp.ir import reduction_axis
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -32,13 +32,14 @@ def weight_sparsity(w: np.ndarray, axis: int | None = None, pattern: NMPattern =
     is reported (the quantizer's record does not know the layer's layout).
     """
     values = np.asarray(w)
-    nonzero = int(np.count_nonzero(values))
+    mask = nonzero_mask(values)  # once for every axis tried
+    nonzero = int(np.count_nonzero(mask))
     zeros = (values.size - nonzero) / values.size if values.size else 0.0
     dense = values.size > 0 and nonzero == values.size  # most weights: no group to count
     axes = [axis] if axis is not None else ([1, 0] if values.ndim == 2 else [1] if values.ndim > 1 else [0])
     best_axis, best = axes[0], -1.0
     for a in axes:
-        frac = _dense_nm_fraction(values.shape[a], pattern) if dense else nm_fraction(values, a, pattern)
+        frac = _dense_nm_fraction(values.shape[a], pattern) if dense else nonzero_mask_fraction(mask, a, pattern)
         if frac > best:
             best_axis, best = a, frac
     holds = best == 1.0 and zeros > 0 and values.shape[best_axis] > pattern.n

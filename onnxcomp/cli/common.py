@@ -20,6 +20,7 @@ from onnxcomp.analysis.verdict import measure_latency, run_verdict
 from onnxcomp.errors import OnnxCompError
 from onnxcomp.flags import FUSE_PIPELINE
 from onnxcomp.framework import RunReport
+from onnxcomp.framework.recipe import VALIDATE_MODES
 from onnxcomp.model_io import load_model
 
 Handler = Callable[[argparse.Namespace], int]
@@ -121,6 +122,14 @@ def add_run_options(p: argparse.ArgumentParser, calibration: str | None = None, 
     if fuse:
         group.add_argument("--no-fuse", action="store_true", help="do not run the deployment fusions first")
     group.add_argument(
+        "--validate",
+        choices=VALIDATE_MODES,
+        help="how the result is checked (onnx.checker, then one onnxruntime run compared with the input's "
+        "outputs): locate (default; the recipe's mode for run) checks the result and, if it is broken, "
+        "names the pass that broke it; each checks after every pass; end checks the result only; none "
+        "writes it unchecked (faster on big models: no reference run, no session over the output)",
+    )
+    group.add_argument(
         "--measure",
         action="store_true",
         help="also time the input and the output on onnxruntime CPU (1 thread, interleaved, on the first "
@@ -155,6 +164,7 @@ def batch_axis_arg(text: str) -> tuple[str, int | None]:
 def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The :mod:`onnxcomp.api` keywords of the run options a command declared."""
     out: dict[str, Any] = {"force": args.force, "progress": not args.quiet, "external_data": args.external_data or None}
+    out["validate"] = args.validate
     if hasattr(args, "calib"):
         out.update(calibration=args.calib, calib_samples=args.calib_samples, batch_size=args.batch_size)
         out["batch_axis"] = dict(args.batch_axis) or None

@@ -67,24 +67,44 @@ def apply_nm(w: np.ndarray, axis: int, pattern: NMPattern) -> np.ndarray:
 
 
 def nm_fraction(w: np.ndarray, axis: int, pattern: NMPattern) -> float:
-    """Fraction of the (zero-padded) groups along ``axis`` with at most ``n`` non-zeros.
+    """Fraction of the (zero-padded) groups along ``axis`` with at most ``n`` non-zeros."""
+    return nonzero_mask_fraction(nonzero_mask(w), axis, pattern)
 
-    Counted on the non-zero mask (1 byte an element, not a float64 copy of ``|w|``): every quant
-    record computes it for every weight.
+
+def nonzero_mask(w: np.ndarray) -> np.ndarray:
+    """``w != 0`` as one byte (0 / 1) an element: what :func:`nonzero_mask_fraction` counts on."""
+    return (np.asarray(w) != 0).view(np.uint8)
+
+
+def nonzero_mask_fraction(mask: np.ndarray, axis: int, pattern: NMPattern) -> float:
+    """:func:`nm_fraction` of the weight whose :func:`nonzero_mask` is ``mask``.
+
+    Every quant record computes it for every weight, on both candidate axes, so it avoids a
+    transposed copy: the groups are read in place as (before, groups, m, after) and their counts
+    summed over m strided slices; along a contiguous last axis, a group of four bytes is one
+    uint32 whose byte sum a multiply leaves in its top byte.
     """
-    axis = axis % w.ndim
-    moved = np.moveaxis(np.asarray(w) != 0, axis, -1)
-    length = moved.shape[-1]
+    axis = axis % mask.ndim
+    length = mask.shape[axis]
+    before, after = (
+        int(np.prod(mask.shape[:axis], dtype=np.int64)),
+        int(np.prod(mask.shape[axis + 1 :], dtype=np.int64)),
+    )
+    if mask.size == 0:
+        return 1.0
+    rows = mask.reshape(before, length, after)
     padded = -(-length // pattern.m) * pattern.m
     if padded != length:
-        moved = np.concatenate([moved, np.zeros((*moved.shape[:-1], padded - length), bool)], axis=-1)
-    groups = moved.reshape(*moved.shape[:-1], padded // pattern.m, pattern.m).view(np.uint8)
-    if groups.size == 0:
-        return 1.0
-    nonzero = groups[..., 0].astype(np.int32)
-    for j in range(1, pattern.m):  # m strided adds: numpy's reductions over a short last axis are slow
-        nonzero += groups[..., j]
-    return float(np.mean(nonzero <= pattern.n))
+        rows = np.concatenate([rows, np.zeros((before, padded - length, after), np.uint8)], axis=1)
+    groups = rows.reshape(before, padded // pattern.m, pattern.m, after)
+    if after == 1 and pattern.m == 4 and groups.flags.c_contiguous:
+        words = np.ascontiguousarray(groups).reshape(-1, 4).view(np.uint32).reshape(-1)
+        nonzero = (words * np.uint32(0x01010101)) >> np.uint32(24)  # sum of the four 0/1 bytes
+    else:
+        nonzero = groups[:, :, 0].astype(np.int32)
+        for j in range(1, pattern.m):  # m strided adds: numpy's reductions over a short axis are slow
+            nonzero += groups[:, :, j]
+    return float(np.count_nonzero(nonzero <= pattern.n) / nonzero.size)
 
 
 def is_nm_sparse(w: np.ndarray, axis: int, pattern: NMPattern = NMPattern()) -> bool:

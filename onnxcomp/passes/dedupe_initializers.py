@@ -35,9 +35,41 @@ def _initializers(graph: ir.Graph) -> list[ir.Constant]:
     return [found[name] for name in sorted(found)]
 
 
-def _raw(value: np.ndarray | None) -> bytes:
+#: Weights above this are told apart by a sample of their bytes; only equal samples are compared.
+_SAMPLED_FROM = 1 << 20
+_SAMPLE = 1 << 16
+_COMPARE_CHUNK = 1 << 24
+
+
+def _bytes_of(value: np.ndarray | None) -> np.ndarray:
+    """The stored bytes of a numeric initializer as a flat uint8 array (no copy when contiguous)."""
     assert value is not None
-    return f"{value.dtype.str}{value.shape}".encode() + np.ascontiguousarray(value).tobytes()
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+
+
+def _fingerprint(value: np.ndarray | None) -> bytes:
+    """A digest equal for equal weights: of all the bytes up to ``_SAMPLED_FROM``, above it of the
+    first and last 64 KiB and 64 Ki bytes spread over the rest (a mapped weight is not read whole)."""
+    assert value is not None
+    if value.dtype.kind == "O":  # strings: their text, not the object pointers
+        return hashlib.sha256(repr(value.tolist()).encode()).digest()
+    raw = _bytes_of(value)
+    digest = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    parts = [raw] if raw.size <= _SAMPLED_FROM else [raw[:_SAMPLE], raw[-_SAMPLE:], raw[:: raw.size // _SAMPLE]]
+    for part in parts:
+        digest.update(np.ascontiguousarray(part).data)
+    return digest.digest()
+
+
+def _same_bytes(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two initializers of one dtype and shape hold the same bytes (compared in chunks)."""
+    assert a is not None and b is not None
+    if a.dtype.kind == "O":
+        return bool(a.tolist() == b.tolist())
+    x, y = _bytes_of(a), _bytes_of(b)
+    return x.size == y.size and all(
+        np.array_equal(x[i : i + _COMPARE_CHUNK], y[i : i + _COMPARE_CHUNK]) for i in range(0, x.size, _COMPARE_CHUNK)
+    )
 
 
 def _rewire(duplicate: ir.Constant, keep: ir.Constant) -> None:
@@ -56,7 +88,8 @@ class DedupeInitializers(Pass):
     (``stats["bytes_saved"]``, also in ``data``). Leaves alone initializers that are graph inputs
     or outputs (their names are part of the interface), ``Constant`` nodes, and initializers
     smaller than ``min_bytes``. Bytes are compared exactly, so ``0.0`` and ``-0.0`` differ and
-    NaNs with the same bits match.
+    NaNs with the same bits match; only weights whose fingerprints (over 1 MiB: of a sample of
+    their bytes) agree are compared, so a model without duplicates is not read whole.
     """
 
     name = "dedupe_initializers"
@@ -73,16 +106,17 @@ class DedupeInitializers(Pass):
         for group in by_layout.values():
             if len(group) < 2:
                 continue
-            kept: dict[bytes, ir.Constant] = {}
+            kept: dict[bytes, list[ir.Constant]] = {}  # by fingerprint: the distinct weights kept so far
             for tensor in group:
                 value = ir.constant_value(tensor)
                 assert value is not None  # an initializer
                 nbytes = storage_bytes(value)
                 if nbytes < self.options.min_bytes:
                     continue
-                digest = hashlib.sha256(_raw(value)).digest()
-                keep = kept.setdefault(digest, tensor)
-                if keep is tensor or _raw(ir.constant_value(keep)) != _raw(value):  # first, or a collision
+                candidates = kept.setdefault(_fingerprint(value), [])
+                keep = next((k for k in candidates if _same_bytes(ir.constant_value(k), value)), None)
+                if keep is None:
+                    candidates.append(tensor)
                     continue
                 _rewire(tensor, keep)
                 result.stats["merged"] += 1

@@ -9,7 +9,7 @@ from onnx import helper
 PASS = "dedupe_initializers"
 
 
-def _adds(values: dict[str, np.ndarray]):
+def _adds(values: dict[str, np.ndarray], shape: tuple[int, ...] = (2, 3)):
     """Chain ``x + constant`` over ``values`` in order."""
     nodes, src = [], "x"
     for i, name in enumerate(values):
@@ -17,7 +17,7 @@ def _adds(values: dict[str, np.ndarray]):
         nodes.append(helper.make_node("Add", [src, name], [out], name=f"add_{name}"))
         src = out
     inits = [init(n, v, v.dtype) for n, v in values.items()]
-    return model(nodes, {"x": [2, 3]}, {"y": [2, 3]}, inits)
+    return model(nodes, {"x": list(shape)}, {"y": list(shape)}, inits)
 
 
 def test_identical_initializers_merge() -> None:
@@ -41,6 +41,20 @@ def test_near_duplicates_are_kept() -> None:
     m, result = check_pass(_adds({"z": zero, "neg_zero": -zero, "row": zero[:1]}), PASS, modified=False)
     assert len(m.graph.initializer) == 3
     assert result.stats["merged"] == 0
+
+
+def test_large_weights_differing_outside_the_sample_are_kept() -> None:
+    """Above 1 MiB weights are told apart by a sample of their bytes, then compared in full: a
+    weight differing in one unsampled byte is kept, and its own copy still merges with it."""
+    shape = (512, 1024)  # 2 MiB: sampled every 32 bytes beyond the first and last 64 KiB
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    odd = a.copy()
+    odd.reshape(-1)[262145] += 1.0  # byte offset 1048580: not in the sample
+    values = {"a": a, "a_copy": a.copy(), "odd": odd, "odd_copy": odd.copy()}
+    m, result = check_pass(_adds(values, shape), PASS)
+    assert sorted(t.name for t in m.graph.initializer) == ["a", "odd"]
+    assert result.stats == {"merged": 2, "bytes_saved": 2 * a.nbytes}
+    assert [n.input[1] for n in m.graph.node] == ["a", "a", "odd", "odd"]
 
 
 def test_min_bytes() -> None:

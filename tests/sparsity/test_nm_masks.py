@@ -122,17 +122,21 @@ def test_keep_count(channels: int, ratio: float, round_to: int, expected: int) -
     assert keep_count(channels, ratio, round_to) == expected
 
 
-def test_nm_fraction_brute_force() -> None:
-    """nm_fraction against a loop over the zero-padded groups: -0.0 is zero, NaN / inf are not."""
-    from onnxcomp.formats.nm import NMPattern, nm_fraction
-
+@pytest.mark.parametrize("layout", ["float32", "uint8 codes", "transposed view"])
+def test_nm_fraction_brute_force(layout: str) -> None:
+    """nm_fraction against a loop over the zero-padded groups: -0.0 is zero, NaN / inf are not;
+    one-byte codes (what quant records count on) and non-contiguous views count the same."""
     rng = np.random.default_rng(3)
-    for shape in [(6, 10), (3, 4, 5), (7,), (2, 9, 3, 3)]:
+    for shape in [(6, 10), (3, 4, 5), (7,), (2, 9, 3, 3), (5, 16), (4, 8, 12)]:
         w = rng.standard_normal(shape).astype(np.float32)
         w.reshape(-1)[rng.random(w.size) < 0.5] = 0.0
         w.reshape(-1)[:3] = [-0.0, np.nan, -np.inf]
+        if layout == "uint8 codes":
+            w = np.where(np.isnan(w) | (w != 0), 9, 0).astype(np.uint8)
+        elif layout == "transposed view":
+            w = w.T
         for axis in range(w.ndim):
-            for n, m in ((2, 4), (1, 3), (4, 8)):
+            for n, m in ((2, 4), (1, 4), (1, 3), (4, 8)):
                 moved = np.moveaxis(w, axis, -1).reshape(-1, w.shape[axis])
                 good = total = 0
                 for row in moved:
