@@ -15,7 +15,8 @@ interleaved rounds (medians):
 - onnxcomp, ``--validate none``: the default run without onnx.checker, the reference run and the
   session over the output (what ORT's quantizers do not do either);
 - onnxcomp, in memory: the same command with mapping switched off (what it did before: the model
-  parsed whole, ``model_io.MAP_WEIGHTS_FROM_BYTES`` raised past the model);
+  parsed whole, ``model_io.MAP_WEIGHTS_FROM_BYTES`` and ``execute.RUN_MAP_WEIGHTS_FROM_BYTES`` raised
+  past the model);
 - onnxruntime's quantizer at matched settings: ``MatMulNBitsQuantizer`` (4 bits, block 128,
   symmetric, round to nearest) against onnxcomp's ``--weight-observer minmax`` (round to nearest
   on the block amax), and ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
@@ -73,10 +74,10 @@ RUNS = [
 
 
 def child_onnxcomp(task: dict[str, Any]) -> dict[str, Any]:
-    from onnxcomp import api, model_io
+    from onnxcomp import api, execute, model_io
 
-    if task["kind"].endswith("_memory"):
-        model_io.MAP_WEIGHTS_FROM_BYTES = 1 << 62  # never mapped: the whole model parsed in memory
+    if task["kind"].endswith("_memory"):  # never mapped: the whole model parsed in memory
+        model_io.MAP_WEIGHTS_FROM_BYTES = execute.RUN_MAP_WEIGHTS_FROM_BYTES = 1 << 62
     if task["kind"].startswith("oc_fuse"):
         api.fuse(task["model"], task["out"])
         return {}

@@ -225,6 +225,7 @@ def child_onnxcomp_quant(task: dict[str, Any]) -> dict[str, Any]:
             weight_observer=task.get("weight_observer"),
             reports=False,
             force=True,
+            validate=task.get("validate"),
         )
     else:
         raise ValueError(mode)
@@ -684,6 +685,25 @@ def plan_jobs(bench: ModelBench, work: Path, have_nbits: bool, quick: bool) -> N
             "onnxcomp",
             note="`--weight-observer minmax`: round to nearest on the block's amax scale, as ORT's default; "
             "written as MatMulNBits (accuracy level 4)",
+        )
+    )
+    bench.jobs.append(
+        Job(
+            "int4 weight-only, block 32",
+            "onnxcomp --validate none",
+            {
+                **nocal,
+                "kind": "onnxcomp_quant",
+                "mode": "int4",
+                "weight_observer": "minmax",
+                "validate": "none",
+                "out": out("oc_int4_unchecked"),
+            },
+            "onnxcomp",
+            matched=False,
+            in_costs=True,
+            note="the matched row without onnx.checker, the reference run and the session over the output, "
+            "none of which ORT's quantizer runs",
         )
     )
     if have_nbits:
