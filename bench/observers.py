@@ -6,8 +6,9 @@ entropy, mse, histogram) calibrates exactly those tensors the way
 the quantize pass does: one ``Calibrator`` session streaming the
 same batches into the policy's observers ("stream"), then ``compute_range`` per tensor with the
 tensor's ``range_qdq`` ("ranges"). "before" runs the same with the observers module of a git
-revision (default HEAD, i.e. without uncommitted changes), loaded from ``git show`` into a
-temporary module. Runs are interleaved (every repeat cycles through all implementation x policy
+revision (default HEAD, i.e. without uncommitted changes), loaded from ``git show`` into
+temporary modules (``observers.py`` and the modules split out of it). Runs are interleaved
+(every repeat cycles through all implementation x policy
 pairs, in a rotated order) and the table shows medians; "x minmax" divides by the same
 implementation's minmax median. "same ranges" compares every tensor's range bit for bit.
 
@@ -38,24 +39,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import REPO, environment_line, markdown_table  # noqa: E402
 
 POLICIES = ("minmax", "percentile", "entropy", "mse", "histogram")
-OBSERVERS_PATH = "onnxcomp/calibration/observers.py"
+#: The observer modules of onnxcomp/calibration, each importing only those before it (a revision
+#: before they were split out of observers.py has observers.py alone).
+OBSERVER_MODULES = ("histogram", "kl_search", "error_search", "observers")
 
 
 def load_revision(rev: str) -> ModuleType | None:
-    """The observers module as of git ``rev`` (None if it is the working copy's)."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:{OBSERVERS_PATH}"], capture_output=True, text=True, check=True
-    ).stdout
-    if source == (REPO / OBSERVERS_PATH).read_text():
+    """The observers module as of git ``rev``, over that revision's sibling modules (None if they
+    are the working copy's), each loaded from ``git show`` into a temporary module."""
+    sources: dict[str, str] = {}
+    for name in OBSERVER_MODULES:
+        shown = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{rev}:onnxcomp/calibration/{name}.py"], capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            sources[name] = shown.stdout
+    current = {n: (REPO / f"onnxcomp/calibration/{n}.py").read_text() for n in OBSERVER_MODULES}
+    if sources == current:
         return None
-    path = Path(tempfile.mkdtemp(prefix="observers_before_")) / "observers_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("observers_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["observers_before"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    directory = Path(tempfile.mkdtemp(prefix="observers_before_"))
+    for name, source in sources.items():
+        for sibling in sources:  # the revision's siblings, not the working copy's
+            source = source.replace(
+                f"from onnxcomp.calibration.{sibling} import", f"from observers_before_{sibling} import"
+            )
+        path = directory / f"observers_before_{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # dataclasses look their module up; siblings import it
+        spec.loader.exec_module(module)
+    return sys.modules["observers_before_observers"]
 
 
 def model_and_data(name: str, samples: int | None) -> tuple[str, Any, str]:
@@ -174,7 +189,7 @@ def main() -> None:
     if before is not None:
         impls = {"before": before, "after": current}
     else:
-        print(f"{OBSERVERS_PATH} is unchanged since {args.before_rev}: no 'before' column", file=sys.stderr)
+        print(f"the observer modules are unchanged since {args.before_rev}: no 'before' column", file=sys.stderr)
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, impls, args.repeats, args.samples)
@@ -192,7 +207,7 @@ def main() -> None:
     print()
     print(
         f"Calibration of the quantize pass's activation tensors (default uint8 per-tensor), median of "
-        f"{args.repeats} interleaved runs; 'before' = {OBSERVERS_PATH} at {args.before_rev}. "
+        f"{args.repeats} interleaved runs; 'before' = onnxcomp/calibration's observer modules at {args.before_rev}. "
         + environment_line(["numpy", "onnxruntime"])
     )
 

@@ -7,7 +7,10 @@ import math
 import numpy as np
 import pytest
 
-import onnxcomp.calibration.observers as obs_mod
+import onnxcomp.calibration.error_search as error_mod
+import onnxcomp.calibration.histogram as histogram_mod
+import onnxcomp.calibration.kl_search as kl_mod
+from onnxcomp.calibration.error_search import expected_error, shrink_candidates, trim_candidates
 from onnxcomp.calibration.observers import (
     OBSERVER_POLICIES,
     HistogramObserver,
@@ -15,14 +18,11 @@ from onnxcomp.calibration.observers import (
     Range,
     compute_range,
     entropy_range,
-    expected_error,
     hist_error_range,
     make_observer,
     minmax_range,
     mse_range,
     percentile_range,
-    shrink_candidates,
-    trim_candidates,
 )
 from onnxcomp.errors import CalibrationError, ConfigError
 
@@ -419,8 +419,8 @@ def ref_update(obs: HistogramObserver, x: np.ndarray) -> None:
     x = np.asarray(x)
     if x.size == 0:
         return
-    lo, hi = obs_mod._extremes(x)
-    obs._raise_to(max(obs_mod._needed_k(lo, hi), obs_mod._K_MIN if obs.k is None else obs.k))
+    lo, hi = histogram_mod._extremes(x)
+    obs._raise_to(max(histogram_mod._needed_k(lo, hi), histogram_mod._K_MIN if obs.k is None else obs.k))
     assert obs.k is not None
     y = np.multiply(x, math.ldexp(1.0, obs._log2 - obs.k - 1), dtype=np.float64)
     np.floor(y, out=y)
@@ -462,7 +462,7 @@ def ref_kl(hist: np.ndarray, i: int, num_quant_bins: int, tail: float) -> float:
 
 def ref_kl_all(obs: HistogramObserver, num_quant_bins: int, symmetric: bool) -> tuple[np.ndarray, int, int] | None:
     """(every candidate's divergence, nq, first candidate) of the KL search, or None if there is none."""
-    nq = num_quant_bins if symmetric else obs_mod.asymmetric_quant_bins(obs, num_quant_bins)
+    nq = num_quant_bins if symmetric else kl_mod.asymmetric_quant_bins(obs, num_quant_bins)
     half = obs.num_bins // 2
     hist = (obs.counts[half:] + obs.counts[half - 1 :: -1]).copy()
     hist[0] -= obs.zeros
@@ -705,13 +705,13 @@ def test_kl_estimates_within_their_bounds() -> None:
             hist[0] -= obs.zeros
             n = first + divs.size - 1
             tails = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
-            approx, bound = obs_mod._kl_estimates(hist[:n], tails, np.arange(first, n + 1), nq)
+            approx, bound = kl_mod._kl_estimates(hist[:n], tails, np.arange(first, n + 1), nq)
             finite = np.isfinite(divs)
             assert np.array_equal(~finite, np.isinf(approx) & (bound == 0))
             ok = finite & np.isfinite(bound)
             assert np.all(np.abs(approx[ok] - divs[ok]) <= bound[ok])
             worst = max(worst, float(np.max(np.abs(approx[ok] - divs[ok]) / bound[ok], initial=0.0)))
-            assert obs_mod._kl_argmin(hist, nq, n) == int(np.argmin(divs))
+            assert kl_mod._kl_argmin(hist, nq, n) == int(np.argmin(divs))
     assert worst < 0.01  # the bound has ample room
 
 
@@ -733,7 +733,7 @@ def test_first_min_rechecks_every_possible_minimum() -> None:
             asked.append(c)
             return float(exact[c])
 
-        assert obs_mod._first_min(approx, bound, value) == int(np.argmin(exact)), trial
+        assert kl_mod._first_min(approx, bound, value) == int(np.argmin(exact)), trial
         if np.isfinite(np.min(approx + bound)) and not unknown.any() and (bound == 0).all():
             assert len(asked) == int(np.sum(exact == exact.min()))  # exact estimates: the minima only
 
@@ -752,7 +752,7 @@ def test_error_searches_equal_reference(name: str, x: np.ndarray, bins: int, qdq
         values, weights = ref_samples(obs)
         grid = ref_trim_candidates(obs, symmetric)
         lo, hi = np.array([c.lo for c in grid]), np.array([c.hi for c in grid])
-        errors = obs_mod._errors(values, weights, qdq, lo, hi)
+        errors = error_mod._errors(values, weights, qdq, lo, hi)
         expected = np.array([ref_error(values, weights, qdq, c) for c in grid])
         assert errors.tobytes() == expected.tobytes()
 
@@ -835,9 +835,9 @@ def test_integer_grid_path_is_used_and_guarded() -> None:
         honest = Counting(dtype, symmetric)
         expected = np.array([ref_error(values, weights, honest, c) for c in grid])
         honest.calls = {"scalar": 0, "block": 0}
-        assert obs_mod._errors(values, weights, honest, lo, hi).tobytes() == expected.tobytes()
+        assert error_mod._errors(values, weights, honest, lo, hi).tobytes() == expected.tobytes()
         assert honest.calls == {"scalar": 2, "block": 0}  # first and last checked, the rest from grids
         lying = Counting(dtype, symmetric, scale_by=1.5)
-        assert obs_mod._errors(values, weights, lying, lo, hi).tobytes() == expected.tobytes()
+        assert error_mod._errors(values, weights, lying, lo, hi).tobytes() == expected.tobytes()
         assert lying.calls["block"] >= 1  # the grid was refused: the block path answered
     assert RangeQDQ("fp8_e4m3", False).integer_grid(np.zeros(2), np.ones(2)) is None
