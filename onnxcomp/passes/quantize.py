@@ -22,12 +22,12 @@ from onnxcomp.model_io import runs_on_ort
 from onnxcomp.quant.apply import apply_plans
 from onnxcomp.quant.ascend.pipeline import AscendOptions, ascend_quantize
 from onnxcomp.quant.ascend.qdq import ascend_qdq_options, check_float_inputs
-from onnxcomp.quant.bias_correction import Target, correct_biases, measured_tensor, output_mean_factories
-from onnxcomp.quant.embeddings import embedding_table, emit_embedding, quantize_table
+from onnxcomp.quant.bias_correction import correct_layer_biases, output_mean_factories
+from onnxcomp.quant.embeddings import quantize_embeddings
 from onnxcomp.quant.equalize import equalize
 from onnxcomp.quant.fallback import AccuracyTarget, parse_target
 from onnxcomp.quant.plan import NodePlan, plan_nodes
-from onnxcomp.quant.record import attach_migrated, weight_record
+from onnxcomp.quant.record import attach_migrated
 from onnxcomp.quant.report import quantization_report
 from onnxcomp.quant.smooth import awq, smooth_targets, smoothquant
 from onnxcomp.quant.spec import (
@@ -44,8 +44,12 @@ from onnxcomp.quant.statistics import (
     energy_factories,
     hessian_factories,
     hessians_from,
+    needs_data,
+    needs_statistics,
+    plan_counts,
     range_factories,
     ranges_from,
+    static_tensors,
 )
 from onnxcomp.quant.tuning import tuned_quantize
 from onnxcomp.quant.weights import min_opset_for
@@ -222,7 +226,7 @@ class Quantize(Pass):
         plans, declined = plan_nodes(graph, self.config, self.options.output_quant, self.options.placement)
         result.declined.extend(declined)
         tables = (
-            [] if self.embeddings is None else _embedding_entries(graph, self.embeddings, self.options.skip, result)
+            [] if self.embeddings is None else quantize_embeddings(graph, self.embeddings, self.options.skip, result)
         )
         if not plans:
             tables += self._quantize_bodies(graph, ctx, result)
@@ -233,7 +237,7 @@ class Quantize(Pass):
             else:
                 result.notes.append("no node to quantize")
             return result
-        static = _static_tensors(plans)
+        static = static_tensors(plans)
         wanted = {
             "ranges": range_factories(static),
             "energies": energy_factories(plans),
@@ -257,7 +261,7 @@ class Quantize(Pass):
         stats: dict[str, dict[str, Any]] = {purpose: {} for purpose in wanted}
         if any(wanted.values()):
             if ctx.calibration is None:
-                raise CalibrationError(_needs_data(static, wanted))
+                raise CalibrationError(needs_data(static, wanted))
             assert float_model is not None  # PassManager.run sets ctx.source_model before any pass runs
             with file_backed(float_model, ctx.source_path if unchanged else None):
                 stats = self._collect(float_model, wanted, ctx)
@@ -272,11 +276,11 @@ class Quantize(Pass):
                 entry["distill"] = notes[entry["node"]]
         if self.options.bias_correction != "none":
             assert float_model is not None and ctx.calibration is not None  # checked with the statistics
-            _correct_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
+            correct_layer_biases(graph, float_model, plans, record, stats["means"], self.options, ctx, result)
         record += tables
         attach_migrated(record, migrated)
         result.modified = True
-        result.stats = {**_stats(plans), **result.stats}
+        result.stats = {**plan_counts(plans), **result.stats}
         record += self._quantize_bodies(graph, ctx, result)  # after the statistics: the float model has none
         result.changed = [p.node.name for p in plans] + result.changed
         result.data["record"] = record
@@ -347,7 +351,7 @@ class Quantize(Pass):
             result.declined += [(name, f"{where}: {reason}") for name, reason in declined]
             runnable = []
             for plan in plans:
-                why = _needs_statistics(plan, self.options)
+                why = needs_statistics(plan, self.options)
                 if why is None:
                     runnable.append(plan)
                 else:
@@ -360,7 +364,7 @@ class Quantize(Pass):
                     )
             if runnable:
                 record += apply_plans(body, runnable, {}, self.options, ctx, {}, {})
-                for key, count in _stats(runnable).items():
+                for key, count in plan_counts(runnable).items():
                     result.stats[key] = result.stats.get(key, 0) + count
                 result.changed += [f"{p.node.name} ({where})" for p in runnable]
         return record
@@ -372,20 +376,6 @@ def _structure(graph: ir.Graph) -> list[tuple[str, tuple[str, ...], tuple[str, .
     return [(n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in graph.nodes]
 
 
-def _needs_statistics(plan: NodePlan, options: Any) -> str | None:
-    """What calibration statistic quantizing ``plan`` needs, or None when it needs none."""
-    if _static_tensors([plan]):
-        assert plan.spec.activations is not None
-        return f"static {plan.spec.activations.dtype} activations"
-    if plan.spec.weights is not None and plan.spec.weights.observer == "output_mse":
-        return "weight observer output_mse"
-    if options.weight_algorithm == "gptq":
-        return "GPTQ"
-    if options.bias_correction != "none":
-        return "bias correction"
-    return None
-
-
 def _factory_key(factory: Any) -> str:
     """What a collector factory collects, as a cache key (a factory bound to graph nodes is never reused)."""
     if isinstance(factory, partial) and all(isinstance(a, (str, int, float, bool)) for a in factory.args):
@@ -393,97 +383,6 @@ def _factory_key(factory: Any) -> str:
     return f"unshared:{id(factory)}"
 
 
-def _needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]) -> str:
-    if static:
-        return (
-            f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
-            "(an .npz named by model input), or --activations none for weight-only quantization"
-        )
-    if wanted["energies"]:
-        return "weight observer output_mse needs calibration data: pass --calib DATA"
-    if wanted["hessians"]:
-        return "GPTQ needs calibration data (the layers' input statistics): pass --calib DATA"
-    return "bias correction needs calibration data: pass --calib DATA"
-
-
-def _correct_biases(
-    graph: ir.Graph,
-    float_model: Any,
-    plans: list[NodePlan],
-    record: list[dict[str, Any]],
-    means: dict[str, Any],
-    options: Any,
-    ctx: PassContext,
-    result: PassResult,
-) -> None:
-    """Bias correction of every quantized layer whose output the float model has by name."""
-    targets = []
-    float_nodes = {n.name: n for n in ir.import_model(float_model).nodes} if options.bias_correction == "fast" else {}
-    for plan, entry in zip(plans, record, strict=False):
-        tensor = measured_tensor(graph, plan.node, entry["op"])
-        if tensor in means:
-            targets.append(Target(plan.node, entry["op"], tensor, entry, float_nodes.get(entry["node"])))
-        else:
-            entry["bias_correction"] = {"skipped": "its output has no float counterpart by name"}
-    assert ctx.calibration is not None
-    done = correct_biases(
-        graph,
-        float_model,
-        targets,
-        {t.tensor: means[t.tensor].mean() for t in targets},
-        ctx.calibration,
-        options.bias_correction,
-        options.calib_batches,
-        ctx.progress.enabled,
-    )
-    for t in targets:
-        t.entry["bias_correction"] = done[t.node.name]
-    result.stats["bias_corrected"] = len(done)
-
-
-def _embedding_entries(
-    graph: ir.Graph, spec: TensorSpec, skip: tuple[str, ...], result: PassResult
-) -> list[dict[str, Any]]:
-    entries = []
-    for node in ir.iter_nodes(graph, ("Gather",)):
-        table = embedding_table(graph, node)
-        if isinstance(table, str):
-            continue  # most Gathers are not table lookups: nothing to report
-        if ir.match_glob(node.name, skip):
-            result.declined.append((node.name, "matches a skip pattern"))
-            continue
-        name = node.inputs[0].name
-        qw = quantize_table(table, spec, name)
-        stored = emit_embedding(graph, node, qw)
-        entries.append({"node": node.name, "op": "Gather", "weights": weight_record(name, qw, stored)})
-        result.changed.append(node.name)
-    if entries:
-        result.modified = True
-        result.stats["embeddings"] = len(entries)
-    return entries
-
-
 def _emulated(plan: NodePlan) -> str | None:
     """The format of a node with no integer kernel on onnxruntime's CPU provider, or None."""
     return emulated_reason(plan.spec)
-
-
-def _static_tensors(plans: list[NodePlan]) -> dict[str, TensorSpec]:
-    """Activation tensors needing calibrated ranges (name -> spec), in plan order."""
-    tensors: dict[str, TensorSpec] = {}
-    for plan in plans:
-        spec = plan.spec.activations
-        if spec is None or spec.granularity.kind != "tensor":
-            continue
-        for t in plan.activation_inputs + plan.activation_outputs:
-            tensors.setdefault(t.name, spec)
-    return tensors
-
-
-def _stats(plans: list[NodePlan]) -> dict[str, int]:
-    stats: dict[str, int] = {}
-    for plan in plans:
-        key = plan.node.op
-        stats[key] = stats.get(key, 0) + 1
-    stats["nodes"] = len(plans)
-    return stats

@@ -35,7 +35,9 @@ import onnx
 from onnxcomp import ir
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.calibration.moments import ChannelMean
+from onnxcomp.framework.base import PassContext, PassResult
 from onnxcomp.quant.emit import emit_bias_int32
+from onnxcomp.quant.plan import NodePlan
 
 _INT32 = np.iinfo(np.int32)
 
@@ -305,3 +307,38 @@ def _float_output(graph: ir.Graph, out: ir.Tensor) -> ir.Tensor:
         if len(dqs) == 1 and dqs[0].op == "DequantizeLinear":
             return dqs[0].outputs[0]
     return out
+
+
+def correct_layer_biases(
+    graph: ir.Graph,
+    float_model: Any,
+    plans: list[NodePlan],
+    record: list[dict[str, Any]],
+    means: dict[str, Any],
+    options: Any,
+    ctx: PassContext,
+    result: PassResult,
+) -> None:
+    """Bias correction of every quantized layer whose output the float model has by name."""
+    targets = []
+    float_nodes = {n.name: n for n in ir.import_model(float_model).nodes} if options.bias_correction == "fast" else {}
+    for plan, entry in zip(plans, record, strict=False):
+        tensor = measured_tensor(graph, plan.node, entry["op"])
+        if tensor in means:
+            targets.append(Target(plan.node, entry["op"], tensor, entry, float_nodes.get(entry["node"])))
+        else:
+            entry["bias_correction"] = {"skipped": "its output has no float counterpart by name"}
+    assert ctx.calibration is not None
+    done = correct_biases(
+        graph,
+        float_model,
+        targets,
+        {t.tensor: means[t.tensor].mean() for t in targets},
+        ctx.calibration,
+        options.bias_correction,
+        options.calib_batches,
+        ctx.progress.enabled,
+    )
+    for t in targets:
+        t.entry["bias_correction"] = done[t.node.name]
+    result.stats["bias_corrected"] = len(done)

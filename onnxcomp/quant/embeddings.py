@@ -15,12 +15,16 @@ Both dequantize exactly what the codec computes (symmetric codes, zero point 0).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 
 from onnxcomp import ir
+from onnxcomp.framework.base import PassResult
 from onnxcomp.ir import WeightLayout
 from onnxcomp.quant.qweight import QuantizedWeight
+from onnxcomp.quant.record import weight_record
 from onnxcomp.quant.spec import TensorSpec
 from onnxcomp.quant.weights import quantize_weight
 
@@ -87,3 +91,27 @@ def _replace(
     node.inputs.clear()
     node.outputs.clear()
     return new
+
+
+def quantize_embeddings(
+    graph: ir.Graph, spec: TensorSpec, skip: tuple[str, ...], result: PassResult
+) -> list[dict[str, Any]]:
+    """Every embedding table of ``graph`` (not matching ``skip``) quantized per ``spec``; their
+    record entries, the nodes changed and declined in ``result``."""
+    entries = []
+    for node in ir.iter_nodes(graph, ("Gather",)):
+        table = embedding_table(graph, node)
+        if isinstance(table, str):
+            continue  # most Gathers are not table lookups: nothing to report
+        if ir.match_glob(node.name, skip):
+            result.declined.append((node.name, "matches a skip pattern"))
+            continue
+        name = node.inputs[0].name
+        qw = quantize_table(table, spec, name)
+        stored = emit_embedding(graph, node, qw)
+        entries.append({"node": node.name, "op": "Gather", "weights": weight_record(name, qw, stored)})
+        result.changed.append(node.name)
+    if entries:
+        result.modified = True
+        result.stats["embeddings"] = len(entries)
+    return entries

@@ -1,9 +1,10 @@
 """The calibration statistics a quantization run collects, and the quantities they give.
 
-Observer factories per tensor (static activation ranges, GPTQ's input Grams, the input energies
-of the ``output_mse`` weight observer) for one streaming calibration pass, and the ranges,
-Hessians and energies read from the filled observers. Shared by the ``quantize`` pass and the
-Ascend pipeline.
+Which tensors need calibrated ranges (:func:`static_tensors`) and what a plan cannot do without
+calibration data (:func:`needs_statistics`, :func:`needs_data`); observer factories per tensor
+(static activation ranges, GPTQ's input Grams, the input energies of the ``output_mse`` weight
+observer) for one streaming calibration pass, and the ranges, Hessians and energies read from
+the filled observers. Shared by the ``quantize`` pass and the Ascend pipeline.
 """
 
 from __future__ import annotations
@@ -92,3 +93,53 @@ def energies_from(plans: list[NodePlan], observers: Mapping[str, Any]) -> dict[s
         for p in plans
         if p.spec.weights is not None and p.spec.weights.observer == "output_mse"
     }
+
+
+def static_tensors(plans: list[NodePlan]) -> dict[str, TensorSpec]:
+    """Activation tensors needing calibrated ranges (name -> spec), in plan order."""
+    tensors: dict[str, TensorSpec] = {}
+    for plan in plans:
+        spec = plan.spec.activations
+        if spec is None or spec.granularity.kind != "tensor":
+            continue
+        for t in plan.activation_inputs + plan.activation_outputs:
+            tensors.setdefault(t.name, spec)
+    return tensors
+
+
+def needs_statistics(plan: NodePlan, options: Any) -> str | None:
+    """What calibration statistic quantizing ``plan`` needs, or None when it needs none."""
+    if static_tensors([plan]):
+        assert plan.spec.activations is not None
+        return f"static {plan.spec.activations.dtype} activations"
+    if plan.spec.weights is not None and plan.spec.weights.observer == "output_mse":
+        return "weight observer output_mse"
+    if options.weight_algorithm == "gptq":
+        return "GPTQ"
+    if options.bias_correction != "none":
+        return "bias correction"
+    return None
+
+
+def needs_data(static: dict[str, TensorSpec], wanted: dict[str, dict[str, Any]]) -> str:
+    """The error message of a run that wants statistics (``wanted``) without calibration data."""
+    if static:
+        return (
+            f"static {static[next(iter(static))].dtype} activations need calibration data: pass --calib DATA "
+            "(an .npz named by model input), or --activations none for weight-only quantization"
+        )
+    if wanted["energies"]:
+        return "weight observer output_mse needs calibration data: pass --calib DATA"
+    if wanted["hessians"]:
+        return "GPTQ needs calibration data (the layers' input statistics): pass --calib DATA"
+    return "bias correction needs calibration data: pass --calib DATA"
+
+
+def plan_counts(plans: list[NodePlan]) -> dict[str, int]:
+    """Quantized nodes per op type, and ``nodes``: their total (the pass's stats)."""
+    stats: dict[str, int] = {}
+    for plan in plans:
+        key = plan.node.op
+        stats[key] = stats.get(key, 0) + 1
+    stats["nodes"] = len(plans)
+    return stats
