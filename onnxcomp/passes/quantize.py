@@ -26,10 +26,11 @@ from onnxcomp.quant.bias_correction import correct_layer_biases, output_mean_fac
 from onnxcomp.quant.embeddings import quantize_embeddings
 from onnxcomp.quant.equalize import equalize
 from onnxcomp.quant.fallback import AccuracyTarget, parse_target
+from onnxcomp.quant.migration import smooth_targets
 from onnxcomp.quant.plan import NodePlan, plan_nodes
 from onnxcomp.quant.record import attach_migrated
 from onnxcomp.quant.report import quantization_report
-from onnxcomp.quant.smooth import awq, smooth_targets, smoothquant
+from onnxcomp.quant.smooth import awq, smoothquant
 from onnxcomp.quant.spec import (
     DEFAULT_OPS,
     NodeSpec,

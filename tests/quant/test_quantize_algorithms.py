@@ -15,7 +15,8 @@ from onnxcomp.calibration.channels import ChannelStats
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.cli.main import main
 from onnxcomp.errors import OnnxCompError
-from onnxcomp.quant.smooth import smooth_targets, smoothquant
+from onnxcomp.quant.migration import smooth_targets
+from onnxcomp.quant.smooth import smoothquant
 from onnxcomp.testing import run_model
 
 

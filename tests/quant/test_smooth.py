@@ -21,6 +21,7 @@ from onnxcomp.calibration.channels import ChannelStats
 from onnxcomp.calibration.collect import Calibrator
 from onnxcomp.formats import get_format
 from onnxcomp.model_io import load_model
+from onnxcomp.quant.migration import smooth_targets
 from onnxcomp.quant.qparams import dequantize, qparams_for_range, quantize
 from onnxcomp.quant.smooth import (
     AWQ_GRID,
@@ -28,7 +29,6 @@ from onnxcomp.quant.smooth import (
     awq,
     awq_scales,
     smooth_scales,
-    smooth_targets,
     smoothquant,
 )
 from onnxcomp.quant.spec import Granularity, NodeSpec, TensorSpec
