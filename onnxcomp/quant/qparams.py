@@ -53,7 +53,7 @@ class RangeQDQ:
     For integer formats it also gives the grids themselves (:meth:`integer_grid`), with which the
     searches compute every candidate's error in place, in one float32 buffer, instead of through
     the codes array and its copies (the arithmetic of ``quantize`` + ``dequantize``, the same
-    floats: ``onnxcomp.calibration.observers``)."""
+    floats: ``onnxcomp.calibration.error_search``)."""
 
     def __init__(self, dtype: str, symmetric: bool) -> None:
         self.fmt = get_format(dtype)
