@@ -49,7 +49,7 @@ def _bytes_of(value: np.ndarray | None) -> np.ndarray:
 
 def _fingerprint(value: np.ndarray | None) -> bytes:
     """A digest equal for equal weights: of all the bytes up to ``_SAMPLED_FROM``, above it of the
-    first and last 64 KiB and 64 Ki bytes spread over the rest (a mapped weight is not read whole)."""
+    first and last 64 KiB and 64 Ki bytes spread over the rest (no weight-sized hash or copy)."""
     assert value is not None
     if value.dtype.kind == "O":  # strings: their text, not the object pointers
         return hashlib.sha256(repr(value.tolist()).encode()).digest()
@@ -89,7 +89,7 @@ class DedupeInitializers(Pass):
     or outputs (their names are part of the interface), ``Constant`` nodes, and initializers
     smaller than ``min_bytes``. Bytes are compared exactly, so ``0.0`` and ``-0.0`` differ and
     NaNs with the same bits match; only weights whose fingerprints (over 1 MiB: of a sample of
-    their bytes) agree are compared, so a model without duplicates is not read whole.
+    their bytes) agree are compared, so a model without duplicates is not hashed whole.
     """
 
     name = "dedupe_initializers"
