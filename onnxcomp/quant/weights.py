@@ -7,6 +7,9 @@ needs (``dequantized``, bit-identical to what DequantizeLinear computes at run t
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from onnxcomp.errors import ConfigError, FormatError
@@ -91,6 +94,12 @@ def quantize_weight(
 #: Elements per block of the integer search: the candidates are scored block by block so that the
 #: block's scratch buffer stays in the CPU cache across all of them (one pass over memory per block).
 SEARCH_BLOCK = 1 << 15
+#: Threads of the search over a weight of ``SEARCH_THREADED_FROM`` elements or more: numpy lets go
+#: of the GIL in every pass over a block (one scratch buffer per thread).
+SEARCH_THREADS = min(4, os.cpu_count() or 1)
+SEARCH_THREADED_FROM = 1 << 20
+#: Narrowest block along a later axis (per-channel MatMul weights [K, N] reduce over axis 0).
+SEARCH_MIN_WIDTH = 128
 
 
 def _searched_range(
@@ -106,9 +115,10 @@ def _searched_range(
     a strictly smaller error, exactly as trying amax then each ratio in turn would choose.
 
     Each candidate's error is computed with the arithmetic of QuantizeLinear + DequantizeLinear
-    in float32 (the same values as ``_qdq_units``) in one scratch buffer, block by block along
-    axis 0 when axis 0 is not reduced (a unit's error is then summed over the same elements in the
-    same order); only the small per-unit ranges are chosen here, the codes are computed once.
+    in float32 (the same values as ``_qdq_units``) in a cache-sized scratch buffer, block by
+    block along the first axis the units do not reduce over, the blocks shared out between
+    ``SEARCH_THREADS`` threads for big weights; only the small per-unit ranges are chosen here,
+    the codes are computed once.
     """
     candidates = [(lo, hi)] + [(lo * ratio, hi * ratio) for ratio in MSE_RATIOS[:-1]]
     params = [qparams_for_range(fmt, c_lo, c_hi, symmetric) for c_lo, c_hi in candidates]
@@ -116,36 +126,62 @@ def _searched_range(
     errors = np.empty((len(candidates), *unit_shape), np.float64)
     zero_points = [zp.astype(np.float32) for _, zp in params]
     shift = any(bool(z.any()) for z in zero_points)  # signed symmetric grids have zp 0: nothing to add
-    rows = view.shape[0] if view.ndim and 0 not in axes else 1
-    step = max(1, SEARCH_BLOCK // max(1, view.size // max(1, rows))) if rows > 1 else 1
-    scratch = np.empty((min(step, rows), *view.shape[1:]) if rows > 1 else view.shape, np.float32)
+    # Blocks along an axis no unit reduces over (the first): a unit's error is then summed over
+    # the same elements in the same order, whatever the block and the thread.
+    split = next((d for d in range(view.ndim) if d not in axes), -1)
+    length = view.shape[split] if split >= 0 else 1
+    step = max(1, SEARCH_BLOCK // max(1, view.size // length)) if length > 1 else 1
+    if split > 0:  # blocks across rows: wide enough that each row's piece is one contiguous run
+        step = min(length, max(step, SEARCH_MIN_WIDTH))
 
-    def rows_of(a: np.ndarray | float, start: int, stop: int) -> np.ndarray | float:
-        return a[start:stop] if rows > 1 and isinstance(a, np.ndarray) and a.ndim and a.shape[0] == rows else a
+    def take(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+        index: list[slice] = [slice(None)] * a.ndim
+        index[split] = slice(start, stop)
+        return a[tuple(index)]
 
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block = view[start:stop] if rows > 1 else view
-        buf = scratch[: stop - start] if rows > 1 else scratch
-        w_block = rows_of(weight, start, stop)
-        for k, (scale, _) in enumerate(params):
-            s = rows_of(scale, start, stop)
-            with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
-                np.divide(block, s, out=buf)
-            np.rint(buf, out=buf)
-            if shift:
-                z = rows_of(zero_points[k], start, stop)
-                np.add(buf, z, out=buf)
-                np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
-                np.subtract(buf, z, out=buf)  # exact: integers below 2^24
-            else:
-                np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
-            np.multiply(buf, s, out=buf)
-            np.subtract(buf, block, out=buf)
-            np.square(buf, out=buf)
-            err = buf if isinstance(w_block, float) else w_block * buf
-            target = errors[k, start:stop] if rows > 1 else errors[k]
-            target[...] = err.sum(axis=axes, keepdims=True, dtype=np.float64)
+    def part(a: np.ndarray | float, start: int, stop: int) -> np.ndarray | float:
+        """``a``'s block along ``split`` when ``a`` spans that axis per unit (else ``a``)."""
+        if length == 1 or not isinstance(a, np.ndarray) or a.ndim != view.ndim or a.shape[split] != length:
+            return a
+        return take(a, start, stop)
+
+    def search(starts: list[int]) -> None:
+        shape = list(view.shape)
+        if split >= 0:
+            shape[split] = min(step, length)
+        scratch = np.empty(shape, np.float32)
+        for start in starts:
+            stop = min(length, start + step)
+            block = take(view, start, stop) if split >= 0 else view
+            buf = take(scratch, 0, stop - start) if split >= 0 else scratch
+            w_block = part(weight, start, stop)
+            for k, (scale, _) in enumerate(params):
+                s = part(scale, start, stop)
+                with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
+                    np.divide(block, s, out=buf)
+                np.rint(buf, out=buf)
+                if shift:
+                    z = part(zero_points[k], start, stop)
+                    np.add(buf, z, out=buf)
+                    np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
+                    np.subtract(buf, z, out=buf)  # exact: integers below 2^24
+                else:
+                    np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
+                np.multiply(buf, s, out=buf)
+                np.subtract(buf, block, out=buf)
+                np.square(buf, out=buf)
+                err = buf if isinstance(w_block, float) else w_block * buf
+                target = part(errors[k], start, stop)
+                assert isinstance(target, np.ndarray)
+                target[...] = err.sum(axis=axes, keepdims=True, dtype=np.float64)
+
+    starts = list(range(0, length, step))
+    threads = min(SEARCH_THREADS, len(starts)) if view.size >= SEARCH_THREADED_FROM else 1
+    if threads > 1:  # the blocks are independent: numpy lets go of the GIL in each pass over one
+        with ThreadPoolExecutor(threads, thread_name_prefix="onnxcomp-search") as pool:
+            list(pool.map(search, [starts[i::threads] for i in range(threads)]))
+    else:
+        search(starts)
     best = np.argmin(errors, axis=0)  # the first minimum: amax, then the ratios in increasing order
     ratio = np.where(best == 0, 1.0, MSE_RATIOS[np.maximum(best - 1, 0)])
     # Units keeping amax keep their float32 range (its parameters are computed from it, not from x1.0).

@@ -1,9 +1,10 @@
 """The weight clipping search (observers mse / output_mse) against the brute-force sequential search.
 
-The search scores every candidate range in one scratch buffer, block by block; these tests pin that
-it picks exactly what trying amax, then each ratio of ``MSE_RATIOS`` in turn, keeping a candidate
-only when its error is strictly smaller, picks: same codes, scales, zero points and dequantized
-values, bit for bit, for every integer format, granularity and weighting.
+The search scores every candidate range in a scratch buffer, block by block (on several threads for
+big weights); these tests pin that it picks exactly what trying amax, then each ratio of
+``MSE_RATIOS`` in turn, keeping a candidate only when its error is strictly smaller, picks: same
+codes, scales, zero points and dequantized values, bit for bit, for every integer format,
+granularity and weighting, on one thread and on three.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ CASES = [
     # (dtype, granularity, symmetric, layout, shape)
     ("int4", "group:32", True, WeightLayout(1, 0), (96, 80)),  # MatMul [K, N], K padded to 96
     ("int4", "group:32", True, WeightLayout(0, 1), (40, 70)),  # Gemm transB [N, K], K padded
-    ("int4", "channel", True, WeightLayout(1, 0), (64, 48)),  # reduction over axis 0: one block
+    ("int4", "channel", True, WeightLayout(1, 0), (64, 48)),  # reduction over axis 0: column blocks
+    ("uint4", "channel", True, WeightLayout(1, 0), (40, 50)),  # column blocks, the last one narrower
     ("uint4", "group:32", True, WeightLayout(1, 0), (64, 24)),  # symmetric unsigned: zero point 8
     ("int4", "group:32", False, WeightLayout(1, 0), (64, 24)),  # affine: per-unit zero points
     ("int8", "channel", True, WeightLayout(0, 1), (16, 8, 3, 3)),  # Conv [Cout, Cin, kh, kw]
@@ -70,6 +72,7 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("observer", ["mse", "output_mse"])
 @pytest.mark.parametrize(("dtype", "granularity", "symmetric", "layout", "shape"), CASES)
 def test_search_matches_sequential_reference_bit_for_bit(
@@ -79,9 +82,13 @@ def test_search_matches_sequential_reference_bit_for_bit(
     layout: WeightLayout,
     shape: tuple[int, ...],
     observer: str,
+    threads: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(weights_module, "SEARCH_BLOCK", 512)  # many blocks even on small weights
+    monkeypatch.setattr(weights_module, "SEARCH_MIN_WIDTH", 8)  # column blocks of 8 on (K, N) per channel
+    monkeypatch.setattr(weights_module, "SEARCH_THREADS", threads)  # blocks shared out between threads
+    monkeypatch.setattr(weights_module, "SEARCH_THREADED_FROM", 0)
     spec = TensorSpec(dtype, parse_granularity(granularity), symmetric=symmetric, observer=observer)
     w = _weight(shape, seed=len(shape) * 7 + shape[0])
     energy = None
