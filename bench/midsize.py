@@ -21,7 +21,10 @@ interleaved rounds (medians):
   symmetric, round to nearest) against onnxcomp's ``--weight-observer minmax`` (round to nearest
   on the block amax), and ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
   MatMul, MinMax) against onnxcomp's W8A8 defaults on the same 4 batches of 2 x 64 tokens;
-- ``onnxcomp fuse`` mapped and in memory (onnxruntime has no offline counterpart).
+- ``onnxcomp fuse`` mapped and in memory (onnxruntime has no offline counterpart);
+- onnxcomp's INT4 clipping search (the ``mse`` weight observer, its INT4 default: 41 candidate
+  ranges per unit), with group:128 and with the defaults (per channel), unmatched: onnxruntime's
+  quantizer rounds to nearest only.
 
 onnxcomp's runs include what ORT's do not: its fusions, checking the input and output with
 onnx.checker, a reference run, validating the output on onnxruntime (not with ``--validate
@@ -64,6 +67,12 @@ RUNS = [
     ("INT4 g128 weight-only, round to nearest", "onnxcomp (mapped, --validate none)", "oc_w4_unchecked"),
     ("INT4 g128 weight-only, round to nearest", "onnxcomp (in memory)", "oc_w4_memory"),
     ("INT4 g128 weight-only, round to nearest", "onnxruntime MatMulNBitsQuantizer", "ort_nbits"),
+    ("INT4 g128 weight-only, MSE clipping search", "onnxcomp (mapped, default)", "oc_w4_search"),
+    (
+        "INT4 per-channel weight-only, MSE clipping search",
+        "onnxcomp (mapped, `--weights int4` defaults)",
+        "oc_w4_default",
+    ),
     ("W8A8 static", "onnxcomp (mapped, default)", "oc_w8a8"),
     ("W8A8 static", "onnxcomp (mapped, --validate none)", "oc_w8a8_unchecked"),
     ("W8A8 static", "onnxcomp (in memory)", "oc_w8a8_memory"),
@@ -81,11 +90,13 @@ def child_onnxcomp(task: dict[str, Any]) -> dict[str, Any]:
     if task["kind"].startswith("oc_fuse"):
         api.fuse(task["model"], task["out"])
         return {}
-    options: dict[str, Any] = (
-        {"weights": "int4", "granularity": "group:128", "activations": "none", "weight_observer": "minmax"}
-        if task["kind"].startswith("oc_w4")
-        else {"weights": "int8", "activations": "int8", "calibration": _batches(task["calib"])}
-    )
+    options: dict[str, Any] = {"weights": "int4", "activations": "none"}  # onnxcomp's INT4 defaults
+    if task["kind"] == "oc_w4_search":
+        options["granularity"] = "group:128"
+    elif task["kind"].startswith("oc_w4") and task["kind"] != "oc_w4_default":
+        options.update(granularity="group:128", weight_observer="minmax")
+    elif task["kind"].startswith("oc_w8a8"):
+        options = {"weights": "int8", "activations": "int8", "calibration": _batches(task["calib"])}
     validate = "none" if task["kind"].endswith("_unchecked") else None  # None: the default, locate
     report = api.quantize(task["model"], task["out"], reports=False, validate=validate, **options)
     return {"nodes": report.result("quantize").stats.get("nodes", 0)}
