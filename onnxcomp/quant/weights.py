@@ -117,15 +117,15 @@ def _searched_range(
     Each candidate's error is computed with the arithmetic of QuantizeLinear + DequantizeLinear
     in float32 (the same values as ``_qdq_units``) in a cache-sized scratch buffer, block by
     block along the first axis the units do not reduce over, the blocks shared out between
-    ``SEARCH_THREADS`` threads for big weights; only the small per-unit ranges are chosen here,
-    the codes are computed once.
+    ``SEARCH_THREADS`` threads for big weights; each block keeps its best candidate as it goes,
+    so only the chosen index per unit outlives it; the codes are computed once, afterwards.
     """
-    candidates = [(lo, hi)] + [(lo * ratio, hi * ratio) for ratio in MSE_RATIOS[:-1]]
-    params = [qparams_for_range(fmt, c_lo, c_hi, symmetric) for c_lo, c_hi in candidates]
-    unit_shape = np.broadcast_shapes(lo.shape, hi.shape)
-    errors = np.empty((len(candidates), *unit_shape), np.float64)
-    zero_points = [zp.astype(np.float32) for _, zp in params]
-    shift = any(bool(z.any()) for z in zero_points)  # signed symmetric grids have zp 0: nothing to add
+    # Candidate k scales the range by factors[k]: 1 (amax), then each ratio but the last (1.0);
+    # a float32 bound times 1.0 in float64 is the bound itself, as the parameters see it.
+    factors = np.concatenate([[1.0], MSE_RATIOS[:-1]]).reshape(-1, *([1] * view.ndim))
+    # The chosen candidate per unit, kept as the search goes: no candidate's parameters or
+    # errors are held for the whole weight.
+    best = np.zeros(np.broadcast_shapes(lo.shape, hi.shape), np.int8)
     # Blocks along an axis no unit reduces over (the first): a unit's error is then summed over
     # the same elements in the same order, whatever the block and the thread.
     split = next((d for d in range(view.ndim) if d not in axes), -1)
@@ -155,25 +155,33 @@ def _searched_range(
             block = take(view, start, stop) if split >= 0 else view
             buf = take(scratch, 0, stop - start) if split >= 0 else scratch
             w_block = part(weight, start, stop)
-            for k, (scale, _) in enumerate(params):
-                s = part(scale, start, stop)
+            b_lo, b_hi, chosen = part(lo, start, stop), part(hi, start, stop), part(best, start, stop)
+            assert isinstance(b_lo, np.ndarray) and isinstance(b_hi, np.ndarray) and isinstance(chosen, np.ndarray)
+            least: np.ndarray | None = None
+            scales, zps = qparams_for_range(fmt, b_lo * factors, b_hi * factors, symmetric)  # every candidate's
+            shifts = zps.astype(np.float32)
+            for k in range(factors.shape[0]):
+                scale, z = scales[k], shifts[k]
                 with np.errstate(over="ignore"):  # |x / scale| beyond float32 -> +-inf, clipped below
-                    np.divide(block, s, out=buf)
+                    np.divide(block, scale, out=buf)
                 np.rint(buf, out=buf)
-                if shift:
-                    z = part(zero_points[k], start, stop)
+                if z.any():  # signed symmetric grids have zp 0: nothing to add
                     np.add(buf, z, out=buf)
                     np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
                     np.subtract(buf, z, out=buf)  # exact: integers below 2^24
                 else:
                     np.clip(buf, fmt.qmin, fmt.qmax, out=buf)
-                np.multiply(buf, s, out=buf)
+                np.multiply(buf, scale, out=buf)
                 np.subtract(buf, block, out=buf)
                 np.square(buf, out=buf)
                 err = buf if isinstance(w_block, float) else w_block * buf
-                target = part(errors[k], start, stop)
-                assert isinstance(target, np.ndarray)
-                target[...] = err.sum(axis=axes, keepdims=True, dtype=np.float64)
+                total = err.sum(axis=axes, keepdims=True, dtype=np.float64)
+                if least is None:
+                    least = total
+                else:  # only a strictly smaller error replaces: the first of equals wins
+                    better = total < least
+                    np.copyto(least, total, where=better)
+                    np.copyto(chosen, np.int8(k), where=better)
 
     starts = list(range(0, length, step))
     threads = min(SEARCH_THREADS, len(starts)) if view.size >= SEARCH_THREADED_FROM else 1
@@ -182,7 +190,6 @@ def _searched_range(
             list(pool.map(search, [starts[i::threads] for i in range(threads)]))
     else:
         search(starts)
-    best = np.argmin(errors, axis=0)  # the first minimum: amax, then the ratios in increasing order
     ratio = np.where(best == 0, 1.0, MSE_RATIOS[np.maximum(best - 1, 0)])
     # Units keeping amax keep their float32 range (its parameters are computed from it, not from x1.0).
     return np.where(best == 0, lo, lo * ratio), np.where(best == 0, hi, hi * ratio)
