@@ -95,8 +95,8 @@ def quantize_weight(
 #: block's scratch buffer stays in the CPU cache across all of them (one pass over memory per block).
 SEARCH_BLOCK = 1 << 15
 #: Threads of the search over a weight of ``SEARCH_THREADED_FROM`` elements or more: numpy lets go
-#: of the GIL in every pass over a block (one scratch buffer per thread).
-SEARCH_THREADS = min(4, os.cpu_count() or 1)
+#: of the GIL in every pass over a block (one scratch buffer per thread); the CPUs this process may run on.
+SEARCH_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 SEARCH_THREADED_FROM = 1 << 20
 #: Narrowest block along a later axis (per-channel MatMul weights [K, N] reduce over axis 0).
 SEARCH_MIN_WIDTH = 128
