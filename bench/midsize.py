@@ -85,19 +85,20 @@ RUNS = [
 def child_onnxcomp(task: dict[str, Any]) -> dict[str, Any]:
     from onnxcomp import api, execute, model_io
 
-    if task["kind"].endswith("_memory"):  # never mapped: the whole model parsed in memory
+    kind = task["kind"]
+    if kind.endswith("_memory"):  # never mapped: the whole model parsed in memory
         model_io.MAP_WEIGHTS_FROM_BYTES = execute.RUN_MAP_WEIGHTS_FROM_BYTES = 1 << 62
-    if task["kind"].startswith("oc_fuse"):
+    if kind.startswith("oc_fuse"):
         api.fuse(task["model"], task["out"])
         return {}
     options: dict[str, Any] = {"weights": "int4", "activations": "none"}  # onnxcomp's INT4 defaults
-    if task["kind"] == "oc_w4_search":
-        options["granularity"] = "group:128"
-    elif task["kind"].startswith("oc_w4") and task["kind"] != "oc_w4_default":
-        options.update(granularity="group:128", weight_observer="minmax")
-    elif task["kind"].startswith("oc_w8a8"):
+    if kind.startswith("oc_w8a8"):
         options = {"weights": "int8", "activations": "int8", "calibration": _batches(task["calib"])}
-    validate = "none" if task["kind"].endswith("_unchecked") else None  # None: the default, locate
+    elif kind == "oc_w4_search":
+        options["granularity"] = "group:128"
+    elif kind != "oc_w4_default":  # the matched pair: round to nearest on the block amax
+        options.update(granularity="group:128", weight_observer="minmax")
+    validate = "none" if kind.endswith("_unchecked") else None  # None: the default, locate
     report = api.quantize(task["model"], task["out"], reports=False, validate=validate, **options)
     return {"nodes": report.result("quantize").stats.get("nodes", 0)}
 
